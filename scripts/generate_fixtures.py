@@ -1,0 +1,942 @@
+#!/usr/bin/env python3
+"""Golden-fixture generator for swift-lycoris.
+
+The oracle is LyCORIS 4.1.3 (`pip install -r scripts/requirements-oracle.txt`).
+Regenerate everything with:
+
+    python scripts/generate_fixtures.py
+
+Outputs (all safetensors, every metadata value a string):
+
+  Tests/LycorisAlgorithmsTests/Fixtures/modules/<case>.safetensors
+      One LyCORIS module wrapped around one nn.Linear / nn.Conv2d.  Inputs and
+      parameters are stored as F32 (drawn in float32), every expected value is
+      F64 (LyCORIS run in float64 on exactly those float32 values).
+        base.weight, base.bias, input, grad_output      F32
+        param.<name>                                     F32  (saved-key names)
+        expected.output, expected.grad_input             F64
+        expected.grad.<name>                             F64
+        expected.delta_weight                            F64  (rebuild-semantics ΔW)
+        expected.saved.<key>                             F64 (ints keep their dtype)
+      metadata: case, algo, layer, options, scale, saved_keys, description,
+                bypass (effective mode), [dylora_block].
+
+  Tests/LycorisAlgorithmsTests/Fixtures/networks/
+      base.safetensors              state_dict of a tiny diffusers-like model
+      <algo>.safetensors            LycorisNetwork.save_weights output (lycoris_ prefix)
+      <algo>.expected.safetensors   per adapted layer K: x.K (F32) and y.K (F64)
+      kohya_lora.safetensors        lora.safetensors renamed lycoris_ -> lora_unet_
+
+The script is deterministic (fixed seeds derived from the case names) and
+deletes/rewrites only *.safetensors in those two folders.
+"""
+
+import os
+
+# CPU only and the pure-torch reference bodies of LyCORIS (no compile/fused
+# kernels), so the float64 oracle is exactly the eager math.
+os.environ.setdefault("LYCORIS_KERNEL_BACKEND", "torch")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import json
+import logging
+import random
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import lycoris  # noqa: F401
+from lycoris.modules import (
+    DyLoraModule,
+    IA3Module,
+    LoConModule,
+    LohaModule,
+    LokrModule,
+)
+from lycoris.wrapper import LycorisNetwork, create_lycoris, create_lycoris_from_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "Tests" / "LycorisAlgorithmsTests" / "Fixtures"
+MODULES_DIR = FIXTURES / "modules"
+NETWORKS_DIR = FIXTURES / "networks"
+
+ORACLE = "lycoris-lora 4.1.3"
+PARAM_SCALE = 0.5  # randn * 0.5 stays exactly representable in float32
+SCALAR_VALUE = 0.7  # use_scalar: the trainable scalar (stored as its f32 value)
+
+ALGO_CLASSES = {
+    "locon": LoConModule,
+    "loha": LohaModule,
+    "lokr": LokrModule,
+    "ia3": IA3Module,
+    "dylora": DyLoraModule,
+}
+
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def seed_of(name: str) -> int:
+    return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def randn(shape, gen, scale=PARAM_SCALE):
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * scale
+
+
+def jdump(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def t_out(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+# --------------------------------------------------------------------------
+# layers
+
+
+def lin(i, o, bias=True):
+    return {"kind": "linear", "in_features": i, "out_features": o, "bias": bias}
+
+
+def conv(i, o, k=3, s=1, p=0, d=1, g=1, bias=True):
+    return {
+        "kind": "conv2d",
+        "in_channels": i,
+        "out_channels": o,
+        "kernel_size": [k, k],
+        "stride": [s, s],
+        "padding": [p, p],
+        "dilation": [d, d],
+        "groups": g,
+        "bias": bias,
+    }
+
+
+def build_layer(spec, gen):
+    if spec["kind"] == "linear":
+        layer = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+    else:
+        layer = nn.Conv2d(
+            spec["in_channels"],
+            spec["out_channels"],
+            tuple(spec["kernel_size"]),
+            stride=tuple(spec["stride"]),
+            padding=tuple(spec["padding"]),
+            dilation=tuple(spec["dilation"]),
+            groups=spec["groups"],
+            bias=spec["bias"],
+        )
+    with torch.no_grad():
+        layer.weight.copy_(randn(layer.weight.shape, gen))
+        if layer.bias is not None:
+            layer.bias.copy_(randn(layer.bias.shape, gen))
+    return layer
+
+
+def input_shape(spec):
+    if spec["kind"] == "linear":
+        return (2, 3, spec["in_features"])
+    return (2, spec["in_channels"], 5, 6)
+
+
+def op_of(spec):
+    if spec["kind"] == "linear":
+        return lambda x, w, b: F.linear(x, w, b)
+    kw = dict(
+        stride=tuple(spec["stride"]),
+        padding=tuple(spec["padding"]),
+        dilation=tuple(spec["dilation"]),
+        groups=spec["groups"],
+    )
+    return lambda x, w, b: F.conv2d(x, w, b, **kw)
+
+
+# --------------------------------------------------------------------------
+# module cases
+
+CASES = []
+
+
+def case(name, algo, layer, options, description, dylora_block=None):
+    CASES.append(
+        dict(
+            name=name,
+            algo=algo,
+            layer=layer,
+            options=options,
+            description=description,
+            dylora_block=dylora_block,
+        )
+    )
+
+
+# LoCon / LoRA
+L24_20 = lin(24, 20)
+case("locon_linear", "locon", L24_20, dict(lora_dim=4, alpha=2.0), "LoRA on Linear(24->20), r=4, alpha=2")
+case("locon_linear_alpha0", "locon", L24_20, dict(lora_dim=4, alpha=0), "alpha=0 means alpha=r (scale 1)")
+case("locon_linear_rslora", "locon", L24_20, dict(lora_dim=4, alpha=3.0, rs_lora=True), "rs_lora: scale alpha/sqrt(r); saved alpha = alpha*r/sqrt(r)")
+case("locon_linear_scalar", "locon", L24_20, dict(lora_dim=4, alpha=2.0, use_scalar=True), "use_scalar: trainable scalar (0.7) folded into lora_up on save")
+case("locon_linear_mult0p6", "locon", L24_20, dict(multiplier=0.6, lora_dim=4, alpha=2.0), "multiplier 0.6")
+case("locon_linear_bypass", "locon", L24_20, dict(lora_dim=4, alpha=2.0, bypass_mode=True), "bypass_mode: y = org(x) + scale*up(down(x))")
+case("locon_conv1x1", "locon", conv(8, 12, k=1), dict(lora_dim=4, alpha=3.0), "Conv2d 1x1 8->12")
+case("locon_conv3x3_pad1", "locon", conv(8, 12, p=1), dict(lora_dim=4, alpha=3.0), "Conv2d 3x3 8->12 padding 1")
+case("locon_conv3x3_stride2", "locon", conv(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0), "Conv2d 3x3 stride 2 padding 1")
+case("locon_conv3x3_dilation2", "locon", conv(6, 10, p=2, d=2), dict(lora_dim=4, alpha=3.0), "Conv2d 3x3 dilation 2 padding 2 (lora_down built without dilation; rebuild uses the layer's)")
+case("locon_conv3x3_groups2", "locon", conv(8, 12, p=1, g=2), dict(lora_dim=4, alpha=3.0), "Conv2d 3x3 groups 2: lora_down takes in/groups channels")
+case("locon_conv3x3_tucker", "locon", conv(8, 12, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True), "Tucker: down 1x1, mid kxk, up 1x1")
+case("locon_conv3x3_tucker_scalar", "locon", conv(8, 12, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True, use_scalar=True), "Tucker + use_scalar")
+
+# LoHa
+case("loha_linear", "loha", L24_20, dict(lora_dim=4, alpha=2.0), "LoHa Linear(24->20) r=4 alpha=2")
+case("loha_linear_scalar", "loha", L24_20, dict(lora_dim=4, alpha=2.0, use_scalar=True), "use_scalar: scalar folded into hada_w1_a on save")
+case("loha_linear_rslora", "loha", L24_20, dict(lora_dim=4, alpha=3.0, rs_lora=True), "rs_lora")
+case("loha_linear_bypass", "loha", L24_20, dict(lora_dim=4, alpha=2.0, bypass_mode=True), "bypass_mode")
+case("loha_conv3x3", "loha", conv(8, 12, p=1), dict(lora_dim=4, alpha=2.0), "Conv 3x3: hada_w*_b is (r, in*k*k)")
+case("loha_conv3x3_tucker", "loha", conv(8, 12, p=1), dict(lora_dim=4, alpha=2.0, use_tucker=True), "Tucker: hada_w*_a (r,out), hada_w*_b (r,in), hada_t* (r,r,k,k)")
+case("loha_conv1x1_tucker", "loha", conv(8, 12, k=1), dict(lora_dim=4, alpha=2.0, use_tucker=True), "use_tucker ignored for 1x1")
+case("loha_conv3x3_stride2", "loha", conv(8, 12, s=2, p=1), dict(lora_dim=4, alpha=2.0), "Conv 3x3 stride 2 padding 1")
+
+# LoKr
+case("lokr_linear", "lokr", L24_20, dict(lora_dim=2, alpha=1.0), "factor=-1: in 24=(4,6), out 20=(4,5); w1 (4,4), w2 = w2_a (5,2) @ w2_b (2,6)")
+case("lokr_linear_factor4", "lokr", lin(16, 36), dict(lora_dim=2, alpha=1.0, factor=4), "factor=4 on Linear(16->36): out (4,9), in (4,4)")
+case("lokr_linear_factor8", "lokr", L24_20, dict(lora_dim=2, alpha=1.0, factor=8), "factor=8: 24 -> (3,8) direct, 20 (not divisible) -> search with m<=8 -> (4,5)")
+case("lokr_linear_decompose_both", "lokr", lin(64, 48), dict(lora_dim=2, alpha=1.0, decompose_both=True), "decompose_both: w1 = w1_a (6,2) @ w1_b (2,8), w2 factorised")
+case("lokr_linear_full_matrix", "lokr", L24_20, dict(lora_dim=2, alpha=1.0, full_matrix=True), "full_matrix: w1, w2 full -> alpha forced to r, scale 1")
+case("lokr_linear_large_dim", "lokr", L24_20, dict(lora_dim=4, alpha=1.0), "r >= max(out_k,in_n)/2 -> w2 full automatically; both full -> scale 1")
+case("lokr_linear_large_dim_rslora", "lokr", L24_20, dict(lora_dim=4, alpha=1.0, rs_lora=True), "both halves full + rs_lora: alpha forced to r, then scale = r/sqrt(r) = 2 (not 1); saved alpha = r*r/sqrt(r) = 8")
+case("lokr_linear_unbalanced", "lokr", L24_20, dict(lora_dim=2, alpha=1.0, unbalanced_factorization=True), "unbalanced_factorization swaps out_l/out_k: w1 (5,4), w2 (4,6)")
+case("lokr_linear_scalar", "lokr", L24_20, dict(lora_dim=2, alpha=1.0, use_scalar=True), "use_scalar: scalar folded into lokr_w1 on save")
+case("lokr_linear_rslora", "lokr", L24_20, dict(lora_dim=2, alpha=3.0, rs_lora=True), "rs_lora (r=2: scale 3/sqrt2)")
+case("lokr_linear_bypass", "lokr", L24_20, dict(multiplier=0.8, lora_dim=2, alpha=1.0, bypass_mode=True), "bypass_mode, multiplier 0.8")
+case("lokr_conv3x3", "lokr", conv(16, 24, p=1), dict(lora_dim=2, alpha=1.0), "Conv 3x3 16->24: w1 (4,4), w2_a (6,2), w2_b (2, 4*3*3) flattened")
+case("lokr_conv3x3_tucker", "lokr", conv(16, 24, p=1), dict(lora_dim=2, alpha=1.0, use_tucker=True), "Tucker: lokr_t2 (2,2,3,3), w2_a (2,6), w2_b (2,4)")
+case("lokr_conv3x3_decompose_both", "lokr", conv(16, 24, p=1), dict(lora_dim=1, alpha=2.0, decompose_both=True), "decompose_both on conv (needs r < max(out_l,in_m)/2 = 2 -> r=1)")
+case("lokr_conv1x1", "lokr", conv(16, 24, k=1), dict(lora_dim=2, alpha=1.0), "Conv 1x1: w2_b (2, 4)")
+case("lokr_conv3x3_full_matrix", "lokr", conv(8, 12, p=1), dict(lora_dim=2, alpha=1.0, full_matrix=True), "full_matrix conv: w1 (3,2), w2 (4,4,3,3), scale 1")
+
+# IA3
+case("ia3_linear", "ia3", L24_20, dict(), "IA3 on output: W' = W * (1 + w) per output row")
+case("ia3_linear_input", "ia3", L24_20, dict(train_on_input=True), "IA3 train_on_input: per input column")
+case("ia3_conv3x3", "ia3", conv(8, 12, p=1), dict(), "IA3 conv on output: weight (1,out,1,1)")
+case("ia3_conv3x3_input", "ia3", conv(8, 12, p=1), dict(train_on_input=True), "IA3 conv train_on_input: weight (1,in,1,1)")
+case("ia3_linear_bypass", "ia3", L24_20, dict(bypass_mode=True), "bypass: y = org(x) * (1 + w*mult) -- the bias is scaled too; delta_weight is rebuild semantics")
+case("ia3_linear_mult0p5", "ia3", L24_20, dict(multiplier=0.5), "multiplier 0.5")
+
+# DyLoRA
+case("dylora_linear_b1", "dylora", L24_20, dict(lora_dim=8, alpha=3.0, block_size=4), "r=8 block_size 4, block b=1: block 0 detached, block 1 trainable, scale alpha/(b+1)", dylora_block=1)
+case("dylora_linear_b0", "dylora", L24_20, dict(lora_dim=8, alpha=3.0, block_size=4), "r=8 block_size 4, block b=0: only block 0 used", dylora_block=0)
+case("dylora_conv3x3_b1", "dylora", conv(8, 12, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "Conv 3x3 r=4 block_size 2, b=1", dylora_block=1)
+case("dylora_linear_mult0p7", "dylora", L24_20, dict(multiplier=0.7, lora_dim=8, alpha=3.0, block_size=4), "multiplier 0.7, b=1", dylora_block=1)
+
+
+def dylora_concat(module, spec, which):
+    """DyLoRA blocks -> (lora_up.weight, lora_down.weight) in the Swift layout."""
+    ups, downs = [], []
+    for p in module.up_list:
+        t = p.grad if which == "grad" else p
+        ups.append(torch.zeros_like(p) if t is None else t.detach())
+    for p in module.down_list:
+        t = p.grad if which == "grad" else p
+        downs.append(torch.zeros_like(p) if t is None else t.detach())
+    up = torch.cat(ups, dim=1)
+    down = torch.cat(downs, dim=0)
+    if spec["kind"] == "conv2d":
+        in_g = spec["in_channels"] // spec["groups"]
+        down = down.reshape(down.shape[0], in_g, *spec["kernel_size"])
+    return {"lora_up.weight": up, "lora_down.weight": down}
+
+
+def module_params(module, algo, spec, which="param"):
+    if algo == "dylora":
+        return dylora_concat(module, spec, which)
+    out = {}
+    for name, p in module.named_parameters():
+        if which == "grad":
+            out[name] = torch.zeros_like(p) if p.grad is None else p.grad.detach()
+        else:
+            out[name] = p.detach()
+    return out
+
+
+@torch.no_grad()
+def rebuild_delta(module, algo, case_):
+    """ΔW as the rebuild-mode forward forms it (shape of base.weight)."""
+    mult = module.multiplier
+    if algo == "locon":
+        return module.make_weight() * module.scale * mult
+    if algo in ("loha", "lokr"):
+        # get_weight already carries the scale (get_diff_weight would apply it twice)
+        return module.get_weight(module.shape) * module.scalar * mult
+    if algo == "ia3":
+        return module.get_merged_weight(mult)[0] - module.org_weight
+    if algo == "dylora":
+        b = case_["dylora_block"]
+        return (
+            module.get_merged_weight(mult, rank=b * module.block_size)[0]
+            - module.org_weight
+        )
+    raise ValueError(algo)
+
+
+def independent_loha_check(module, spec, params64, delta):
+    """LoHa has a hand-written backward: cross-check ΔW and its factor grads
+    against plain autograd on the textbook formula (reported, not fatal)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params64.items()}
+    s = torch.tensor(module.scale, dtype=torch.float64)
+    if module.tucker:
+        h1 = torch.einsum("ijkl,ip,jr->prkl", leaves["hada_t1"], leaves["hada_w1_a"], leaves["hada_w1_b"])
+        h2 = torch.einsum("ijkl,ip,jr->prkl", leaves["hada_t2"], leaves["hada_w2_a"], leaves["hada_w2_b"])
+    else:
+        h1 = leaves["hada_w1_a"] @ leaves["hada_w1_b"]
+        h2 = leaves["hada_w2_a"] @ leaves["hada_w2_b"]
+    dw = (h1 * h2 * s).reshape(module.shape)
+    if "scalar" in leaves:
+        dw = dw * leaves["scalar"]
+    dw = dw * module.multiplier
+    gw = torch.randn(dw.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (dw * gw).sum().backward()
+    # same probe through LyCORIS' own autograd function
+    lyco_leaves = dict(module.named_parameters())
+    for p in lyco_leaves.values():
+        p.grad = None
+    with torch.enable_grad():
+        d2 = module.get_weight(module.shape) * module.scalar * module.multiplier
+        (d2 * gw).sum().backward()
+    issues = []
+    if not torch.allclose(dw.detach(), delta, rtol=1e-12, atol=1e-12):
+        issues.append("delta")
+    for k, leaf in leaves.items():
+        g_ref = leaf.grad
+        g_lyc = lyco_leaves[k].grad
+        g_lyc = torch.zeros_like(g_ref) if g_lyc is None else g_lyc
+        if not torch.allclose(g_ref, g_lyc, rtol=1e-10, atol=1e-12):
+            issues.append(f"grad {k} max|diff|={float((g_ref - g_lyc).abs().max()):.3e}")
+    for p in lyco_leaves.values():
+        p.grad = None
+    return issues
+
+
+SURPRISES = []
+
+
+def make_module_fixture(case_):
+    name, algo, spec, options = case_["name"], case_["algo"], case_["layer"], case_["options"]
+    seed = seed_of(name)
+    torch.manual_seed(seed)  # LyCORIS' own inits use the global RNG
+    gen = torch.Generator().manual_seed(seed)
+
+    layer = build_layer(spec, gen)
+    w0 = layer.weight.detach().clone()
+    b0 = layer.bias.detach().clone()
+
+    module = ALGO_CLASSES[algo]("", layer, **options)
+    module.apply_to()
+
+    # randomise EVERY trainable parameter (incl. the zero-initialised ones)
+    with torch.no_grad():
+        for pname, p in module.named_parameters():
+            if pname == "scalar":
+                p.fill_(SCALAR_VALUE)
+            else:
+                p.copy_(randn(p.shape, gen))
+    params32 = {k: t_out(v) for k, v in module_params(module, algo, spec).items()}
+    saved_keys = [
+        [k, list(v.shape), DTYPE_NAMES[v.dtype]] for k, v in module.state_dict().items()
+    ]
+
+    x32 = randn(input_shape(spec), gen)
+
+    # float64 oracle run on exactly those float32 values
+    layer.double()
+    module.double()
+    module.eval()
+    if algo == "dylora":
+        b = case_["dylora_block"]
+        module.get_random_rank_weight = lambda: module.get_weight(b * module.block_size)
+
+    captured = []
+    if not module.bypass_mode:
+        orig_op = module.op
+
+        def recording_op(x, w, *a, **kw):
+            captured.append(w.detach().clone())
+            return orig_op(x, w, *a, **kw)
+
+        module.op = recording_op
+
+    x = x32.double().requires_grad_(True)
+    y = layer(x)
+    g32 = randn(y.shape, gen, scale=1.0)
+    loss = (y * g32.double()).sum()
+    loss.backward()
+
+    grads = module_params(module, algo, spec, which="grad")
+    params64 = {k: v.detach().clone() for k, v in module_params(module, algo, spec).items()}
+    delta = rebuild_delta(module, algo, case_)
+    assert delta.shape == w0.shape, (name, delta.shape, w0.shape)
+
+    # ---- self-checks --------------------------------------------------
+    if captured:
+        assert len(captured) == 1, name
+        assert torch.allclose(captured[0], delta, rtol=1e-12, atol=1e-13), (
+            name,
+            float((captured[0] - delta).abs().max()),
+        )
+    op = op_of(spec)
+    with torch.no_grad():
+        if algo == "ia3" and module.bypass_mode:
+            w = params64["weight"] * module.multiplier + 1
+            y_ref = op(x.detach(), w0.double(), b0.double()) * w
+        else:
+            y_ref = op(x.detach(), w0.double() + delta, b0.double())
+        assert torch.allclose(y.detach(), y_ref, rtol=1e-10, atol=1e-10), (
+            name,
+            float((y.detach() - y_ref).abs().max()),
+        )
+    if algo == "loha":
+        issues = independent_loha_check(module, spec, params64, delta)
+        if issues:
+            SURPRISES.append(f"{name}: LoHa backward differs from plain autograd: {issues}")
+
+    saved = {}
+    for k, v in module.state_dict().items():
+        v = v.detach()
+        saved[k] = v if not v.is_floating_point() else v.to(torch.float64)
+
+    tensors = {
+        "base.weight": t_out(w0),
+        "base.bias": t_out(b0),
+        "input": t_out(x32),
+        "grad_output": t_out(g32),
+    }
+    for k, v in params32.items():
+        tensors[f"param.{k}"] = v
+    tensors["expected.output"] = t_out(y.to(torch.float64))
+    tensors["expected.grad_input"] = t_out(x.grad.to(torch.float64))
+    for k, v in grads.items():
+        tensors[f"expected.grad.{k}"] = t_out(v.to(torch.float64))
+    tensors["expected.delta_weight"] = t_out(delta.to(torch.float64))
+    for k, v in saved.items():
+        tensors[f"expected.saved.{k}"] = t_out(v)
+
+    if algo == "dylora":
+        scale = float(module.alpha) / (case_["dylora_block"] + 1)
+    else:
+        scale = getattr(module, "scale", 1.0)  # IA3 has no scale
+    metadata = {
+        "case": name,
+        "algo": algo,
+        "layer": jdump(spec),
+        "options": jdump(options),
+        "scale": str(float(scale)),
+        "saved_keys": jdump(saved_keys),
+        "bypass": "true" if module.bypass_mode else "false",
+        "description": case_["description"],
+        "oracle": ORACLE,
+    }
+    if algo == "dylora":
+        metadata["dylora_block"] = str(case_["dylora_block"])
+    path = MODULES_DIR / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata)
+    return path
+
+
+# --------------------------------------------------------------------------
+# network fixtures: a tiny model whose module names look like a diffusers UNet
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q = nn.Linear(24, 24, bias=False)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = Attention()
+
+
+class Transformer2DModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in = nn.Linear(16, 24)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock()])
+
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 12, 3, padding=1)
+        self.time_emb_proj = nn.Linear(16, 12)
+
+
+class CrossAttnDownBlock2D(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attentions = nn.ModuleList([Transformer2DModel()])
+        self.resnets = nn.ModuleList([ResnetBlock2D()])
+
+
+class MidBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 12, 1)
+        self.norm = nn.LayerNorm(12)
+
+
+class TinyUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down_blocks = nn.ModuleList([CrossAttnDownBlock2D()])
+        self.mid_block = MidBlock()
+
+
+NET_SEED = 20240601
+
+
+def make_model():
+    torch.manual_seed(NET_SEED)
+    model = TinyUNet()
+    gen = torch.Generator().manual_seed(NET_SEED)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(randn(p.shape, gen))
+    return model
+
+
+NET_COMMON = dict(linear_dim=4, linear_alpha=2.0, conv_dim=4, conv_alpha=3.0)
+NET_ALGOS = [
+    # file stem, create_lycoris kwargs, description
+    ("lora", dict(algo="lora"), "LoRA/LoCon network"),
+    ("loha", dict(algo="loha"), "LoHa network"),
+    (
+        "lokr",
+        dict(algo="lokr", linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0),
+        "LoKr network, r=2: proj_in and to_q get a factorised w2 (scale alpha/r); conv1, time_emb_proj and "
+        "mid_block.conv end up with both halves full, so LyCORIS forces alpha=r (saved alpha 2.0, scale 1)",
+    ),
+    ("ia3", dict(algo="ia3"), "IA3 network (weight + on_input per module)"),
+    ("dylora", dict(algo="dylora", block_size=2), "DyLoRA network (saved as LoRA keys; r=4 block_size 2)"),
+    ("glora", dict(algo="glora"), "GLoRA network"),
+    ("full", dict(algo="full"), "Full (diff/diff_b) network"),
+    ("diag-oft", dict(algo="diag-oft"), "Diag-OFT network (constraint 0)"),
+    ("boft", dict(algo="boft"), "BOFT network"),
+    ("norms", dict(algo="lora", train_norm=True), "algo=lora with train_norm=True: LoRA on Linear/Conv plus NormModule (w_norm/b_norm) on the LayerNorm"),
+    ("tlora", dict(algo="tlora"), "TLoRA network"),
+]
+CORE_NET = ("lora", "loha", "lokr", "ia3", "dylora")
+NET_NOTES = {}
+NET_SKIPPED = {}
+
+
+def names_of(model):
+    return module_name_map(model)
+
+
+def module_name_map(model):
+    return {
+        f"{LycorisNetwork.LORA_PREFIX}_{n}".replace(".", "_"): (n, m)
+        for n, m in model.named_modules()
+        if n
+    }
+
+
+def layer_input(module, gen):
+    if isinstance(module, nn.Linear):
+        return randn((2, 3, module.in_features), gen)
+    if isinstance(module, nn.LayerNorm):
+        return randn((2, 3, *module.normalized_shape), gen)
+    return randn((2, module.in_channels, 5, 6), gen)
+
+
+def smoke_forward(net, names, stem):
+    """Run every adapted layer once (float32) and report the ones that fail."""
+    failures = []
+    gen = torch.Generator().manual_seed(seed_of("smoke:" + stem))
+    with torch.no_grad():
+        for lora in net.loras:
+            path, layer = names[lora.lora_name]
+            try:
+                layer(layer_input(layer, gen))
+            except Exception as e:
+                failures.append(f"forward of {path} fails: {type(e).__name__}: {e}")
+    return failures
+
+
+def dtype_notes(net):
+    """save_weights(path, torch.float32, ...) casts every tensor, ints included."""
+    notes = []
+    for k, v in net.state_dict().items():
+        if not v.is_floating_point():
+            notes.append(f"{k}: {DTYPE_NAMES[v.dtype]} in state_dict(), written as F32 by save_weights")
+    return notes
+
+
+def quiet():
+    for n in ("LyCORIS", "lycoris"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+
+
+def build_network(stem, kwargs):
+    model = make_model()
+    torch.manual_seed(seed_of("net:" + stem))
+    args = dict(NET_COMMON)
+    args.update(kwargs)
+    lin_dim = args.pop("linear_dim")
+    lin_alpha = args.pop("linear_alpha")
+    net = create_lycoris(model, 1.0, lin_dim, lin_alpha, **args)
+    net.apply_to()
+    gen = torch.Generator().manual_seed(seed_of("net-params:" + stem))
+    with torch.no_grad():
+        for lora in net.loras:
+            for pname, p in lora.named_parameters():
+                if pname == "scalar":
+                    p.fill_(SCALAR_VALUE)
+                elif type(lora).__name__ == "FullModule":
+                    p.add_(randn(p.shape, gen))  # weight = W0 + random diff
+                elif type(lora).__name__ in ("DiagOFTModule", "ButterflyOFTModule"):
+                    p.copy_(randn(p.shape, gen, scale=0.125))
+                else:
+                    p.copy_(randn(p.shape, gen))
+    call = dict(multiplier=1.0, linear_dim=lin_dim, linear_alpha=lin_alpha, **args)
+    return model, net, call
+
+
+def network_fixtures(model0):
+    written = []
+    names = module_name_map(model0)
+    all_layers = [
+        (n, type(m).__name__)
+        for n, m in model0.named_modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm))
+    ]
+    for stem, kwargs, desc in NET_ALGOS:
+        attempts = [kwargs]
+        if stem == "boft":
+            # r=4 cannot factor out=24/12 under BOFT's power-of-2 rule; r=6 can
+            attempts.append(dict(kwargs, linear_dim=6, conv_dim=6))
+        built = None
+        errors = []
+        for kw in attempts:
+            try:
+                built = build_network(stem, kw)
+                break
+            except Exception as e:  # record what LyCORIS cannot do
+                errors.append(f"{jdump({k: v for k, v in kw.items()})}: {type(e).__name__}: {e}")
+        if built is None:
+            NET_SKIPPED[stem] = errors
+            continue
+        model, net, call = built
+        mods = []
+        adapted = set()
+        for lora in net.loras:
+            path, base = names[lora.lora_name]
+            adapted.add(path)
+            mods.append(
+                {
+                    "lora_name": lora.lora_name,
+                    "base_key": path,
+                    "base_class": type(base).__name__,
+                    "lycoris_class": type(lora).__name__,
+                }
+            )
+        not_adapted = [n for n, _ in all_layers if n not in adapted]
+        notes = ["first attempt failed: " + s for s in errors]
+        if stem not in CORE_NET:
+            notes += smoke_forward(net, names_of(model), stem)
+        notes += dtype_notes(net)
+        if notes:
+            NET_NOTES.setdefault(stem, []).extend(notes)
+        meta = {
+            "description": desc + f". create_lycoris(model, **create_lycoris_kwargs), apply_to(), "
+            "every adapter parameter randomised, save_weights(path, torch.float32, metadata).",
+            "algo": stem,
+            "create_lycoris_kwargs": jdump(call),
+            "modules": jdump(mods),
+            "not_adapted": jdump(not_adapted),
+            "oracle": ORACLE,
+        }
+        if notes:
+            meta["notes"] = jdump(notes)
+        path = NETWORKS_DIR / f"{stem}.safetensors"
+        net.save_weights(str(path), torch.float32, meta)
+        written.append(path)
+        if stem in CORE_NET:
+            written.append(network_expected(stem, model, net, path, call))
+        if stem == "lora":
+            written.append(kohya_copy(path, call))
+    return written
+
+
+def eval_layers(net, model, names, keys, seed_name):
+    """y = adapted layer forward in float64 (eval) for each base key in `keys`."""
+    model.double()
+    net.double()
+    net.eval()
+    model.eval()
+    gen = torch.Generator().manual_seed(seed_of(seed_name))
+    xs, ys = {}, {}
+    by_path = {names[l.lora_name][0]: names[l.lora_name][1] for l in net.loras}
+    with torch.no_grad():
+        for key in keys:
+            layer = by_path[key]
+            x32 = (
+                randn((2, 3, layer.in_features), gen)
+                if isinstance(layer, nn.Linear)
+                else randn((2, layer.in_channels, 5, 6), gen)
+            )
+            xs[key] = x32
+            ys[key] = layer(x32.double()).to(torch.float64)
+    return xs, ys
+
+
+def network_expected(stem, model, net, path, call):
+    names = module_name_map(model)
+    keys = [
+        names[l.lora_name][0]
+        for l in net.loras
+        if isinstance(names[l.lora_name][1], (nn.Linear, nn.Conv2d))
+    ]
+    notes = []
+    source = "in-memory network (eval, float64)"
+    if stem == "dylora":
+        source = "create_lycoris_from_weights(1.0, dylora.safetensors, fresh_model) (loads as LoCon, scale alpha/r), float64"
+        fresh = make_model()
+        try:
+            net2, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+        except Exception as e:
+            notes.append(
+                f"full reload failed ({type(e).__name__}: {e}); conv layers omitted "
+                "(lora_up saved 2-D for conv), only linear layers reloaded"
+            )
+            sd = load_file(str(path))
+            fnames = module_name_map(fresh)
+            keep = {
+                ln
+                for ln, (_, m) in fnames.items()
+                if isinstance(m, nn.Linear)
+            }
+            sd = {k: v for k, v in sd.items() if k.split(".")[0] in keep}
+            fresh = make_model()
+            net2, _ = create_lycoris_from_weights(1.0, str(path), fresh, weights_sd=sd)
+        net2.apply_to()
+        fnames = module_name_map(fresh)
+        keys = [
+            fnames[l.lora_name][0]
+            for l in net2.loras
+            if isinstance(fnames[l.lora_name][1], (nn.Linear, nn.Conv2d))
+        ]
+        xs, ys = eval_layers(net2, fresh, fnames, keys, "net-x:" + stem)
+    else:
+        xs, ys = eval_layers(net, model, names, keys, "net-x:" + stem)
+        # cross-check: reloading the saved file must give the same outputs
+        fresh = make_model()
+        try:
+            net2, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+            net2.apply_to()
+            fnames = module_name_map(fresh)
+            _, ys2 = eval_layers(net2, fresh, fnames, keys, "net-x:" + stem)
+            for k in keys:
+                if not torch.allclose(ys[k], ys2[k], rtol=1e-9, atol=1e-9):
+                    SURPRISES.append(
+                        f"networks/{stem}: reloaded file output differs at {k} "
+                        f"(max |diff| {float((ys[k] - ys2[k]).abs().max()):.3e})"
+                    )
+            notes.append("cross-checked: create_lycoris_from_weights on the saved file reproduces y")
+        except Exception as e:
+            notes.append(f"create_lycoris_from_weights failed: {type(e).__name__}: {e}")
+    NET_NOTES.setdefault(stem, []).extend(notes)
+    tensors = {}
+    for k in keys:
+        tensors[f"x.{k}"] = t_out(xs[k])
+        tensors[f"y.{k}"] = t_out(ys[k])
+    meta = {
+        "description": f"Per-layer expected outputs for {stem}.safetensors applied to base.safetensors: "
+        "x.K is an F32 input for the layer with base key K.weight, y.K (F64) the adapted layer output. "
+        f"Source: {source}.",
+        "algo": stem,
+        "multiplier": "1.0",
+        "layers": jdump(keys),
+        "source": source,
+        "notes": jdump(notes),
+        "oracle": ORACLE,
+    }
+    out = NETWORKS_DIR / f"{stem}.expected.safetensors"
+    save_file(tensors, str(out), meta)
+    return out
+
+
+def kohya_copy(path, call):
+    sd = load_file(str(path))
+    prefix = LycorisNetwork.LORA_PREFIX + "_"
+    renamed = {}
+    for k, v in sd.items():
+        assert k.startswith(prefix), k
+        renamed["lora_unet_" + k[len(prefix):]] = v.contiguous()
+    meta = {
+        "description": "Same tensors as lora.safetensors with keys renamed lycoris_ -> lora_unet_ "
+        "(kohya/A1111 naming) and kohya-style ss_* metadata.",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(call["linear_dim"]),
+        "ss_network_alpha": str(call["linear_alpha"]),
+        "ss_network_args": jdump(
+            {"conv_dim": str(call["conv_dim"]), "conv_alpha": str(call["conv_alpha"])}
+        ),
+        "oracle": ORACLE,
+    }
+    out = NETWORKS_DIR / "kohya_lora.safetensors"
+    save_file(renamed, str(out), meta)
+    return out
+
+
+def base_fixture(model):
+    sd = {k: t_out(v) for k, v in model.state_dict().items()}
+    layers = {}
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            layers[n] = lin(m.in_features, m.out_features, m.bias is not None)
+        elif isinstance(m, nn.Conv2d):
+            layers[n] = {
+                "kind": "conv2d",
+                "in_channels": m.in_channels,
+                "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size),
+                "stride": list(m.stride),
+                "padding": list(m.padding),
+                "dilation": list(m.dilation),
+                "groups": m.groups,
+                "bias": m.bias is not None,
+            }
+        elif isinstance(m, nn.LayerNorm):
+            layers[n] = {"kind": "layernorm", "normalized_shape": list(m.normalized_shape), "eps": m.eps}
+    meta = {
+        "description": "Tiny diffusers-UNet-like model (F32 state_dict) that every networks/*.safetensors "
+        "adapter was created on. Network inputs: linear (2,3,in), conv (2,C,5,6).",
+        "layers": jdump(layers),
+        "oracle": ORACLE,
+    }
+    out = NETWORKS_DIR / "base.safetensors"
+    save_file(sd, str(out), meta)
+    return out
+
+
+# --------------------------------------------------------------------------
+
+
+def canonicalize(path):
+    """Rewrite the safetensors header with sorted keys.
+
+    The safetensors writer serialises its metadata map in hash order, so two
+    runs give equal tensors but different header bytes; a sorted header makes
+    regeneration byte-for-byte reproducible. The data section is untouched.
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("ascii")
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n :])
+
+
+def verify(paths):
+    rows = []
+    for p in paths:
+        tensors = load_file(str(p))
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            assert set(f.keys()) == set(tensors.keys())
+        assert all(isinstance(v, str) for v in meta.values()), p
+        if p.parent == MODULES_DIR:
+            for key in ("case", "algo", "layer", "options", "scale", "saved_keys"):
+                assert key in meta, (p, key)
+            json.loads(meta["layer"]), json.loads(meta["options"])
+            saved = json.loads(meta["saved_keys"])
+            for k, shape, _ in saved:
+                t = tensors[f"expected.saved.{k}"]
+                assert list(t.shape) == shape, (p, k, t.shape, shape)
+            for k, t in tensors.items():
+                if k.startswith("expected.") and t.is_floating_point():
+                    assert t.dtype == torch.float64, (p, k)
+                if k.startswith("param.") or k in ("input", "grad_output", "base.weight", "base.bias"):
+                    assert t.dtype == torch.float32, (p, k)
+                if k.startswith("param."):
+                    assert f"expected.grad.{k[6:]}" in tensors, (p, k)
+            algo = meta["algo"]
+        else:
+            algo = meta.get("algo", "-")
+        rows.append((p.relative_to(FIXTURES).as_posix(), algo, p.stat().st_size))
+    return rows
+
+
+def main():
+    quiet()
+    random.seed(0)  # DyLoRA's training forward draws its block with `random`
+    torch.set_default_dtype(torch.float32)
+    MODULES_DIR.mkdir(parents=True, exist_ok=True)
+    NETWORKS_DIR.mkdir(parents=True, exist_ok=True)
+    for d in (MODULES_DIR, NETWORKS_DIR):
+        for old in d.glob("*.safetensors"):
+            old.unlink()
+
+    written = []
+    for c in CASES:
+        written.append(make_module_fixture(c))
+
+    model0 = make_model()
+    written.append(base_fixture(model0))
+    written.extend(network_fixtures(model0))
+
+    for d in (MODULES_DIR, NETWORKS_DIR):
+        keep = d / ".keep"
+        if keep.exists() and any(d.glob("*.safetensors")):
+            keep.unlink()
+
+    for p in written:
+        canonicalize(p)
+    rows = verify(written)
+    w = max(len(r[0]) for r in rows)
+    print(f"{'file':<{w}}  {'algo':<8}  {'bytes':>8}")
+    for f, a, s in rows:
+        print(f"{f:<{w}}  {a:<8}  {s:>8}")
+    total = sum(r[2] for r in rows)
+    print(f"{'TOTAL':<{w}}  {len(rows):<8}  {total:>8}  ({total / 1024 / 1024:.2f} MiB)")
+    assert total < 4 * 1024 * 1024, "fixtures exceed 4 MB"
+
+    if NET_SKIPPED:
+        print("\nnetworks LyCORIS could not build (skipped):")
+        for k, v in NET_SKIPPED.items():
+            for e in v:
+                print(f"  {k}: {e}")
+    if NET_NOTES:
+        print("\nnetwork notes:")
+        for k, v in NET_NOTES.items():
+            for e in v:
+                print(f"  {k}: {e}")
+    if SURPRISES:
+        print("\nsurprises:")
+        for s in SURPRISES:
+            print("  " + s)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
