@@ -1,0 +1,109 @@
+import LycorisCore
+
+/// The per-call inputs an algorithm's math may need beyond its parameters.
+public struct DeltaContext: Sendable {
+    /// The base layer's weight W0 (IA3 scales it; others ignore it).
+    public var baseWeight: Tensor?
+    /// The base layer's bias (IA3's output-scaling bypass includes it).
+    public var baseBias: Tensor?
+    /// DyLoRA: the rank block b of this step (blocks 0…b are used, only b is trained).
+    public var block: Int?
+    /// LoCon bypass with rank dropout: the (r,) mask applied between down and up.
+    public var rankMask: Tensor?
+
+    public init(baseWeight: Tensor? = nil, baseBias: Tensor? = nil, block: Int? = nil, rankMask: Tensor? = nil) {
+        self.baseWeight = baseWeight
+        self.baseBias = baseBias
+        self.block = block
+        self.rankMask = rankMask
+    }
+}
+
+/// One tensor of an adapter's saved state, with the storage it keeps in a file.
+public struct SavedTensor: Sendable {
+    public enum Storage: Sendable {
+        /// Stored in the dtype the caller saves with (F32, F16 or BF16).
+        case followsFile
+        /// Always F32 (the `alpha` scalar).
+        case float32
+        /// Always I64 (IA3's `on_input` flag).
+        case int64
+    }
+    public var suffix: String
+    public var tensor: Tensor
+    public var storage: Storage
+
+    public init(_ suffix: String, _ tensor: Tensor, storage: Storage = .followsFile) {
+        self.suffix = suffix
+        self.tensor = tensor
+        self.storage = storage
+    }
+}
+
+/// An error in an adapter's description or in the tensors loaded for it.
+public struct AdapterError: Error, CustomStringConvertible, Sendable, Equatable {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+}
+
+/// The math of one adapter algorithm on one layer.
+///
+/// Conventions: ΔW has the base weight's shape and includes the algorithm's scale and
+/// scalar but not the multiplier (the module applies it: W' = W0 + m·ΔW). Δ(x) is the
+/// adapter's additive output, `y = op(x, W0) + b + m·Δ(x)`.
+public protocol AdapterAlgorithm: Sendable {
+    static var algorithm: Algorithm { get }
+    /// A fresh module with LyCORIS's initialisation.
+    init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws
+    var layer: LayerSpec { get }
+    /// Trainable parameters, named by their saved key suffix (`scalar` for use_scalar).
+    var parameters: ParameterSet { get set }
+    /// The scale ΔW is multiplied by (α/r and variants).
+    var scale: Float { get }
+    /// The rank (for display), or nil where the algorithm has none.
+    var rank: Int? { get }
+
+    /// ΔW (weight shape).
+    func deltaWeight(_ context: DeltaContext) throws -> Tensor
+    /// ∂L/∂parameters from ∂L/∂ΔW.
+    func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet
+    /// Δ(x) computed from the factors where the algorithm has a cheaper path than op(x, ΔW).
+    func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor
+    /// (∂x, ∂parameters) of ``bypassForward(_:_:)`` given ∂Δ(x).
+    func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet)
+    /// Whether ``bypassForward(_:_:)`` differs from op(x, ΔW) (so bypass needs its own path).
+    var hasBypassPath: Bool { get }
+    /// What a file stores for this module, key suffix → tensor (scalar folded in).
+    func savedTensors() -> [SavedTensor]
+}
+
+extension AdapterAlgorithm {
+    public var hasBypassPath: Bool { false }
+
+    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
+        layer.apply(x, weight: try deltaWeight(context))
+    }
+
+    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        let delta = try deltaWeight(context)
+        let gradInput = layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape)
+        let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
+        return (gradInput, try deltaWeightBackward(gradDelta, context))
+    }
+
+    /// Number of trainable scalars.
+    public var parameterCount: Int { parameters.scalarCount }
+
+    /// Checks that `tensor` has `shape`, naming the parameter otherwise.
+    static func expectShape(_ tensor: Tensor, _ shape: [Int], _ name: String) throws {
+        guard tensor.shape == shape else {
+            throw AdapterError("\(algorithm.rawValue): \(name) has shape \(tensor.shape), expected \(shape) for this layer")
+        }
+    }
+}
+
+/// The optional trainable scalar σ (use_scalar): ΔW is multiplied by it; saved files fold it
+/// into one factor and a loaded module has none (σ = 1).
+extension ParameterSet {
+    var scalar: Float { self["scalar"]?.scalarValue ?? 1 }
+}

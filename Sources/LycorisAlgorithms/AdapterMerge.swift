@@ -1,0 +1,79 @@
+import LycorisCore
+import LycorisFormats
+
+/// Merges an adapter file into one model's state dict: W' = W0 + m·ΔW per adapted layer,
+/// with ΔW as the adapter's *forward* computes it (LyCORIS 4.1.3's own merge applies the
+/// LoHa/LoKr scale twice; this does not).
+///
+/// Module `PREFIX_a_b_c` (PREFIX one of ``KeySchema/prefixes``) applies to the base key
+/// `a.b.c.weight`: the base keys are flattened the same way and matched exactly, so dots
+/// and underscores in model paths cannot be confused.
+public enum AdapterMerge {
+    public struct Report: Sendable {
+        /// (module, base key, algorithm) of every merged module.
+        public var merged: [(module: String, baseKey: String, algorithm: Algorithm)] = []
+        /// Adapter modules with no matching base weight.
+        public var unmatched: [String] = []
+        /// Modules that matched but could not be merged, with the reason.
+        public var failed: [(module: String, reason: String)] = []
+    }
+
+    /// The base layer a weight of `shape` belongs to: 2-D linear, 4-D conv2d (stride and
+    /// padding do not enter ΔW).
+    public static func layer(forWeightShape shape: [Int]) -> LayerSpec? {
+        switch shape.count {
+        case 2: return .linear(inFeatures: shape[1], outFeatures: shape[0])
+        case 4: return .conv2d(Conv2dGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: [shape[2], shape[3]]))
+        default: return nil
+        }
+    }
+
+    /// Merges `adapter` into `base` and writes `output` atomically (every base tensor, in
+    /// order and dtype, merged where an adapter applies).
+    public static func merge(basePath: String, adapterPath: String, outputPath: String, multiplier: Float = 1) throws -> Report {
+        guard multiplier.isFinite else { throw AdapterError("multiplier must be finite") }
+        let base = try SafetensorsFile(path: basePath)
+        let adapter = try AdapterFile(path: adapterPath)
+        var baseKeyByPath: [String: String] = [:]
+        for info in base.tensors {
+            if let path = KeySchema.flattenedModulePath(ofWeightKey: info.name) { baseKeyByPath[path] = info.name }
+        }
+        var report = Report()
+        var mergedWeights: [String: Tensor] = [:]
+        for module in adapter.modules {
+            let (_, path) = KeySchema.stripPrefix(module.name)
+            guard let baseKey = baseKeyByPath[path], let info = base.info(baseKey) else {
+                report.unmatched.append(module.name)
+                continue
+            }
+            do {
+                guard info.dtype.isFloatingPoint else { throw AdapterError("base weight \(baseKey) is \(info.dtype.rawValue), not a float") }
+                guard let layer = layer(forWeightShape: info.shape) else {
+                    throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear and conv2d weights are merged")
+                }
+                guard let algorithm = module.algorithm else { throw AdapterError("no known algorithm has the keys \(module.tensors.keys.sorted())") }
+                let weight = try base.tensor(baseKey)
+                let adapterModule = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer),
+                                                  options: AdapterOptions(), baseWeight: weight)
+                var merged = adapterModule
+                merged.multiplier = multiplier
+                let result = try merged.mergedWeight()
+                guard result.isFinite else { throw AdapterError("the merged weight has non-finite values") }
+                mergedWeights[baseKey] = result
+                report.merged.append((module.name, baseKey, algorithm))
+            } catch {
+                report.failed.append((module.name, "\(error)"))
+            }
+        }
+        var writer = SafetensorsWriter(metadata: base.metadata)
+        for info in base.tensors {
+            if let merged = mergedWeights[info.name] {
+                try writer.add(info.name, merged, as: info.dtype)
+            } else {
+                try writer.addRaw(info.name, dtype: info.dtype, shape: info.shape, bytes: base.rawBytes(info.name))
+            }
+        }
+        try writer.write(toPath: outputPath)
+        return report
+    }
+}

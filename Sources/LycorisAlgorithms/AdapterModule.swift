@@ -1,0 +1,165 @@
+import LycorisCore
+
+/// One adapter attached to one base layer: the algorithm's math plus what LyCORIS's
+/// `LycorisBaseModule` adds around it — multiplier, train/eval mode, the three dropouts,
+/// rebuild vs bypass, and the base weight when the algorithm needs it.
+///
+///     y = op(x, W0) + b + m·Δ(x)
+///     rebuild: Δ(x) = op(x, mask_rows ⊙ ΔW)       bypass: Δ(x) = drop(algorithm.bypass(x))
+public struct AdapterModule: Sendable {
+    public var name: String
+    public var algorithm: any AdapterAlgorithm
+    public var options: AdapterOptions
+    public var multiplier: Float = 1
+    public var isTraining = false
+    /// The base layer's weight and bias, where known (IA3 needs the weight; the full
+    /// ``forward(_:tape:)`` needs both).
+    public var baseWeight: Tensor?
+    public var baseBias: Tensor?
+
+    public var layer: LayerSpec { algorithm.layer }
+
+    public init(name: String, algorithm: any AdapterAlgorithm, options: AdapterOptions,
+                baseWeight: Tensor? = nil, baseBias: Tensor? = nil) {
+        self.name = name
+        self.algorithm = algorithm
+        self.options = options
+        self.baseWeight = baseWeight
+        self.baseBias = baseBias
+    }
+
+    /// The random choices one forward made, replayed by its backward.
+    public struct Tape: Sendable {
+        /// module_dropout skipped the adapter for this step.
+        public var skipped = false
+        public var bypass = false
+        public var context = DeltaContext()
+        /// Rebuild rank dropout: (out,) mask on ΔW's rows.
+        public var rowMask: Tensor?
+        /// Bypass dropout: elementwise mask of Δ(x), already divided by 1−p.
+        public var outputMask: Tensor?
+    }
+
+    /// Whether bypass mode was asked for.
+    private var usesBypass: Bool { options.bypassMode == true }
+
+    private var isDyLoRA: Bool { algorithm is DyLoRA }
+
+    /// Draws every random choice of one step on an input of `inputShape`: module dropout,
+    /// DyLoRA's block, rank-dropout masks and the bypass dropout mask. Eval mode draws none
+    /// (DyLoRA then uses all blocks).
+    public func makeTape(inputShape: [Int], random: inout RandomSource) -> Tape {
+        var tape = Tape()
+        tape.context = DeltaContext(baseWeight: baseWeight, baseBias: baseBias)
+        if isTraining && options.moduleDropout > 0 && random.bernoulli(options.moduleDropout) {
+            tape.skipped = true
+            return tape
+        }
+        if let dylora = algorithm as? DyLoRA {
+            tape.context.block = isTraining ? Int(random.next() % UInt64(dylora.blockCount)) : dylora.blockCount - 1
+        }
+        let rankDropout = isTraining && options.rankDropout > 0
+        // LoCon masks the rank axis in bypass; every other case masks ΔW's rows, which the
+        // factor paths cannot express, so those fall back to rebuild.
+        tape.bypass = usesBypass && (!rankDropout || algorithm is LoCon)
+        if rankDropout {
+            let length = tape.bypass ? (algorithm.rank ?? 0) : layer.outFeatures
+            let mask = Self.keepMask(count: length, drop: options.rankDropout, rescale: options.rankDropoutScale, random: &random)
+            if tape.bypass { tape.context.rankMask = mask } else { tape.rowMask = mask }
+        }
+        if tape.bypass && isTraining && options.dropout > 0 {
+            let keep = 1 - options.dropout
+            let count = layer.outputShape(forInput: inputShape).product
+            tape.outputMask = Tensor(shape: layer.outputShape(forInput: inputShape),
+                                     scalars: (0..<count).map { _ in random.nextUnit() < keep ? 1 / keep : 0 })
+        }
+        return tape
+    }
+
+    /// A (count,) mask of 1s kept with probability 1−p (LyCORIS `rand > p`), divided by its
+    /// mean when `rescale` (and the mean is not 0).
+    static func keepMask(count: Int, drop p: Float, rescale: Bool, random: inout RandomSource) -> Tensor {
+        var mask = Tensor(shape: [count], scalars: (0..<count).map { _ in random.nextUnit() > p ? 1 : 0 })
+        if rescale, mask.sum > 0 { mask = mask * (Float(count) / mask.sum) }
+        return mask
+    }
+
+    /// ΔW as the forward uses it: m·(row mask ⊙ ΔW).
+    public func effectiveDeltaWeight(_ tape: Tape) throws -> Tensor {
+        if tape.skipped { return .zeros(layer.weightShape) }
+        var delta = try algorithm.deltaWeight(tape.context)
+        if let mask = tape.rowMask { delta = Self.maskRows(delta, mask) }
+        return delta * multiplier
+    }
+
+    private static func maskRows(_ tensor: Tensor, _ mask: Tensor) -> Tensor {
+        let inner = tensor.count / mask.count
+        return Tensor(shape: tensor.shape, scalars: tensor.scalars.enumerated().map { $0.element * mask.scalars[$0.offset / inner] })
+    }
+
+    /// Gradients of the parameters from ∂L/∂(m·ΔW) (rebuild-mode trainers that apply
+    /// W0 + ΔW themselves).
+    public func effectiveDeltaWeightBackward(_ gradient: Tensor, _ tape: Tape) throws -> ParameterSet {
+        if tape.skipped { return zeroGradients() }
+        var g = gradient * multiplier
+        if let mask = tape.rowMask { g = Self.maskRows(g, mask) }
+        return try algorithm.deltaWeightBackward(g, tape.context)
+    }
+
+    /// The adapter's contribution m·Δ(x) for the step `tape` describes.
+    public func forwardDelta(_ x: Tensor, tape: Tape) throws -> Tensor {
+        if let problem = layer.inputProblem(x.shape) { throw AdapterError("\(name): \(problem)") }
+        if tape.skipped { return .zeros(layer.outputShape(forInput: x.shape)) }
+        guard tape.bypass else { return layer.apply(x, weight: try effectiveDeltaWeight(tape)) }
+        var delta = try algorithm.bypassForward(x, tape.context) * multiplier
+        if let mask = tape.outputMask { delta = delta * mask }
+        return delta
+    }
+
+    /// (∂x, ∂parameters) of ``forwardDelta(_:tape:)`` given ∂(m·Δ(x)).
+    public func backwardDelta(_ x: Tensor, gradOutput: Tensor, tape: Tape) throws -> (input: Tensor, parameters: ParameterSet) {
+        if tape.skipped { return (.zeros(x.shape), zeroGradients()) }
+        if tape.bypass {
+            var g = gradOutput * multiplier
+            if let mask = tape.outputMask { g = g * mask }
+            return try algorithm.bypassBackward(x, gradOutput: g, tape.context)
+        }
+        let delta = try effectiveDeltaWeight(tape)
+        let gradInput = layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape)
+        let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
+        return (gradInput, try effectiveDeltaWeightBackward(gradDelta, tape))
+    }
+
+    /// The adapted layer's whole output `op(x, W0) + b + m·Δ(x)` (needs the base weight).
+    public func forward(_ x: Tensor, tape: Tape) throws -> Tensor {
+        let weight = try requireBaseWeight()
+        let delta = try forwardDelta(x, tape: tape)
+        var y = layer.apply(x, weight: weight)
+        if let bias = baseBias { layer.addBias(&y, bias: bias) }
+        return y + delta
+    }
+
+    /// (∂x, ∂parameters) of ``forward(_:tape:)``.
+    public func backward(_ x: Tensor, gradOutput: Tensor, tape: Tape) throws -> (input: Tensor, parameters: ParameterSet) {
+        let weight = try requireBaseWeight()
+        let adapter = try backwardDelta(x, gradOutput: gradOutput, tape: tape)
+        return (layer.backwardInput(gradOutput, weight: weight, inputShape: x.shape) + adapter.input, adapter.parameters)
+    }
+
+    /// The merged weight W0 + m·ΔW (forward semantics; deterministic: eval-mode choices).
+    public func mergedWeight() throws -> Tensor {
+        var eval = self
+        eval.isTraining = false
+        var unused = RandomSource(seed: 0)
+        return try requireBaseWeight() + eval.effectiveDeltaWeight(eval.makeTape(inputShape: [], random: &unused))
+    }
+
+    private func requireBaseWeight() throws -> Tensor {
+        guard let baseWeight else { throw AdapterError("\(name): the base layer's weight is not known") }
+        return baseWeight
+    }
+
+    private func zeroGradients() -> ParameterSet {
+        ParameterSet(algorithm.parameters.entries.map { ($0.name, Tensor.zeros($0.tensor.shape)) })
+    }
+}

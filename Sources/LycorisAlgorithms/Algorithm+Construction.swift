@@ -1,0 +1,37 @@
+import LycorisCore
+
+/// The one place that maps an ``Algorithm`` to the type computing it.
+extension Algorithm {
+    private var computingType: (any AdapterAlgorithm.Type)? {
+        switch self {
+        case .locon: LoCon.self
+        case .loha: LoHa.self
+        case .lokr: LoKr.self
+        case .ia3: IA3.self
+        case .dylora: DyLoRA.self
+        default: nil
+        }
+    }
+
+    /// A freshly initialised adapter of this algorithm on `layer`.
+    public func makeAdapter(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws -> any AdapterAlgorithm {
+        if let problem = layer.invalidReason { throw AdapterError("invalid layer: \(problem)") }
+        if let problem = options.invalidReason { throw AdapterError("invalid options: \(problem)") }
+        guard let type = computingType else {
+            throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
+        }
+        return try type.init(layer: layer, options: options, random: &random)
+    }
+
+    /// An adapter of this algorithm on `layer` from a file's tensors (by key suffix).
+    /// DyLoRA files are LoRA files and load as LoCon.
+    public func loadAdapter(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws -> any AdapterAlgorithm {
+        switch self {
+        case .locon, .dylora: return try LoCon(layer: layer, tensors: tensors, alpha: alpha)
+        case .loha: return try LoHa(layer: layer, tensors: tensors, alpha: alpha)
+        case .lokr: return try LoKr(layer: layer, tensors: tensors, alpha: alpha)
+        case .ia3: return try IA3(layer: layer, tensors: tensors, alpha: alpha)
+        default: throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
+        }
+    }
+}

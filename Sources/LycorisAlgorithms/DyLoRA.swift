@@ -1,0 +1,91 @@
+import LycorisCore
+
+/// DyLoRA (LyCORIS `DyLoraModule`): a LoRA whose rank is trained in blocks.
+///
+/// `lora_up.weight` (out, r) and `lora_down.weight` (r, in/g[, k, k]) hold r/bs blocks of
+/// bs = block_size columns / rows. A step uses block b: blocks 0…b enter ΔW, only block b
+/// receives gradient (the earlier ones are used detached):
+///
+///     ΔW_b = α/(b+1) · up[:, :(b+1)·bs] · down[:(b+1)·bs]
+///
+/// Training picks b uniformly per step (the module does); evaluation uses every block
+/// (b = r/bs − 1) — LyCORIS picks a random b even in eval mode, which this does not copy.
+/// Init: down kaiming-uniform(a=√5), up zeros.
+///
+/// Files are LoRA files. LyCORIS saves the raw α, so loaders (alpha/r) apply a scale bs
+/// times smaller than DyLoRA's own full-rank forward, and saves `lora_up.weight` 2-D for
+/// convolutions so its own loader fails on them. This module saves
+/// `alpha` = α·bs (alpha/r then equals the full-rank forward's α/(r/bs)) and a 4-D
+/// (out, r, 1, 1) `lora_up.weight` for convolutions.
+public struct DyLoRA: AdapterAlgorithm {
+    public static let algorithm = Algorithm.dylora
+    public let layer: LayerSpec
+    public var parameters: ParameterSet
+    public let alpha: Float
+    public let blockSize: Int
+    public var blockCount: Int { parameters.required("lora_up.weight").shape[1] / blockSize }
+    public var rank: Int? { parameters.required("lora_up.weight").shape[1] }
+    /// The full-rank scale α/(r/bs).
+    public var scale: Float { alpha / Float(blockCount) }
+
+    public init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws {
+        guard options.rank % options.blockSize == 0 else {
+            throw AdapterError("dylora: rank \(options.rank) is not a multiple of block_size \(options.blockSize)")
+        }
+        self.layer = layer
+        blockSize = options.blockSize
+        alpha = (options.alpha ?? 0) == 0 ? Float(options.rank) : options.alpha!
+        let r = options.rank
+        var p = ParameterSet()
+        // LyCORIS initialises each (bs, in·K) down block with its own fan-in, which is the
+        // same bound as the concatenated matrix's.
+        p["lora_down.weight"] = .kaimingUniform([r, layer.weightInFeatures] + layer.kernelSize, using: &random)
+        p["lora_up.weight"] = .zeros([layer.outFeatures, r])
+        parameters = p
+    }
+
+    /// The per-step scale α/(b+1).
+    public func scale(block b: Int) -> Float { alpha / Float(b + 1) }
+
+    private func block(_ context: DeltaContext) throws -> Int {
+        let b = context.block ?? blockCount - 1
+        guard b >= 0 && b < blockCount else { throw AdapterError("dylora: block \(b) is outside 0..<\(blockCount)") }
+        return b
+    }
+
+    private var up: Tensor { parameters.required("lora_up.weight") }
+    private var downMatrix: Tensor { let d = parameters.required("lora_down.weight"); return d.reshaped([d.shape[0], -1]) }
+
+    public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
+        let b = try block(context)
+        let used = (b + 1) * blockSize
+        return Tensor.matmul(up.slice(axis: 1, 0..<used), downMatrix.slice(axis: 0, 0..<used), alpha: scale(block: b))
+            .reshaped(layer.weightShape)
+    }
+
+    public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
+        let b = try block(context)
+        let trained = (b * blockSize)..<((b + 1) * blockSize)
+        let g = gradient.reshaped([layer.outFeatures, -1])
+        let s = scale(block: b)
+        let gradUpBlock = Tensor.matmul(g, downMatrix.slice(axis: 0, trained), transposeB: true, alpha: s)  // (out, bs)
+        let gradDownBlock = Tensor.matmul(up.slice(axis: 1, trained), transposeA: true, g, alpha: s)       // (bs, in·K)
+        var gradUp = Tensor.zeros(up.shape), gradDown = Tensor.zeros(downMatrix.shape)
+        for row in 0..<up.shape[0] {
+            for (j, column) in trained.enumerated() {
+                gradUp.scalars[row * up.shape[1] + column] = gradUpBlock.scalars[row * blockSize + j]
+            }
+        }
+        let width = downMatrix.shape[1]
+        gradDown.scalars.replaceSubrange((trained.lowerBound * width)..<(trained.upperBound * width), with: gradDownBlock.scalars)
+        return ParameterSet([("lora_down.weight", gradDown.reshaped(parameters.required("lora_down.weight").shape)),
+                             ("lora_up.weight", gradUp)])
+    }
+
+    public func savedTensors() -> [SavedTensor] {
+        let ones = layer.kernelSize.map { _ in 1 }
+        return [SavedTensor("alpha", Tensor(scalar: alpha * Float(blockSize)), storage: .float32),
+                SavedTensor("lora_up.weight", up.reshaped(up.shape + ones)),
+                SavedTensor("lora_down.weight", parameters.required("lora_down.weight"))]
+    }
+}

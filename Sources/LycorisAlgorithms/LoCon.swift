@@ -1,0 +1,169 @@
+import LycorisCore
+
+/// LoRA / LoCon (LyCORIS `LoConModule`).
+///
+/// Shapes (r = rank, K = Π kernel):
+/// - Linear: `lora_down.weight` (r, in), `lora_up.weight` (out, r).
+/// - Conv: `lora_down.weight` (r, in/g, k, k) with the layer's stride/padding/dilation,
+///   `lora_up.weight` (out, r, 1, 1).
+/// - Conv with Tucker (k ≠ 1): `lora_down.weight` (r, in/g, 1, 1), `lora_mid.weight`
+///   (r, r, k, k), `lora_up.weight` (out, r, 1, 1).
+///
+/// ΔW = s·σ·up·down (reshaped), or s·σ·Σ_{ij} mid[i,j]·up[:,i]⊗down[j,:] with Tucker;
+/// s = α/r (α/√r with rs_lora), σ the optional trainable scalar.
+/// Init: down, mid kaiming-uniform(a=√5); up zeros (kaiming with use_scalar, σ = 0).
+/// Bypass: Δ(x) = s·σ·up(mid(down(x))), with rank dropout masking the rank axis.
+public struct LoCon: AdapterAlgorithm {
+    public static let algorithm = Algorithm.locon
+    public let layer: LayerSpec
+    public var parameters: ParameterSet
+    public let scale: Float
+    /// The `alpha` written to files (α·r/r_f, see ``ScaleRule``).
+    public let savedAlpha: Float
+    public let usesTucker: Bool
+    public var rank: Int? { parameters.required("lora_down.weight").shape[0] }
+
+    /// A fresh module with LyCORIS's initialisation.
+    public init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws {
+        self.layer = layer
+        let r = options.rank
+        let kernel = layer.kernelSize
+        usesTucker = options.useTucker && kernel.contains { $0 != 1 }
+        let rule = ScaleRule(alpha: options.alpha, rank: r, rsLoRA: options.rsLoRA)
+        scale = rule.scale
+        savedAlpha = rule.savedAlpha
+        let ones = kernel.map { _ in 1 }
+        var parameters = ParameterSet()
+        let downShape = [r, layer.weightInFeatures] + (usesTucker ? ones : kernel)
+        parameters["lora_down.weight"] = .kaimingUniform(downShape, using: &random)
+        if usesTucker { parameters["lora_mid.weight"] = .kaimingUniform([r, r] + kernel, using: &random) }
+        let upShape = [layer.outFeatures, r] + ones
+        parameters["lora_up.weight"] = options.useScalar ? .kaimingUniform(upShape, using: &random) : .zeros(upShape)
+        if options.useScalar { parameters["scalar"] = Tensor(scalar: 0) }
+        self.parameters = parameters
+    }
+
+    /// A module from a file's tensors (`lora_up.weight`, `lora_down.weight`, optional
+    /// `lora_mid.weight`); scale = alpha/r. A 2-D `lora_up.weight` on a conv layer (as
+    /// LyCORIS's DyLoRA writes it) is accepted as (out, r, 1, 1).
+    public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
+        self.layer = layer
+        guard var up = tensors["lora_up.weight"], let down = tensors["lora_down.weight"] else {
+            throw AdapterError("locon: lora_up.weight and lora_down.weight are both required")
+        }
+        let r = down.shape.first ?? 0
+        let kernel = layer.kernelSize
+        let ones = kernel.map { _ in 1 }
+        if up.rank == 2 && layer.isConvolution { up = up.reshaped(up.shape + ones) }
+        let mid = tensors["lora_mid.weight"]
+        usesTucker = mid != nil
+        try Self.expectShape(up, [layer.outFeatures, r] + ones, "lora_up.weight")
+        try Self.expectShape(down, [r, layer.weightInFeatures] + (usesTucker ? ones : kernel), "lora_down.weight")
+        if let mid { try Self.expectShape(mid, [r, r] + kernel, "lora_mid.weight") }
+        let rule = ScaleRule(fileAlpha: alpha, rank: r)
+        scale = rule.scale
+        savedAlpha = rule.savedAlpha
+        parameters = ParameterSet([("lora_down.weight", down)] + (mid.map { [("lora_mid.weight", $0)] } ?? []) + [("lora_up.weight", up)])
+    }
+
+    private var up: Tensor { parameters.required("lora_up.weight") }
+    private var down: Tensor { parameters.required("lora_down.weight") }
+    private var upMatrix: Tensor { up.reshaped([layer.outFeatures, -1]) }
+
+    /// up·down (or the Tucker rebuild) without scale and scalar, weight shape.
+    private func product() -> Tensor {
+        if usesTucker {
+            return TuckerProduct.rebuild(core: parameters.required("lora_mid.weight"), a: upMatrix.transposed,
+                                         b: down.reshaped([down.shape[0], -1])).reshaped(layer.weightShape)
+        }
+        return Tensor.matmul(upMatrix, down.reshaped([down.shape[0], -1])).reshaped(layer.weightShape)
+    }
+
+    public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
+        product() * (scale * parameters.scalar)
+    }
+
+    public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
+        let factor = scale * parameters.scalar
+        let scaled = gradient * factor
+        var grads = ParameterSet()
+        let downMatrix = down.reshaped([down.shape[0], -1])
+        if usesTucker {
+            let mid = parameters.required("lora_mid.weight")
+            let g = TuckerProduct.backward(scaled, core: mid, a: upMatrix.transposed, b: downMatrix)
+            grads["lora_down.weight"] = g.b.reshaped(down.shape)
+            grads["lora_mid.weight"] = g.core
+            grads["lora_up.weight"] = g.a.transposed.reshaped(up.shape)
+        } else {
+            let gm = scaled.reshaped([layer.outFeatures, -1])
+            grads["lora_down.weight"] = Tensor.matmul(upMatrix, transposeA: true, gm).reshaped(down.shape)
+            grads["lora_up.weight"] = Tensor.matmul(gm, downMatrix, transposeB: true).reshaped(up.shape)
+        }
+        if parameters["scalar"] != nil {
+            grads["scalar"] = Tensor(scalar: scale * gradient.dot(product()))
+        }
+        return grads
+    }
+
+    // MARK: Bypass
+
+    public var hasBypassPath: Bool { true }
+
+    /// Grouped convolutions have no factor path (the factors are not grouped): they use ΔW.
+    private var bypassApplies: Bool {
+        if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
+        return true
+    }
+
+    private func chain(_ context: DeltaContext) -> OperatorChain {
+        let r = down.shape[0]
+        switch layer {
+        case let .linear(inFeatures, outFeatures):
+            return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
+                                          (.linear(inFeatures: r, outFeatures: outFeatures), up)],
+                                 maskBeforeLast: context.rankMask)
+        case let .conv2d(geometry):
+            let upOp = LayerSpec.conv2d(.pointwise(inChannels: r, outChannels: geometry.outChannels))
+            if usesTucker {
+                return OperatorChain(stages: [
+                    (.conv2d(.pointwise(inChannels: geometry.inChannels, outChannels: r)), down),
+                    (.conv2d(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
+                    (upOp, up),
+                ], maskBeforeLast: context.rankMask)
+            }
+            return OperatorChain(stages: [(.conv2d(geometry.with(outChannels: r)), down), (upOp, up)],
+                                 maskBeforeLast: context.rankMask)
+        }
+    }
+
+    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
+        guard bypassApplies else { return layer.apply(x, weight: try deltaWeight(context)) }
+        return chain(context).forward(x).output * (scale * parameters.scalar)
+    }
+
+    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        guard bypassApplies else {
+            let delta = try deltaWeight(context)
+            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
+                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput), context))
+        }
+        let chain = chain(context)
+        let factor = scale * parameters.scalar
+        let (raw, inputs) = chain.forward(x)
+        let back = chain.backward(stageInputs: inputs, gradOutput: gradOutput * factor)
+        var grads = ParameterSet()
+        grads["lora_down.weight"] = back.weights[0]
+        if usesTucker { grads["lora_mid.weight"] = back.weights[1] }
+        grads["lora_up.weight"] = back.weights[back.weights.count - 1]
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.dot(raw)) }
+        return (back.input, grads)
+    }
+
+    public func savedTensors() -> [SavedTensor] {
+        var saved = [SavedTensor("alpha", Tensor(scalar: savedAlpha), storage: .float32),
+                     SavedTensor("lora_up.weight", up * parameters.scalar),
+                     SavedTensor("lora_down.weight", down)]
+        if let mid = parameters["lora_mid.weight"] { saved.append(SavedTensor("lora_mid.weight", mid)) }
+        return saved
+    }
+}

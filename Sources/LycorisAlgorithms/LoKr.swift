@@ -1,0 +1,237 @@
+import LycorisCore
+
+/// LoKr (LyCORIS `LokrModule`): ΔW = s·σ·kron(W1, W2).
+///
+/// With (in_m, in_n) = factorization(in), (out_l, out_k) = factorization(out) (swapped
+/// with unbalanced_factorization), r = rank, K = Π kernel:
+/// - W1 (out_l, in_m) is `lokr_w1`, or `lokr_w1_a` (out_l, r)·`lokr_w1_b` (r, in_m) when
+///   decompose_both and r < max(out_l, in_m)/2 and not full_matrix.
+/// - W2 (out_k, in_n[, k, k]) is `lokr_w2` when r ≥ max(out_k, in_n)/2 or full_matrix;
+///   else with Tucker (conv, k ≠ 1) the rebuild of `lokr_t2` (r, r, k, k),
+///   `lokr_w2_a` (r, out_k), `lokr_w2_b` (r, in_n); else `lokr_w2_a` (out_k, r)·`lokr_w2_b`
+///   (r, in_n·K) reshaped.
+/// - When both halves are full, α is forced to r (s = 1, or 1/√r·√r with rs_lora).
+/// Init: w1, w1_a, w1_b, w2_a, t2 kaiming-uniform(a=√5); w2 or w2_b zeros (kaiming with
+/// use_scalar).
+/// Bypass (linear): Δ(x) = s·σ·vec(W1·X·W2ᵀ) with x viewed as X (in_m, in_n) — the
+/// Kronecker product is never built.
+public struct LoKr: AdapterAlgorithm {
+    public static let algorithm = Algorithm.lokr
+    public let layer: LayerSpec
+    public var parameters: ParameterSet
+    public let scale: Float
+    public let savedAlpha: Float
+    /// (out_l, in_m) and (out_k, in_n).
+    public let w1Shape: [Int], w2Shape: [Int]
+    public let rank: Int?
+
+    public init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws {
+        self.layer = layer
+        let r = options.rank
+        let (inM, inN) = factorization(layer.weightInFeatures, factor: options.factor)
+        var (outL, outK) = factorization(layer.outFeatures, factor: options.factor)
+        if options.unbalancedFactorization { swap(&outL, &outK) }
+        w1Shape = [outL, inM]
+        w2Shape = [outK, inN]
+        let kernel = layer.kernelSize
+        let tucker = options.useTucker && kernel.contains { $0 != 1 }
+        let w1Full = !(options.decomposeBoth && Float(r) < Float(max(outL, inM)) / 2 && !options.fullMatrix)
+        let w2Full = Float(r) >= Float(max(outK, inN)) / 2 || options.fullMatrix
+        var p = ParameterSet()
+        // LyCORIS's initialisation order: w2 side, then w1 side.
+        if w2Full {
+            let shape = [outK, inN] + kernel
+            p["lokr_w2"] = options.useScalar ? .kaimingUniform(shape, using: &random) : .zeros(shape)
+        } else {
+            let (aShape, bShape) = tucker ? ([r, outK], [r, inN]) : ([outK, r], [r, inN * layer.kernelElements])
+            if tucker { p["lokr_t2"] = .kaimingUniform([r, r] + kernel, using: &random) }
+            p["lokr_w2_a"] = .kaimingUniform(aShape, using: &random)
+            p["lokr_w2_b"] = options.useScalar ? .kaimingUniform(bShape, using: &random) : .zeros(bShape)
+        }
+        if w1Full {
+            p["lokr_w1"] = .kaimingUniform([outL, inM], using: &random)
+        } else {
+            p["lokr_w1_a"] = .kaimingUniform([outL, r], using: &random)
+            p["lokr_w1_b"] = .kaimingUniform([r, inM], using: &random)
+        }
+        if options.useScalar { p["scalar"] = Tensor(scalar: 0) }
+        parameters = p
+        rank = w1Full && w2Full ? nil : r
+        let alpha: Float? = w1Full && w2Full ? Float(r) : options.alpha
+        let rule = ScaleRule(alpha: alpha, rank: r, rsLoRA: options.rsLoRA)
+        scale = rule.scale
+        savedAlpha = rule.savedAlpha
+    }
+
+    /// A module from a file's tensors; r is read from `lokr_w1_b` or `lokr_w2_b`
+    /// (first axis), scale = alpha/r, and 1 when both halves are full.
+    public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
+        self.layer = layer
+        var p = ParameterSet()
+        let kernel = layer.kernelSize
+        let w1: [Int]
+        if let full = tensors["lokr_w1"] {
+            guard full.rank == 2 else { throw AdapterError("lokr: lokr_w1 must be a matrix, got \(full.shape)") }
+            w1 = full.shape
+            p["lokr_w1"] = full
+        } else if let a = tensors["lokr_w1_a"], let b = tensors["lokr_w1_b"], a.rank == 2, b.rank == 2, a.shape[1] == b.shape[0] {
+            w1 = [a.shape[0], b.shape[1]]
+            p["lokr_w1_a"] = a
+            p["lokr_w1_b"] = b
+        } else {
+            throw AdapterError("lokr: needs lokr_w1, or lokr_w1_a (out_l, r) with lokr_w1_b (r, in_m)")
+        }
+        let outK = w1[0] > 0 ? layer.outFeatures / w1[0] : 0
+        let inN = w1[1] > 0 ? layer.weightInFeatures / w1[1] : 0
+        guard outK * w1[0] == layer.outFeatures, inN * w1[1] == layer.weightInFeatures else {
+            throw AdapterError("lokr: W1 \(w1) does not divide the layer's weight \(layer.weightShape)")
+        }
+        if let full = tensors["lokr_w2"] {
+            try Self.expectShape(full, [outK, inN] + kernel, "lokr_w2")
+            p["lokr_w2"] = full
+        } else if let a = tensors["lokr_w2_a"], let b = tensors["lokr_w2_b"] {
+            let r = b.shape.first ?? 0
+            if let t = tensors["lokr_t2"] {
+                try Self.expectShape(t, [r, r] + kernel, "lokr_t2")
+                try Self.expectShape(a, [r, outK], "lokr_w2_a")
+                try Self.expectShape(b, [r, inN], "lokr_w2_b")
+                p["lokr_t2"] = t
+            } else {
+                try Self.expectShape(a, [outK, r], "lokr_w2_a")
+                try Self.expectShape(b, [r, inN * layer.kernelElements], "lokr_w2_b")
+            }
+            p["lokr_w2_a"] = a
+            p["lokr_w2_b"] = b
+        } else {
+            throw AdapterError("lokr: needs lokr_w2, or lokr_w2_a with lokr_w2_b")
+        }
+        w1Shape = w1
+        w2Shape = [outK, inN]
+        parameters = p
+        let fileRank = tensors["lokr_w1_b"]?.shape.first ?? tensors["lokr_w2_b"]?.shape.first
+        rank = fileRank
+        if let fileRank {
+            let rule = ScaleRule(fileAlpha: alpha, rank: fileRank)
+            scale = rule.scale
+            savedAlpha = rule.savedAlpha
+        } else {
+            scale = 1
+            savedAlpha = alpha ?? 1
+        }
+    }
+
+    private var w1: Tensor {
+        if let full = parameters["lokr_w1"] { return full }
+        return Tensor.matmul(parameters.required("lokr_w1_a"), parameters.required("lokr_w1_b"))
+    }
+
+    /// W2 with kernel axes: (out_k, in_n, k…).
+    private var w2: Tensor {
+        if let full = parameters["lokr_w2"] { return full }
+        let a = parameters.required("lokr_w2_a"), b = parameters.required("lokr_w2_b")
+        if let core = parameters["lokr_t2"] { return TuckerProduct.rebuild(core: core, a: a, b: b) }
+        return Tensor.matmul(a, b).reshaped(w2Shape + layer.kernelSize)
+    }
+
+    public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
+        Tensor.kronecker(w1, w2) * (scale * parameters.scalar)
+    }
+
+    public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
+        let (w1, w2) = (w1, w2)
+        let g = gradient * (scale * parameters.scalar)
+        let (gradW1, gradW2) = Tensor.kroneckerBackward(g, w1, w2)
+        var grads = factorGradients(gradW1: gradW1, gradW2: gradW2)
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradient.dot(Tensor.kronecker(w1, w2))) }
+        return grads
+    }
+
+    /// Chains ∂W1 and ∂W2 (kernel-shaped) to the stored factors.
+    private func factorGradients(gradW1: Tensor, gradW2: Tensor) -> ParameterSet {
+        var grads = ParameterSet()
+        if parameters["lokr_w1"] != nil {
+            grads["lokr_w1"] = gradW1
+        } else {
+            let a = parameters.required("lokr_w1_a"), b = parameters.required("lokr_w1_b")
+            grads["lokr_w1_a"] = Tensor.matmul(gradW1, b, transposeB: true)
+            grads["lokr_w1_b"] = Tensor.matmul(a, transposeA: true, gradW1)
+        }
+        if parameters["lokr_w2"] != nil {
+            grads["lokr_w2"] = gradW2
+        } else {
+            let a = parameters.required("lokr_w2_a"), b = parameters.required("lokr_w2_b")
+            if let core = parameters["lokr_t2"] {
+                let g = TuckerProduct.backward(gradW2, core: core, a: a, b: b)
+                grads["lokr_t2"] = g.core
+                grads["lokr_w2_a"] = g.a
+                grads["lokr_w2_b"] = g.b
+            } else {
+                let gm = gradW2.reshaped([w2Shape[0], -1])
+                grads["lokr_w2_a"] = Tensor.matmul(gm, b, transposeB: true)
+                grads["lokr_w2_b"] = Tensor.matmul(a, transposeA: true, gm)
+            }
+        }
+        return grads
+    }
+
+    // MARK: Bypass (linear)
+
+    public var hasBypassPath: Bool { !layer.isConvolution }
+
+    /// Δ(x) without scale: Y[n, a, b] = Σ_{m,c} W1[a, m]·W2[b, c]·X[n, m, c], computed as
+    /// Z = X·W2ᵀ, then W1·Z; returns (Y flattened to x's shape, Z).
+    private func kroneckerApply(_ x: Tensor, w1: Tensor, w2: Tensor) -> (output: Tensor, z: Tensor) {
+        let (outL, inM) = (w1Shape[0], w1Shape[1])
+        let (outK, inN) = (w2Shape[0], w2Shape[1])
+        let rows = x.count / (inM * inN)
+        let z = Tensor.matmul(x.reshaped([rows * inM, inN]), w2, transposeB: true)            // (n·in_m, out_k)
+        let zm = z.reshaped([rows, inM, outK]).permuted([1, 0, 2]).reshaped([inM, rows * outK])
+        let y = Tensor.matmul(w1, zm).reshaped([outL, rows, outK]).permuted([1, 0, 2])          // (n, out_l, out_k)
+        return (y.reshaped(layer.outputShape(forInput: x.shape)), zm)
+    }
+
+    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
+        guard hasBypassPath else { return layer.apply(x, weight: try deltaWeight(context)) }
+        return kroneckerApply(x, w1: w1, w2: w2).output * (scale * parameters.scalar)
+    }
+
+    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        guard hasBypassPath else {
+            let delta = try deltaWeight(context)
+            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
+                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput), context))
+        }
+        let (w1, w2) = (w1, w2)
+        let (outL, inM) = (w1Shape[0], w1Shape[1])
+        let (outK, inN) = (w2Shape[0], w2Shape[1])
+        let rows = x.count / (inM * inN)
+        let factor = scale * parameters.scalar
+        let (raw, zm) = kroneckerApply(x, w1: w1, w2: w2)
+        // ∂Y as (out_l, n·out_k).
+        let gy = (gradOutput * factor).reshaped([rows, outL, outK]).permuted([1, 0, 2]).reshaped([outL, rows * outK])
+        let gradW1 = Tensor.matmul(gy, zm, transposeB: true)                                     // (out_l, in_m)
+        let gz = Tensor.matmul(w1, transposeA: true, gy).reshaped([inM, rows, outK]).permuted([1, 0, 2])
+            .reshaped([rows * inM, outK])
+        let xm = x.reshaped([rows * inM, inN])
+        let gradW2 = Tensor.matmul(gz, transposeA: true, xm)                                     // (out_k, in_n)
+        let gradInput = Tensor.matmul(gz, w2).reshaped(x.shape)
+        var grads = factorGradients(gradW1: gradW1, gradW2: gradW2)
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.dot(raw)) }
+        return (gradInput, grads)
+    }
+
+    public func savedTensors() -> [SavedTensor] {
+        var saved = [SavedTensor("alpha", Tensor(scalar: savedAlpha), storage: .float32)]
+        let sigma = parameters.scalar
+        if let full = parameters["lokr_w1"] {
+            saved.append(SavedTensor("lokr_w1", full * sigma))
+        } else {
+            saved.append(SavedTensor("lokr_w1_a", parameters.required("lokr_w1_a") * sigma))
+            saved.append(SavedTensor("lokr_w1_b", parameters.required("lokr_w1_b")))
+        }
+        for name in ["lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"] {
+            if let tensor = parameters[name] { saved.append(SavedTensor(name, tensor)) }
+        }
+        return saved
+    }
+}

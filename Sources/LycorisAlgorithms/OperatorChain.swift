@@ -1,0 +1,49 @@
+import LycorisCore
+
+/// A sequence of bias-free layer ops `x → op₁(x, W₁) → … → opₙ(·, Wₙ)`, with an optional
+/// per-channel mask on the input of the last op (LoCon's rank dropout in bypass mode).
+/// Used by bypass paths that apply low-rank factors one after another.
+struct OperatorChain {
+    var stages: [(op: LayerSpec, weight: Tensor)]
+    var maskBeforeLast: Tensor?
+
+    /// The output and the input of every stage (kept for the backward pass).
+    func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
+        var inputs: [Tensor] = []
+        var h = x
+        for (index, stage) in stages.enumerated() {
+            if index == stages.count - 1, let mask = maskBeforeLast {
+                h = Self.scaleChannels(h, by: mask, op: stage.op)
+            }
+            inputs.append(h)
+            h = stage.op.apply(h, weight: stage.weight)
+        }
+        return (h, inputs)
+    }
+
+    /// (∂x, ∂Wᵢ for every stage) given ∂output.
+    func backward(stageInputs: [Tensor], gradOutput: Tensor) -> (input: Tensor, weights: [Tensor]) {
+        var grad = gradOutput
+        var weightGrads = [Tensor](repeating: Tensor.zeros([]), count: stages.count)
+        for index in stages.indices.reversed() {
+            let stage = stages[index]
+            weightGrads[index] = stage.op.backwardWeight(stageInputs[index], gradOutput: grad)
+            grad = stage.op.backwardInput(grad, weight: stage.weight, inputShape: stageInputs[index].shape)
+            if index == stages.count - 1, let mask = maskBeforeLast {
+                grad = Self.scaleChannels(grad, by: mask, op: stage.op)
+            }
+        }
+        return (grad, weightGrads)
+    }
+
+    /// Multiplies channel c of `h` (the input of `op`) by `mask[c]`.
+    static func scaleChannels(_ h: Tensor, by mask: Tensor, op: LayerSpec) -> Tensor {
+        var result = h
+        let channels = mask.count
+        let inner = op.isConvolution ? h.shape[2...].reduce(1, *) : 1
+        result.scalars.withUnsafeMutableBufferPointer { out in
+            for i in out.indices { out[i] *= mask.scalars[(i / inner) % channels] }
+        }
+        return result
+    }
+}

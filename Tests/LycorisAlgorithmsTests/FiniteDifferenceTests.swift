@@ -1,0 +1,112 @@
+import LycorisAlgorithms
+import LycorisCore
+import Testing
+
+/// Gradients checked against central finite differences, independently of LyCORIS.
+///
+/// L(θ, x) = Σ g ⊙ y(θ, x) is linear in each single parameter element and in each input
+/// element for every algorithm here (products of distinct factors), so the central
+/// difference with a large step is exact up to rounding; it is taken in Float32 from the
+/// module's own forward.
+@Suite("Finite-difference gradients")
+struct FiniteDifferenceTests {
+    struct Case: CustomTestStringConvertible, Sendable {
+        let label: String
+        let algorithm: Algorithm
+        let layer: LayerSpec
+        let options: AdapterOptions
+        var testDescription: String { label }
+    }
+
+    static let conv = LayerSpec.conv2d(Conv2dGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
+    static let linear = LayerSpec.linear(inFeatures: 8, outFeatures: 6)
+
+    static func options(_ edit: (inout AdapterOptions) -> Void) -> AdapterOptions {
+        var options = AdapterOptions(rank: 2, alpha: 3)
+        edit(&options)
+        return options
+    }
+
+    static let cases: [Case] = [
+        Case(label: "locon linear", algorithm: .locon, layer: linear, options: options { _ in }),
+        Case(label: "locon linear bypass scalar", algorithm: .locon, layer: linear, options: options { $0.bypassMode = true; $0.useScalar = true }),
+        Case(label: "locon conv", algorithm: .locon, layer: conv, options: options { _ in }),
+        Case(label: "locon conv bypass tucker", algorithm: .locon, layer: conv, options: options { $0.bypassMode = true; $0.useTucker = true }),
+        Case(label: "loha linear scalar", algorithm: .loha, layer: linear, options: options { $0.useScalar = true }),
+        Case(label: "loha conv tucker", algorithm: .loha, layer: conv, options: options { $0.useTucker = true }),
+        Case(label: "lokr linear", algorithm: .lokr, layer: linear, options: options { $0.rank = 1 }),
+        Case(label: "lokr linear bypass decompose", algorithm: .lokr, layer: .linear(inFeatures: 16, outFeatures: 24),
+             options: options { $0.rank = 1; $0.decomposeBoth = true; $0.bypassMode = true; $0.useScalar = true }),
+        Case(label: "lokr conv tucker", algorithm: .lokr, layer: .conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1])),
+             options: options { $0.rank = 1; $0.useTucker = true }),
+        Case(label: "ia3 linear", algorithm: .ia3, layer: linear, options: options { _ in }),
+        Case(label: "ia3 conv input bypass", algorithm: .ia3, layer: conv, options: options { $0.trainOnInput = true; $0.bypassMode = true }),
+        Case(label: "ia3 linear output bypass", algorithm: .ia3, layer: linear, options: options { $0.bypassMode = true }),
+        Case(label: "dylora conv", algorithm: .dylora, layer: conv, options: options { $0.rank = 4; $0.blockSize = 2 }),
+    ]
+
+    /// DyLoRA uses blocks 0…b−1 detached: their gradient is zero by definition, not the
+    /// finite difference; only block b is compared.
+    func detachedElements(_ module: AdapterModule, _ tape: AdapterModule.Tape, _ name: String, _ shape: [Int]) -> (Int) -> Bool {
+        guard let dylora = module.algorithm as? DyLoRA, let block = tape.context.block else { return { _ in false } }
+        let trained = (block * dylora.blockSize)..<((block + 1) * dylora.blockSize)
+        if name == "lora_up.weight" { return { !trained.contains($0 % shape[1]) } }
+        let width = shape[1...].reduce(1, *)
+        return { !trained.contains($0 / width) }
+    }
+
+    @Test("∂x and every ∂parameter", arguments: cases)
+    func gradients(_ testCase: Case) throws {
+        var random = RandomSource(seed: 7)
+        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random)
+        for (name, tensor) in adapter.parameters.entries {
+            adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random)
+        }
+        let layer = testCase.layer
+        var module = AdapterModule(name: "m", algorithm: adapter, options: testCase.options,
+                                   baseWeight: .normal(layer.weightShape, std: 0.5, using: &random),
+                                   baseBias: .normal([layer.outFeatures], std: 0.5, using: &random))
+        module.multiplier = 0.8
+        let inputShape = layer.isConvolution ? [2, layer.inputChannels, 5, 4] : [3, layer.inputChannels]
+        let x = Tensor.normal(inputShape, std: 1, using: &random)
+        let tape = module.makeTape(inputShape: inputShape, random: &random)
+        let g = Tensor.normal(layer.outputShape(forInput: inputShape), std: 1, using: &random)
+        let loss = { (m: AdapterModule, input: Tensor) throws -> Double in
+            let y = try m.forward(input, tape: tape)
+            return zip(y.scalars, g.scalars).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        }
+        let analytic = try module.backward(x, gradOutput: g, tape: tape)
+        let step: Float = 0.25
+
+        func checkDifference(_ label: String, count: Int, analytic: Tensor, detached: (Int) -> Bool = { _ in false },
+                             perturbed: (Int, Float) throws -> Double) rethrows {
+            var worst: Double = 0
+            for i in 0..<count {
+                if detached(i) {
+                    #expect(analytic.scalars[i] == 0, "\(testCase.label) \(label)[\(i)]: a detached element has gradient")
+                    continue
+                }
+                let numeric = (try perturbed(i, step) - perturbed(i, -step)) / Double(2 * step)
+                worst = max(worst, abs(numeric - Double(analytic.scalars[i])))
+            }
+            let scale = max(Double(analytic.maxAbs), 1e-3)
+            #expect(worst / scale < 2e-3, "\(testCase.label) \(label): finite-difference error \(worst / scale)")
+        }
+
+        try checkDifference("∂x", count: x.count, analytic: analytic.input) { i, h in
+            var shifted = x
+            shifted.scalars[i] += h
+            return try loss(module, shifted)
+        }
+        for (name, tensor) in module.algorithm.parameters.entries {
+            let grad = try #require(analytic.parameters[name])
+            try checkDifference("∂\(name)", count: tensor.count, analytic: grad, detached: detachedElements(module, tape, name, tensor.shape)) { i, h in
+                var shifted = module
+                var value = tensor
+                value.scalars[i] += h
+                shifted.algorithm.parameters[name] = value
+                return try loss(shifted, x)
+            }
+        }
+    }
+}
