@@ -1,0 +1,11 @@
+import ArgumentParser
+
+/// `lycoris`: inspect, merge and demo LyCORIS adapter files.
+@main
+struct LycorisCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lycoris",
+        abstract: "LyCORIS adapters in Swift: inspect, merge, and a self-contained training demo.",
+        subcommands: [InfoCommand.self, MergeCommand.self, DemoCommand.self]
+    )
+}
