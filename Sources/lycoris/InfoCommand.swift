@@ -24,14 +24,28 @@ struct InfoCommand: ParsableCommand {
         }
     }
 
-    static func algorithmName(_ module: AdapterFile.Module) -> String { module.algorithm?.rawValue ?? "unknown" }
+    /// The algorithm shown for a module: detected from its keys, except that LoRA-keyed
+    /// modules of a file whose kohya metadata declares DyLoRA (`ss_network_args` algo) are
+    /// shown as DyLoRA — DyLoRA files carry plain LoRA keys.
+    static func algorithmName(_ module: AdapterFile.Module, in adapter: AdapterFile) -> String {
+        guard let detected = module.algorithm else { return "unknown" }
+        if detected == .locon, declaredAlgorithm(adapter) == Algorithm.dylora.rawValue { return Algorithm.dylora.rawValue }
+        return detected.rawValue
+    }
+
+    /// `algo` from the kohya `ss_network_args` JSON metadata, if present.
+    static func declaredAlgorithm(_ adapter: AdapterFile) -> String? {
+        guard let text = adapter.metadata["ss_network_args"],
+              let arguments = try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else { return nil }
+        return arguments["algo"] as? String
+    }
 
     static func shapes(_ module: AdapterFile.Module) -> String {
         module.suffixes.map { "\($0) \(module.tensors[$0]!.shape)" }.joined(separator: ", ")
     }
 
     static func counts(_ adapter: AdapterFile) -> [String: Int] {
-        adapter.modules.reduce(into: [:]) { $0[algorithmName($1), default: 0] += 1 }
+        adapter.modules.reduce(into: [:]) { $0[algorithmName($1, in: adapter), default: 0] += 1 }
     }
 
     static func table(_ adapter: AdapterFile) -> String {
@@ -43,7 +57,7 @@ struct InfoCommand: ParsableCommand {
         lines.append([pad("module", nameWidth), pad("algo", 8), pad("rank", 5), pad("alpha", 9), pad("dtype", 9), pad("params", 9), "tensors"].joined(separator: " "))
         for module in adapter.modules {
             lines.append([
-                pad(module.name, nameWidth), pad(algorithmName(module), 8),
+                pad(module.name, nameWidth), pad(algorithmName(module, in: adapter), 8),
                 pad(module.rank.map(String.init) ?? "-", 5), pad(module.alpha.map { "\($0)" } ?? "-", 9),
                 pad(module.dtypes.map(\.rawValue).joined(separator: ","), 9), pad(String(module.parameterCount), 9),
                 shapes(module),
@@ -63,7 +77,7 @@ struct InfoCommand: ParsableCommand {
     static func jsonObject(_ adapter: AdapterFile) -> [String: Any] {
         let modules: [[String: Any]] = adapter.modules.map { module in
             var entry: [String: Any] = [
-                "name": module.name, "algorithm": algorithmName(module),
+                "name": module.name, "algorithm": algorithmName(module, in: adapter),
                 "dtypes": module.dtypes.map(\.rawValue), "parameters": module.parameterCount,
                 "tensors": Dictionary(uniqueKeysWithValues: module.tensors.map { ($0.key, ["dtype": $0.value.dtype.rawValue, "shape": $0.value.shape] as [String: Any]) }),
             ]

@@ -1,0 +1,32 @@
+import Foundation
+import LycorisAlgorithms
+import LycorisCore
+import LycorisFormats
+
+/// The tiny diffusers-named model of `Fixtures/networks/` and LyCORIS's files for it.
+enum NetworkFixture {
+    static func path(_ name: String) -> String {
+        fixturesDirectory.appendingPathComponent("networks/\(name).safetensors").path
+    }
+
+    static var base: SafetensorsFile { get throws { try SafetensorsFile(path: path("base")) } }
+
+    /// The layer of a base weight key, with `same` padding for k×k convolutions (how the
+    /// fixture model builds them).
+    static func layer(weightShape shape: [Int]) -> LayerSpec {
+        if shape.count == 2 { return .linear(inFeatures: shape[1], outFeatures: shape[0]) }
+        let kernel = [shape[2], shape[3]]
+        return .conv2d(Conv2dGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: kernel,
+                                      padding: kernel.map { ($0 - 1) / 2 }))
+    }
+
+    /// (base weight key, input, LyCORIS's adapted output) for every layer in
+    /// `<algo>.expected` (which names layers by module path: `x.<path>`, `y.<path>`).
+    static func expectedLayers(_ algo: String) throws -> [(key: String, x: Tensor, y: Tensor)] {
+        let file = try SafetensorsFile(path: path("\(algo).expected"))
+        return try file.tensorNames.filter { $0.hasPrefix("x.") }.map { name in
+            let path = String(name.dropFirst(2))
+            return (path + ".weight", try file.tensor(name), try file.tensor("y.\(path)"))
+        }
+    }
+}
