@@ -1,0 +1,161 @@
+import Foundation
+import LycorisAlgorithms
+import LycorisCore
+import LycorisFormats
+import Testing
+
+/// Networks saved here reload (here and, by key and shape, as LyCORIS writes them) and
+/// compute the same adapted outputs; F16/BF16 saves round to nearest even.
+@Suite("Save and reload")
+struct RoundTripTests {
+    static let linear = LayerSpec.linear(inFeatures: 24, outFeatures: 20)
+    static let conv = LayerSpec.conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1]))
+
+    struct Case: CustomTestStringConvertible, Sendable {
+        let algorithm: Algorithm
+        let layer: LayerSpec
+        let options: AdapterOptions
+        var testDescription: String { "\(algorithm.rawValue) \(layer.isConvolution ? "conv" : "linear")" }
+    }
+
+    static var cases: [Case] {
+        var scalar = AdapterOptions(rank: 4, alpha: 2)
+        scalar.useScalar = true
+        var tucker = AdapterOptions(rank: 4, alpha: 3)
+        tucker.useTucker = true
+        var dylora = AdapterOptions(rank: 4, alpha: 3)
+        dylora.blockSize = 2
+        var input = AdapterOptions()
+        input.trainOnInput = true
+        var lokr = AdapterOptions(rank: 2, alpha: 1)
+        lokr.decomposeBoth = true
+        lokr.factor = 2
+        return [
+            Case(algorithm: .locon, layer: linear, options: scalar), Case(algorithm: .locon, layer: conv, options: tucker),
+            Case(algorithm: .loha, layer: linear, options: scalar), Case(algorithm: .loha, layer: conv, options: tucker),
+            Case(algorithm: .lokr, layer: linear, options: lokr), Case(algorithm: .lokr, layer: conv, options: tucker),
+            Case(algorithm: .ia3, layer: linear, options: input), Case(algorithm: .ia3, layer: conv, options: AdapterOptions()),
+            Case(algorithm: .dylora, layer: linear, options: dylora), Case(algorithm: .dylora, layer: conv, options: dylora),
+        ]
+    }
+
+    func temporaryPath(_ label: String) -> String {
+        FileManager.default.temporaryDirectory.appendingPathComponent("\(label)-\(UUID()).safetensors").path
+    }
+
+    /// A module with every parameter random (σ too), on a random base layer.
+    func randomModule(_ testCase: Case, seed: UInt64) throws -> AdapterModule {
+        var random = RandomSource(seed: seed)
+        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random)
+        for (name, tensor) in adapter.parameters.entries { adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random) }
+        return AdapterModule(name: "lora_unet_block_\(testCase.algorithm.rawValue)", algorithm: adapter, options: testCase.options,
+                             baseWeight: .normal(testCase.layer.weightShape, std: 0.5, using: &random),
+                             baseBias: .normal([testCase.layer.outFeatures], std: 0.5, using: &random))
+    }
+
+    @Test("F32 save → load gives the same eval-mode output", arguments: cases)
+    func roundTrip(_ testCase: Case) throws {
+        let module = try randomModule(testCase, seed: 11)
+        var network = Network()
+        try network.add(module)
+        let path = temporaryPath("roundtrip")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try network.save(toPath: path, metadata: ["ss_network_module": "swift_lycoris"])
+
+        let file = try AdapterFile(path: path)
+        #expect(file.metadata["ss_network_module"] == "swift_lycoris")
+        let header = try Array(FileManager.default.contents(atPath: path)!.prefix(10))
+        #expect(Array(header[8..<10]) == Array("{\"".utf8))
+        if let alpha = file.modules.first?.tensors["alpha"] { #expect(alpha.dtype == .f32 && alpha.shape == []) }
+        let (loaded, unmatched) = try Network.load(file, layers: [module.name: (module.layer, module.baseWeight, module.baseBias)])
+        #expect(unmatched.isEmpty)
+        let reloaded = try #require(loaded[module.name])
+
+        var random = RandomSource(seed: 5)
+        let inputShape = testCase.layer.isConvolution ? [2, 8, 5, 6] : [2, 3, 24]
+        let x = Tensor.normal(inputShape, std: 1, using: &random)
+        let expected = try module.forward(x, tape: module.makeTape(inputShape: inputShape, random: &random))
+        let actual = try reloaded.forward(x, tape: reloaded.makeTape(inputShape: inputShape, random: &random))
+        expectClose(actual, expected, "\(testCase.testDescription) reloaded output")
+    }
+
+    @Test("F16 and BF16 saves store every tensor rounded to nearest even", arguments: [DType.f16, .bf16])
+    func halfPrecision(_ dtype: DType) throws {
+        let module = try randomModule(Self.cases[3], seed: 12)
+        var network = Network()
+        try network.add(module)
+        let path = temporaryPath("half")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try network.save(toPath: path, dtype: dtype)
+        let file = try SafetensorsFile(path: path)
+        for saved in module.algorithm.savedTensors() {
+            let info = try #require(file.info("\(module.name).\(saved.suffix)"))
+            #expect(info.dtype == (saved.suffix == "alpha" ? .f32 : dtype))
+            let rounded = try encodeFloats(saved.tensor.scalars, as: info.dtype).withUnsafeBytes { decodeFloats($0, as: info.dtype) }
+            #expect(try file.tensor(info.name).scalars == rounded, "\(info.name)")
+        }
+    }
+
+    @Test("saving as a non-float dtype is refused")
+    func refusesIntegerDtype() throws {
+        var network = Network()
+        try network.add(randomModule(Self.cases[0], seed: 1))
+        #expect(throws: AdapterError.self) { try network.save(toPath: temporaryPath("int"), dtype: .i32) }
+    }
+
+    @Test("IA3 files reload (LyCORIS 4.1.3 cannot reload its own)")
+    func ia3FromLyCORIS() throws {
+        let file = try AdapterFile(path: NetworkFixture.path("ia3"))
+        for module in file.modules {
+            let info = try #require(module.tensors["weight"])
+            let layer: LayerSpec = info.shape.count == 1 ? .linear(inFeatures: 99, outFeatures: info.shape[0])
+                : .conv2d(Conv2dGeometry(inChannels: 99, outChannels: info.shape[1], kernelSize: [1, 1]))
+            let adapter = try file.adapter(for: module, layer: layer)
+            #expect(adapter is IA3)
+        }
+    }
+
+    @Test("DyLoRA conv files reload, and reproduce the full-rank forward")
+    func dyloraConvReload() throws {
+        let module = try randomModule(Self.cases[9], seed: 13)
+        var network = Network()
+        try network.add(module)
+        let path = temporaryPath("dylora")
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        try network.save(toPath: path)
+        let file = try AdapterFile(path: path)
+        #expect(file.modules[0].tensors["lora_up.weight"]?.shape == [12, 4, 1, 1])
+        let reloaded = try file.adapter(for: file.modules[0], layer: module.layer)
+        #expect(reloaded is LoCon)
+        var random = RandomSource(seed: 0)
+        let eval = module.makeTape(inputShape: [], random: &random)
+        expectClose(try reloaded.deltaWeight(DeltaContext()), try module.effectiveDeltaWeight(eval), "DyLoRA ΔW after reload")
+    }
+
+    @Test("LyCORIS's 2-D conv lora_up (DyLoRA files) is accepted as (out, r, 1, 1)")
+    func dyloraLyCORISConv() throws {
+        let file = try AdapterFile(path: NetworkFixture.path("dylora"))
+        let conv = try #require(file.modules.first { $0.name == "lycoris_down_blocks_0_resnets_0_conv1" })
+        let adapter = try file.adapter(for: conv, layer: .conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3])))
+        #expect(adapter.parameters["lora_up.weight"]?.shape == [12, 4, 1, 1])
+    }
+
+    @Test("a file module whose shapes do not fit the layer is refused, naming the tensor")
+    func shapeMismatch() throws {
+        let file = try AdapterFile(path: NetworkFixture.path("lora"))
+        let module = file.modules[0]
+        #expect {
+            _ = try file.adapter(for: module, layer: .linear(inFeatures: 7, outFeatures: 24))
+        } throws: { error in
+            "\(error)".contains("lora_down.weight") && "\(error)".contains("[4, 16]")
+        }
+    }
+
+    @Test("uncomputed algorithms are recognised and refused by name")
+    func uncomputed() throws {
+        let file = try AdapterFile(path: NetworkFixture.path("glora"))
+        #expect {
+            _ = try file.adapter(for: file.modules[0], layer: .linear(inFeatures: 16, outFeatures: 24))
+        } throws: { error in "\(error)".contains("glora") }
+    }
+}
