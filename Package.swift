@@ -75,5 +75,10 @@ let package = Package(
             resources: [.copy("Fixtures")],
             swiftSettings: strictSwift
         ),
+        .testTarget(
+            name: "LycorisCLITests",
+            dependencies: ["lycoris"],
+            swiftSettings: strictSwift
+        ),
     ]
 )

@@ -6,9 +6,9 @@ import LycorisCore
 /// `lycoris demo`: trains an adapter on a small built-in model with synthetic data — no
 /// downloads — and writes a kohya-named `.safetensors` file.
 ///
-/// Each layer has a frozen base weight W0 and a "teacher" W* = W0 + a random low-rank
-/// change; the adapter learns to reproduce the teacher's outputs on random inputs
-/// (MSE, AdamW), so the loss falls as the adapter finds the change.
+/// Each layer has a frozen base weight W0 and a "teacher" W* = W0 + ΔW of a hidden adapter
+/// of the same algorithm with random parameters; the trained adapter learns to reproduce
+/// the teacher's outputs on random inputs (MSE, AdamW), so the loss falls as it finds ΔW.
 struct DemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "demo", abstract: "Train an adapter on a built-in toy model and save it.")
 
@@ -40,10 +40,11 @@ struct DemoCommand: ParsableCommand {
         var teachers: [String: Tensor] = [:]
         for (name, spec) in Self.layers {
             let base = Tensor.normal(spec.weightShape, std: 0.2, using: &random)
-            let shape = spec.weightShape
-            let u = Tensor.normal([shape[0], 2], std: 0.3, using: &random)
-            let v = Tensor.normal([2, shape[1...].reduce(1, *)], std: 0.3, using: &random)
-            teachers[name] = base + Tensor.matmul(u, v).reshaped(shape)
+            var hidden = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
+            for (parameter, value) in hidden.parameters.entries {
+                hidden.parameters[parameter] = .normal(value.shape, std: 0.3, using: &random)
+            }
+            teachers[name] = base + (try hidden.deltaWeight(DeltaContext(baseWeight: base)))
             let adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
             try network.add(AdapterModule(name: name, algorithm: adapter, options: options, baseWeight: base))
         }

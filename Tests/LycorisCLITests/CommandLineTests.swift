@@ -1,0 +1,126 @@
+import Foundation
+import Testing
+
+/// The `lycoris` executable as a user runs it: exit status, stdout, stderr.
+@Suite("lycoris command line")
+struct CommandLineTests {
+    /// The built `lycoris` next to this test bundle (the test target depends on it, so it
+    /// is always built first).
+    static let executable: URL = {
+        let bundleDirectory = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        let candidates = [bundleDirectory, bundleDirectory.deletingLastPathComponent(), Bundle.main.bundleURL]
+        return candidates.map { $0.appendingPathComponent("lycoris") }
+            .first { FileManager.default.isExecutableFile(atPath: $0.path) } ?? bundleDirectory.appendingPathComponent("lycoris")
+    }()
+
+    static let testsDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    static func networkFile(_ name: String) -> String {
+        testsDirectory.appendingPathComponent("LycorisAlgorithmsTests/Fixtures/networks/\(name).safetensors").path
+    }
+
+    struct Result {
+        let status: Int32
+        let stdout: String
+        let stderr: String
+    }
+
+    static func run(_ arguments: [String]) throws -> Result {
+        let process = Process()
+        process.executableURL = executable
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let stdout = out.fileHandleForReading.readDataToEndOfFile()
+        let stderr = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return Result(status: process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+                      stderr: String(decoding: stderr, as: UTF8.self))
+    }
+
+    @Test("info names each LyCORIS file's algorithm", arguments: [
+        ("lora", "locon"), ("loha", "loha"), ("lokr", "lokr"), ("ia3", "ia3"), ("glora", "glora"), ("full", "full"),
+        ("diag-oft", "diag-oft"), ("boft", "boft"), ("tlora", "tlora"), ("kohya_lora", "locon"),
+    ])
+    func infoJSON(_ file: String, _ algorithm: String) throws {
+        let result = try Self.run(["info", Self.networkFile(file), "--json"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any])
+        let modules = try #require(json["modules"] as? [[String: Any]])
+        #expect(modules.count == 5)
+        #expect(modules.allSatisfy { $0["algorithm"] as? String == algorithm })
+        let totals = try #require(json["totals"] as? [String: Any])
+        #expect(totals["parameters"] as? Int == modules.reduce(0) { $0 + ($1["parameters"] as? Int ?? 0) })
+        #expect((json["metadata"] as? [String: String])?["oracle"] == "lycoris-lora 4.1.3")
+    }
+
+    @Test("info table shows rank, alpha, dtype and shapes")
+    func infoTable() throws {
+        let result = try Self.run(["info", Self.networkFile("loha")])
+        #expect(result.status == 0)
+        #expect(result.stdout.contains("lycoris_down_blocks_0_attentions_0_proj_in"))
+        #expect(result.stdout.contains("hada_w1_a [24, 4]"))
+        #expect(result.stdout.contains("algorithms: loha 5"))
+        #expect(result.stdout.contains("metadata:"))
+    }
+
+    @Test("every hostile safetensors file: an error naming the problem and exit status 1, never a crash")
+    func hostileFiles() throws {
+        let directory = Self.testsDirectory.appendingPathComponent("LycorisFormatsTests/Fixtures")
+        let hostile = try FileManager.default.contentsOfDirectory(atPath: directory.path).filter { $0.hasPrefix("bad_") }.sorted()
+        #expect(hostile.count >= 20)
+        for name in hostile {
+            let result = try Self.run(["info", directory.appendingPathComponent(name).path])
+            #expect(result.status == 1, "\(name): status \(result.status)")
+            #expect(result.stderr.contains(name) && result.stderr.contains("Error:"), "\(name): \(result.stderr)")
+            #expect(result.stdout.isEmpty, "\(name)")
+        }
+    }
+
+    @Test("a missing file is an error naming it")
+    func missingFile() throws {
+        let result = try Self.run(["info", "/nonexistent/adapter.safetensors"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("/nonexistent/adapter.safetensors"))
+    }
+
+    @Test("merge writes the merged model and reports unmatched modules; --strict fails on them")
+    func merge() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cli-merge-\(UUID())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let out = directory.appendingPathComponent("merged.safetensors").path
+        let ok = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("loha"),
+                               "--out", out, "--multiplier", "0.5"])
+        #expect(ok.status == 0, "\(ok.stderr)")
+        #expect(ok.stdout.contains("merged 5 modules"))
+        #expect(FileManager.default.fileExists(atPath: out))
+        // The norms file's LayerNorm module has a 1-D base weight: reported as not merged.
+        let partial = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("norms"),
+                                    "--out", out, "--strict"])
+        #expect(partial.status != 0)
+        #expect(partial.stdout.contains("could not be merged") && partial.stdout.contains("mid_block_norm"))
+    }
+
+    @Test("demo trains, the loss falls, and the file it writes is described")
+    func demo() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cli-demo-\(UUID())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let out = directory.appendingPathComponent("demo.safetensors").path
+        let result = try Self.run(["demo", "--algo", "lokr", "--steps", "40", "--out", out])
+        #expect(result.status == 0, "\(result.stderr)")
+        let summary = try #require(result.stdout.split(separator: "\n").first { $0.hasPrefix("loss ") })
+        let numbers = summary.split(separator: " ").compactMap { Float($0.trimmingCharacters(in: .punctuationCharacters)) }
+        #expect(numbers.count >= 2 && numbers[1] < numbers[0] * 0.8, "\(summary)")
+        #expect(result.stdout.contains("algorithms: lokr 4"))
+    }
+
+    @Test("an unknown algorithm is refused by name")
+    func unknownAlgorithm() throws {
+        let result = try Self.run(["demo", "--algo", "lorax", "--steps", "1"])
+        #expect(result.status != 0)
+        #expect(result.stderr.contains("lorax"))
+    }
+}
