@@ -54,7 +54,7 @@ public struct DyLoRA: AdapterAlgorithm {
     }
 
     private var up: Tensor { parameters.required("lora_up.weight") }
-    private var downMatrix: Tensor { let d = parameters.required("lora_down.weight"); return d.reshaped([d.shape[0], -1]) }
+    private var downMatrix: Tensor { parameters.required("lora_down.weight").flattenedToMatrix() }
 
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
         let b = try block(context)
@@ -66,7 +66,7 @@ public struct DyLoRA: AdapterAlgorithm {
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
         let b = try block(context)
         let trained = (b * blockSize)..<((b + 1) * blockSize)
-        let g = gradient.reshaped([layer.outFeatures, -1])
+        let g = gradient.flattenedToMatrix()
         let s = scale(block: b)
         let gradUpBlock = Tensor.matmul(g, downMatrix.slice(axis: 0, trained), transposeB: true, alpha: s)  // (out, bs)
         let gradDownBlock = Tensor.matmul(up.slice(axis: 1, trained), transposeA: true, g, alpha: s)       // (bs, in·K)

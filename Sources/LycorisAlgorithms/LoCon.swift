@@ -68,15 +68,15 @@ public struct LoCon: AdapterAlgorithm {
 
     private var up: Tensor { parameters.required("lora_up.weight") }
     private var down: Tensor { parameters.required("lora_down.weight") }
-    private var upMatrix: Tensor { up.reshaped([layer.outFeatures, -1]) }
+    private var upMatrix: Tensor { up.flattenedToMatrix() }
 
     /// up·down (or the Tucker rebuild) without scale and scalar, weight shape.
     private func product() -> Tensor {
         if usesTucker {
             return TuckerProduct.rebuild(core: parameters.required("lora_mid.weight"), a: upMatrix.transposed,
-                                         b: down.reshaped([down.shape[0], -1])).reshaped(layer.weightShape)
+                                         b: down.flattenedToMatrix()).reshaped(layer.weightShape)
         }
-        return Tensor.matmul(upMatrix, down.reshaped([down.shape[0], -1])).reshaped(layer.weightShape)
+        return Tensor.matmul(upMatrix, down.flattenedToMatrix()).reshaped(layer.weightShape)
     }
 
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
@@ -87,7 +87,7 @@ public struct LoCon: AdapterAlgorithm {
         let factor = scale * parameters.scalar
         let scaled = gradient * factor
         var grads = ParameterSet()
-        let downMatrix = down.reshaped([down.shape[0], -1])
+        let downMatrix = down.flattenedToMatrix()
         if usesTucker {
             let mid = parameters.required("lora_mid.weight")
             let g = TuckerProduct.backward(scaled, core: mid, a: upMatrix.transposed, b: downMatrix)
@@ -95,7 +95,7 @@ public struct LoCon: AdapterAlgorithm {
             grads["lora_mid.weight"] = g.core
             grads["lora_up.weight"] = g.a.transposed.reshaped(up.shape)
         } else {
-            let gm = scaled.reshaped([layer.outFeatures, -1])
+            let gm = scaled.flattenedToMatrix()
             grads["lora_down.weight"] = Tensor.matmul(upMatrix, transposeA: true, gm).reshaped(down.shape)
             grads["lora_up.weight"] = Tensor.matmul(gm, downMatrix, transposeB: true).reshaped(up.shape)
         }

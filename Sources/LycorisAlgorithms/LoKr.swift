@@ -166,7 +166,7 @@ public struct LoKr: AdapterAlgorithm {
                 grads["lokr_w2_a"] = g.a
                 grads["lokr_w2_b"] = g.b
             } else {
-                let gm = gradW2.reshaped([w2Shape[0], -1])
+                let gm = gradW2.flattenedToMatrix()
                 grads["lokr_w2_a"] = Tensor.matmul(gm, b, transposeB: true)
                 grads["lokr_w2_b"] = Tensor.matmul(a, transposeA: true, gm)
             }

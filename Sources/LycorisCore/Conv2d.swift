@@ -45,7 +45,11 @@ public struct Conv2dGeometry: Sendable, Equatable, Hashable, Codable {
     /// ⌊(H + 2p − d·(k−1) − 1)/s⌋ + 1 per axis.
     public func outputSize(height: Int, width: Int) -> (height: Int, width: Int) {
         func extent(_ size: Int, _ axis: Int) -> Int {
-            (size + 2 * padding[axis] - dilation[axis] * (kernelSize[axis] - 1) - 1) / stride[axis] + 1
+            let span = size + 2 * padding[axis] - dilation[axis] * (kernelSize[axis] - 1) - 1
+            // Floor division (Swift's `/` truncates toward zero): a window that does not fit
+            // gives an extent ≤ 0, as in torch.
+            let steps = span >= 0 ? span / stride[axis] : -((-span + stride[axis] - 1) / stride[axis])
+            return steps + 1
         }
         return (extent(height, 0), extent(width, 1))
     }

@@ -52,8 +52,7 @@ extension Tensor {
 
     /// The tensor viewed as a matrix: the first `rowAxes` axes become rows, the rest columns.
     public func flattenedToMatrix(rowAxes: Int = 1) -> Tensor {
-        let rows = shape[..<rowAxes].reduce(1, *)
-        return reshaped([rows, count / Swift.max(rows, 1)])
+        reshaped([shape[..<rowAxes].reduce(1, *), shape[rowAxes...].reduce(1, *)])
     }
 }
 
