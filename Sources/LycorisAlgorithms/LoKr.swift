@@ -13,8 +13,9 @@ import LycorisCore
 /// - When both halves are full, α is forced to r (s = 1, or 1/√r·√r with rs_lora).
 /// Init: w1, w1_a, w1_b, w2_a, t2 kaiming-uniform(a=√5); w2 or w2_b zeros (kaiming with
 /// use_scalar).
-/// Bypass (linear): Δ(x) = s·σ·vec(W1·X·W2ᵀ) with x viewed as X (in_m, in_n) — the
-/// Kronecker product is never built.
+/// Bypass (linear, and convolutions without groups): Δ(x) = s·σ·vec(W1·X·W2ᵀ) with x's
+/// channels viewed as X (in_m, in_n), W2 applied as the layer's op — the Kronecker product
+/// is never built.
 public struct LoKr: AdapterAlgorithm {
     public static let algorithm = Algorithm.lokr
     public let layer: LayerSpec
@@ -174,25 +175,43 @@ public struct LoKr: AdapterAlgorithm {
         return grads
     }
 
-    // MARK: Bypass (linear)
+    // MARK: Bypass
 
-    public var hasBypassPath: Bool { !layer.isConvolution }
+    /// Linear layers and ungrouped convolutions: the input's channels split as
+    /// (in_m, in_n), so kron(W1, W2) applies as W2 on each of the in_m channel groups, then
+    /// W1 across groups.
+    public var hasBypassPath: Bool {
+        if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
+        return true
+    }
 
-    /// Δ(x) without scale: Y[n, a, b] = Σ_{m,c} W1[a, m]·W2[b, c]·X[n, m, c], computed as
-    /// Z = X·W2ᵀ, then W1·Z; returns (Y flattened to x's shape, Z).
-    private func kroneckerApply(_ x: Tensor, w1: Tensor, w2: Tensor) -> (output: Tensor, z: Tensor) {
+    /// The op W2 applies to one channel group: in_n → out_k with the layer's geometry.
+    private var innerOp: LayerSpec {
+        switch layer {
+        case .linear: .linear(inFeatures: w2Shape[1], outFeatures: w2Shape[0])
+        case let .conv2d(geometry): .conv2d(geometry.with(inChannels: w2Shape[1], outChannels: w2Shape[0]))
+        }
+    }
+
+    /// Δ(x) without scale, never building kron(W1, W2):
+    /// Z = op₂(x viewed as (n·in_m, in_n, …), W2) → (n, in_m, out_k·P);
+    /// Y[n, a, (b, p)] = Σ_m W1[a, m]·Z[n, m, (b, p)] → the output (n, out, …).
+    /// Returns Y, the grouped input and Z as (in_m, n·out_k·P) for the backward pass.
+    private func kroneckerApply(_ x: Tensor, w1: Tensor, w2: Tensor) -> (output: Tensor, groupedInput: Tensor, z: Tensor) {
         let (outL, inM) = (w1Shape[0], w1Shape[1])
-        let (outK, inN) = (w2Shape[0], w2Shape[1])
-        let rows = x.count / (inM * inN)
-        let z = Tensor.matmul(x.reshaped([rows * inM, inN]), w2, transposeB: true)            // (n·in_m, out_k)
-        let zm = z.reshaped([rows, inM, outK]).permuted([1, 0, 2]).reshaped([inM, rows * outK])
-        let y = Tensor.matmul(w1, zm).reshaped([outL, rows, outK]).permuted([1, 0, 2])          // (n, out_l, out_k)
-        return (y.reshaped(layer.outputShape(forInput: x.shape)), zm)
+        let rows = x.shape[0]
+        let grouped = x.reshaped([-1, w2Shape[1]] + (layer.isConvolution ? Array(x.shape[2...]) : []))
+        let z = innerOp.apply(grouped, weight: w2)
+        let width = z.count / (rows * inM)
+        let zm = z.reshaped([rows, inM, width]).permuted([1, 0, 2]).reshaped([inM, rows * width])
+        let y = Tensor.matmul(w1, zm).reshaped([outL, rows, width]).permuted([1, 0, 2])
+        return (y.reshaped(layer.outputShape(forInput: x.shape)), grouped, zm)
     }
 
     public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
         guard hasBypassPath else { return layer.apply(x, weight: try deltaWeight(context)) }
-        return kroneckerApply(x, w1: w1, w2: w2).output * (scale * parameters.scalar)
+        return kroneckerApply(x.reshaped(rowsFirst(x)), w1: w1, w2: w2).output.reshaped(layer.outputShape(forInput: x.shape))
+            * (scale * parameters.scalar)
     }
 
     public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
@@ -203,21 +222,28 @@ public struct LoKr: AdapterAlgorithm {
         }
         let (w1, w2) = (w1, w2)
         let (outL, inM) = (w1Shape[0], w1Shape[1])
-        let (outK, inN) = (w2Shape[0], w2Shape[1])
-        let rows = x.count / (inM * inN)
+        let input = x.reshaped(rowsFirst(x))
+        let rows = input.shape[0]
+        let (raw, grouped, zm) = kroneckerApply(input, w1: w1, w2: w2)
+        let width = zm.count / (rows * inM)
         let factor = scale * parameters.scalar
-        let (raw, zm) = kroneckerApply(x, w1: w1, w2: w2)
-        // ∂Y as (out_l, n·out_k).
-        let gy = (gradOutput * factor).reshaped([rows, outL, outK]).permuted([1, 0, 2]).reshaped([outL, rows * outK])
-        let gradW1 = Tensor.matmul(gy, zm, transposeB: true)                                     // (out_l, in_m)
-        let gz = Tensor.matmul(w1, transposeA: true, gy).reshaped([inM, rows, outK]).permuted([1, 0, 2])
-            .reshaped([rows * inM, outK])
-        let xm = x.reshaped([rows * inM, inN])
-        let gradW2 = Tensor.matmul(gz, transposeA: true, xm)                                     // (out_k, in_n)
-        let gradInput = Tensor.matmul(gz, w2).reshaped(x.shape)
+        // ∂Y as (out_l, n·out_k·P).
+        let gy = (gradOutput * factor).reshaped([rows, outL, width]).permuted([1, 0, 2]).reshaped([outL, rows * width])
+        let gradW1 = Tensor.matmul(gy, zm, transposeB: true)
+        let gz = Tensor.matmul(w1, transposeA: true, gy).reshaped([inM, rows, width]).permuted([1, 0, 2])
+        let zShape = innerOp.outputShape(forInput: grouped.shape)
+        let gradZ = gz.reshaped(zShape)
+        let gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ).reshaped(w2.shape)
+        let gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
         var grads = factorGradients(gradW1: gradW1, gradW2: gradW2)
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.dot(raw)) }
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.reshaped(raw.shape).dot(raw)) }
         return (gradInput, grads)
+    }
+
+    /// x with its leading axes merged into one row axis for linear inputs (…, in);
+    /// conv inputs (N, C, H, W) are kept.
+    private func rowsFirst(_ x: Tensor) -> [Int] {
+        layer.isConvolution ? x.shape : [-1, x.shape[x.rank - 1]]
     }
 
     public func savedTensors() -> [SavedTensor] {
