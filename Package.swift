@@ -28,9 +28,13 @@ let package = Package(
         .library(name: "LycorisFormats", targets: ["LycorisFormats"]),
         .library(name: "LycorisAlgorithms", targets: ["LycorisAlgorithms"]),
         .executable(name: "lycoris", targets: ["lycoris"]),
+        .executable(name: "lycoris-server", targets: ["lycoris-server"]),
+        .library(name: "LycorisRPC", targets: ["LycorisRPC"]),
+        .library(name: "LycorisServer", targets: ["LycorisServer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         openBLAS,
@@ -48,6 +52,28 @@ let package = Package(
         .target(
             name: "LycorisAlgorithms",
             dependencies: ["LycorisCore", "LycorisFormats"],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "LycorisRPC",
+            dependencies: ["CJansson"],
+            swiftSettings: strictSwift
+        ),
+        .target(
+            name: "LycorisServer",
+            dependencies: [
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "lycoris-server",
+            dependencies: [
+                "LycorisServer", "LycorisRPC", "LycorisCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
             swiftSettings: strictSwift
         ),
         .executableTarget(
@@ -73,6 +99,11 @@ let package = Package(
             name: "LycorisAlgorithmsTests",
             dependencies: ["LycorisAlgorithms", "LycorisFormats", "LycorisCore"],
             resources: [.copy("Fixtures")],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "LycorisServerTests",
+            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "lycoris-server"],
             swiftSettings: strictSwift
         ),
         .testTarget(

@@ -76,13 +76,16 @@ struct ScaleRule: Sendable, Equatable {
 
 extension AdapterOptions {
     /// The LyCORIS keyword-argument names (the wire and file names of every option).
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case rank = "lora_dim", alpha, useTucker = "use_tucker", useScalar = "use_scalar", rsLoRA = "rs_lora"
         case decomposeBoth = "decompose_both", factor, fullMatrix = "full_matrix"
         case unbalancedFactorization = "unbalanced_factorization", trainOnInput = "train_on_input"
         case blockSize = "block_size", dropout, rankDropout = "rank_dropout", moduleDropout = "module_dropout"
         case rankDropoutScale = "rank_dropout_scale", bypassMode = "bypass_mode"
     }
+
+    /// Every option's name as LyCORIS spells it (`lora_dim`, `alpha`, `use_tucker`, …).
+    public static var optionNames: [String] { CodingKeys.allCases.map(\.rawValue) }
 
     /// Decodes LyCORIS keyword arguments; a missing key keeps its default.
     public init(from decoder: any Decoder) throws {

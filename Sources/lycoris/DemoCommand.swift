@@ -49,7 +49,7 @@ struct DemoCommand: ParsableCommand {
             try network.add(AdapterModule(name: name, algorithm: adapter, options: options, baseWeight: base))
         }
         network.setTraining(true)
-        var optimizer = AdamW(learningRate: learningRate, weightDecay: 0)
+        var optimizer = Optimizer(kind: .adamw)
         print("training \(algorithm.rawValue) on \(Self.layers.count) layers (\(network.parameterCount) parameters), \(steps) steps")
         let start = Date()
         var losses: [Float] = []
@@ -66,7 +66,12 @@ struct DemoCommand: ParsableCommand {
                 let residual = y - target
                 loss += residual.dot(residual) / Float(residual.count)
                 let grads = try module.backward(x, gradOutput: residual * (2 / Float(residual.count)), tape: tape)
-                optimizer.update(&module.algorithm.parameters, gradients: grads.parameters, scope: module.name)
+                for (parameter, gradient) in grads.parameters.entries {
+                    var value = module.algorithm.parameters.required(parameter)
+                    optimizer.update(key: "\(module.name).\(parameter)", value: &value, gradient: gradient,
+                                     learningRate: learningRate, weightDecay: 0)
+                    module.algorithm.parameters[parameter] = value
+                }
                 network[module.name] = module
             }
             losses.append(loss / Float(Self.layers.count))

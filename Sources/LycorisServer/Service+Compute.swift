@@ -1,0 +1,149 @@
+import LycorisAlgorithms
+import LycorisCore
+import LycorisRPC
+
+extension LycorisService {
+    /// `forward`: m·Δ(x) (or, with `"full": true`, the whole adapted output, which needs
+    /// the layer's weight) for each call; in training mode (or with `"grad": true`) each
+    /// call leaves a tape for its backward.
+    func forward(_ p: Params) throws -> JSONValue {
+        let network = try requireNetwork()
+        let calls = try p.objects("calls")
+        // Validate every call before computing any, so a bad call changes nothing.
+        var prepared: [(call: Params, module: AdapterModule, x: Tensor, dtype: DType, full: Bool)] = []
+        for call in calls {
+            let name = try call.string("module")
+            guard let module = network[name] else { throw RPCError.unknownModule(name) }
+            let (x, dtype) = try transport.read(try call.value("input"), path: call.at("input"))
+            if let problem = module.layer.inputProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: call.at("input")) }
+            let full = try call.bool("full", default: false)
+            if full && module.baseWeight == nil {
+                throw RPCError.state("\(name) has no base weight, so \"full\" output is not available (send layers[].weight at network.create)")
+            }
+            prepared.append((call, module, x, dtype, full))
+        }
+        let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
+        if keepTapes && pending.count + prepared.count > Self.maximumPending {
+            throw RPCError.state("\(pending.count) forward calls are still waiting for backward (limit \(Self.maximumPending))")
+        }
+        var results: [JSONValue] = []
+        for (call, module, x, dtype, full) in prepared {
+            let tape = module.makeTape(inputShape: x.shape, random: &random)
+            let y = full ? try module.forward(x, tape: tape) : try module.forwardDelta(x, tape: tape)
+            let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
+            var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
+            if keepTapes {
+                let id = nextTape
+                nextTape += 1
+                pending[id] = PendingCall(module: module.name, input: x, tape: tape, kind: full ? .full : .delta)
+                result["tape"] = .integer(id)
+            }
+            results.append(.object(result))
+        }
+        return ["results": .array(results)]
+    }
+
+    /// `delta_weight`: m·ΔW per module (rebuild mode: the client applies W0 + ΔW itself).
+    func deltaWeight(_ p: Params) throws -> JSONValue {
+        let network = try requireNetwork()
+        let names = p.has("modules") ? try p.strings("modules") : network.names
+        let modules = try names.map { try module($0) }
+        let outputs = p.has("outputs") ? try p.object("outputs") : try Params(nil, path: "outputs")
+        let dtype = p.has("dtype") ? try TensorTransport.dtype(try p.string("dtype"), path: "dtype") : .f32
+        let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
+        var results: [JSONValue] = []
+        for module in modules {
+            let tape = module.makeTape(inputShape: [], random: &random)
+            let delta = try module.effectiveDeltaWeight(tape)
+            let destination = try TensorTransport.destination(outputs.object[module.name], path: outputs.at(module.name), defaultDType: dtype)
+            var result: JSONObject = ["module": .string(module.name),
+                                      "delta_weight": try transport.write(delta, to: destination, path: outputs.at(module.name))]
+            if keepTapes {
+                let id = nextTape
+                nextTape += 1
+                pending[id] = PendingCall(module: module.name, input: Tensor.zeros([]), tape: tape, kind: .deltaWeight)
+                result["tape"] = .integer(id)
+            }
+            results.append(.object(result))
+        }
+        return ["results": .array(results)]
+    }
+
+    /// `backward`: ∂x for each forward tape, and the parameter gradients, accumulated into
+    /// the server's gradient buffers (and returned with `return_parameter_grads`).
+    func backward(_ p: Params) throws -> JSONValue {
+        try backwardCalls(p, gradientKey: "grad_output")
+    }
+
+    /// `delta_weight_backward`: parameter gradients from ∂L/∂(m·ΔW) for each ΔW tape.
+    func deltaWeightBackward(_ p: Params) throws -> JSONValue {
+        try backwardCalls(p, gradientKey: "grad")
+    }
+
+    private func backwardCalls(_ p: Params, gradientKey: String) throws -> JSONValue {
+        let network = try requireNetwork()
+        let expectDeltaWeight = gradientKey == "grad"
+        var prepared: [(call: Params, id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor, dtype: DType)] = []
+        var seen = Set<Int64>()
+        for call in try p.objects("calls") {
+            let id = Int64(try call.int("tape"))
+            guard let record = pending[id], !seen.contains(id) else { throw RPCError.unknownModule(String(id), kind: "tape") }
+            guard (record.kind == .deltaWeight) == expectDeltaWeight else {
+                throw RPCError.state("tape \(id) belongs to \(record.kind == .deltaWeight ? "delta_weight" : "forward"); use \(record.kind == .deltaWeight ? "delta_weight_backward" : "backward")")
+            }
+            guard let module = network[record.module] else { throw RPCError.unknownModule(record.module) }
+            let (gradient, dtype) = try transport.read(try call.value(gradientKey), path: call.at(gradientKey))
+            let expected = expectDeltaWeight ? module.layer.weightShape : module.layer.outputShape(forInput: record.input.shape)
+            guard gradient.shape == expected else {
+                throw RPCError.shapeMismatch("\(call.at(gradientKey)) has shape \(gradient.shape), expected \(expected)", path: call.at(gradientKey))
+            }
+            seen.insert(id)
+            prepared.append((call, id, record, module, gradient, dtype))
+        }
+        let returnGrads = try p.bool("return_parameter_grads", default: false)
+        let accumulate = try p.bool("accumulate", default: true)
+        var results: [JSONValue] = []
+        for (call, id, record, module, gradient, dtype) in prepared {
+            pending[id] = nil
+            var result: JSONObject = [:]
+            let parameterGrads: ParameterSet
+            switch record.kind {
+            case .deltaWeight:
+                parameterGrads = try module.effectiveDeltaWeightBackward(gradient, record.tape)
+            case .delta, .full:
+                let grads = record.kind == .full
+                    ? try module.backward(record.input, gradOutput: gradient, tape: record.tape)
+                    : try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
+                parameterGrads = grads.parameters
+                let destination = try TensorTransport.destination(call.object["grad_input"], path: call.at("grad_input"), defaultDType: dtype)
+                result["grad_input"] = try transport.write(grads.input, to: destination, path: call.at("grad_input"))
+            }
+            if accumulate { accumulateGradients(parameterGrads, module: module.name) }
+            if returnGrads {
+                let outputs = call.has("parameter_grads") ? try call.object("parameter_grads") : try Params(nil, path: call.at("parameter_grads"))
+                var grads = JSONObject()
+                for (name, tensor) in parameterGrads.entries {
+                    let key = "\(module.name).\(name)"
+                    let destination = try TensorTransport.destination(outputs.object[key], path: outputs.at(key), defaultDType: .f32)
+                    grads[key] = try transport.write(tensor, to: destination, path: outputs.at(key))
+                }
+                result["parameter_grads"] = .object(grads)
+            }
+            results.append(.object(result))
+        }
+        return ["results": .array(results)]
+    }
+
+    func accumulateGradients(_ grads: ParameterSet, module: String) {
+        var buffer = gradients[module] ?? ParameterSet()
+        for (name, tensor) in grads.entries {
+            if var existing = buffer[name] {
+                existing.add(tensor)
+                buffer[name] = existing
+            } else {
+                buffer[name] = tensor
+            }
+        }
+        gradients[module] = buffer
+    }
+}

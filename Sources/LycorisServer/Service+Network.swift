@@ -1,0 +1,262 @@
+import Foundation
+import LycorisAlgorithms
+import LycorisCore
+import LycorisFormats
+import LycorisRPC
+
+extension LycorisService {
+    /// Algorithm names accepted on the wire (kohya's `algo` values).
+    static func algorithm(named name: String, path: String) throws -> Algorithm {
+        let normalized = name.lowercased()
+        let algorithm: Algorithm? = normalized == "lora" ? .locon : Algorithm(rawValue: normalized)
+        guard let algorithm else {
+            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora", path: path)
+        }
+        guard algorithm.isComputed else {
+            throw RPCError.adapter("algorithm \(algorithm.rawValue) is recognised but not computed by this version", path: path)
+        }
+        return algorithm
+    }
+
+    /// `kernel_size`, `stride`… given as one integer or a pair.
+    static func pair(_ p: Params, _ key: String, default fallback: Int) throws -> [Int] {
+        guard p.has(key) else { return [fallback, fallback] }
+        if let single = try p.value(key).intValue { return [single, single] }
+        let values = try p.ints(key)
+        guard values.count == 2 else { throw RPCError.invalidParams("\(p.at(key)) must be an integer or a pair", path: p.at(key)) }
+        return values
+    }
+
+    static func layerSpec(_ p: Params) throws -> LayerSpec {
+        let kind = try p.string("kind")
+        let spec: LayerSpec
+        switch kind {
+        case "linear":
+            spec = .linear(inFeatures: try p.int("in_features"), outFeatures: try p.int("out_features"))
+        case "conv2d":
+            spec = .conv2d(Conv2dGeometry(
+                inChannels: try p.int("in_channels"), outChannels: try p.int("out_channels"),
+                kernelSize: try pair(p, "kernel_size", default: 1), stride: try pair(p, "stride", default: 1),
+                padding: try pair(p, "padding", default: 0), dilation: try pair(p, "dilation", default: 1),
+                groups: try p.int("groups", default: 1)))
+        case "conv1d", "conv3d", "norm":
+            throw RPCError.adapter("layer kind \(kind) is not supported by this version (linear and conv2d are)", path: p.at("kind"))
+        default:
+            throw RPCError.invalidParams("\(p.at("kind")) must be linear or conv2d, got \"\(kind)\"", path: p.at("kind"))
+        }
+        if let problem = spec.invalidReason { throw RPCError.invalidParams("\(p.path): \(problem)", path: p.path) }
+        return spec
+    }
+
+    /// LyCORIS keyword options, plus kohya's `conv_dim`/`conv_alpha` for k×k convolutions.
+    static func options(_ value: JSONObject, layer: LayerSpec, path: String) throws -> AdapterOptions? {
+        var object = value
+        let known = Set(AdapterOptions.optionNames + ["conv_dim", "conv_alpha"])
+        for key in object.keys where !known.contains(key) {
+            throw RPCError.invalidParams("unknown option \"\(key)\" (known: \(known.sorted().joined(separator: ", ")))", path: "\(path).\(key)")
+        }
+        if layer.kernelSize.contains(where: { $0 != 1 }) {
+            if let convDim = object["conv_dim"] {
+                if convDim.intValue == 0 { return nil }
+                object["lora_dim"] = convDim
+            }
+            if let convAlpha = object["conv_alpha"] { object["alpha"] = convAlpha }
+        }
+        object["conv_dim"] = nil
+        object["conv_alpha"] = nil
+        do {
+            let options = try JSONDecoder().decode(AdapterOptions.self, from: Data(JanssonCodec.encode(.object(object))))
+            if let problem = options.invalidReason { throw RPCError.invalidParams(problem, path: path) }
+            return options
+        } catch let error as DecodingError {
+            throw RPCError.invalidParams("\(path): \(Self.describe(error))", path: path)
+        }
+    }
+
+    static func describe(_ error: DecodingError) -> String {
+        switch error {
+        case let .typeMismatch(_, context), let .valueNotFound(_, context), let .dataCorrupted(context):
+            let key = context.codingPath.map(\.stringValue).joined(separator: ".")
+            return "option \(key) has the wrong type"
+        case let .keyNotFound(key, _): return "missing option \(key.stringValue)"
+        @unknown default: return "\(error)"
+        }
+    }
+
+    func networkCreate(_ p: Params) throws -> JSONValue {
+        guard network == nil else { throw RPCError.state("a network exists already (one network per server)") }
+        if p.has("seed") { random = RandomSource(seed: UInt64(try p.int("seed"))) }
+        let defaultAlgorithm = try Self.algorithm(named: try p.string("algo", default: "lora"), path: "algo")
+        let defaultOptions = p.has("options") ? try p.object("options").object : JSONObject()
+        let multiplier = try p.float("multiplier", default: 1)
+        var created = Network()
+        var skipped: [JSONValue] = []
+        for layer in try p.objects("layers") {
+            let name = try layer.string("name")
+            let spec = try Self.layerSpec(layer)
+            let algorithm = layer.has("algo") ? try Self.algorithm(named: try layer.string("algo"), path: layer.at("algo")) : defaultAlgorithm
+            var optionObject = defaultOptions
+            if layer.has("options") { for (key, value) in try layer.object("options").object.members { optionObject[key] = value } }
+            guard let options = try Self.options(optionObject, layer: spec, path: layer.at("options")) else {
+                skipped.append(.string(name))
+                continue
+            }
+            let weight = layer.has("weight") ? try transport.read(try layer.value("weight"), path: layer.at("weight")).tensor : nil
+            let bias = layer.has("bias") ? try transport.read(try layer.value("bias"), path: layer.at("bias")).tensor : nil
+            if let weight, weight.shape != spec.weightShape {
+                throw RPCError.shapeMismatch("\(layer.at("weight")) has shape \(weight.shape), the layer needs \(spec.weightShape)", path: layer.at("weight"))
+            }
+            if let bias, bias.shape != [spec.outFeatures] {
+                throw RPCError.shapeMismatch("\(layer.at("bias")) has shape \(bias.shape), the layer needs [\(spec.outFeatures)]", path: layer.at("bias"))
+            }
+            if algorithm == .ia3 && weight == nil {
+                throw RPCError.adapter("ia3 needs the base weight of \(name) (layer.weight)", path: layer.at("weight"))
+            }
+            let adapter: any AdapterAlgorithm
+            do {
+                adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
+            } catch let error as AdapterError {
+                throw RPCError.adapter("\(name): \(error.description)", path: layer.path)
+            }
+            var module = AdapterModule(name: name, algorithm: adapter, options: options, baseWeight: weight, baseBias: bias)
+            module.multiplier = multiplier
+            do {
+                try created.add(module)
+            } catch let error as AdapterError {
+                throw RPCError.invalidParams(error.description, path: layer.at("name"))
+            }
+        }
+        network = created
+        gradients = [:]
+        var info = try networkInfo(Params(nil))
+        if case var .object(object) = info {
+            object["skipped_layers"] = .array(skipped)
+            info = .object(object)
+        }
+        return info
+    }
+
+    static func layerJSON(_ spec: LayerSpec) -> JSONValue {
+        switch spec {
+        case let .linear(inFeatures, outFeatures):
+            return ["kind": "linear", "in_features": JSONValue(inFeatures), "out_features": JSONValue(outFeatures)]
+        case let .conv2d(g):
+            return ["kind": "conv2d", "in_channels": JSONValue(g.inChannels), "out_channels": JSONValue(g.outChannels),
+                    "kernel_size": JSONValue(g.kernelSize), "stride": JSONValue(g.stride), "padding": JSONValue(g.padding),
+                    "dilation": JSONValue(g.dilation), "groups": JSONValue(g.groups)]
+        }
+    }
+
+    func networkInfo(_ p: Params) throws -> JSONValue {
+        let network = try requireNetwork()
+        let modules: [JSONValue] = network.modules.map { module in
+            let algorithm = module.algorithm
+            return [
+                "name": .string(module.name),
+                "algorithm": .string(type(of: algorithm).algorithm.rawValue),
+                "layer": Self.layerJSON(module.layer),
+                "rank": algorithm.rank.map { JSONValue($0) } ?? .null,
+                "scale": JSONValue(algorithm.scale),
+                "multiplier": JSONValue(module.multiplier),
+                "parameters": .array(algorithm.parameters.entries.map {
+                    ["key": .string("\(module.name).\($0.name)"), "shape": JSONValue($0.tensor.shape)]
+                }),
+            ]
+        }
+        return [
+            "modules": .array(modules),
+            "parameter_count": JSONValue(network.parameterCount),
+            "training": .bool(network.modules.first?.isTraining ?? false),
+        ]
+    }
+
+    func networkSave(_ p: Params) throws -> JSONValue {
+        let network = try requireNetwork()
+        let path = try p.string("path")
+        let dtypeName = try p.string("dtype", default: "F32")
+        guard let dtype = DType(rawValue: dtypeName), [.f32, .f16, .bf16].contains(dtype) else {
+            throw RPCError.dtypeMismatch("files are saved as F32, F16 or BF16, not \(dtypeName)", path: "dtype")
+        }
+        var metadata: [String: String] = [:]
+        if p.has("metadata") {
+            for (key, value) in try p.object("metadata").object.members {
+                guard case let .string(text) = value else {
+                    throw RPCError.invalidParams("metadata.\(key) must be a string (safetensors metadata maps strings to strings)", path: "metadata.\(key)")
+                }
+                metadata[key] = text
+            }
+        }
+        for module in network.modules {
+            for (name, tensor) in module.algorithm.parameters.entries where !tensor.isFinite {
+                throw RPCError.nonFinite("\(module.name).\(name)", count: tensor.scalars.filter { !$0.isFinite }.count)
+            }
+        }
+        do {
+            try network.save(toPath: path, dtype: dtype, metadata: metadata)
+        } catch let error as SafetensorsError {
+            throw RPCError.io(error.description, path: path)
+        }
+        let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
+        return ["path": .string(path), "bytes": JSONValue(size), "modules": JSONValue(network.modules.count)]
+    }
+
+    func networkLoad(_ p: Params) throws -> JSONValue {
+        var network = try requireNetwork()
+        let path = try p.string("path")
+        let file: AdapterFile
+        do {
+            file = try AdapterFile(path: path)
+        } catch let error as SafetensorsError {
+            throw RPCError.io(error.description, path: path)
+        }
+        var loaded: [JSONValue] = []
+        var unmatched: [JSONValue] = []
+        var replacements: [AdapterModule] = []
+        for fileModule in file.modules {
+            guard var module = network[fileModule.name] else {
+                unmatched.append(.string(fileModule.name))
+                continue
+            }
+            module.algorithm = try file.adapter(for: fileModule, layer: module.layer)
+            replacements.append(module)
+            loaded.append(.string(fileModule.name))
+        }
+        if try p.bool("strict", default: false) && !unmatched.isEmpty {
+            throw RPCError.unknownModule(unmatched.compactMap(\.stringValue).joined(separator: ", "))
+        }
+        for module in replacements { network[module.name] = module }
+        self.network = network
+        gradients = [:]
+        let missing = network.names.filter { name in !file.modules.contains { $0.name == name } }
+        return ["loaded": .array(loaded), "unmatched_file_modules": .array(unmatched),
+                "modules_not_in_file": .array(missing.map { .string($0) }), "metadata": .object(JSONObject(file.metadata))]
+    }
+
+    func networkSetMultiplier(_ p: Params) throws -> JSONValue {
+        var network = try requireNetwork()
+        network.setMultiplier(try p.float("multiplier"))
+        self.network = network
+        return .null
+    }
+
+    func networkSetTraining(_ p: Params) throws -> JSONValue {
+        var network = try requireNetwork()
+        network.setTraining(try p.bool("training"))
+        self.network = network
+        return .null
+    }
+
+    func networkSeed(_ p: Params) throws -> JSONValue {
+        let seed = try p.int("seed")
+        guard seed >= 0 else { throw RPCError.invalidParams("seed must be non-negative", path: "seed") }
+        random = RandomSource(seed: UInt64(seed))
+        return .null
+    }
+}
+
+extension JSONObject {
+    init(_ dictionary: [String: String]) {
+        self.init()
+        for (key, value) in dictionary.sorted(by: { $0.key < $1.key }) { self[key] = .string(value) }
+    }
+}

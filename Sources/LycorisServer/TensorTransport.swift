@@ -1,0 +1,90 @@
+import Foundation
+import LycorisCore
+import LycorisRPC
+
+/// Tensors on the wire. JSON carries only descriptors; the elements live in the arena or,
+/// for small tensors and clients that cannot map memory, in base64:
+///
+///     {"dtype": "F32", "shape": [2, 320], "offset": 4096}     elements in the arena
+///     {"dtype": "BF16", "shape": [2, 320], "data": "AAC…"}     elements inline, little-endian
+///
+/// Outputs go where the request says: `{"offset": N}` (with optional `"dtype"`) writes into
+/// the arena at N and answers the full descriptor; no output spec answers base64 inline.
+/// Dtypes are F32, F16 and BF16; compute is always F32.
+struct TensorTransport {
+    static let wireDTypes: [DType] = [.f32, .f16, .bf16]
+
+    var arena: Arena?
+
+    static func dtype(_ name: String, path: String) throws -> DType {
+        guard let dtype = DType(rawValue: name), wireDTypes.contains(dtype) else {
+            throw RPCError.dtypeMismatch("\(path) has dtype \"\(name)\"; tensors travel as F32, F16 or BF16", path: path)
+        }
+        return dtype
+    }
+
+    /// Reads a tensor descriptor; rejects NaN and ±∞ unless `allowNonFinite`.
+    func read(_ value: JSONValue, path: String, allowNonFinite: Bool = false) throws -> (tensor: Tensor, dtype: DType) {
+        let p = try Params(value, path: path)
+        let dtype = try Self.dtype(try p.string("dtype"), path: p.at("dtype"))
+        let shape = try p.ints("shape")
+        guard shape.allSatisfy({ $0 >= 0 }) else { throw RPCError.invalidParams("\(p.at("shape")) has a negative extent", path: p.at("shape")) }
+        var count = 1
+        for extent in shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: extent)
+            guard !overflow else { throw RPCError.invalidParams("\(p.at("shape")) is too large", path: p.at("shape")) }
+            count = product
+        }
+        let scalars: [Float]
+        switch (p.has("offset"), p.has("data")) {
+        case (true, false):
+            guard let arena else { throw RPCError.arena("\(path) refers to the arena, but none exists: call arena.create first", path: path) }
+            let bytes = try arena.bytes(offset: try p.int("offset"), count: count, dtype: dtype, path: path)
+            scalars = decodeFloats(UnsafeRawBufferPointer(bytes), as: dtype)
+        case (false, true):
+            guard let data = Data(base64Encoded: try p.string("data")) else {
+                throw RPCError.invalidParams("\(p.at("data")) is not valid base64", path: p.at("data"))
+            }
+            guard data.count == count * dtype.byteSize else {
+                throw RPCError.shapeMismatch("\(path) holds \(data.count) bytes; shape \(shape) of \(dtype.rawValue) needs \(count * dtype.byteSize)", path: path)
+            }
+            scalars = data.withUnsafeBytes { decodeFloats($0, as: dtype) }
+        default:
+            throw RPCError.invalidParams("\(path) needs exactly one of \"offset\" (arena) or \"data\" (base64)", path: path)
+        }
+        let tensor = Tensor(shape: shape, scalars: scalars)
+        if !allowNonFinite {
+            let bad = scalars.reduce(0) { $0 + ($1.isFinite ? 0 : 1) }
+            if bad > 0 { throw RPCError.nonFinite(path, count: bad) }
+        }
+        return (tensor, dtype)
+    }
+
+    /// Where an output goes, from an optional output spec.
+    enum Destination {
+        case inline(DType)
+        case arena(offset: Int, dtype: DType)
+    }
+
+    static func destination(_ value: JSONValue?, path: String, defaultDType: DType) throws -> Destination {
+        guard let value, value != .null else { return .inline(defaultDType) }
+        let p = try Params(value, path: path)
+        let dtype = p.has("dtype") ? try Self.dtype(try p.string("dtype"), path: p.at("dtype")) : defaultDType
+        guard p.has("offset") else { return .inline(dtype) }
+        return .arena(offset: try p.int("offset"), dtype: dtype)
+    }
+
+    /// Writes `tensor` to `destination` and returns its descriptor.
+    func write(_ tensor: Tensor, to destination: Destination, path: String) throws -> JSONValue {
+        switch destination {
+        case let .inline(dtype):
+            let bytes = try encodeFloats(tensor.scalars, as: dtype)
+            return ["dtype": .string(dtype.rawValue), "shape": JSONValue(tensor.shape), "data": .string(Data(bytes).base64EncodedString())]
+        case let .arena(offset, dtype):
+            guard let arena else { throw RPCError.arena("\(path) asks for the arena, but none exists: call arena.create first", path: path) }
+            let target = try arena.bytes(offset: offset, count: tensor.count, dtype: dtype, path: path)
+            try tensor.scalars.withUnsafeBufferPointer { try encodeFloats($0, as: dtype, into: target) }
+            return ["dtype": .string(dtype.rawValue), "shape": JSONValue(tensor.shape), "offset": .integer(Int64(offset))]
+        }
+    }
+}

@@ -1,0 +1,37 @@
+import ArgumentParser
+import Foundation
+import Logging
+import LycorisCore
+import LycorisServer
+
+/// `lycoris-server`: JSON-RPC 2.0 on stdin/stdout (see protocol/README.md).
+@main
+struct ServerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "lycoris-server",
+        abstract: "Serve LyCORIS adapters over JSON-RPC 2.0 on stdin/stdout; logs go to stderr.")
+
+    @Option(help: "Directory for shared-memory arenas (env LYCORIS_ARENA_DIR).")
+    var arenaDir: String = ProcessInfo.processInfo.environment["LYCORIS_ARENA_DIR"] ?? "/dev/shm"
+
+    @Option(help: "OpenBLAS threads, 0 for OpenBLAS's default (env LYCORIS_THREADS).")
+    var threads: Int = ProcessInfo.processInfo.environment["LYCORIS_THREADS"].flatMap(Int.init) ?? 0
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (env LYCORIS_LOG_LEVEL).")
+    var logLevel: String = ProcessInfo.processInfo.environment["LYCORIS_LOG_LEVEL"] ?? "info"
+
+    func run() throws {
+        let protocolFD = StdioServer.claimStandardOutput()
+        guard let level = Logger.Level(rawValue: logLevel) else { throw ValidationError("unknown log level \(logLevel)") }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        if threads > 0 { BLASThreads.set(threads) }
+        let logger = Logger(label: "lycoris-server")
+        logger.info("lycoris-server \(LycorisService.serverVersion) ready (protocol \(LycorisService.protocolVersion), BLAS threads \(BLASThreads.current))")
+        let status = StdioServer.run(LycorisService(arenaDirectory: arenaDir, logger: logger), output: protocolFD)
+        throw ExitCode(status)
+    }
+}
