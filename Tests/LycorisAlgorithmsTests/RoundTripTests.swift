@@ -64,7 +64,7 @@ struct RoundTripTests {
 
         let file = try AdapterFile(path: path)
         #expect(file.metadata["ss_network_module"] == "swift_lycoris")
-        let header = try Array(FileManager.default.contents(atPath: path)!.prefix(10))
+        let header = Array(FileManager.default.contents(atPath: path)!.prefix(10))
         #expect(Array(header[8..<10]) == Array("{\"".utf8))
         if let alpha = file.modules.first?.tensors["alpha"] { #expect(alpha.dtype == .f32 && alpha.shape == []) }
         let (loaded, unmatched) = try Network.load(file, layers: [module.name: (module.layer, module.baseWeight, module.baseBias)])
