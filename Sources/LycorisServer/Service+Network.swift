@@ -27,6 +27,10 @@ extension LycorisService {
         return values
     }
 
+    /// Limits that keep a hostile layer description from exhausting memory.
+    static let maximumExtent = 1 << 20
+    static let maximumWeightElements = 1 << 32
+
     static func layerSpec(_ p: Params) throws -> LayerSpec {
         let kind = try p.string("kind")
         let spec: LayerSpec
@@ -45,6 +49,10 @@ extension LycorisService {
             throw RPCError.invalidParams("\(p.at("kind")) must be linear or conv2d, got \"\(kind)\"", path: p.at("kind"))
         }
         if let problem = spec.invalidReason { throw RPCError.invalidParams("\(p.path): \(problem)", path: p.path) }
+        let extents = spec.weightShape
+        guard extents.allSatisfy({ $0 <= maximumExtent }), extents.reduce(1.0, { $0 * Double($1) }) <= Double(maximumWeightElements) else {
+            throw RPCError.invalidParams("\(p.path): weight shape \(extents) exceeds the limits (each extent ≤ \(maximumExtent), ≤ \(maximumWeightElements) elements)", path: p.path)
+        }
         return spec
     }
 
@@ -67,6 +75,9 @@ extension LycorisService {
         do {
             let options = try JSONDecoder().decode(AdapterOptions.self, from: Data(JanssonCodec.encode(.object(object))))
             if let problem = options.invalidReason { throw RPCError.invalidParams(problem, path: path) }
+            guard options.rank <= maximumExtent else {
+                throw RPCError.invalidParams("lora_dim \(options.rank) exceeds \(maximumExtent)", path: "\(path).lora_dim")
+            }
             return options
         } catch let error as DecodingError {
             throw RPCError.invalidParams("\(path): \(Self.describe(error))", path: path)
