@@ -75,8 +75,10 @@ extension LycorisService {
         do {
             let options = try JSONDecoder().decode(AdapterOptions.self, from: Data(JanssonCodec.encode(.object(object))))
             if let problem = options.invalidReason { throw RPCError.invalidParams(problem, path: path) }
-            guard options.rank <= maximumExtent else {
-                throw RPCError.invalidParams("lora_dim \(options.rank) exceeds \(maximumExtent)", path: "\(path).lora_dim")
+            // The largest factor set (LoHa's two pairs) must stay within the weight limit.
+            let factorElements = 2 * Double(options.rank) * Double(layer.weightInFeatures * layer.kernelElements + layer.outFeatures)
+            guard options.rank <= maximumExtent, factorElements <= Double(maximumWeightElements) else {
+                throw RPCError.invalidParams("lora_dim \(options.rank) is too large for this layer", path: "\(path).lora_dim")
             }
             return options
         } catch let error as DecodingError {
