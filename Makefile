@@ -7,13 +7,22 @@ STEPS ?= 300
 OUT ?= demo-adapter.safetensors
 ORACLE_VENV ?= .venv-oracle
 
-.PHONY: demo test build deps fixtures clean
+.PHONY: demo test build deps venv fixtures bench clean
 
-## System libraries: OpenBLAS (cblas + LAPACK) and jansson, through apt when missing.
+VENV ?= .venv
+
+## System packages: OpenBLAS (cblas + LAPACK), jansson, pkg-config, jq (the shell
+## example), through apt when missing.
 deps:
-	@if ! pkg-config --exists openblas jansson 2>/dev/null; then \
-		echo "installing libopenblas-dev libjansson-dev pkg-config"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev libjansson-dev pkg-config >/dev/null; \
+	@if ! pkg-config --exists openblas jansson 2>/dev/null || ! command -v jq >/dev/null; then \
+		echo "installing libopenblas-dev libjansson-dev pkg-config jq"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev libjansson-dev pkg-config jq >/dev/null; \
+	fi
+
+## The Python environment of the protocol and example tests (numpy, jsonschema, pytest).
+venv:
+	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest" 2>/dev/null; then \
+		python3 -m venv $(VENV) && $(VENV)/bin/pip install -q numpy jsonschema pytest; \
 	fi
 
 build: deps
@@ -23,11 +32,16 @@ build: deps
 demo: build
 	.build/release/lycoris demo --algo $(ALGO) --steps $(STEPS) --out $(OUT)
 
-## Every test (Swift Testing): LyCORIS parity fixtures, finite differences, safetensors,
-## round trips, CLI.
-test: deps
+## Every test: Swift Testing (LyCORIS parity fixtures, finite differences, safetensors,
+## round trips, CLI, server) and pytest (protocol schemas against the real server, examples).
+test: deps venv
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+	LYCORIS_SERVER=$(CURDIR)/.build/debug/lycoris-server $(VENV)/bin/python -m pytest -q protocol/tests examples/tests
+
+## Side-by-side benchmarks (release build; LyCORIS + torch from LYCORIS_BENCH_PYTHON if set).
+bench: deps
+	bench/run.sh
 
 ## Regenerate the golden fixtures from LyCORIS 4.1.3 + torch (large download; not needed
 ## to run the tests, which use the committed fixtures).
