@@ -157,20 +157,22 @@ public final class MessageReader {
         }
     }
 
+    /// A fixed read buffer: each read costs what it returns, not the chunk size.
+    private var scratch = [UInt8](repeating: 0, count: 1 << 16)
+
     /// Reads more bytes; false at end of input (or a read error).
     private func fill() -> Bool {
         if atEOF { return false }
-        let chunk = 1 << 16
-        let old = buffer.count
-        buffer.reserveCapacity(old + chunk)
-        buffer.append(contentsOf: repeatElement(0, count: chunk))
         var n: Int
         repeat {
-            n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress! + old, chunk) }
+            n = scratch.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
         } while n < 0 && errno == EINTR
-        buffer.removeLast(chunk - max(n, 0))
-        if n <= 0 { atEOF = true }
-        return n > 0
+        guard n > 0 else {
+            atEOF = true
+            return false
+        }
+        buffer.append(contentsOf: scratch[0..<n])
+        return true
     }
 }
 

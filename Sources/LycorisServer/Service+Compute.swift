@@ -10,7 +10,7 @@ extension LycorisService {
         let network = try requireNetwork()
         let calls = try p.objects("calls")
         // Validate every call before computing any, so a bad call changes nothing.
-        var prepared: [(call: Params, module: AdapterModule, x: Tensor, dtype: DType, full: Bool)] = []
+        var prepared: [(call: Params, module: AdapterModule, x: Tensor, full: Bool, destination: TensorTransport.Destination)] = []
         for call in calls {
             let name = try call.string("module")
             guard let module = network[name] else { throw RPCError.unknownModule(name) }
@@ -20,17 +20,18 @@ extension LycorisService {
             if full && module.baseWeight == nil {
                 throw RPCError.state("\(name) has no base weight, so \"full\" output is not available (send layers[].weight at network.create)")
             }
-            prepared.append((call, module, x, dtype, full))
+            let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
+            try transport.validate(destination, count: module.layer.outputShape(forInput: x.shape).product, path: call.at("output"))
+            prepared.append((call, module, x, full, destination))
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         if keepTapes && pending.count + prepared.count > Self.maximumPending {
             throw RPCError.state("\(pending.count) forward calls are still waiting for backward (limit \(Self.maximumPending))")
         }
         var results: [JSONValue] = []
-        for (call, module, x, dtype, full) in prepared {
+        for (call, module, x, full, destination) in prepared {
             let tape = module.makeTape(inputShape: x.shape, random: &random)
             let y = full ? try module.forward(x, tape: tape) : try module.forwardDelta(x, tape: tape)
-            let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
             var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
             if keepTapes {
                 let id = nextTape
@@ -51,11 +52,15 @@ extension LycorisService {
         let outputs = p.has("outputs") ? try p.object("outputs") : try Params(nil, path: "outputs")
         let dtype = p.has("dtype") ? try TensorTransport.dtype(try p.string("dtype"), path: "dtype") : .f32
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
+        let destinations = try modules.map { module in
+            let destination = try TensorTransport.destination(outputs.object[module.name], path: outputs.at(module.name), defaultDType: dtype)
+            try transport.validate(destination, count: module.layer.weightShape.product, path: outputs.at(module.name))
+            return destination
+        }
         var results: [JSONValue] = []
-        for module in modules {
+        for (module, destination) in zip(modules, destinations) {
             let tape = module.makeTape(inputShape: [], random: &random)
             let delta = try module.effectiveDeltaWeight(tape)
-            let destination = try TensorTransport.destination(outputs.object[module.name], path: outputs.at(module.name), defaultDType: dtype)
             var result: JSONObject = ["module": .string(module.name),
                                       "delta_weight": try transport.write(delta, to: destination, path: outputs.at(module.name))]
             if keepTapes {
@@ -83,7 +88,12 @@ extension LycorisService {
     private func backwardCalls(_ p: Params, gradientKey: String) throws -> JSONValue {
         let network = try requireNetwork()
         let expectDeltaWeight = gradientKey == "grad"
-        var prepared: [(call: Params, id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor, dtype: DType)] = []
+        let returnGrads = try p.bool("return_parameter_grads", default: false)
+        let accumulate = try p.bool("accumulate", default: true)
+        typealias Prepared = (id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor,
+                              inputDestination: TensorTransport.Destination, gradDestinations: [String: TensorTransport.Destination],
+                              gradPaths: [String: String], inputPath: String)
+        var prepared: [Prepared] = []
         var seen = Set<Int64>()
         for call in try p.objects("calls") {
             let id = Int64(try call.int("tape"))
@@ -97,14 +107,29 @@ extension LycorisService {
             guard gradient.shape == expected else {
                 throw RPCError.shapeMismatch("\(call.at(gradientKey)) has shape \(gradient.shape), expected \(expected)", path: call.at(gradientKey))
             }
+            // Every output destination is checked now, so no call fails after another has
+            // consumed its tape or accumulated its gradients.
+            let inputDestination = try TensorTransport.destination(call.object["grad_input"], path: call.at("grad_input"), defaultDType: dtype)
+            if record.kind != .deltaWeight {
+                try transport.validate(inputDestination, count: record.input.count, path: call.at("grad_input"))
+            }
+            var gradDestinations: [String: TensorTransport.Destination] = [:]
+            var gradPaths: [String: String] = [:]
+            if returnGrads {
+                let outputs = call.has("parameter_grads") ? try call.object("parameter_grads") : try Params(nil, path: call.at("parameter_grads"))
+                for (name, tensor) in module.algorithm.parameters.entries {
+                    let key = "\(module.name).\(name)"
+                    let destination = try TensorTransport.destination(outputs.object[key], path: outputs.at(key), defaultDType: .f32)
+                    try transport.validate(destination, count: tensor.count, path: outputs.at(key))
+                    gradDestinations[key] = destination
+                    gradPaths[key] = outputs.at(key)
+                }
+            }
             seen.insert(id)
-            prepared.append((call, id, record, module, gradient, dtype))
+            prepared.append((id, record, module, gradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input")))
         }
-        let returnGrads = try p.bool("return_parameter_grads", default: false)
-        let accumulate = try p.bool("accumulate", default: true)
         var results: [JSONValue] = []
-        for (call, id, record, module, gradient, dtype) in prepared {
-            pending[id] = nil
+        for (id, record, module, gradient, inputDestination, gradDestinations, gradPaths, inputPath) in prepared {
             var result: JSONObject = [:]
             let parameterGrads: ParameterSet
             switch record.kind {
@@ -115,20 +140,18 @@ extension LycorisService {
                     ? try module.backward(record.input, gradOutput: gradient, tape: record.tape)
                     : try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
                 parameterGrads = grads.parameters
-                let destination = try TensorTransport.destination(call.object["grad_input"], path: call.at("grad_input"), defaultDType: dtype)
-                result["grad_input"] = try transport.write(grads.input, to: destination, path: call.at("grad_input"))
+                result["grad_input"] = try transport.write(grads.input, to: inputDestination, path: inputPath)
             }
-            if accumulate { accumulateGradients(parameterGrads, module: module.name) }
             if returnGrads {
-                let outputs = call.has("parameter_grads") ? try call.object("parameter_grads") : try Params(nil, path: call.at("parameter_grads"))
                 var grads = JSONObject()
                 for (name, tensor) in parameterGrads.entries {
                     let key = "\(module.name).\(name)"
-                    let destination = try TensorTransport.destination(outputs.object[key], path: outputs.at(key), defaultDType: .f32)
-                    grads[key] = try transport.write(tensor, to: destination, path: outputs.at(key))
+                    grads[key] = try transport.write(tensor, to: gradDestinations[key] ?? .inline(.f32), path: gradPaths[key] ?? key)
                 }
                 result["parameter_grads"] = .object(grads)
             }
+            if accumulate { accumulateGradients(parameterGrads, module: module.name) }
+            pending[id] = nil
             results.append(.object(result))
         }
         return ["results": .array(results)]

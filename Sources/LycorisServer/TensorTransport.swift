@@ -74,6 +74,14 @@ struct TensorTransport {
         return .arena(offset: try p.int("offset"), dtype: dtype)
     }
 
+    /// Checks, before anything is computed, that an output of `count` elements fits
+    /// `destination` (an existing arena, in bounds, aligned).
+    func validate(_ destination: Destination, count: Int, path: String) throws {
+        guard case let .arena(offset, dtype) = destination else { return }
+        guard let arena else { throw RPCError.arena("\(path) asks for the arena, but none exists: call arena.create first", path: path) }
+        _ = try arena.bytes(offset: offset, count: count, dtype: dtype, path: path)
+    }
+
     /// Writes `tensor` to `destination` and returns its descriptor.
     func write(_ tensor: Tensor, to destination: Destination, path: String) throws -> JSONValue {
         switch destination {
