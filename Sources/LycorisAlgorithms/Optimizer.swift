@@ -32,7 +32,8 @@ public struct Optimizer: Sendable {
     public mutating func update(key: String, value: inout Tensor, gradient: Tensor, learningRate lr: Float, weightDecay: Float) {
         precondition(step > 0, "call beginStep() before update")
         precondition(value.shape == gradient.shape, "gradient \(gradient.shape) for parameter \(value.shape)")
-        var slots = state[key] ?? [:]
+        // Slots of another shape (the parameter was replaced) restart from zero.
+        var slots = (state[key] ?? [:]).filter { $0.value.shape == value.shape }
         switch kind {
         case .adamw:
             var m = slots["exp_avg"] ?? .zeros(value.shape)

@@ -63,15 +63,18 @@ public enum JSONRPCDispatcher {
             default: return errorResponse(id: id, .invalidRequest("\"params\" must be an array or an object, got \(params.typeName)"))
             }
         }
+        // (Explicit returns: `cond ? nil : value` would type nil as JSONValue.null.)
         let isNotification = rawID == nil
+        let response: JSONValue
         do {
-            let result = try handler(method, params)
-            return isNotification ? nil : ["jsonrpc": "2.0", "id": id, "result": result]
+            response = ["jsonrpc": "2.0", "id": id, "result": try handler(method, params)]
         } catch let error as RPCError {
-            return isNotification ? nil : errorResponse(id: id, error)
+            response = errorResponse(id: id, error)
         } catch {
-            return isNotification ? nil : errorResponse(id: id, .internalError("\(error)"))
+            response = errorResponse(id: id, .internalError("\(error)"))
         }
+        if isNotification { return nil }
+        return response
     }
 
     public static func errorResponse(id: JSONValue, _ error: RPCError) -> JSONValue {

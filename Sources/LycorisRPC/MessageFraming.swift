@@ -97,7 +97,8 @@ public final class MessageReader {
         let headerText = String(decoding: buffer[start..<headerEnd!.end], as: UTF8.self)
         start = headerEnd!.next
         var length: Int?
-        for line in headerText.split(whereSeparator: { $0 == "\r" || $0 == "\n" }) {
+        // "\r\n" is a single Character in Swift: split on it as well as on lone CR and LF.
+        for line in headerText.split(whereSeparator: { $0 == "\r\n" || $0 == "\r" || $0 == "\n" }) {
             let parts = line.split(separator: ":", maxSplits: 1)
             if parts.count == 2, parts[0].lowercased() == "content-length" {
                 length = Int(parts[1].trimmingCharacters())

@@ -39,7 +39,7 @@ struct Params {
 
     func float(_ key: String) throws -> Float {
         guard let d = try value(key).doubleValue else { throw wrongType(key, "a number") }
-        guard d.isFinite else { throw RPCError.invalidParams("\(at(key)) must be finite", path: at(key)) }
+        guard Float(d).isFinite else { throw RPCError.invalidParams("\(at(key)) must be finite (as a 32-bit float), got \(d)", path: at(key)) }
         return Float(d)
     }
     func float(_ key: String, default fallback: Float) throws -> Float { has(key) ? try float(key) : fallback }

@@ -98,7 +98,7 @@ extension LycorisService {
 
     func networkCreate(_ p: Params) throws -> JSONValue {
         guard network == nil else { throw RPCError.state("a network exists already (one network per server)") }
-        if p.has("seed") { random = RandomSource(seed: UInt64(try p.int("seed"))) }
+        if p.has("seed") { random = RandomSource(seed: try Self.seed(p)) }
         let defaultAlgorithm = try Self.algorithm(named: try p.string("algo", default: "lora"), path: "algo")
         let defaultOptions = p.has("options") ? try p.object("options").object : JSONObject()
         let multiplier = try p.float("multiplier", default: 1)
@@ -240,6 +240,9 @@ extension LycorisService {
         for module in replacements { network[module.name] = module }
         self.network = network
         gradients = [:]
+        // Loaded parameters start a new optimisation: moments of the old values (possibly of
+        // other shapes) no longer apply.
+        optimizer?.optimizer.state = [:]
         let missing = network.names.filter { name in !file.modules.contains { $0.name == name } }
         return ["loaded": .array(loaded), "unmatched_file_modules": .array(unmatched),
                 "modules_not_in_file": .array(missing.map { .string($0) }), "metadata": .object(JSONObject(file.metadata))]
@@ -260,10 +263,15 @@ extension LycorisService {
     }
 
     func networkSeed(_ p: Params) throws -> JSONValue {
-        let seed = try p.int("seed")
-        guard seed >= 0 else { throw RPCError.invalidParams("seed must be non-negative", path: "seed") }
-        random = RandomSource(seed: UInt64(seed))
+        random = RandomSource(seed: try Self.seed(p))
         return .null
+    }
+
+    /// The `seed` parameter: a non-negative integer.
+    static func seed(_ p: Params) throws -> UInt64 {
+        let seed = try p.int("seed")
+        guard seed >= 0 else { throw RPCError.invalidParams("seed must be non-negative, got \(seed)", path: p.at("seed")) }
+        return UInt64(seed)
     }
 }
 

@@ -34,7 +34,7 @@ extension LycorisService {
         }
         var optimizer = Optimizer(kind: kind)
         if p.has("betas") {
-            let betas = try p.array("betas").compactMap(\.doubleValue)
+            let betas = try p.array("betas").map { $0.doubleValue ?? .nan }
             guard betas.count == 2, betas.allSatisfy({ $0 >= 0 && $0 < 1 }) else {
                 throw RPCError.invalidParams("betas must be two numbers in [0, 1)", path: "betas")
             }

@@ -17,7 +17,14 @@ public enum StdioServer {
         let protocolFD = dup(STDOUT_FILENO)
         dup2(STDERR_FILENO, STDOUT_FILENO)
         signal(SIGPIPE, SIG_IGN)
-        for sig in [SIGTERM, SIGINT, SIGHUP] { signal(sig, ArenaCleanup.handleSignal) }
+        // A parent may hand down a mask blocking these; unblock them so they are handled.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        for sig in [SIGTERM, SIGINT, SIGHUP] {
+            signal(sig, ArenaCleanup.handleSignal)
+            sigaddset(&stopSignals, sig)
+        }
+        sigprocmask(SIG_UNBLOCK, &stopSignals, nil)
         return protocolFD
     }
 

@@ -45,8 +45,9 @@ struct TensorTransport {
             guard let data = Data(base64Encoded: try p.string("data")) else {
                 throw RPCError.invalidParams("\(p.at("data")) is not valid base64", path: p.at("data"))
             }
-            guard data.count == count * dtype.byteSize else {
-                throw RPCError.shapeMismatch("\(path) holds \(data.count) bytes; shape \(shape) of \(dtype.rawValue) needs \(count * dtype.byteSize)", path: path)
+            let (needed, overflow) = count.multipliedReportingOverflow(by: dtype.byteSize)
+            guard !overflow, data.count == needed else {
+                throw RPCError.shapeMismatch("\(path) holds \(data.count) bytes; shape \(shape) of \(dtype.rawValue) needs \(overflow ? "more than Int.max" : String(needed))", path: path)
             }
             scalars = data.withUnsafeBytes { decodeFloats($0, as: dtype) }
         default:
