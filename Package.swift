@@ -16,6 +16,9 @@ let jansson = Target.systemLibrary(
     providers: [.apt(["libjansson-dev"])]
 )
 
+/// glibc's `mallopt`, for the server's allocator settings.
+let malloc = Target.systemLibrary(name: "CMalloc")
+
 // MARK: - Libraries
 
 let strictSwift: [SwiftSetting] = [.swiftLanguageMode(.v6)]
@@ -39,6 +42,7 @@ let package = Package(
     targets: [
         openBLAS,
         jansson,
+        malloc,
         .target(
             name: "LycorisCore",
             dependencies: ["COpenBLAS"],
@@ -70,7 +74,7 @@ let package = Package(
         .executableTarget(
             name: "lycoris-server",
             dependencies: [
-                "LycorisServer", "LycorisRPC", "LycorisCore",
+                "LycorisServer", "LycorisRPC", "LycorisCore", "CMalloc",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -131,19 +131,34 @@ public struct AdapterModule: Sendable {
     }
 
     /// The adapted layer's whole output `op(x, W0) + b + m·Δ(x)` (needs the base weight).
+    ///
+    /// In rebuild mode this is one op with the merged weight, `op(x, W0 + m·ΔW) + b`
+    /// (as LyCORIS's result, with one layer op instead of two).
     public func forward(_ x: Tensor, tape: Tape) throws -> Tensor {
         let weight = try requireBaseWeight()
-        let delta = try forwardDelta(x, tape: tape)
-        var y = layer.apply(x, weight: weight)
+        if let problem = layer.inputProblem(x.shape) { throw AdapterError("\(name): \(problem)") }
+        var y: Tensor
+        if tape.bypass {
+            y = layer.apply(x, weight: weight) + (try forwardDelta(x, tape: tape))
+        } else {
+            y = layer.apply(x, weight: weight + (try effectiveDeltaWeight(tape)))
+        }
         if let bias = baseBias { layer.addBias(&y, bias: bias) }
-        return y + delta
+        return y
     }
 
     /// (∂x, ∂parameters) of ``forward(_:tape:)``.
     public func backward(_ x: Tensor, gradOutput: Tensor, tape: Tape) throws -> (input: Tensor, parameters: ParameterSet) {
         let weight = try requireBaseWeight()
-        let adapter = try backwardDelta(x, gradOutput: gradOutput, tape: tape)
-        return (layer.backwardInput(gradOutput, weight: weight, inputShape: x.shape) + adapter.input, adapter.parameters)
+        if tape.bypass || tape.skipped {
+            let adapter = try backwardDelta(x, gradOutput: gradOutput, tape: tape)
+            return (layer.backwardInput(gradOutput, weight: weight, inputShape: x.shape) + adapter.input, adapter.parameters)
+        }
+        // Rebuild: ∂x = op_x-gradient through W0 + m·ΔW; ∂(m·ΔW) = op_W-gradient.
+        let merged = weight + (try effectiveDeltaWeight(tape))
+        let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
+        return (layer.backwardInput(gradOutput, weight: merged, inputShape: x.shape),
+                try effectiveDeltaWeightBackward(gradDelta, tape))
     }
 
     /// The merged weight W0 + m·ΔW (forward semantics; deterministic: eval-mode choices).

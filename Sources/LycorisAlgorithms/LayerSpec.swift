@@ -107,8 +107,18 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
         let channels = outFeatures
         precondition(bias.count == channels, "bias of \(bias.count) for \(channels) outputs")
         let inner = channelStride(of: y.shape)
-        y.scalars.withUnsafeMutableBufferPointer { out in
-            for i in out.indices { out[i] += bias.scalars[(i / inner) % channels] }
+        bias.scalars.withUnsafeBufferPointer { b in
+            y.scalars.withUnsafeMutableBufferPointer { out in
+                // Blocks of `inner` elements share one channel; channels cycle.
+                var index = 0
+                while index < out.count {
+                    for channel in 0..<channels {
+                        let value = b[channel]
+                        for i in index..<(index + inner) { out[i] += value }
+                        index += inner
+                    }
+                }
+            }
         }
     }
 

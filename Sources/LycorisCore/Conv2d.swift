@@ -74,6 +74,8 @@ public struct Conv2dGeometry: Sendable, Equatable, Hashable, Codable {
 ///
 /// For each image n and group g, with `cols` the (C/g·kh·kw, Ho·Wo) patch matrix:
 /// `Y[n,g] = W_g · cols`, `∂W_g += ∂Y[n,g] · colsᵀ`, `∂cols = W_gᵀ · ∂Y[n,g]` (then col2im).
+/// GEMMs read and write the NCHW tensors in place; one patch buffer serves every image.
+/// A 1×1, stride-1, unpadded convolution needs no patch matrix: the image is one already.
 public enum Conv2d {
     /// y (N, O, Ho, Wo) = conv2d(x (N, C, H, W), weight (O, C/g, kh, kw)).
     public static func forward(_ input: Tensor, weight: Tensor, geometry: Conv2dGeometry) -> Tensor {
@@ -81,13 +83,23 @@ public enum Conv2d {
         precondition(weight.shape == geometry.weightShape, "conv2d weight \(weight.shape) is not \(geometry.weightShape)")
         let plan = Plan(geometry: geometry, height: input.shape[2], width: input.shape[3])
         let batch = input.shape[0]
-        var output = Tensor.zeros([batch, geometry.outChannels, plan.outHeight, plan.outWidth])
-        let groupWeights = plan.groupWeights(weight)
-        for n in 0..<batch {
-            for g in 0..<geometry.groups {
-                let cols = plan.im2col(input, image: n, group: g)
-                let y = Tensor.matmul(groupWeights[g], cols)
-                plan.writeOutputBlock(y, into: &output, image: n, group: g)
+        var output = Tensor(uninitializedShape: [batch, geometry.outChannels, plan.outHeight, plan.outWidth])
+        var cols = plan.patchBuffer()
+        input.scalars.withUnsafeBufferPointer { x in
+            weight.scalars.withUnsafeBufferPointer { w in
+                output.scalars.withUnsafeMutableBufferPointer { y in
+                    cols.withUnsafeMutableBufferPointer { cols in
+                        for n in 0..<batch {
+                            for g in 0..<geometry.groups {
+                                let patches = plan.patches(x.baseAddress!, image: n, group: g, buffer: cols.baseAddress)
+                                BLAS.sgemm(transposeA: false, transposeB: false, m: plan.outPerGroup, n: plan.outPixels, k: plan.patchLength,
+                                           alpha: 1, a: w.baseAddress! + g * plan.outPerGroup * plan.patchLength, lda: plan.patchLength,
+                                           b: patches, ldb: plan.outPixels,
+                                           beta: 0, c: y.baseAddress! + plan.outputOffset(image: n, group: g), ldc: plan.outPixels)
+                            }
+                        }
+                    }
+                }
             }
         }
         return output
@@ -98,13 +110,25 @@ public enum Conv2d {
         let plan = Plan(geometry: geometry, height: inputShape[2], width: inputShape[3])
         precondition(gradOutput.shape == [inputShape[0], geometry.outChannels, plan.outHeight, plan.outWidth],
                      "conv2d output gradient \(gradOutput.shape) does not match input \(inputShape)")
-        var gradInput = Tensor.zeros(inputShape)
-        let groupWeights = plan.groupWeights(weight)
-        for n in 0..<inputShape[0] {
-            for g in 0..<geometry.groups {
-                let gy = plan.outputBlock(gradOutput, image: n, group: g)
-                let gcols = Tensor.matmul(groupWeights[g], transposeA: true, gy)
-                plan.col2imAdd(gcols, into: &gradInput, image: n, group: g)
+        var gradInput = plan.isPointwise ? Tensor(uninitializedShape: inputShape) : Tensor.zeros(inputShape)
+        var cols = plan.patchBuffer()
+        gradOutput.scalars.withUnsafeBufferPointer { gy in
+            weight.scalars.withUnsafeBufferPointer { w in
+                gradInput.scalars.withUnsafeMutableBufferPointer { gx in
+                    cols.withUnsafeMutableBufferPointer { cols in
+                        for n in 0..<inputShape[0] {
+                            for g in 0..<geometry.groups {
+                                // Pointwise: ∂x of the group is ∂cols itself.
+                                let target = plan.isPointwise ? gx.baseAddress! + plan.inputOffset(image: n, group: g) : cols.baseAddress!
+                                BLAS.sgemm(transposeA: true, transposeB: false, m: plan.patchLength, n: plan.outPixels, k: plan.outPerGroup,
+                                           alpha: 1, a: w.baseAddress! + g * plan.outPerGroup * plan.patchLength, lda: plan.patchLength,
+                                           b: gy.baseAddress! + plan.outputOffset(image: n, group: g), ldb: plan.outPixels,
+                                           beta: 0, c: target, ldc: plan.outPixels)
+                                if !plan.isPointwise { plan.col2imAdd(cols.baseAddress!, into: gx.baseAddress!, image: n, group: g) }
+                            }
+                        }
+                    }
+                }
             }
         }
         return gradInput
@@ -113,16 +137,26 @@ public enum Conv2d {
     /// ∂W (O, C/g, kh, kw) from the input and ∂y.
     public static func backwardWeight(_ input: Tensor, gradOutput: Tensor, geometry: Conv2dGeometry) -> Tensor {
         let plan = Plan(geometry: geometry, height: input.shape[2], width: input.shape[3])
-        let outPerGroup = geometry.outChannels / geometry.groups
-        var groupGrads = [Tensor](repeating: .zeros([outPerGroup, plan.patchLength]), count: geometry.groups)
-        for n in 0..<input.shape[0] {
-            for g in 0..<geometry.groups {
-                let cols = plan.im2col(input, image: n, group: g)
-                let gy = plan.outputBlock(gradOutput, image: n, group: g)
-                Tensor.gemm(gy, cols, transposeB: true, beta: 1, into: &groupGrads[g])
+        var gradWeight = Tensor.zeros(geometry.weightShape)
+        var cols = plan.patchBuffer()
+        input.scalars.withUnsafeBufferPointer { x in
+            gradOutput.scalars.withUnsafeBufferPointer { gy in
+                gradWeight.scalars.withUnsafeMutableBufferPointer { gw in
+                    cols.withUnsafeMutableBufferPointer { cols in
+                        for n in 0..<input.shape[0] {
+                            for g in 0..<geometry.groups {
+                                let patches = plan.patches(x.baseAddress!, image: n, group: g, buffer: cols.baseAddress)
+                                BLAS.sgemm(transposeA: false, transposeB: true, m: plan.outPerGroup, n: plan.patchLength, k: plan.outPixels,
+                                           alpha: 1, a: gy.baseAddress! + plan.outputOffset(image: n, group: g), lda: plan.outPixels,
+                                           b: patches, ldb: plan.outPixels,
+                                           beta: 1, c: gw.baseAddress! + g * plan.outPerGroup * plan.patchLength, ldc: plan.patchLength)
+                            }
+                        }
+                    }
+                }
             }
         }
-        return Tensor.concatenate(groupGrads, axis: 0).reshaped(geometry.weightShape)
+        return gradWeight
     }
 
     /// Index bookkeeping shared by the three passes.
@@ -131,8 +165,11 @@ public enum Conv2d {
         let height: Int, width: Int
         let outHeight: Int, outWidth: Int
         let channelsPerGroup: Int
+        let outPerGroup: Int
         var patchLength: Int { channelsPerGroup * geometry.kernelSize[0] * geometry.kernelSize[1] }
         var outPixels: Int { outHeight * outWidth }
+        /// 1×1, stride 1, no padding: the (C/g, H·W) image slice is the patch matrix.
+        let isPointwise: Bool
 
         init(geometry: Conv2dGeometry, height: Int, width: Int) {
             self.geometry = geometry
@@ -141,72 +178,72 @@ public enum Conv2d {
             (outHeight, outWidth) = geometry.outputSize(height: height, width: width)
             precondition(outHeight > 0 && outWidth > 0, "conv2d input \(height)×\(width) is too small for the kernel")
             channelsPerGroup = geometry.inChannels / geometry.groups
+            outPerGroup = geometry.outChannels / geometry.groups
+            isPointwise = geometry.kernelSize == [1, 1] && geometry.stride == [1, 1] && geometry.padding == [0, 0]
         }
 
-        func groupWeights(_ weight: Tensor) -> [Tensor] {
-            let outPerGroup = geometry.outChannels / geometry.groups
-            let matrix = weight.reshaped([geometry.outChannels, patchLength])
-            return (0..<geometry.groups).map { matrix.slice(axis: 0, ($0 * outPerGroup)..<(($0 + 1) * outPerGroup)) }
+        /// Scratch for one patch matrix (empty when pointwise).
+        func patchBuffer() -> [Float] {
+            isPointwise ? [] : [Float](repeating: 0, count: patchLength * outPixels)
         }
 
-        /// Visits every (patch row, output pixel, input offset or nil for padding).
+        func inputOffset(image n: Int, group g: Int) -> Int { (n * geometry.inChannels + g * channelsPerGroup) * height * width }
+        func outputOffset(image n: Int, group g: Int) -> Int { (n * geometry.outChannels + g * outPerGroup) * outPixels }
+
+        /// The (C/g·kh·kw, Ho·Wo) patch matrix of image n, group g: the input itself when
+        /// pointwise, else im2col into `buffer`.
+        func patches(_ input: UnsafePointer<Float>, image n: Int, group g: Int, buffer: UnsafeMutablePointer<Float>?) -> UnsafePointer<Float> {
+            let source = input + inputOffset(image: n, group: g)
+            if isPointwise { return source }
+            let cols = buffer!
+            forEachRow { row, c, i, j in
+                let dst = cols + row * outPixels
+                let channel = source + c * height * width
+                for oy in 0..<outHeight {
+                    let iy = oy * geometry.stride[0] - geometry.padding[0] + i * geometry.dilation[0]
+                    let line = dst + oy * outWidth
+                    guard iy >= 0 && iy < height else {
+                        line.update(repeating: 0, count: outWidth)
+                        continue
+                    }
+                    let inputRow = channel + iy * width
+                    for ox in 0..<outWidth {
+                        let ix = ox * geometry.stride[1] - geometry.padding[1] + j * geometry.dilation[1]
+                        line[ox] = ix >= 0 && ix < width ? inputRow[ix] : 0
+                    }
+                }
+            }
+            return UnsafePointer(cols)
+        }
+
+        /// Adds the patch-matrix gradient back onto the input gradient of image n, group g.
+        func col2imAdd(_ cols: UnsafePointer<Float>, into gradInput: UnsafeMutablePointer<Float>, image n: Int, group g: Int) {
+            let target = gradInput + inputOffset(image: n, group: g)
+            forEachRow { row, c, i, j in
+                let src = cols + row * outPixels
+                let channel = target + c * height * width
+                for oy in 0..<outHeight {
+                    let iy = oy * geometry.stride[0] - geometry.padding[0] + i * geometry.dilation[0]
+                    guard iy >= 0 && iy < height else { continue }
+                    let inputRow = channel + iy * width
+                    let line = src + oy * outWidth
+                    for ox in 0..<outWidth {
+                        let ix = ox * geometry.stride[1] - geometry.padding[1] + j * geometry.dilation[1]
+                        if ix >= 0 && ix < width { inputRow[ix] += line[ox] }
+                    }
+                }
+            }
+        }
+
+        /// Visits every patch row: (row, channel within the group, kernel y, kernel x).
         @inline(__always)
-        func forEachTap(_ body: (_ row: Int, _ column: Int, _ source: Int?) -> Void) {
+        private func forEachRow(_ body: (_ row: Int, _ channel: Int, _ i: Int, _ j: Int) -> Void) {
             let (kh, kw) = geometry.kernel
             for c in 0..<channelsPerGroup {
                 for i in 0..<kh {
-                    for j in 0..<kw {
-                        let row = (c * kh + i) * kw + j
-                        for oy in 0..<outHeight {
-                            let iy = oy * geometry.stride[0] - geometry.padding[0] + i * geometry.dilation[0]
-                            for ox in 0..<outWidth {
-                                let ix = ox * geometry.stride[1] - geometry.padding[1] + j * geometry.dilation[1]
-                                let inside = iy >= 0 && iy < height && ix >= 0 && ix < width
-                                body(row, oy * outWidth + ox, inside ? (c * height + iy) * width + ix : nil)
-                            }
-                        }
-                    }
+                    for j in 0..<kw { body((c * kh + i) * kw + j, c, i, j) }
                 }
             }
-        }
-
-        func im2col(_ input: Tensor, image n: Int, group g: Int) -> Tensor {
-            var cols = [Float](repeating: 0, count: patchLength * outPixels)
-            let base = (n * geometry.inChannels + g * channelsPerGroup) * height * width
-            let pixels = outPixels
-            input.scalars.withUnsafeBufferPointer { x in
-                cols.withUnsafeMutableBufferPointer { out in
-                    forEachTap { row, column, source in
-                        if let source { out[row * pixels + column] = x[base + source] }
-                    }
-                }
-            }
-            return Tensor(shape: [patchLength, outPixels], scalars: cols)
-        }
-
-        func col2imAdd(_ cols: Tensor, into gradInput: inout Tensor, image n: Int, group g: Int) {
-            let base = (n * geometry.inChannels + g * channelsPerGroup) * height * width
-            let pixels = outPixels
-            cols.scalars.withUnsafeBufferPointer { c in
-                gradInput.scalars.withUnsafeMutableBufferPointer { gx in
-                    forEachTap { row, column, source in
-                        if let source { gx[base + source] += c[row * pixels + column] }
-                    }
-                }
-            }
-        }
-
-        /// The (O/g, Ho·Wo) block of an NCHW output tensor for image n, group g.
-        func outputBlock(_ output: Tensor, image n: Int, group g: Int) -> Tensor {
-            let outPerGroup = geometry.outChannels / geometry.groups
-            let start = (n * geometry.outChannels + g * outPerGroup) * outPixels
-            return Tensor(shape: [outPerGroup, outPixels], scalars: Array(output.scalars[start..<(start + outPerGroup * outPixels)]))
-        }
-
-        func writeOutputBlock(_ block: Tensor, into output: inout Tensor, image n: Int, group g: Int) {
-            let outPerGroup = geometry.outChannels / geometry.groups
-            let start = (n * geometry.outChannels + g * outPerGroup) * outPixels
-            output.scalars.replaceSubrange(start..<(start + block.count), with: block.scalars)
         }
     }
 }

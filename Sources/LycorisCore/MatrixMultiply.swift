@@ -1,6 +1,24 @@
 import COpenBLAS
 
 /// Matrix products through OpenBLAS `cblas_sgemm` (row-major).
+public enum BLAS {
+    /// `C = α · op(A) · op(B) + β · C` on raw row-major storage: op(A) (m, k) with leading
+    /// dimension `lda`, op(B) (k, n) with `ldb`, C (m, n) with `ldc`. With k = 0, C = β·C.
+    public static func sgemm(
+        transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float,
+        a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+        beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int
+    ) {
+        guard m > 0, n > 0 else { return }
+        if k == 0 {
+            for row in 0..<m { for column in 0..<n { c[row * ldc + column] *= beta } }
+            return
+        }
+        cblas_sgemm(CblasRowMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
+                    Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
+    }
+}
+
 extension Tensor {
     /// `C = α · op(A) · op(B) + β · C` on matrices, where op is the identity or the
     /// transpose. Shapes: op(A) (m, k), op(B) (k, n), C (m, n).
@@ -16,28 +34,18 @@ extension Tensor {
         let n = transposeB ? b.shape[0] : b.shape[1]
         precondition(k == kB, "gemm inner dimensions differ: \(a.shape)\(transposeA ? "ᵀ" : "") · \(b.shape)\(transposeB ? "ᵀ" : "")")
         precondition(c.shape == [m, n], "gemm output \(c.shape) is not [\(m), \(n)]")
-        guard m > 0, n > 0 else { return }
-        if k == 0 {
-            for i in c.scalars.indices { c.scalars[i] *= beta }
-            return
-        }
         a.scalars.withUnsafeBufferPointer { pa in
             b.scalars.withUnsafeBufferPointer { pb in
                 c.scalars.withUnsafeMutableBufferPointer { pc in
-                    cblas_sgemm(
-                        CblasRowMajor,
-                        transposeA ? CblasTrans : CblasNoTrans,
-                        transposeB ? CblasTrans : CblasNoTrans,
-                        Int32(m), Int32(n), Int32(k),
-                        alpha, pa.baseAddress, Int32(a.shape[1]),
-                        pb.baseAddress, Int32(b.shape[1]),
-                        beta, pc.baseAddress, Int32(n))
+                    guard let pa = pa.baseAddress, let pb = pb.baseAddress, let pc = pc.baseAddress else { return }
+                    BLAS.sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha,
+                               a: pa, lda: a.shape[1], b: pb, ldb: b.shape[1], beta: beta, c: pc, ldc: n)
                 }
             }
         }
     }
 
-    /// `α · op(A) · op(B)` as a new matrix.
+    /// `α · op(A) · op(B)` as a new matrix (its storage is written once, by the GEMM).
     public static func matmul(
         _ a: Tensor, transposeA: Bool = false,
         _ b: Tensor, transposeB: Bool = false,
@@ -45,7 +53,9 @@ extension Tensor {
     ) -> Tensor {
         let m = transposeA ? a.shape[1] : a.shape[0]
         let n = transposeB ? b.shape[0] : b.shape[1]
-        var c = Tensor.zeros([m, n])
+        let k = transposeA ? a.shape[0] : a.shape[1]
+        guard k > 0 else { return .zeros([m, n]) }
+        var c = Tensor(uninitializedShape: [m, n])
         gemm(a, transposeA: transposeA, b, transposeB: transposeB, alpha: alpha, into: &c)
         return c
     }

@@ -22,6 +22,12 @@ public struct Tensor: Sendable, Equatable {
         self.init(shape: shape, scalars: [Float](repeating: value, count: shape.product))
     }
 
+    /// A tensor whose elements are not initialised: for outputs that are written in full
+    /// before being read (GEMM results with β = 0).
+    init(uninitializedShape shape: [Int]) {
+        self.init(shape: shape, scalars: [Float](unsafeUninitializedCapacity: shape.product) { _, count in count = shape.product })
+    }
+
     /// A tensor of zeros.
     public static func zeros(_ shape: [Int]) -> Tensor { Tensor(repeating: 0, shape: shape) }
 

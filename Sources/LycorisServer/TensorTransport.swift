@@ -55,10 +55,22 @@ struct TensorTransport {
         }
         let tensor = Tensor(shape: shape, scalars: scalars)
         if !allowNonFinite {
-            let bad = scalars.reduce(0) { $0 + ($1.isFinite ? 0 : 1) }
+            let bad = Self.nonFiniteCount(scalars)
             if bad > 0 { throw RPCError.nonFinite(path, count: bad) }
         }
         return (tensor, dtype)
+    }
+
+    /// Elements that are NaN or ±∞ (all exponent bits set), counted over the bit patterns
+    /// with wrapping adds so the loop vectorises.
+    static func nonFiniteCount(_ values: [Float]) -> Int {
+        values.withUnsafeBufferPointer { floats in
+            floats.withMemoryRebound(to: UInt32.self) { bits in
+                var count = 0
+                for pattern in bits { count &+= (pattern & 0x7F80_0000) == 0x7F80_0000 ? 1 : 0 }
+                return count
+            }
+        }
     }
 
     /// Where an output goes, from an optional output spec.

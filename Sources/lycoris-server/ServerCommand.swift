@@ -1,4 +1,5 @@
 import ArgumentParser
+import CMalloc
 import Foundation
 import Logging
 import LycorisCore
@@ -29,6 +30,10 @@ struct ServerCommand: ParsableCommand {
             return handler
         }
         if threads > 0 { BLASThreads.set(threads) }
+        // Keep freed memory in the heap: tensors of the same sizes come back every step, and
+        // fresh mmap'd blocks would fault in every page each time.
+        mallopt(M_MMAP_MAX, 0)
+        mallopt(M_TRIM_THRESHOLD, Int32.max)
         let logger = Logger(label: "lycoris-server")
         logger.info("lycoris-server \(LycorisService.serverVersion) ready (protocol \(LycorisService.protocolVersion), BLAS threads \(BLASThreads.current))")
         let status = StdioServer.run(LycorisService(arenaDirectory: arenaDir, logger: logger), output: protocolFD)
