@@ -5,7 +5,7 @@
 #   bench/run.sh [--python PATH] [--quick] [bench.py options…]     (bench/bench.py --help)
 #
 # --python / LYCORIS_BENCH_PYTHON: the interpreter with torch + lycoris-lora 4.1.3 used for
-# section 3's baseline (default: ./.venv-oracle, then /work/oracle/venv, then python3; when
+# section 3's baseline (default: ./.venv-oracle, then python3; when
 # torch or lycoris cannot be imported there the table says so and shows server-only numbers).
 # LYCORIS_BENCH_CLIENT_PYTHON: the interpreter that runs the client (needs numpy; default:
 # the oracle interpreter when it has numpy, else python3).
@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -z "$ORACLE" ]; then
-    for candidate in "$ROOT/.venv-oracle/bin/python" /work/oracle/venv/bin/python; do
+    for candidate in "$ROOT/.venv-oracle/bin/python"; do
         if [ -x "$candidate" ]; then ORACLE="$candidate"; break; fi
     done
     ORACLE="${ORACLE:-python3}"

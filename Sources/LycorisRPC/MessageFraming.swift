@@ -44,11 +44,16 @@ public final class MessageReader {
             if start < buffer.count { break }
             if !fill() { return nil }
         }
+        // Read only while the bytes so far could still be the start of "Content-Length"
+        // (so a short line such as `[]` is answered at once).
         let header = Array("content-length".utf8)
-        while buffer.count - start < header.count, !atEOF, fill() {}
-        let prefix = buffer[start..<min(buffer.count, start + header.count)].map { $0 | 0x20 }
-        if prefix.count == header.count && Array(prefix) == header { return readContentLength() }
-        return readLine()
+        while true {
+            let available = buffer[start..<min(buffer.count, start + header.count)].map { $0 | 0x20 }
+            if available.count == header.count {
+                return available == header ? readContentLength() : readLine()
+            }
+            if available != Array(header[..<available.count]) || !fill() { return readLine() }
+        }
     }
 
     private func readLine() -> FramedMessage {

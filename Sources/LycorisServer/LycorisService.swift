@@ -7,8 +7,9 @@ import LycorisRPC
 /// The server's state and its methods. One instance serves one client over one stream;
 /// calls are handled one at a time, in order (BLAS uses its own thread pool inside a call).
 ///
-/// Lifecycle: `initialize` → `arena.create` (optional) → `network.create` or
-/// `network.load` → forward/backward, parameters, optimizer, save… → `shutdown` (or stdin EOF).
+/// Lifecycle: `initialize` → `arena.create` (optional) → `network.create` (then optionally
+/// `network.load` of a file's weights) → forward/backward, parameters, optimizer, save… →
+/// `shutdown` (or stdin EOF).
 public final class LycorisService {
     public static let protocolVersion = "1.0"
     public static let serverVersion = "0.1.0"
@@ -166,7 +167,7 @@ public final class LycorisService {
     // MARK: Helpers
 
     func requireNetwork() throws -> Network {
-        guard let network else { throw RPCError.state("no network: call network.create or network.load first") }
+        guard let network else { throw RPCError.state("no network: call network.create first") }
         return network
     }
 

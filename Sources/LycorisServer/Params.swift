@@ -10,7 +10,8 @@ struct Params {
         switch value {
         case .none: object = JSONObject()
         case let .object(object)?: self.object = object
-        case .array?: throw RPCError.invalidParams("this method takes named parameters (an object), not an array", path: path)
+        case .array? where path == "params":
+            throw RPCError.invalidParams("this method takes named parameters (an object), not an array", path: path)
         case let other?: throw RPCError.invalidParams("\(path) must be an object, got \(other.typeName)", path: path)
         }
         self.path = path

@@ -90,7 +90,7 @@ extension LycorisService {
         switch error {
         case let .typeMismatch(_, context), let .valueNotFound(_, context), let .dataCorrupted(context):
             let key = context.codingPath.map(\.stringValue).joined(separator: ".")
-            return "option \(key) has the wrong type"
+            return key.isEmpty ? context.debugDescription : "option \(key) has the wrong type (\(context.debugDescription))"
         case let .keyNotFound(key, _): return "missing option \(key.stringValue)"
         @unknown default: return "\(error)"
         }
@@ -98,7 +98,8 @@ extension LycorisService {
 
     func networkCreate(_ p: Params) throws -> JSONValue {
         guard network == nil else { throw RPCError.state("a network exists already (one network per server)") }
-        if p.has("seed") { random = RandomSource(seed: try Self.seed(p)) }
+        // A local generator: a call that fails leaves the server's random state untouched.
+        var random = p.has("seed") ? RandomSource(seed: try Self.seed(p)) : self.random
         let defaultAlgorithm = try Self.algorithm(named: try p.string("algo", default: "lora"), path: "algo")
         let defaultOptions = p.has("options") ? try p.object("options").object : JSONObject()
         let multiplier = try p.float("multiplier", default: 1)
@@ -140,6 +141,7 @@ extension LycorisService {
             }
         }
         network = created
+        self.random = random
         gradients = [:]
         var info = try networkInfo(Params(nil))
         if case var .object(object) = info {
@@ -230,7 +232,11 @@ extension LycorisService {
                 unmatched.append(.string(fileModule.name))
                 continue
             }
-            module.algorithm = try file.adapter(for: fileModule, layer: module.layer)
+            do {
+                module.algorithm = try file.adapter(for: fileModule, layer: module.layer)
+            } catch let error as AdapterError {
+                throw RPCError.adapter("\(fileModule.name): \(error.description)", path: path)
+            }
             replacements.append(module)
             loaded.append(.string(fileModule.name))
         }
@@ -240,6 +246,8 @@ extension LycorisService {
         for module in replacements { network[module.name] = module }
         self.network = network
         gradients = [:]
+        // Tapes recorded with the replaced adapters would mix old inputs with new weights.
+        pending.removeAll()
         // Loaded parameters start a new optimisation: moments of the old values (possibly of
         // other shapes) no longer apply.
         optimizer?.optimizer.state = [:]

@@ -36,11 +36,22 @@ struct TensorTransport {
             count = product
         }
         let scalars: [Float]
+        var nonFinite: Int?
         switch (p.has("offset"), p.has("data")) {
         case (true, false):
             guard let arena else { throw RPCError.arena("\(path) refers to the arena, but none exists: call arena.create first", path: path) }
             let bytes = try arena.bytes(offset: try p.int("offset"), count: count, dtype: dtype, path: path)
-            scalars = decodeFloats(UnsafeRawBufferPointer(bytes), as: dtype)
+            if dtype == .f32 {
+                // One pass over the arena: copy and count non-finite values together.
+                var bad = 0
+                scalars = [Float](unsafeUninitializedCapacity: count) { out, initialized in
+                    bad = Self.copyCountingNonFinite(from: UnsafeRawPointer(bytes.baseAddress!), into: out.baseAddress!, count: count)
+                    initialized = count
+                }
+                nonFinite = bad
+            } else {
+                scalars = decodeFloats(UnsafeRawBufferPointer(bytes), as: dtype)
+            }
         case (false, true):
             guard let data = Data(base64Encoded: try p.string("data")) else {
                 throw RPCError.invalidParams("\(p.at("data")) is not valid base64", path: p.at("data"))
@@ -55,22 +66,50 @@ struct TensorTransport {
         }
         let tensor = Tensor(shape: shape, scalars: scalars)
         if !allowNonFinite {
-            let bad = Self.nonFiniteCount(scalars)
+            let bad = nonFinite ?? Self.nonFiniteCount(scalars)
             if bad > 0 { throw RPCError.nonFinite(path, count: bad) }
         }
         return (tensor, dtype)
     }
 
-    /// Elements that are NaN or ±∞ (all exponent bits set), counted over the bit patterns
-    /// with wrapping adds so the loop vectorises.
+    /// Elements that are NaN or ±∞ (all exponent bits set). Branch-free over the bit
+    /// patterns so the loop vectorises: (bits & exponent) + 2²³ reaches 2³¹ exactly when
+    /// every exponent bit is set. Counted in UInt32 lanes per chunk of 2²⁰ elements.
     static func nonFiniteCount(_ values: [Float]) -> Int {
         values.withUnsafeBufferPointer { floats in
             floats.withMemoryRebound(to: UInt32.self) { bits in
-                var count = 0
-                for pattern in bits { count &+= (pattern & 0x7F80_0000) == 0x7F80_0000 ? 1 : 0 }
-                return count
+                var total = 0
+                var start = 0
+                while start < bits.count {
+                    let end = min(bits.count, start + (1 << 20))
+                    var count: UInt32 = 0
+                    for i in start..<end { count &+= ((bits[i] & 0x7F80_0000) &+ 0x0080_0000) >> 31 }
+                    total += Int(count)
+                    start = end
+                }
+                return total
             }
         }
+    }
+
+    /// Copies `count` F32 values (any alignment) and counts the NaN/±∞ among them, in one
+    /// vectorisable pass (the test of ``nonFiniteCount(_:)``).
+    static func copyCountingNonFinite(from source: UnsafeRawPointer, into destination: UnsafeMutablePointer<Float>, count: Int) -> Int {
+        let target = UnsafeMutableRawPointer(destination)
+        var total = 0
+        var start = 0
+        while start < count {
+            let end = min(count, start + (1 << 20))
+            var bad: UInt32 = 0
+            for i in start..<end {
+                let bits = source.loadUnaligned(fromByteOffset: i &* 4, as: UInt32.self)
+                target.storeBytes(of: bits, toByteOffset: i &* 4, as: UInt32.self)
+                bad &+= ((bits & 0x7F80_0000) &+ 0x0080_0000) >> 31
+            }
+            total += Int(bad)
+            start = end
+        }
+        return total
     }
 
     /// Where an output goes, from an optional output spec.

@@ -904,7 +904,7 @@ struct BadInputTests {
     func noNetwork(_ method: String) throws {
         let harness = try ServerHarness()
         let error = try harness.error(method, ["path": "/tmp/x.safetensors", "calls": [], "parameters": [:], "lr": 0.1, "multiplier": 1.0])
-        expectError(error, code: -32007, "no network: call network.create or network.load first")
+        expectError(error, code: -32007, "no network: call network.create first")
         let oracle = try OracleNetwork.create(in: harness)
         try harness.expectServes(oracle)
     }
