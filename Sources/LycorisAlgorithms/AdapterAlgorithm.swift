@@ -71,14 +71,16 @@ public protocol AdapterAlgorithm: Sendable {
     func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor
     /// (∂x, ∂parameters) of ``bypassForward(_:_:)`` given ∂Δ(x).
     func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet)
-    /// Whether ``bypassForward(_:_:)`` differs from op(x, ΔW) (so bypass needs its own path).
-    var hasBypassPath: Bool { get }
+    /// Multiply-adds per output position of the factor path, when the algorithm has one that
+    /// computes exactly op(x, ΔW); nil otherwise. With `bypass_mode` unset, the module takes
+    /// that path when it is cheaper than op(x, ΔW) (out·in·K per position).
+    var bypassCost: Int? { get }
     /// What a file stores for this module, key suffix → tensor (scalar folded in).
     func savedTensors() -> [SavedTensor]
 }
 
 extension AdapterAlgorithm {
-    public var hasBypassPath: Bool { false }
+    public var bypassCost: Int? { nil }
 
     public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
         layer.apply(x, weight: try deltaWeight(context))

@@ -40,8 +40,6 @@ public struct AdapterModule: Sendable {
         public var outputMask: Tensor?
     }
 
-    /// Whether bypass mode was asked for.
-    private var usesBypass: Bool { options.bypassMode == true }
 
     private var isDyLoRA: Bool { algorithm is DyLoRA }
 
@@ -59,9 +57,21 @@ public struct AdapterModule: Sendable {
             tape.context.block = isTraining ? Int(random.next() % UInt64(dylora.blockCount)) : dylora.blockCount - 1
         }
         let rankDropout = isTraining && options.rankDropout > 0
-        // LoCon masks the rank axis in bypass; every other case masks ΔW's rows, which the
-        // factor paths cannot express, so those fall back to rebuild.
-        tape.bypass = usesBypass && (!rankDropout || algorithm is LoCon)
+        switch options.bypassMode {
+        case true?:
+            // LoCon masks the rank axis in bypass; every other case masks ΔW's rows, which
+            // the factor paths cannot express, so those fall back to rebuild.
+            tape.bypass = !rankDropout || algorithm is LoCon
+        case false?:
+            tape.bypass = false
+        case nil:
+            // Rebuild semantics, computed by the factor path when that is the same function
+            // and cheaper (training dropouts would make the two differ).
+            let dropoutActive = isTraining && (options.rankDropout > 0 || options.dropout > 0)
+            if !dropoutActive, let cost = algorithm.bypassCost {
+                tape.bypass = cost < layer.outFeatures * layer.weightInFeatures * layer.kernelElements
+            }
+        }
         if rankDropout {
             let length = tape.bypass ? (algorithm.rank ?? 0) : layer.outFeatures
             let mask = Self.keepMask(count: length, drop: options.rankDropout, rescale: options.rankDropoutScale, random: &random)

@@ -31,7 +31,9 @@ public struct AdapterOptions: Sendable, Equatable, Codable {
     public var moduleDropout: Float = 0
     /// Divide rank-dropout masks by their mean.
     public var rankDropoutScale = false
-    /// Compute Δ(x) from the factors (true), from ΔW (false), or choose (nil: rebuild).
+    /// Compute Δ(x) from the factors (true: LyCORIS's bypass semantics, dropouts included),
+    /// from ΔW (false), or — nil — with rebuild semantics, through the factors when that is
+    /// the same function and cheaper.
     public var bypassMode: Bool? = nil
 
     public init() {}

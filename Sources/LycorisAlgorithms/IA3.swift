@@ -77,7 +77,7 @@ public struct IA3: AdapterAlgorithm {
 
     // MARK: Bypass: scale activations
 
-    public var hasBypassPath: Bool { true }
+    // No `bypassCost`: the bypass scales the bias too, so it is taken only when asked for.
 
     /// The activation's channel axis: last for linear, 1 for conv.
     private func activationChannels(_ x: Tensor, _ scales: Tensor) -> Tensor {

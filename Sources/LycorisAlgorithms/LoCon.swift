@@ -107,12 +107,17 @@ public struct LoCon: AdapterAlgorithm {
 
     // MARK: Bypass
 
-    public var hasBypassPath: Bool { true }
-
     /// Grouped convolutions have no factor path (the factors are not grouped): they use ΔW.
     private var bypassApplies: Bool {
         if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
         return true
+    }
+
+    /// down (r·in·K, or r·in + r·r·K through the Tucker core) then up (out·r).
+    public var bypassCost: Int? {
+        guard bypassApplies, let r = rank else { return nil }
+        let (inner, out, k) = (layer.weightInFeatures, layer.outFeatures, layer.kernelElements)
+        return (usesTucker ? r * inner + r * r * k : r * inner * k) + out * r
     }
 
     private func chain(_ context: DeltaContext) -> OperatorChain {

@@ -180,9 +180,16 @@ public struct LoKr: AdapterAlgorithm {
     /// Linear layers and ungrouped convolutions: the input's channels split as
     /// (in_m, in_n), so kron(W1, W2) applies as W2 on each of the in_m channel groups, then
     /// W1 across groups.
-    public var hasBypassPath: Bool {
+    private var hasBypassPath: Bool {
         if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
         return true
+    }
+
+    /// W2 on each of the in_m channel groups (in_m·out_k·in_n·K), then W1 across groups
+    /// (out_l·in_m·out_k).
+    public var bypassCost: Int? {
+        guard hasBypassPath else { return nil }
+        return w1Shape[1] * w2Shape[0] * w2Shape[1] * layer.kernelElements + w1Shape[0] * w1Shape[1] * w2Shape[0]
     }
 
     /// The op W2 applies to one channel group: in_n → out_k with the layer's geometry.
