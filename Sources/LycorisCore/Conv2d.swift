@@ -182,9 +182,11 @@ public enum Conv2d {
             isPointwise = geometry.kernelSize == [1, 1] && geometry.stride == [1, 1] && geometry.padding == [0, 0]
         }
 
-        /// Scratch for one patch matrix (empty when pointwise).
+        /// Scratch for one patch matrix (empty when pointwise); not zero-filled, since
+        /// im2col and the GEMMs write every element before it is read.
         func patchBuffer() -> [Float] {
-            isPointwise ? [] : [Float](repeating: 0, count: patchLength * outPixels)
+            let count = isPointwise ? 0 : patchLength * outPixels
+            return [Float](unsafeUninitializedCapacity: count) { _, initialized in initialized = count }
         }
 
         func inputOffset(image n: Int, group g: Int) -> Int { (n * geometry.inChannels + g * channelsPerGroup) * height * width }
@@ -196,21 +198,25 @@ public enum Conv2d {
             let source = input + inputOffset(image: n, group: g)
             if isPointwise { return source }
             let cols = buffer!
+            let stride = geometry.stride[1]
             forEachRow { row, c, i, j in
                 let dst = cols + row * outPixels
                 let channel = source + c * height * width
+                let (first, end, shift) = columnSpan(j)
                 for oy in 0..<outHeight {
-                    let iy = oy * geometry.stride[0] - geometry.padding[0] + i * geometry.dilation[0]
                     let line = dst + oy * outWidth
-                    guard iy >= 0 && iy < height else {
+                    guard let iy = inputRow(oy: oy, i: i) else {
                         line.update(repeating: 0, count: outWidth)
                         continue
                     }
                     let inputRow = channel + iy * width
-                    for ox in 0..<outWidth {
-                        let ix = ox * geometry.stride[1] - geometry.padding[1] + j * geometry.dilation[1]
-                        line[ox] = ix >= 0 && ix < width ? inputRow[ix] : 0
+                    if first > 0 { line.update(repeating: 0, count: first) }
+                    if stride == 1 {
+                        if end > first { (line + first).update(from: inputRow + first + shift, count: end - first) }
+                    } else {
+                        for ox in first..<end { line[ox] = inputRow[ox * stride + shift] }
                     }
+                    if end < outWidth { (line + end).update(repeating: 0, count: outWidth - end) }
                 }
             }
             return UnsafePointer(cols)
@@ -219,20 +225,38 @@ public enum Conv2d {
         /// Adds the patch-matrix gradient back onto the input gradient of image n, group g.
         func col2imAdd(_ cols: UnsafePointer<Float>, into gradInput: UnsafeMutablePointer<Float>, image n: Int, group g: Int) {
             let target = gradInput + inputOffset(image: n, group: g)
+            let stride = geometry.stride[1]
             forEachRow { row, c, i, j in
                 let src = cols + row * outPixels
                 let channel = target + c * height * width
+                let (first, end, shift) = columnSpan(j)
                 for oy in 0..<outHeight {
-                    let iy = oy * geometry.stride[0] - geometry.padding[0] + i * geometry.dilation[0]
-                    guard iy >= 0 && iy < height else { continue }
+                    guard let iy = inputRow(oy: oy, i: i) else { continue }
                     let inputRow = channel + iy * width
                     let line = src + oy * outWidth
-                    for ox in 0..<outWidth {
-                        let ix = ox * geometry.stride[1] - geometry.padding[1] + j * geometry.dilation[1]
-                        if ix >= 0 && ix < width { inputRow[ix] += line[ox] }
-                    }
+                    for ox in first..<end { inputRow[ox * stride + shift] += line[ox] }
                 }
             }
+        }
+
+        /// The output columns [first, end) whose tap at kernel column j lands inside the
+        /// input row, and the input column of output column ox: ox·stride + shift.
+        @inline(__always)
+        private func columnSpan(_ j: Int) -> (first: Int, end: Int, shift: Int) {
+            let shift = j * geometry.dilation[1] - geometry.padding[1]
+            let stride = geometry.stride[1]
+            // ox·s + shift ≥ 0 and ≤ width − 1.
+            let first = shift >= 0 ? 0 : (-shift + stride - 1) / stride
+            let last = width - 1 - shift
+            let end = last < 0 ? 0 : Swift.min(outWidth, last / stride + 1)
+            return (Swift.min(first, end), end, shift)
+        }
+
+        /// The input row read by output row oy at kernel row i, or nil in the padding.
+        @inline(__always)
+        private func inputRow(oy: Int, i: Int) -> Int? {
+            let iy = oy * geometry.stride[0] - geometry.padding[0] + i * geometry.dilation[0]
+            return iy >= 0 && iy < height ? iy : nil
         }
 
         /// Visits every patch row: (row, channel within the group, kernel y, kernel x).
