@@ -1,0 +1,165 @@
+"""The lycoris-server process: finding it, starting it, and calling it (JSON-RPC 2.0 over
+its stdin/stdout, one JSON text per line).
+
+The server's stderr is forwarded to Python logging (logger ``swift_lycoris.server``). If the
+server dies, the pending or next call raises :class:`ServerDied` with the tail of its
+stderr, within a second — never a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import itertools
+import json
+import logging
+import os
+import select
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+log = logging.getLogger("swift_lycoris.server")
+
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerError(RuntimeError):
+    """An error response: ``code``, ``message`` and ``data`` as the server sent them."""
+
+    def __init__(self, method: str, error: dict):
+        self.method = method
+        self.code = error.get("code")
+        self.data = error.get("data")
+        super().__init__(f"lycoris-server {method}: {error.get('message')} (code {self.code})")
+
+
+class ServerDied(RuntimeError):
+    """The server process ended; the message carries the tail of its stderr."""
+
+
+class ServerNotFound(FileNotFoundError):
+    pass
+
+
+def find_server() -> str:
+    """The server binary: ``$LYCORIS_SERVER``, then this repository's release (then debug)
+    build, then ``lycoris-server`` on ``PATH``."""
+    explicit = os.environ.get("LYCORIS_SERVER")
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise ServerNotFound(f"LYCORIS_SERVER={explicit} is not an executable file")
+        return explicit
+    for build in ("release", "debug"):
+        candidate = _REPO_ROOT / ".build" / build / "lycoris-server"
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    on_path = shutil.which("lycoris-server")
+    if on_path:
+        return on_path
+    raise ServerNotFound(
+        "lycoris-server not found. Build it with `swift build -c release` in the swift-lycoris "
+        "repository (or `make build`), or point LYCORIS_SERVER at the binary."
+    )
+
+
+class Server:
+    """One running lycoris-server, owned by this object (it ends with :meth:`close`)."""
+
+    def __init__(self, binary: str | None = None, threads: int | None = None, arena_dir: str | None = None):
+        self.binary = binary or find_server()
+        args = [self.binary]
+        if threads:
+            args += ["--threads", str(threads)]
+        if arena_dir:
+            args += ["--arena-dir", arena_dir]
+        self._process = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+        )
+        self._ids = itertools.count(1)
+        self._buffer = bytearray()
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._stderr_thread = threading.Thread(target=self._forward_stderr, daemon=True, name="lycoris-server-stderr")
+        self._stderr_thread.start()
+        self._lock = threading.Lock()
+        self.info = self.call("initialize", {"client": "swift_lycoris", "protocol_version": "1.0"})
+
+    def _forward_stderr(self) -> None:
+        for raw in io.BufferedReader(self._process.stderr):
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._stderr_tail.append(line)
+            log.info("%s", line)
+
+    def _died(self) -> ServerDied:
+        self._process.poll()
+        self._stderr_thread.join(timeout=1.0)
+        tail = "\n".join(self._stderr_tail) or "(no output on stderr)"
+        return ServerDied(f"lycoris-server exited with status {self._process.returncode}; its last stderr lines:\n{tail}")
+
+    def call(self, method: str, params: dict | None = None):
+        """Sends one request and returns its result (raises ServerError / ServerDied)."""
+        with self._lock:
+            if self._process.poll() is not None:
+                raise self._died()
+            request = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
+            if params is not None:
+                request["params"] = params
+            data = memoryview(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+            try:
+                while data:
+                    written = os.write(self._process.stdin.fileno(), data)
+                    data = data[written:]
+            except (BrokenPipeError, OSError):
+                raise self._died() from None
+            line = self._read_line()
+        response = json.loads(line)
+        if "error" in response:
+            raise ServerError(method, response["error"])
+        return response.get("result")
+
+    def _read_line(self) -> bytes:
+        """The next response line, read with os.read into our own buffer (select with a
+        1 s timeout between reads, so a dead server is noticed promptly)."""
+        fd = self._process.stdout.fileno()
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[:newline])
+                del self._buffer[: newline + 1]
+                return line
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    raise self._died()
+                self._buffer += chunk
+            elif self._process.poll() is not None:
+                raise self._died()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def close(self) -> None:
+        """Asks the server to shut down and waits for it (kills it after 5 s)."""
+        if self._process.poll() is None:
+            try:
+                self.call("shutdown")
+            except (ServerError, ServerDied, OSError):
+                pass
+            try:
+                self._process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
