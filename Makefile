@@ -19,10 +19,15 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas-dev libjansson-dev pkg-config jq >/dev/null; \
 	fi
 
-## The Python environment of the protocol and example tests (numpy, jsonschema, pytest).
+## The Python environment of the Python suites: protocol schemas, examples, swift_lycoris
+## (torch, the LyCORIS 4.1.3 oracle, diffusers/transformers for tiny models built from
+## configs) plus this repository's package, installed editable.
 venv:
-	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest" 2>/dev/null; then \
-		python3 -m venv $(VENV) && $(VENV)/bin/pip install -q numpy jsonschema pytest; \
+	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest, torch, lycoris, diffusers, transformers, swift_lycoris" 2>/dev/null; then \
+		echo "creating $(VENV) (python/requirements-test.txt)"; \
+		python3 -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
+		$(VENV)/bin/pip install -q -r python/requirements-test.txt && \
+		$(VENV)/bin/pip install -q --no-deps -e ./python; \
 	fi
 
 build: deps
@@ -37,7 +42,9 @@ demo: build
 test: deps venv
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+	$(SWIFT) build -c release --product lycoris-server
 	LYCORIS_SERVER=$(CURDIR)/.build/debug/lycoris-server $(VENV)/bin/python -m pytest -q protocol/tests examples/tests
+	LYCORIS_SERVER=$(CURDIR)/.build/release/lycoris-server $(VENV)/bin/python -m pytest -q python/tests
 
 ## Side-by-side benchmarks (release build; LyCORIS + torch from LYCORIS_BENCH_PYTHON if set).
 bench: deps
