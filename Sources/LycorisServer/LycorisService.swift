@@ -85,6 +85,7 @@ public final class LycorisService {
         "backward": { $0.backward },
         "delta_weight": { $0.deltaWeight },
         "delta_weight_backward": { $0.deltaWeightBackward },
+        "tapes.release": { $0.tapesRelease },
         "parameters.get": { $0.parametersGet },
         "parameters.set": { $0.parametersSet },
         "gradients.get": { $0.gradientsGet },

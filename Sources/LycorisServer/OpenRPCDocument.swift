@@ -697,6 +697,53 @@ enum OpenRPCDocument {
       ]
     },
     {
+      "name": "tapes.release",
+      "summary": "Drop tapes whose backward will not come.",
+      "description": "Removes the given tapes (from forward or delta_weight) from the server. Ids that are unknown or already consumed are ignored, so a client may release tapes from finalizers without tracking which backward ran. Needs no network.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "tapes",
+          "required": true,
+          "description": "Tape ids to drop.",
+          "schema": {
+            "type": "array",
+            "items": {
+              "type": "integer"
+            }
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "type": "object",
+          "required": [
+            "released",
+            "pending"
+          ],
+          "properties": {
+            "released": {
+              "description": "How many of the ids were pending and are now dropped.",
+              "type": "integer",
+              "minimum": 0
+            },
+            "pending": {
+              "description": "Tapes still kept after the call.",
+              "type": "integer",
+              "minimum": 0
+            }
+          },
+          "additionalProperties": false
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        }
+      ]
+    },
+    {
       "name": "parameters.get",
       "summary": "Read parameters.",
       "description": "Parameter values by key.",
@@ -1661,7 +1708,8 @@ enum OpenRPCDocument {
         "required": [
           "modules",
           "parameter_count",
-          "training"
+          "training",
+          "pending_tapes"
         ],
         "properties": {
           "modules": {
@@ -1678,6 +1726,11 @@ enum OpenRPCDocument {
           "training": {
             "description": "Training mode of the network (false for an empty network).",
             "type": "boolean"
+          },
+          "pending_tapes": {
+            "description": "Forward/delta_weight calls whose tapes are still kept (awaiting backward or tapes.release).",
+            "type": "integer",
+            "minimum": 0
           }
         },
         "additionalProperties": false
@@ -1688,7 +1741,8 @@ enum OpenRPCDocument {
           "modules",
           "parameter_count",
           "training",
-          "skipped_layers"
+          "skipped_layers",
+          "pending_tapes"
         ],
         "properties": {
           "modules": {
@@ -1712,6 +1766,11 @@ enum OpenRPCDocument {
             "items": {
               "$ref": "#/components/schemas/ModuleName"
             }
+          },
+          "pending_tapes": {
+            "description": "Always 0 after network.create.",
+            "type": "integer",
+            "minimum": 0
           }
         },
         "additionalProperties": false
@@ -1933,6 +1992,10 @@ enum OpenRPCDocument {
           "parameter_grads": {
             "$ref": "#/components/schemas/OutputMap",
             "description": "Where each parameter gradient goes (by parameter key) when return_parameter_grads is true; default inline F32."
+          },
+          "keep": {
+            "description": "Keep the tape after this backward (for a second backward, as autograd's retain_graph); release it later with tapes.release. Default false: the tape is consumed.",
+            "type": "boolean"
           }
         }
       },

@@ -92,7 +92,7 @@ extension LycorisService {
         let accumulate = try p.bool("accumulate", default: true)
         typealias Prepared = (id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor,
                               inputDestination: TensorTransport.Destination, gradDestinations: [String: TensorTransport.Destination],
-                              gradPaths: [String: String], inputPath: String)
+                              gradPaths: [String: String], inputPath: String, keep: Bool)
         var prepared: [Prepared] = []
         var seen = Set<Int64>()
         for call in try p.objects("calls") {
@@ -126,10 +126,11 @@ extension LycorisService {
                 }
             }
             seen.insert(id)
-            prepared.append((id, record, module, gradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input")))
+            prepared.append((id, record, module, gradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input"),
+                             try call.bool("keep", default: false)))
         }
         var results: [JSONValue] = []
-        for (id, record, module, gradient, inputDestination, gradDestinations, gradPaths, inputPath) in prepared {
+        for (id, record, module, gradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
             var result: JSONObject = [:]
             let parameterGrads: ParameterSet
             switch record.kind {
@@ -151,10 +152,23 @@ extension LycorisService {
                 result["parameter_grads"] = .object(grads)
             }
             if accumulate { accumulateGradients(parameterGrads, module: module.name) }
-            pending[id] = nil
+            // `keep`: the tape stays for another backward (autograd's retain_graph) until
+            // `tapes.release`.
+            if !keep { pending[id] = nil }
             results.append(.object(result))
         }
         return ["results": .array(results)]
+    }
+
+    /// `tapes.release`: drops tapes whose backward will not come (ids that are unknown or
+    /// already consumed are ignored, so clients may release from finalizers).
+    func tapesRelease(_ p: Params) throws -> JSONValue {
+        var released = 0
+        for (index, value) in try p.array("tapes").enumerated() {
+            guard let id = value.intValue else { throw RPCError.invalidParams("tapes[\(index)] must be an integer", path: "tapes[\(index)]") }
+            if pending.removeValue(forKey: Int64(id)) != nil { released += 1 }
+        }
+        return ["released": JSONValue(released), "pending": JSONValue(pending.count)]
     }
 
     func accumulateGradients(_ grads: ParameterSet, module: String) {

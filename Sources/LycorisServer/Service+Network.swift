@@ -182,6 +182,7 @@ extension LycorisService {
             "modules": .array(modules),
             "parameter_count": JSONValue(network.parameterCount),
             "training": .bool(network.modules.first?.isTraining ?? false),
+            "pending_tapes": JSONValue(pending.count),
         ]
     }
 
@@ -234,6 +235,9 @@ extension LycorisService {
             }
             do {
                 module.algorithm = try file.adapter(for: fileModule, layer: module.layer)
+                if module.algorithm is IA3 && module.baseWeight == nil {
+                    throw AdapterError("ia3 needs the layer's base weight, which this network was created without (layers[].weight)")
+                }
             } catch let error as AdapterError {
                 throw RPCError.adapter("\(fileModule.name): \(error.description)", path: path)
             }

@@ -324,6 +324,15 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
         server.call("backward", {"calls": [{"tape": tapes[0], "grad_output": inline(g)}]})
     assert used.value.code == -32001  # a tape serves one backward
 
+    # keep: a tape may serve a second backward (retain_graph) until tapes.release drops it.
+    kept = server.call("forward", {"grad": True, "calls": [{"module": "lora_unet_q", "input": inline(x)}]})["results"][0]["tape"]
+    for _ in range(2):
+        again = server.call("backward", {"accumulate": False, "calls": [{"tape": kept, "grad_output": inline(g), "keep": True}]})
+        close(tensor(again["results"][0]["grad_input"]), 0.5 * g @ up @ down)
+    assert server.call("network.info")["pending_tapes"] == 1
+    assert server.call("tapes.release", {"tapes": [kept, kept, 123456]}) == {"released": 1, "pending": 0}
+    assert server.call("network.info")["pending_tapes"] == 0
+
     # ΔW and its backward (rebuild-mode clients).
     dw = server.call("delta_weight", {"modules": ["lora_unet_q"], "grad": True, "dtype": "F32"})["results"]
     assert dw[0]["module"] == "lora_unet_q"
