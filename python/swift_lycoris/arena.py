@@ -67,7 +67,7 @@ class Arena:
     def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         itemsize = _DTYPES[dtype][1]
         count = int(np.prod(shape)) if len(shape) else 1
-        return self._bytes[offset: offset + count * itemsize].view(dtype).view(*shape)
+        return self._bytes[offset: offset + count * itemsize].view(dtype).view(tuple(shape))
 
     def put(self, tensor: torch.Tensor) -> dict:
         """Copies `tensor` (any device; non-float dtypes as F32) into the arena."""

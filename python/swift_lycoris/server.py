@@ -48,7 +48,7 @@ def find_server() -> str:
     build, then ``lycoris-server`` on ``PATH``."""
     explicit = os.environ.get("LYCORIS_SERVER")
     if explicit:
-        if not os.access(explicit, os.X_OK):
+        if not (os.path.isfile(explicit) and os.access(explicit, os.X_OK)):
             raise ServerNotFound(f"LYCORIS_SERVER={explicit} is not an executable file")
         return explicit
     for build in ("release", "debug"):
@@ -62,6 +62,14 @@ def find_server() -> str:
         "lycoris-server not found. Build it with `swift build -c release` in the swift-lycoris "
         "repository (or `make build`), or point LYCORIS_SERVER at the binary."
     )
+
+
+def _forward_stderr(stream, tail: collections.deque) -> None:
+    """Forwards the server's stderr to logging, keeping the last lines for error messages."""
+    for raw in io.BufferedReader(stream):
+        line = raw.decode("utf-8", "replace").rstrip()
+        tail.append(line)
+        log.info("%s", line)
 
 
 class Server:
@@ -80,19 +88,19 @@ class Server:
         self._ids = itertools.count(1)
         self._buffer = bytearray()
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
-        self._stderr_thread = threading.Thread(target=self._forward_stderr, daemon=True, name="lycoris-server-stderr")
+        # The thread holds the stream and the tail, not this object, so an unused Server can
+        # be collected (and its process ended by __del__).
+        self._stderr_thread = threading.Thread(
+            target=_forward_stderr, args=(self._process.stderr, self._stderr_tail), daemon=True, name="lycoris-server-stderr")
         self._stderr_thread.start()
         self._lock = threading.Lock()
         self.info = self.call("initialize", {"client": "swift_lycoris", "protocol_version": "1.0"})
 
-    def _forward_stderr(self) -> None:
-        for raw in io.BufferedReader(self._process.stderr):
-            line = raw.decode("utf-8", "replace").rstrip()
-            self._stderr_tail.append(line)
-            log.info("%s", line)
-
     def _died(self) -> ServerDied:
-        self._process.poll()
+        try:
+            self._process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
         self._stderr_thread.join(timeout=1.0)
         tail = "\n".join(self._stderr_tail) or "(no output on stderr)"
         return ServerDied(f"lycoris-server exited with status {self._process.returncode}; its last stderr lines:\n{tail}")
