@@ -12,6 +12,7 @@ Parameter values reach the server only when their version counter changed.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Iterable
 
 import torch
@@ -29,13 +30,27 @@ def layer_description(name: str, module: nn.Module) -> dict | None:
     """The server's description of a torch layer, or None for kinds it does not adapt."""
     if isinstance(module, nn.Linear):
         return {"name": name, "kind": "linear", "in_features": module.in_features, "out_features": module.out_features}
-    if isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple):
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+        padding = _explicit_padding(module)
+        if padding is None:
+            return None
         return {
             "name": name, "kind": "conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
-            "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": list(module.padding),
+            "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": padding,
             "dilation": list(module.dilation), "groups": module.groups,
         }
     return None
+
+
+def _explicit_padding(conv: nn.Conv2d) -> list[int] | None:
+    """The padding as two integers; torch's "valid" is 0 and "same" (stride 1) is
+    dilation·(k−1)/2 when that is symmetric (None when it is not)."""
+    if isinstance(conv.padding, tuple):
+        return list(conv.padding)
+    if conv.padding == "valid":
+        return [0, 0]
+    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    return [t // 2 for t in total] if all(t % 2 == 0 for t in total) else None
 
 
 class _ParameterHolder(nn.Module):
@@ -59,23 +74,26 @@ class _ParameterHolder(nn.Module):
 
 
 class AdapterFunction(torch.autograd.Function):
-    """m·Δ(x) of one adapter, computed by the server; backward returns ∂x and ∂params."""
+    """m·Δ(x) of one adapter, computed by the server; backward returns ∂x and ∂params.
+
+    The server keeps a tape (the step's input and random choices) for as long as the autograd
+    graph holding this call lives: backward uses it without consuming it (so
+    ``retain_graph`` works), and when the graph is freed — after backward, or dropped
+    without one (a loss never back-propagated, a segment that gradient checkpointing
+    recomputes) — a finalizer queues the id, released with the next server call."""
 
     @staticmethod
     def forward(ctx, network: "LycorisNetwork", name: str, output_shape: torch.Size, x: torch.Tensor, *params):
-        keep_tape = any(ctx.needs_input_grad[3:])
-        delta, tape = network._server_forward(name, x, output_shape, keep_tape)
+        delta, tape = network._server_forward(name, x, output_shape, True)
         ctx.network, ctx.name, ctx.tape = network, name, tape
         ctx.input_meta = (x.shape, x.dtype, x.device)
         ctx.param_meta = [(p.dtype, p.device) for p in params]
+        weakref.finalize(ctx, network._orphaned_tapes.append, tape)
         return delta
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        if ctx.tape is None:
-            raise RuntimeError(f"swift_lycoris: {ctx.name} was run without a tape; backward is not possible")
         grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
-        ctx.tape = None
         param_grads = [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
         return (None, None, None, grad_input, *param_grads)
 
@@ -93,11 +111,16 @@ class LycorisNetwork(nn.Module):
         seed: int = 0,
         threads: int | None = None,
         server: Server | None = None,
+        base_weights_for: Iterable[str] | None = None,
     ):
+        """`base_weights_for`: layers whose base weight and bias the server must hold
+        although their algorithm is not IA3 yet (a file loaded later may make them IA3)."""
         super().__init__()
         self.server = server or Server(threads=threads)
         self.arena = Arena(self.server)
         self.multiplier = float(multiplier)
+        self._orphaned_tapes: list[int] = []
+        self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
         descriptions = []
         for name, layer in layers.items():
@@ -105,8 +128,11 @@ class LycorisNetwork(nn.Module):
             if description is None:
                 log.warning("swift_lycoris: %s (%s) is not a layer kind the server adapts; skipped", name, type(layer).__name__)
                 continue
-            if algo == "ia3" or (layer_options or {}).get(name, {}).get("algo") == "ia3":
+            if algo == "ia3" or (layer_options or {}).get(name, {}).get("algo") == "ia3" or name in (base_weights_for or ()):
+                # IA3 scales the base weight (and, in bypass mode, the bias too).
                 description["weight"] = self._inline(layer.weight)
+                if layer.bias is not None:
+                    description["bias"] = self._inline(layer.bias)
             for key, value in (layer_options or {}).get(name, {}).items():
                 description[key] = value
             descriptions.append(description)
@@ -117,9 +143,11 @@ class LycorisNetwork(nn.Module):
         })
         self.adapters = nn.ModuleDict()
         self._keys: dict[str, list[str]] = {}
-        self._synced_versions: dict[str, int] = {}
+        self._synced_versions: dict[str, tuple[int, int]] = {}
         self._rebuild_parameters(info)
         self.applied = False
+        # A new module is in training mode (torch's default); the server starts in eval.
+        self.server.call("network.set_training", {"training": self.training})
 
     # MARK: parameters
 
@@ -130,9 +158,17 @@ class LycorisNetwork(nn.Module):
         data = tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         return {"dtype": "F32", "shape": list(tensor.shape), "data": base64.b64encode(data).decode()}
 
-    def _rebuild_parameters(self, info: dict) -> None:
-        """Creates the torch Parameters from the server's current values."""
+    def _rebuild_parameters(self, info: dict, reuse_parameters: bool = True) -> None:
+        """Creates the torch Parameters from the server's current values. With
+        `reuse_parameters`, a Parameter that already exists under the same key with the same
+        shape is kept and receives the new value in place (its dtype and device stay), so an
+        optimizer that holds it stays valid."""
         self.modules_info = {m["name"]: m for m in info["modules"]}
+        previous = {}
+        if reuse_parameters:
+            for name in self.adapters.keys():
+                for suffix in self._keys.get(name, []):
+                    previous[f"{name}.{suffix}"] = self.adapters[name].get(suffix)
         for name in [n for n in self.adapters.keys() if n not in self.modules_info]:
             del self.adapters[name]
         keys = [p["key"] for m in info["modules"] for p in m["parameters"]]
@@ -142,11 +178,18 @@ class LycorisNetwork(nn.Module):
             names = []
             for parameter in module["parameters"]:
                 suffix = parameter["key"][len(module["name"]) + 1:]
-                holder.set(suffix, nn.Parameter(values[parameter["key"]]))
+                value = values[parameter["key"]]
+                old = previous.get(parameter["key"])
+                if old is not None and tuple(old.shape) == tuple(value.shape):
+                    with torch.no_grad():
+                        old.copy_(value)
+                    holder.set(suffix, old)
+                else:
+                    holder.set(suffix, nn.Parameter(value))
                 names.append(suffix)
             self.adapters[module["name"]] = holder
             self._keys[module["name"]] = names
-        self._synced_versions = {key: self._parameter(key)._version for key in keys}
+        self._synced_versions = {key: self._state(self._parameter(key)) for key in keys}
 
     def _parameter(self, key: str) -> nn.Parameter:
         module, suffix = key.split(".", 1)
@@ -166,9 +209,12 @@ class LycorisNetwork(nn.Module):
         result = self.server.call(method, {"keys": keys, "outputs": outputs})
         return {key: self.arena.take(descriptor) for key, descriptor in result["parameters"].items()}
 
-    def sync(self) -> None:
-        """Sends the parameters whose values changed since the last sync (version counters)."""
-        changed = [key for key, version in self._synced_versions.items() if self._parameter(key)._version != version]
+    def sync(self, force: bool = False) -> None:
+        """Sends the parameters whose values changed since the last sync, as torch's version
+        counters tell (every in-place op and optimizer step bumps them). Writes through
+        ``.data`` bypass the counters: call ``sync(force=True)`` after those."""
+        changed = [key for key, version in self._synced_versions.items()
+                   if force or self._state(self._parameter(key)) != version]
         if not changed:
             return
         self.arena.begin()
@@ -176,9 +222,41 @@ class LycorisNetwork(nn.Module):
         params = {key: self.arena.put(self._parameter(key).detach().to("cpu", torch.float32)) for key in changed}
         self.server.call("parameters.set", {"parameters": params})
         for key in changed:
-            self._synced_versions[key] = self._parameter(key)._version
+            self._synced_versions[key] = self._state(self._parameter(key))
+
+    @staticmethod
+    def _state(parameter: torch.Tensor) -> tuple[int, int]:
+        """What tells a changed value: the version counter, and the storage (rebinding
+        ``.data`` swaps it without touching the counter)."""
+        return parameter._version, parameter.data_ptr()
 
     # MARK: forward / backward through the server
+
+    def release_orphaned_tapes(self) -> None:
+        """Tells the server to drop the tapes whose autograd graphs are gone (a notification:
+        no round trip)."""
+        if self._orphaned_tapes:
+            tapes, self._orphaned_tapes[:] = list(self._orphaned_tapes), []
+            self.server.notify("tapes.release", {"tapes": tapes})
+
+    def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the
+        autograd Function when a graph will be built, else a plain call without a tape; in
+        the base output's dtype (autocast). Unbatched conv inputs (C, H, W) are accepted."""
+        self.release_orphaned_tapes()
+        params = self._module_parameters(name)
+        unbatched = x.dim() == 3 and self.modules_info[name]["layer"]["kind"] == "conv2d"
+        if unbatched:
+            x, output_shape = x.unsqueeze(0), (1, *base.shape)
+        else:
+            output_shape = base.shape
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            delta = AdapterFunction.apply(self, name, output_shape, x, *params)
+        else:
+            delta, _ = self._server_forward(name, x, output_shape, False)
+        if unbatched:
+            delta = delta.squeeze(0)
+        return delta if delta.dtype == base.dtype else delta.to(base.dtype)
 
     def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool):
         self.sync()
@@ -200,6 +278,7 @@ class LycorisNetwork(nn.Module):
         self.arena.plan([grad_output.numel() * _ITEMSIZE[dtype], _numel(shape) * _ITEMSIZE[dtype]] + [_numel(s) * 4 for s in shapes])
         call = {
             "tape": tape,
+            "keep": True,
             "grad_output": self.arena.put(grad_output.contiguous()),
             "grad_input": self.arena.reserve(shape, dtype),
             "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(keys, shapes)},
@@ -212,27 +291,30 @@ class LycorisNetwork(nn.Module):
     # MARK: attaching to the model
 
     def apply_to(self) -> None:
-        """Routes each target layer's forward through its adapter."""
+        """Routes each target layer's forward through its adapter. Networks stack: a second
+        network on the same layers wraps the first one's forward."""
         for name, layer in self._targets.items():
-            if name not in self.modules_info or getattr(layer, "_swift_lycoris_original", None) is not None:
+            if name not in self.modules_info or name in self._originals:
                 continue
             original = layer.forward
-            layer._swift_lycoris_original = original
+            self._originals[name] = (original, "forward" in layer.__dict__)
 
             def forward(x, *args, _name=name, _original=original, **kwargs):
                 base = _original(x, *args, **kwargs)
-                return base + AdapterFunction.apply(self, _name, base.shape, x, *self._module_parameters(_name))
+                return base + self.adapter_delta(_name, x, base)
 
             layer.forward = forward
         self.applied = True
 
     def restore(self) -> None:
-        """Gives every target layer its original forward back."""
-        for layer in self._targets.values():
-            original = getattr(layer, "_swift_lycoris_original", None)
-            if original is not None:
+        """Gives every target layer the forward it had before :meth:`apply_to`."""
+        for name, (original, was_instance_attribute) in self._originals.items():
+            layer = self._targets[name]
+            if was_instance_attribute:
                 layer.forward = original
-                layer._swift_lycoris_original = None
+            else:
+                layer.__dict__.pop("forward", None)
+        self._originals.clear()
         self.applied = False
 
     @torch.no_grad()
@@ -240,6 +322,7 @@ class LycorisNetwork(nn.Module):
         """Adds m·ΔW (the forward's ΔW) into every target layer's weight, and restores the
         layers' own forward."""
         self.sync()
+        previous = self.multiplier
         if multiplier is not None:
             self.set_multiplier(multiplier)
         names = list(self.modules_info)
@@ -250,6 +333,8 @@ class LycorisNetwork(nn.Module):
         for item in result["results"]:
             weight = self._targets[item["module"]].weight
             weight.add_(self.arena.take(item["delta_weight"]).to(weight.device, weight.dtype))
+        if multiplier is not None:
+            self.set_multiplier(previous)
         self.restore()
 
     # MARK: state
@@ -271,10 +356,12 @@ class LycorisNetwork(nn.Module):
         self.server.call("network.save", {"path": str(file), "dtype": names.get(dtype, "F32"),
                                           "metadata": {str(k): str(v) for k, v in (metadata or {}).items()}})
 
-    def load_weights(self, file: str) -> dict:
-        """Loads a LyCORIS/kohya file's modules onto this network's layers."""
+    def load_weights(self, file: str, reuse_parameters: bool = True) -> dict:
+        """Loads a LyCORIS/kohya file's modules onto this network's layers. With
+        `reuse_parameters`, Parameters whose shape is unchanged are updated in place
+        instead of replaced (see :meth:`_rebuild_parameters`)."""
         result = self.server.call("network.load", {"path": str(file)})
-        self._rebuild_parameters(self.server.call("network.info"))
+        self._rebuild_parameters(self.server.call("network.info"), reuse_parameters=reuse_parameters)
         return result
 
     def close(self) -> None:

@@ -113,18 +113,28 @@ class Server:
             request = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
             if params is not None:
                 request["params"] = params
-            data = memoryview(json.dumps(request, separators=(",", ":")).encode() + b"\n")
-            try:
-                while data:
-                    written = os.write(self._process.stdin.fileno(), data)
-                    data = data[written:]
-            except (BrokenPipeError, OSError):
-                raise self._died() from None
+            self._write(request)
             line = self._read_line()
         response = json.loads(line)
         if "error" in response:
             raise ServerError(method, response["error"])
         return response.get("result")
+
+    def notify(self, method: str, params: dict | None = None) -> None:
+        """Sends a notification (no response is sent back, none is awaited)."""
+        with self._lock:
+            if self._process.poll() is not None:
+                raise self._died()
+            self._write({"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})})
+
+    def _write(self, message: dict) -> None:
+        data = memoryview(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        try:
+            while data:
+                written = os.write(self._process.stdin.fileno(), data)
+                data = data[written:]
+        except (BrokenPipeError, OSError):
+            raise self._died() from None
 
     def _read_line(self) -> bytes:
         """The next response line, read with os.read into our own buffer (select with a

@@ -3,6 +3,9 @@ and Conv2d (names ``lycoris_<path with _>``), like ``lycoris.create_lycoris``.""
 
 from __future__ import annotations
 
+import json
+import struct
+
 from torch import nn
 
 from .network import LycorisNetwork, layer_description
@@ -37,6 +40,16 @@ def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module,
                                 threads: int | None = None) -> LycorisNetwork:
     """A network on `module`'s layers with the adapters of `file` (any LyCORIS algorithm
     this server computes, detected per module from the file's keys)."""
-    network = LycorisNetwork(_targets(module), algo=algo, multiplier=multiplier, threads=threads)
+    network = LycorisNetwork(_targets(module), algo=algo, multiplier=multiplier, threads=threads,
+                             base_weights_for=_ia3_modules(file))
     network.load_weights(file)
     return network
+
+
+def _ia3_modules(file: str) -> set[str]:
+    """Modules of a safetensors file that carry IA3's `on_input` key (read from the header
+    only): their layers' base weights must reach the server."""
+    with open(file, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    return {key.split(".", 1)[0] for key in header if key.endswith(".on_input")}
