@@ -3,8 +3,9 @@
 
 SWIFT ?= swift
 ALGO ?= loha
-STEPS ?= 300
+STEPS ?= 120
 OUT ?= demo-adapter.safetensors
+PLOT ?= demo-loss.png
 ORACLE_VENV ?= .venv-oracle
 
 .PHONY: demo test build deps venv fixtures bench clean
@@ -31,11 +32,13 @@ venv:
 	fi
 
 build: deps
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release --product lycoris-server
+	$(SWIFT) build -c release --product lycoris
 
-## The main job: train an adapter ($(ALGO)) on the built-in toy model, save it, describe it.
-demo: build
-	.build/release/lycoris demo --algo $(ALGO) --steps $(STEPS) --out $(OUT)
+## The main job: train an adapter ($(ALGO)) through swift_lycoris.kohya on a tiny built-in
+## UNet + CLIP with synthetic data, save it with kohya metadata, describe it, plot the loss.
+demo: build venv
+	LYCORIS_SERVER=$(CURDIR)/.build/release/lycoris-server $(VENV)/bin/python -m swift_lycoris.demo --algo $(ALGO) --steps $(STEPS) --out $(OUT) --plot $(PLOT)
 
 ## Every test: Swift Testing (LyCORIS parity fixtures, finite differences, safetensors,
 ## round trips, CLI, server) and pytest (protocol schemas against the real server, examples).
@@ -43,6 +46,7 @@ test: deps venv
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
 	$(SWIFT) build -c release --product lycoris-server
+	$(SWIFT) build -c release --product lycoris
 	LYCORIS_SERVER=$(CURDIR)/.build/debug/lycoris-server $(VENV)/bin/python -m pytest -q protocol/tests examples/tests
 	LYCORIS_SERVER=$(CURDIR)/.build/release/lycoris-server $(VENV)/bin/python -m pytest -q python/tests
 
@@ -59,4 +63,4 @@ fixtures:
 	$(ORACLE_VENV)/bin/python scripts/generate_safetensors_fixtures.py
 
 clean:
-	rm -rf .build $(OUT)
+	rm -rf .build $(OUT) $(PLOT)

@@ -34,7 +34,7 @@ def tiny_models(seed: int):
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=16,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1,
     ))
     return unet, text_encoder
 
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     network.prepare_grad_etc(text_encoder, unet)
     network.on_epoch_start(text_encoder, unet)
-    modules = len(network.modules_info)
+    modules = len(network.lora_names)
     parameters = sum(p.numel() for p in network.parameters())
     print(f"training {args.algo} on {modules} layers of a tiny UNet + CLIP ({parameters} adapter parameters), {args.steps} steps")
 
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     first, last = sum(losses[:5]) / min(5, len(losses)), sum(losses[-5:]) / min(5, len(losses))
     print(f"loss {first:.4f} → {last:.4f} (mean of the first / last 5 steps), {args.steps / elapsed:.1f} steps/s")
     print(f"saved {args.out}; loss curve {args.plot}")
-    lycoris = shutil.which("lycoris") or next(
-        (str(p) for p in (Path(network.server.binary).parent / "lycoris",) if p.exists()), None)
+    beside_server = Path(network.core.server.binary).parent / "lycoris"
+    lycoris = str(beside_server) if beside_server.exists() else shutil.which("lycoris")
     if lycoris:
         subprocess.run([lycoris, "info", args.out], check=False)
     network.close()
