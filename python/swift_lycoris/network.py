@@ -209,12 +209,13 @@ class LycorisNetwork(nn.Module):
         result = self.server.call(method, {"keys": keys, "outputs": outputs})
         return {key: self.arena.take(descriptor) for key, descriptor in result["parameters"].items()}
 
-    def sync(self, force: bool = False) -> None:
+    def sync(self, force: bool = False, module: str | None = None) -> None:
         """Sends the parameters whose values changed since the last sync, as torch's version
-        counters tell (every in-place op and optimizer step bumps them). Writes through
-        ``.data`` bypass the counters: call ``sync(force=True)`` after those."""
-        changed = [key for key, version in self._synced_versions.items()
-                   if force or self._state(self._parameter(key)) != version]
+        counters tell (every in-place op and optimizer step bumps them); only `module`'s when
+        given (each adapter's forward syncs its own). Writes through ``.data`` bypass the
+        counters: call ``sync(force=True)`` after those."""
+        keys = self._synced_versions if module is None else [f"{module}.{suffix}" for suffix in self._keys[module]]
+        changed = [key for key in keys if force or self._state(self._parameter(key)) != self._synced_versions[key]]
         if not changed:
             return
         self.arena.begin()
@@ -259,7 +260,7 @@ class LycorisNetwork(nn.Module):
         return delta if delta.dtype == base.dtype else delta.to(base.dtype)
 
     def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool):
-        self.sync()
+        self.sync(module=name)
         dtype = x.dtype if x.dtype in _ITEMSIZE else torch.float32
         self.arena.begin()
         self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]])
