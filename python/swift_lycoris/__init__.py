@@ -4,11 +4,11 @@
 - :mod:`swift_lycoris.kohya`: a drop-in ``--network_module`` for kohya sd-scripts.
 """
 
-from .network import AdapterFunction, LycorisNetwork
+from .network import AdapterFunction, DeltaWeightFunction, LycorisNetwork
 from .server import Server, ServerDied, ServerError, ServerNotFound, find_server
 from .wrapper import create_lycoris, create_lycoris_from_weights
 
 __all__ = [
-    "AdapterFunction", "LycorisNetwork", "Server", "ServerDied", "ServerError", "ServerNotFound", "find_server",
+    "AdapterFunction", "DeltaWeightFunction", "LycorisNetwork", "Server", "ServerDied", "ServerError", "ServerNotFound", "find_server",
     "create_lycoris", "create_lycoris_from_weights",
 ]

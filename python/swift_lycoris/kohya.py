@@ -699,10 +699,9 @@ class LycorisNetworkKohya(nn.Module):
         network = self  # the layer keeps the network alive while it is hooked, as in LyCORIS
 
         def forward(x, *args, **kwargs):
-            base = original(x, *args, **kwargs)
             if network.core is None:
-                return base
-            return base + network.core.adapter_delta(name, x, base)
+                return original(x, *args, **kwargs)
+            return network.core.adapted_forward(name, original, x, *args, **kwargs)
 
         return forward
 

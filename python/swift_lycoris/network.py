@@ -98,8 +98,32 @@ class AdapterFunction(torch.autograd.Function):
         return (None, None, None, grad_input, *param_grads)
 
 
+class DeltaWeightFunction(torch.autograd.Function):
+    """m·ΔW of one adapter, computed by the server (rebuild transfer: torch then applies
+    op(x, W0 + m·ΔW) itself); backward sends ∂ΔW and returns the parameters' gradients.
+    The tape lives as long as the graph, as in :class:`AdapterFunction`."""
+
+    @staticmethod
+    def forward(ctx, network: "LycorisNetwork", name: str, *params):
+        delta, tape = network._server_delta_weight(name)
+        ctx.network, ctx.name, ctx.tape = network, name, tape
+        ctx.param_meta = [(p.dtype, p.device) for p in params]
+        weakref.finalize(ctx, network._orphaned_tapes.append, tape)
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad_delta: torch.Tensor):
+        grads = ctx.network._server_delta_weight_backward(ctx.name, ctx.tape, grad_delta)
+        return (None, None, *[g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)])
+
+
 class LycorisNetwork(nn.Module):
-    """Adapters on a set of torch layers, computed by one lycoris-server process."""
+    """Adapters on a set of torch layers, computed by one lycoris-server process.
+
+    Per call, each adapted layer moves whichever is smaller through the arena (unless
+    `transfer` fixes it): the activations (x in, m·Δ(x) out; the server computes the
+    adapter's contribution) or the weight delta (m·ΔW out; torch computes op(x, W0 + m·ΔW)).
+    LyCORIS's bypass semantics (`bypass_mode=True`) always move activations."""
 
     def __init__(
         self,
@@ -112,6 +136,7 @@ class LycorisNetwork(nn.Module):
         threads: int | None = None,
         server: Server | None = None,
         base_weights_for: Iterable[str] | None = None,
+        transfer: str = "auto",
     ):
         """`base_weights_for`: layers whose base weight and bias the server must hold
         although their algorithm is not IA3 yet (a file loaded later may make them IA3)."""
@@ -119,6 +144,9 @@ class LycorisNetwork(nn.Module):
         self.server = server or Server(threads=threads)
         self.arena = Arena(self.server)
         self.multiplier = float(multiplier)
+        if transfer not in ("auto", "activations", "weights"):
+            raise ValueError(f"transfer must be auto, activations or weights, not {transfer!r}")
+        self.transfer = "activations" if (options or {}).get("bypass_mode") is True else transfer
         self._orphaned_tapes: list[int] = []
         self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
@@ -240,6 +268,35 @@ class LycorisNetwork(nn.Module):
             tapes, self._orphaned_tapes[:] = list(self._orphaned_tapes), []
             self.server.notify("tapes.release", {"tapes": tapes})
 
+    def adapted_forward(self, name: str, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The adapted layer's output: op(x, W0 + m·ΔW) + b in torch with ΔW from the server
+        when moving ΔW is cheaper (and the layer's own forward is the plain one), else the
+        layer's forward plus the server's m·Δ(x)."""
+        layer = self._targets[name]
+        if not args and not kwargs and self._moves_weights(layer, original, x):
+            self.release_orphaned_tapes()
+            params = self._module_parameters(name)
+            if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+                delta = DeltaWeightFunction.apply(self, name, *params)
+            else:
+                delta, _ = self._server_delta_weight(name, keep_tape=False)
+            weight = layer.weight + delta.to(layer.weight.device, layer.weight.dtype)
+            if isinstance(layer, nn.Linear):
+                return nn.functional.linear(x, weight, layer.bias)
+            return layer._conv_forward(x, weight, layer.bias)
+        base = original(x, *args, **kwargs)
+        return base + self.adapter_delta(name, x, base)
+
+    def _moves_weights(self, layer: nn.Module, original, x: torch.Tensor) -> bool:
+        if self.transfer == "activations" or getattr(original, "__func__", None) is not type(layer).forward:
+            return False
+        if self.transfer == "weights":
+            return True
+        channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+        outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        activation_elements = x.numel() * (1 + outputs / channels)
+        return layer.weight.numel() < activation_elements
+
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the
         autograd Function when a graph will be built, else a plain call without a tape; in
@@ -289,6 +346,27 @@ class LycorisNetwork(nn.Module):
         grads = [self.arena.take(result["parameter_grads"][key]) for key in keys]
         return grad_input, grads
 
+    def _server_delta_weight(self, name: str, keep_tape: bool = True):
+        """m·ΔW of one module (and its tape when kept), through the arena."""
+        self.sync(module=name)
+        shape = list(self._targets[name].weight.shape)
+        self.arena.begin()
+        self.arena.plan([_numel(shape) * 4])
+        result = self.server.call("delta_weight", {"modules": [name], "grad": keep_tape,
+                                                   "outputs": {name: self.arena.reserve(shape, torch.float32)}})["results"][0]
+        return self.arena.take(result["delta_weight"]), result.get("tape")
+
+    def _server_delta_weight_backward(self, name: str, tape: int, grad_delta: torch.Tensor) -> list[torch.Tensor]:
+        keys = [f"{name}.{suffix}" for suffix in self._keys[name]]
+        shapes = [p.shape for p in self._module_parameters(name)]
+        self.arena.begin()
+        self.arena.plan([grad_delta.numel() * 4] + [_numel(s) * 4 for s in shapes])
+        call = {"tape": tape, "keep": True, "grad": self.arena.put(grad_delta.detach().to("cpu", torch.float32).contiguous()),
+                "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(keys, shapes)}}
+        result = self.server.call("delta_weight_backward", {"calls": [call], "return_parameter_grads": True,
+                                                            "accumulate": False})["results"][0]
+        return [self.arena.take(result["parameter_grads"][key]) for key in keys]
+
     # MARK: attaching to the model
 
     def apply_to(self) -> None:
@@ -301,8 +379,7 @@ class LycorisNetwork(nn.Module):
             self._originals[name] = (original, "forward" in layer.__dict__)
 
             def forward(x, *args, _name=name, _original=original, **kwargs):
-                base = _original(x, *args, **kwargs)
-                return base + self.adapter_delta(_name, x, base)
+                return self.adapted_forward(_name, _original, x, *args, **kwargs)
 
             layer.forward = forward
         self.applied = True

@@ -23,17 +23,20 @@ def _targets(model: nn.Module, prefix: str = PREFIX) -> dict[str, nn.Module]:
 
 def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 4, linear_alpha: float = 1.0,
                    algo: str = "lora", conv_dim: int | None = None, conv_alpha: float | None = None,
-                   seed: int = 0, threads: int | None = None, **kwargs) -> LycorisNetwork:
+                   seed: int = 0, threads: int | None = None, transfer: str = "auto", **kwargs) -> LycorisNetwork:
     """Adapters of `algo` on every Linear (rank `linear_dim`, alpha `linear_alpha`) and Conv2d
     (k×k kernels: `conv_dim`/`conv_alpha`, defaulting to the linear ones) of `model`.
     Other keyword arguments are LyCORIS's module options (use_tucker, use_scalar, factor,
-    decompose_both, block_size, dropout, rank_dropout, module_dropout, bypass_mode, …)."""
+    decompose_both, block_size, dropout, rank_dropout, module_dropout, bypass_mode, …).
+    `transfer`: "auto" (per call, whichever of activations and ΔW is smaller crosses to the
+    server), "activations" or "weights"."""
     options = {"lora_dim": int(linear_dim), "alpha": float(linear_alpha), **kwargs}
     if conv_dim is not None:
         options["conv_dim"] = int(conv_dim)
     if conv_alpha is not None:
         options["conv_alpha"] = float(conv_alpha)
-    return LycorisNetwork(_targets(model), algo=algo, options=options, multiplier=multiplier, seed=seed, threads=threads)
+    return LycorisNetwork(_targets(model), algo=algo, options=options, multiplier=multiplier, seed=seed, threads=threads,
+                          transfer=transfer)
 
 
 def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module, algo: str = "lora",

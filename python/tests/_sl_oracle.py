@@ -174,7 +174,7 @@ def lycoris_network(model, multiplier, linear_dim, linear_alpha, algo, conv: dic
 
 def make_pair(algo: str, linear_dim: int = 4, linear_alpha: float = 2.0, conv_dim=None, conv_alpha=None,
               multiplier: float = 0.8, model_seed: int = 1234, param_seed: int = 99, std: float = 0.3,
-              randomize: bool = True, apply: bool = True, **options):
+              randomize: bool = True, apply: bool = True, transfer: str = "auto", **options):
     """(base model, LyCORIS model, LyCORIS network, our model, our network), the two networks
     with equal random parameters and applied."""
     base = base_model(model_seed)
@@ -185,7 +185,8 @@ def make_pair(algo: str, linear_dim: int = 4, linear_alpha: float = 2.0, conv_di
     if conv_alpha is not None:
         conv["conv_alpha"] = conv_alpha
     lyco = lycoris_network(ref_model, multiplier, linear_dim, linear_alpha, algo, conv, options)
-    ours = sl.create_lycoris(our_model, multiplier, linear_dim, linear_alpha, algo=algo, threads=1, **conv, **options)
+    ours = sl.create_lycoris(our_model, multiplier, linear_dim, linear_alpha, algo=algo, threads=1, transfer=transfer,
+                             **conv, **options)
     if randomize:
         randomize_lycoris(lyco, seed=param_seed, std=std)
     copy_lycoris_into_ours(lyco, ours)

@@ -266,7 +266,7 @@ def test_dropping_the_network_ends_its_server():
 def test_no_grad_forwards_make_no_tapes():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 64))
-    network = sl.create_lycoris(model, 1.0, 4, 1.0, threads=1)
+    network = sl.create_lycoris(model, 1.0, 4, 1.0, threads=1, transfer="activations")
     network.apply_to()
     spy = _CallSpy(network.server)
     try:
@@ -326,7 +326,7 @@ def test_forward_without_backward_does_not_leak_tapes():
 def test_gradient_checkpointing_leaves_no_pending_tapes():
     """torch.utils.checkpoint (non-reentrant, as diffusers uses it) re-runs the forward during
     backward; every tape the server is asked to keep must be consumed by a backward."""
-    base, ref_model, lyco, our_model, ours = make_pair("lora")
+    base, ref_model, lyco, our_model, ours = make_pair("lora", transfer="activations")
     spy = _CallSpy(ours.server)
     try:
         x, upstream = inputs()

@@ -68,10 +68,16 @@ PARITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("algo,options", PARITY_CASES, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in PARITY_CASES])
-def test_parity_with_lycoris(algo, options):
+PARITY_IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in PARITY_CASES]
+
+
+@pytest.mark.parametrize("transfer", ["activations", "weights"])
+@pytest.mark.parametrize("algo,options", PARITY_CASES, ids=PARITY_IDS)
+def test_parity_with_lycoris(algo, options, transfer):
+    """Both transfers (m·Δ(x) from the server; or m·ΔW from the server applied by torch)
+    reproduce LyCORIS; with bypass_mode the network always moves activations."""
     dims, options = _split(options)
-    base, ref_model, lyco, our_model, ours = make_pair(algo, **dims, **options)
+    base, ref_model, lyco, our_model, ours = make_pair(algo, transfer=transfer, **dims, **options)
     try:
         assert set(ours.adapters.keys()) == MODULE_NAMES
         x, upstream = inputs()
@@ -717,7 +723,7 @@ def test_large_input_grows_the_arena():
     torch.manual_seed(8)
     layer = nn.Linear(256, 256, bias=False)
     model = nn.Sequential(layer)
-    network = sl.create_lycoris(model, 1.0, 2, 2.0, threads=1)
+    network = sl.create_lycoris(model, 1.0, 2, 2.0, threads=1, transfer="activations")
     try:
         initial_size = network.arena.size
         g = torch.Generator().manual_seed(9)
