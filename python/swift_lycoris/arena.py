@@ -9,10 +9,10 @@ after it, so the next call may reuse the space.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 
-import numpy as np
 import torch
 
 _DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2)}
@@ -66,7 +66,7 @@ class Arena:
 
     def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         itemsize = _DTYPES[dtype][1]
-        count = int(np.prod(shape)) if len(shape) else 1
+        count = math.prod(int(extent) for extent in shape)
         return self._bytes[offset: offset + count * itemsize].view(dtype).view(tuple(shape))
 
     def put(self, tensor: torch.Tensor) -> dict:
@@ -81,7 +81,7 @@ class Arena:
     def reserve(self, shape, dtype: torch.dtype) -> dict:
         """Room for an output of `shape` in `dtype`; returns the output spec."""
         name, itemsize = _DTYPES[dtype]
-        count = int(np.prod(shape)) if len(shape) else 1
+        count = math.prod(int(extent) for extent in shape)
         return {"offset": self._allocate(count * itemsize), "dtype": name}
 
     def take(self, descriptor: dict) -> torch.Tensor:

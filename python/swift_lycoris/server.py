@@ -82,8 +82,12 @@ class Server:
             args += ["--threads", str(threads)]
         if arena_dir:
             args += ["--arena-dir", arena_dir]
+        # OpenBLAS workers otherwise spin (sched_yield) between the many small GEMMs of a
+        # training step, taking the CPU the client needs; a short timeout parks them.
+        environment = {**os.environ}
+        environment.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
         self._process = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0, env=environment
         )
         self._ids = itertools.count(1)
         self._buffer = bytearray()
