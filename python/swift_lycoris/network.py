@@ -240,10 +240,15 @@ class LycorisNetwork(nn.Module):
     def sync(self, force: bool = False, module: str | None = None) -> None:
         """Sends the parameters whose values changed since the last sync, as torch's version
         counters tell (every in-place op and optimizer step bumps them); only `module`'s when
-        given (each adapter's forward syncs its own). Writes through ``.data`` bypass the
-        counters: call ``sync(force=True)`` after those."""
+        given and nothing of it changed (each adapter's forward checks its own; the first one
+        after a change sends every changed parameter at once). Writes through ``.data`` bypass
+        the counters: call ``sync(force=True)`` after those."""
         keys = self._synced_versions if module is None else [f"{module}.{suffix}" for suffix in self._keys[module]]
         changed = [key for key in keys if force or self._state(self._parameter(key)) != self._synced_versions[key]]
+        if changed and module is not None:
+            # One changed (typically an optimizer step changed them all): send every changed
+            # parameter in this one call rather than one call per module.
+            return self.sync(force=force)
         if not changed:
             return
         self.arena.begin()
