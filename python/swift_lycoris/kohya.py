@@ -837,7 +837,9 @@ class LycorisNetworkKohya(nn.Module):
         self.train()
 
     def on_step_start(self, text_encoder=None, unet=None) -> None:
+        """Hands back the tapes of the last step's freed graphs and of ΔWs it did not use."""
         if self.core is not None:
+            self.core.drop_prefetched()
             self.core.release_orphaned_tapes()
 
     def get_trainable_params(self):

@@ -148,6 +148,11 @@ class LycorisNetwork(nn.Module):
             raise ValueError(f"transfer must be auto, activations or weights, not {transfer!r}")
         self.transfer = "activations" if (options or {}).get("bypass_mode") is True else transfer
         self._orphaned_tapes: list[int] = []
+        # ΔW fetched for every weight-path module in one call after a parameter change,
+        # each (m·ΔW, tape) used by one call; see _server_delta_weight.
+        self._weight_modules: set[str] = set()
+        self._prefetched: dict[str, tuple[torch.Tensor, int]] = {}
+        self._prefetch_done = False
         self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
         descriptions = []
@@ -257,6 +262,7 @@ class LycorisNetwork(nn.Module):
         self.server.call("parameters.set", {"parameters": params})
         for key in changed:
             self._synced_versions[key] = self._state(self._parameter(key))
+        self.drop_prefetched()
 
     @staticmethod
     def _state(parameter: torch.Tensor) -> tuple[int, int]:
@@ -351,9 +357,34 @@ class LycorisNetwork(nn.Module):
         grads = [self.arena.take(result["parameter_grads"][key]) for key in keys]
         return grad_input, grads
 
+    def drop_prefetched(self) -> None:
+        """Drops prefetched ΔWs (parameters, multiplier or mode changed); their tapes go."""
+        self._orphaned_tapes.extend(tape for _, tape in self._prefetched.values())
+        self._prefetched.clear()
+        self._prefetch_done = False
+
+    def _prefetch_delta_weights(self) -> None:
+        """m·ΔW with a tape for every module that took the weight path, in one call."""
+        names = sorted(self._weight_modules)
+        shapes = {n: list(self._targets[n].weight.shape) for n in names}
+        self.arena.begin()
+        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()])
+        outputs = {n: self.arena.reserve(shapes[n], torch.float32) for n in names}
+        result = self.server.call("delta_weight", {"modules": names, "grad": True, "outputs": outputs})
+        self._prefetched = {item["module"]: (self.arena.take(item["delta_weight"]), item["tape"]) for item in result["results"]}
+        self._prefetch_done = True
+
     def _server_delta_weight(self, name: str, keep_tape: bool = True):
-        """m·ΔW of one module (and its tape when kept), through the arena."""
+        """m·ΔW of one module (and its tape when kept), through the arena. With a tape, the
+        first request after a parameter change fetches every weight-path module's ΔW in one
+        call (each with its own tape and random choices) and later requests use theirs."""
         self.sync(module=name)
+        if keep_tape:
+            self._weight_modules.add(name)
+            if name not in self._prefetched and not self._prefetch_done and len(self._weight_modules) > 1:
+                self._prefetch_delta_weights()
+            if name in self._prefetched:
+                return self._prefetched.pop(name)
         shape = list(self._targets[name].weight.shape)
         self.arena.begin()
         self.arena.plan([_numel(shape) * 4])
@@ -423,11 +454,14 @@ class LycorisNetwork(nn.Module):
     # MARK: state
 
     def set_multiplier(self, multiplier: float) -> None:
+        self.drop_prefetched()
         self.multiplier = float(multiplier)
         self.server.call("network.set_multiplier", {"multiplier": self.multiplier})
 
     def train(self, mode: bool = True):
         super().train(mode)
+        if hasattr(self, "_prefetched"):
+            self.drop_prefetched()
         if hasattr(self, "server"):
             self.server.call("network.set_training", {"training": bool(mode)})
         return self
@@ -443,6 +477,7 @@ class LycorisNetwork(nn.Module):
         """Loads a LyCORIS/kohya file's modules onto this network's layers. With
         `reuse_parameters`, Parameters whose shape is unchanged are updated in place
         instead of replaced (see :meth:`_rebuild_parameters`)."""
+        self.drop_prefetched()
         result = self.server.call("network.load", {"path": str(file)})
         self._rebuild_parameters(self.server.call("network.info"), reuse_parameters=reuse_parameters)
         return result

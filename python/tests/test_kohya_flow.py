@@ -448,9 +448,11 @@ def test_reentrant_checkpointing_keeps_and_consumes_tapes():
         else:
             out = unet(xi, timesteps, enc).sample
         (out * wu).sum().backward()
-        # Tapes live as long as their graph: once `out` goes, every one is handed back.
+        # Tapes live as long as their graph: once `out` goes, every one is handed back (and
+        # ΔWs prefetched but not used this step go with drop_prefetched, as at a step start).
         del out
         gc.collect()
+        network.core.drop_prefetched()
         network.core.release_orphaned_tapes()
         assert kept and network.core.server.call("network.info")["pending_tapes"] == 0
         results.append((xi.grad.clone(), {k: p.grad.clone() for k, p in network.named_parameters()}))
