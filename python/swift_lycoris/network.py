@@ -363,16 +363,15 @@ class LycorisNetwork(nn.Module):
         self._prefetched.clear()
         self._prefetch_done = False
 
-    def _prefetch_delta_weights(self) -> None:
-        """m·ΔW with a tape for every module that took the weight path, in one call."""
-        names = sorted(self._weight_modules)
+    def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[torch.Tensor, int | None]]:
+        """m·ΔW of `names` in one `delta_weight` call through the arena, with their tapes
+        when kept: name → (ΔW, tape or None)."""
         shapes = {n: list(self._targets[n].weight.shape) for n in names}
         self.arena.begin()
         self.arena.plan([_numel(shape) * 4 for shape in shapes.values()])
         outputs = {n: self.arena.reserve(shapes[n], torch.float32) for n in names}
-        result = self.server.call("delta_weight", {"modules": names, "grad": True, "outputs": outputs})
-        self._prefetched = {item["module"]: (self.arena.take(item["delta_weight"]), item["tape"]) for item in result["results"]}
-        self._prefetch_done = True
+        result = self.server.call("delta_weight", {"modules": names, "grad": keep_tapes, "outputs": outputs})
+        return {item["module"]: (self.arena.take(item["delta_weight"]), item.get("tape")) for item in result["results"]}
 
     def _server_delta_weight(self, name: str, keep_tape: bool = True):
         """m·ΔW of one module (and its tape when kept), through the arena. With a tape, the
@@ -382,15 +381,11 @@ class LycorisNetwork(nn.Module):
         if keep_tape:
             self._weight_modules.add(name)
             if name not in self._prefetched and not self._prefetch_done and len(self._weight_modules) > 1:
-                self._prefetch_delta_weights()
+                self._prefetched = self._fetch_delta_weights(sorted(self._weight_modules), keep_tapes=True)
+                self._prefetch_done = True
             if name in self._prefetched:
                 return self._prefetched.pop(name)
-        shape = list(self._targets[name].weight.shape)
-        self.arena.begin()
-        self.arena.plan([_numel(shape) * 4])
-        result = self.server.call("delta_weight", {"modules": [name], "grad": keep_tape,
-                                                   "outputs": {name: self.arena.reserve(shape, torch.float32)}})["results"][0]
-        return self.arena.take(result["delta_weight"]), result.get("tape")
+        return self._fetch_delta_weights([name], keep_tapes=keep_tape)[name]
 
     def _server_delta_weight_backward(self, name: str, tape: int, grad_delta: torch.Tensor) -> list[torch.Tensor]:
         keys = [f"{name}.{suffix}" for suffix in self._keys[name]]
@@ -439,14 +434,9 @@ class LycorisNetwork(nn.Module):
         previous = self.multiplier
         if multiplier is not None:
             self.set_multiplier(multiplier)
-        names = list(self.modules_info)
-        self.arena.begin()
-        self.arena.plan([self._targets[n].weight.numel() * 4 for n in names])
-        outputs = {n: self.arena.reserve(list(self._targets[n].weight.shape), torch.float32) for n in names}
-        result = self.server.call("delta_weight", {"modules": names, "outputs": outputs, "grad": False})
-        for item in result["results"]:
-            weight = self._targets[item["module"]].weight
-            weight.add_(self.arena.take(item["delta_weight"]).to(weight.device, weight.dtype))
+        for name, (delta, _) in self._fetch_delta_weights(list(self.modules_info), keep_tapes=False).items():
+            weight = self._targets[name].weight
+            weight.add_(delta.to(weight.device, weight.dtype))
         if multiplier is not None:
             self.set_multiplier(previous)
         self.restore()
