@@ -25,23 +25,33 @@ extension LycorisService {
             prepared.append((call, module, x, full, destination))
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
-        if keepTapes && pending.count + prepared.count > Self.maximumPending {
-            throw RPCError.state("\(pending.count) forward calls are still waiting for backward (limit \(Self.maximumPending))")
-        }
+        if keepTapes { try reserveTapes(prepared.count) }
         var results: [JSONValue] = []
         for (call, module, x, full, destination) in prepared {
             let tape = module.makeTape(inputShape: x.shape, random: &random)
             let y = full ? try module.forward(x, tape: tape) : try module.forwardDelta(x, tape: tape)
             var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
             if keepTapes {
-                let id = nextTape
-                nextTape += 1
-                pending[id] = PendingCall(module: module.name, input: x, tape: tape, kind: full ? .full : .delta)
-                result["tape"] = .integer(id)
+                result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: full ? .full : .delta)))
             }
             results.append(.object(result))
         }
         return ["results": .array(results)]
+    }
+
+    /// Checks, before a call computes anything, that `count` more tapes fit the limit.
+    func reserveTapes(_ count: Int) throws {
+        if pending.count + count > Self.maximumPending {
+            throw RPCError.state("\(pending.count) calls are still waiting for backward (limit \(Self.maximumPending) tapes)")
+        }
+    }
+
+    /// Keeps a call for its backward; returns its tape id.
+    func store(_ call: PendingCall) -> Int64 {
+        let id = nextTape
+        nextTape += 1
+        pending[id] = call
+        return id
     }
 
     /// `delta_weight`: m·ΔW per module (rebuild mode: the client applies W0 + ΔW itself).
@@ -57,6 +67,7 @@ extension LycorisService {
             try transport.validate(destination, count: module.layer.weightShape.product, path: outputs.at(module.name))
             return destination
         }
+        if keepTapes { try reserveTapes(modules.count) }
         var results: [JSONValue] = []
         for (module, destination) in zip(modules, destinations) {
             let tape = module.makeTape(inputShape: [], random: &random)
@@ -64,10 +75,7 @@ extension LycorisService {
             var result: JSONObject = ["module": .string(module.name),
                                       "delta_weight": try transport.write(delta, to: destination, path: outputs.at(module.name))]
             if keepTapes {
-                let id = nextTape
-                nextTape += 1
-                pending[id] = PendingCall(module: module.name, input: Tensor.zeros([]), tape: tape, kind: .deltaWeight)
-                result["tape"] = .integer(id)
+                result["tape"] = .integer(store(PendingCall(module: module.name, input: Tensor.zeros([]), tape: tape, kind: .deltaWeight)))
             }
             results.append(.object(result))
         }
