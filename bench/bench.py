@@ -609,7 +609,9 @@ def bench_codec(binary, rounds, scale):
 # --------------------------------------------------------------------------- main
 
 
-def machine_lines():
+def machine_summary():
+    """One line: architecture, core count, CPU model, load average now (also used by
+    train_step.py)."""
     model = "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -620,10 +622,14 @@ def machine_lines():
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    return (f"machine: {platform.machine()}, nproc {os.cpu_count()}, CPU \"{model}\", "
+            f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def machine_lines():
     env = {k: os.environ.get(k, "(unset)") for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")}
     return [
-        f"machine: {platform.machine()}, nproc {os.cpu_count()}, CPU \"{model}\", "
-        f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        machine_summary(),
         "env: " + ", ".join(f"{k}={v}" for k, v in env.items()),
         f"python (client): {sys.executable} {platform.python_version()}, numpy {np.__version__}",
     ]

@@ -338,19 +338,9 @@ def git_state():
 
 
 def machine_lines(extra):
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    return [f"machine: {platform.machine()}, nproc {os.cpu_count()}, CPU \"{model}\", "
-            f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
-            f"python: {sys.executable} {platform.python_version()}"] + extra
+    from bench import machine_summary
+
+    return [machine_summary(), f"python: {sys.executable} {platform.python_version()}"] + extra
 
 
 def main():
