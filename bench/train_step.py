@@ -116,8 +116,8 @@ class Meter:
 
         server_cls.call = timed_call(server_cls.call)
         server_cls.notify = timed_notify(server_cls.notify)
-        arena_cls.put = timed_copy(arena_cls.put)
-        arena_cls.take = timed_copy(arena_cls.take)
+        for name in ("put", "take", "put_many", "take_many"):
+            setattr(arena_cls, name, timed_copy(getattr(arena_cls, name)))
 
 
 # --------------------------------------------------------------------------- table (as bench.py)

@@ -78,6 +78,19 @@ class Arena:
         self.view(offset, tuple(tensor.shape), tensor.dtype).copy_(tensor.detach())
         return {"dtype": name, "shape": list(tensor.shape), "offset": offset}
 
+    def put_many(self, tensors: list[torch.Tensor]) -> list[dict]:
+        """Copies `tensors` (any device and dtype) as F32, packed one after another, in one
+        copy (many small parameters cost one torch call, not one each)."""
+        counts = [t.numel() for t in tensors]
+        start = self._allocate(4 * sum(counts))
+        packed = self.view(start, (sum(counts),), torch.float32)
+        torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in tensors], out=packed)
+        descriptors, offset = [], start
+        for tensor, count in zip(tensors, counts):
+            descriptors.append({"dtype": "F32", "shape": list(tensor.shape), "offset": offset})
+            offset += 4 * count
+        return descriptors
+
     def reserve(self, shape, dtype: torch.dtype) -> dict:
         """Room for an output of `shape` in `dtype`; returns the output spec."""
         name, itemsize = _DTYPES[dtype]
@@ -87,6 +100,18 @@ class Arena:
     def take(self, descriptor: dict) -> torch.Tensor:
         """A copy (CPU) of the tensor the server described."""
         return self.view(descriptor["offset"], tuple(descriptor["shape"]), _TORCH[descriptor["dtype"]]).clone()
+
+    def take_many(self, descriptors: list[dict]) -> list[torch.Tensor]:
+        """Copies (CPU) of the tensors the server described, made with one copy of the span
+        they lie in; each is a view of that copy."""
+        if not descriptors:
+            return []
+        ends = [d["offset"] + math.prod(int(e) for e in d["shape"]) * _DTYPES[_TORCH[d["dtype"]]][1]
+                for d in descriptors]
+        low = min(d["offset"] for d in descriptors)
+        span = self._bytes[low: max(ends)].clone()
+        return [span[d["offset"] - low: end - low].view(_TORCH[d["dtype"]]).view(tuple(d["shape"]))
+                for d, end in zip(descriptors, ends)]
 
     def close(self) -> None:
         if getattr(self, "_mmap", None) is not None:

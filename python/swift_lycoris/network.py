@@ -25,6 +25,13 @@ log = logging.getLogger("swift_lycoris")
 
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
+# What one server round trip costs, in tensor elements copied through the arena (~150 µs of
+# pipe, JSON and wake-up ≈ 2·10⁵ float copies): the activation path pays two per call (forward
+# and backward), the weight path none of its own (its ΔWs and ∂ΔWs travel in one call per
+# step for all modules), so a layer moves ΔW unless that costs more than its activations
+# plus this.
+_ROUND_TRIP_ELEMENTS = 1 << 17
+
 
 def layer_description(name: str, module: nn.Module) -> dict | None:
     """The server's description of a torch layer, or None for kinds it does not adapt."""
@@ -99,22 +106,35 @@ class AdapterFunction(torch.autograd.Function):
 
 
 class DeltaWeightFunction(torch.autograd.Function):
-    """m·ΔW of one adapter, computed by the server (rebuild transfer: torch then applies
-    op(x, W0 + m·ΔW) itself); backward sends ∂ΔW and returns the parameters' gradients.
-    The tape lives as long as the graph, as in :class:`AdapterFunction`."""
+    """m·ΔW of one or more adapters, computed by the server in one call (rebuild transfer:
+    torch then applies op(x, W0 + m·ΔW) itself); one output per module. Backward sends every
+    ∂ΔW that arrived (outputs no forward used get none) in one ``delta_weight_backward`` call
+    and returns the parameters' gradients. The tapes live as long as the graph, as in
+    :class:`AdapterFunction`."""
 
     @staticmethod
-    def forward(ctx, network: "LycorisNetwork", name: str, *params):
-        delta, tape = network._server_delta_weight(name)
-        ctx.network, ctx.name, ctx.tape = network, name, tape
+    def forward(ctx, network: "LycorisNetwork", names: list[str], *params):
+        fetched = network._fetch_delta_weights(names, keep_tapes=True)
+        ctx.network, ctx.names = network, names
+        ctx.tapes = [fetched[name][1] for name in names]
         ctx.param_meta = [(p.dtype, p.device) for p in params]
-        weakref.finalize(ctx, network._orphaned_tapes.append, tape)
-        return delta
+        ctx.set_materialize_grads(False)
+        weakref.finalize(ctx, network._orphaned_tapes.extend, list(ctx.tapes))
+        return tuple(fetched[name][0] for name in names)
 
     @staticmethod
-    def backward(ctx, grad_delta: torch.Tensor):
-        grads = ctx.network._server_delta_weight_backward(ctx.name, ctx.tape, grad_delta)
-        return (None, None, *[g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)])
+    def backward(ctx, *grad_deltas):
+        network = ctx.network
+        used = [index for index, grad in enumerate(grad_deltas) if grad is not None]
+        module_grads = network._server_delta_weight_backward(
+            [(ctx.names[i], ctx.tapes[i], grad_deltas[i]) for i in used])
+        param_grads: list[torch.Tensor | None] = [None] * len(ctx.param_meta)
+        offsets = network._parameter_offsets(ctx.names)
+        for index, grads in zip(used, module_grads):
+            for position, grad in enumerate(grads, start=offsets[index]):
+                dtype, device = ctx.param_meta[position]
+                param_grads[position] = grad.to(dtype=dtype, device=device)
+        return (None, None, *param_grads)
 
 
 class LycorisNetwork(nn.Module):
@@ -149,9 +169,10 @@ class LycorisNetwork(nn.Module):
         self.transfer = "activations" if (options or {}).get("bypass_mode") is True else transfer
         self._orphaned_tapes: list[int] = []
         # ΔW fetched for every weight-path module in one call after a parameter change,
-        # each (m·ΔW, tape) used by one call; see _server_delta_weight.
+        # each output used by one call; see weight_delta.
         self._weight_modules: set[str] = set()
-        self._prefetched: dict[str, tuple[torch.Tensor, int]] = {}
+        self._prefetched: dict[str, torch.Tensor] = {}
+        self._evaluation_deltas: dict[str, torch.Tensor] = {}
         self._prefetch_done = False
         self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
@@ -222,14 +243,29 @@ class LycorisNetwork(nn.Module):
                 names.append(suffix)
             self.adapters[module["name"]] = holder
             self._keys[module["name"]] = names
+        self._index_parameters()
         self._synced_versions = {key: self._state(self._parameter(key)) for key in keys}
 
+    def _index_parameters(self) -> None:
+        """The lookups of the per-call path (each forward checks its module's version
+        counters): key → Parameter, module → keys, module → Parameters."""
+        self._by_key = {f"{name}.{suffix}": self.adapters[name].get(suffix)
+                        for name, suffixes in self._keys.items() for suffix in suffixes}
+        self._keys_of = {name: [f"{name}.{suffix}" for suffix in suffixes] for name, suffixes in self._keys.items()}
+        self._parameters_of = {name: [self._by_key[key] for key in keys] for name, keys in self._keys_of.items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's, then the lookups again (``assign=True`` replaces the Parameters; their new
+        storage makes the next sync send them)."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._index_parameters()
+        return result
+
     def _parameter(self, key: str) -> nn.Parameter:
-        module, suffix = key.split(".", 1)
-        return self.adapters[module].get(suffix)
+        return self._by_key[key]
 
     def _module_parameters(self, name: str) -> list[nn.Parameter]:
-        return [self.adapters[name].get(suffix) for suffix in self._keys[name]]
+        return self._parameters_of[name]
 
     def _fetch(self, method: str, keys: list[str]) -> dict[str, torch.Tensor]:
         """Parameters or gradients by key, through the arena."""
@@ -240,6 +276,7 @@ class LycorisNetwork(nn.Module):
         self.arena.plan([4 * max(1, _numel(shapes[k])) for k in keys])
         outputs = {key: self.arena.reserve(shapes[key], torch.float32) for key in keys}
         result = self.server.call(method, {"keys": keys, "outputs": outputs})
+        # Each its own storage: these become Parameters and state-dict entries.
         return {key: self.arena.take(descriptor) for key, descriptor in result["parameters"].items()}
 
     def sync(self, force: bool = False, module: str | None = None) -> None:
@@ -248,8 +285,8 @@ class LycorisNetwork(nn.Module):
         given and nothing of it changed (each adapter's forward checks its own; the first one
         after a change sends every changed parameter at once). Writes through ``.data`` bypass
         the counters: call ``sync(force=True)`` after those."""
-        keys = self._synced_versions if module is None else [f"{module}.{suffix}" for suffix in self._keys[module]]
-        changed = [key for key in keys if force or self._state(self._parameter(key)) != self._synced_versions[key]]
+        keys = self._synced_versions if module is None else self._keys_of[module]
+        changed = [key for key in keys if force or self._state(self._by_key[key]) != self._synced_versions[key]]
         if changed and module is not None:
             # One changed (typically an optimizer step changed them all): send every changed
             # parameter in this one call rather than one call per module.
@@ -257,8 +294,8 @@ class LycorisNetwork(nn.Module):
         if not changed:
             return
         self.arena.begin()
-        self.arena.plan([self._parameter(k).numel() * 4 for k in changed])
-        params = {key: self.arena.put(self._parameter(key).detach().to("cpu", torch.float32)) for key in changed}
+        self.arena.plan([4 * sum(self._by_key[k].numel() for k in changed)])
+        params = dict(zip(changed, self.arena.put_many([self._by_key[k] for k in changed])))
         self.server.call("parameters.set", {"parameters": params})
         for key in changed:
             self._synced_versions[key] = self._state(self._parameter(key))
@@ -286,11 +323,7 @@ class LycorisNetwork(nn.Module):
         layer = self._targets[name]
         if not args and not kwargs and self._moves_weights(layer, original, x):
             self.release_orphaned_tapes()
-            params = self._module_parameters(name)
-            if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-                delta = DeltaWeightFunction.apply(self, name, *params)
-            else:
-                delta, _ = self._server_delta_weight(name, keep_tape=False)
+            delta = self.weight_delta(name)
             weight = layer.weight + delta.to(layer.weight.device, layer.weight.dtype)
             if isinstance(layer, nn.Linear):
                 return nn.functional.linear(x, weight, layer.bias)
@@ -306,7 +339,7 @@ class LycorisNetwork(nn.Module):
         channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
         outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         activation_elements = x.numel() * (1 + outputs / channels)
-        return layer.weight.numel() < activation_elements
+        return layer.weight.numel() < activation_elements + _ROUND_TRIP_ELEMENTS
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the
@@ -341,7 +374,7 @@ class LycorisNetwork(nn.Module):
         shape, dtype, device = input_meta
         dtype = dtype if dtype in _ITEMSIZE else torch.float32
         grad_output = grad_output.to(dtype)
-        keys = [f"{name}.{suffix}" for suffix in self._keys[name]]
+        keys = self._keys_of[name]
         shapes = [p.shape for p in self._module_parameters(name)]
         self.arena.begin()
         self.arena.plan([grad_output.numel() * _ITEMSIZE[dtype], _numel(shape) * _ITEMSIZE[dtype]] + [_numel(s) * 4 for s in shapes])
@@ -358,10 +391,11 @@ class LycorisNetwork(nn.Module):
         return grad_input, grads
 
     def drop_prefetched(self) -> None:
-        """Drops prefetched ΔWs (parameters, multiplier or mode changed); their tapes go."""
-        self._orphaned_tapes.extend(tape for _, tape in self._prefetched.values())
+        """Drops prefetched and evaluation ΔWs (parameters, multiplier or mode changed); the
+        tapes of a batch go when its graph does (see :class:`DeltaWeightFunction`)."""
         self._prefetched.clear()
         self._prefetch_done = False
+        self._evaluation_deltas.clear()
 
     def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[torch.Tensor, int | None]]:
         """m·ΔW of `names` in one `delta_weight` call through the arena, with their tapes
@@ -370,33 +404,70 @@ class LycorisNetwork(nn.Module):
         self.arena.begin()
         self.arena.plan([_numel(shape) * 4 for shape in shapes.values()])
         outputs = {n: self.arena.reserve(shapes[n], torch.float32) for n in names}
-        result = self.server.call("delta_weight", {"modules": names, "grad": keep_tapes, "outputs": outputs})
-        return {item["module"]: (self.arena.take(item["delta_weight"]), item.get("tape")) for item in result["results"]}
+        results = self.server.call("delta_weight", {"modules": names, "grad": keep_tapes, "outputs": outputs})["results"]
+        deltas = self.arena.take_many([item["delta_weight"] for item in results])
+        return {item["module"]: (delta, item.get("tape")) for item, delta in zip(results, deltas)}
 
-    def _server_delta_weight(self, name: str, keep_tape: bool = True):
-        """m·ΔW of one module (and its tape when kept), through the arena. With a tape, the
-        first request after a parameter change fetches every weight-path module's ΔW in one
-        call (each with its own tape and random choices) and later requests use theirs."""
+    def weight_delta(self, name: str) -> torch.Tensor:
+        """m·ΔW of module `name` for one call: through :class:`DeltaWeightFunction` when a
+        graph will be built, else a plain fetch without a tape.
+
+        In a plain forward (not a recomputation inside backward), the first request after a
+        parameter, multiplier or mode change fetches every weight-path module's ΔW through
+        one DeltaWeightFunction (each with its own tape and random choices), so a training
+        step costs one ``delta_weight`` and one ``delta_weight_backward`` call for all of
+        them; later requests of that step take their output, and a module called again (or
+        one not seen before) gets a call of its own."""
+        params = self._module_parameters(name)
         self.sync(module=name)
-        if keep_tape:
-            self._weight_modules.add(name)
-            if name not in self._prefetched and not self._prefetch_done and len(self._weight_modules) > 1:
-                self._prefetched = self._fetch_delta_weights(sorted(self._weight_modules), keep_tapes=True)
-                self._prefetch_done = True
-            if name in self._prefetched:
-                return self._prefetched.pop(name)
-        return self._fetch_delta_weights([name], keep_tapes=keep_tape)[name]
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            if self.training:  # the dropouts draw anew for every call
+                return self._fetch_delta_weights([name], keep_tapes=False)[name][0]
+            # Evaluation: ΔW depends on the parameters, multiplier and mode only, so it is
+            # kept until one of them changes (drop_prefetched).
+            if name not in self._evaluation_deltas:
+                self._evaluation_deltas[name] = self._fetch_delta_weights([name], keep_tapes=False)[name][0]
+            return self._evaluation_deltas[name]
+        self._weight_modules.add(name)
+        in_backward = torch._C._current_graph_task_id() != -1
+        if name not in self._prefetched and not self._prefetch_done and not in_backward and len(self._weight_modules) > 1:
+            names = sorted(self._weight_modules)
+            # Every changed parameter first: a later module's change found by its own sync
+            # would drop this batch and fetch another.
+            self.sync()
+            outputs = DeltaWeightFunction.apply(self, names, *[p for n in names for p in self._module_parameters(n)])
+            self._prefetched = dict(zip(names, outputs))
+            self._prefetch_done = True
+        if name in self._prefetched:
+            return self._prefetched.pop(name)
+        return DeltaWeightFunction.apply(self, [name], *params)[0]
 
-    def _server_delta_weight_backward(self, name: str, tape: int, grad_delta: torch.Tensor) -> list[torch.Tensor]:
-        keys = [f"{name}.{suffix}" for suffix in self._keys[name]]
-        shapes = [p.shape for p in self._module_parameters(name)]
+    def _parameter_offsets(self, names: list[str]) -> list[int]:
+        """Where each module's parameters start in the concatenation of `names`' parameters."""
+        offsets, position = [], 0
+        for name in names:
+            offsets.append(position)
+            position += len(self._keys[name])
+        return offsets
+
+    def _server_delta_weight_backward(self, entries: list[tuple[str, int, torch.Tensor]]) -> list[list[torch.Tensor]]:
+        """∂parameters of each (module, tape, ∂(m·ΔW)) entry, in one call; per entry, the
+        gradients in the module's key order."""
+        if not entries:
+            return []
+        keys = [self._keys_of[name] for name, _, _ in entries]
+        shapes = [[p.shape for p in self._module_parameters(name)] for name, _, _ in entries]
         self.arena.begin()
-        self.arena.plan([grad_delta.numel() * 4] + [_numel(s) * 4 for s in shapes])
-        call = {"tape": tape, "keep": True, "grad": self.arena.put(grad_delta.detach().to("cpu", torch.float32).contiguous()),
-                "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(keys, shapes)}}
-        result = self.server.call("delta_weight_backward", {"calls": [call], "return_parameter_grads": True,
-                                                            "accumulate": False})["results"][0]
-        return [self.arena.take(result["parameter_grads"][key]) for key in keys]
+        self.arena.plan([4 * sum(grad.numel() for _, _, grad in entries)] + [_numel(s) * 4 for group in shapes for s in group])
+        grads = self.arena.put_many([grad for _, _, grad in entries])
+        calls = [{"tape": tape, "keep": True, "grad": grad,
+                  "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(group_keys, group_shapes)}}
+                 for (_, tape, _), grad, group_keys, group_shapes in zip(entries, grads, keys, shapes)]
+        results = self.server.call("delta_weight_backward", {"calls": calls, "return_parameter_grads": True,
+                                                             "accumulate": False})["results"]
+        taken = iter(self.arena.take_many([result["parameter_grads"][key] for result, group_keys in zip(results, keys)
+                                           for key in group_keys]))
+        return [[next(taken) for _ in group_keys] for group_keys in keys]
 
     # MARK: attaching to the model
 

@@ -268,8 +268,11 @@ def _lycoris_args(args: dict) -> dict:
     return {k: v for k, v in args.items() if str(v).lower() != "false"}
 
 
+@pytest.mark.parametrize("transfer", ["auto", "activations"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_lycoris(case, tmp_path, closing, monkeypatch):
+def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch):
+    """`auto` sends these small layers' ΔWs (the weight path); `activations` forces every
+    call through the server's forward/backward."""
     algo, preset, dim, alpha, args, std = CASES[case]
     models = Models()
     base = run(*models.copy(), grad=False)
@@ -278,6 +281,7 @@ def test_parity_with_lycoris(case, tmp_path, closing, monkeypatch):
     lyco = lycoris_network(tmp_path, te_l, unet_l, dim, alpha, preset, algo=algo, **_lycoris_args(args))
     te_o, unet_o = models.copy()
     ours = ours_network(closing, te_o, unet_o, dim, alpha, preset, algo=algo, **args)
+    ours.core.transfer = transfer
 
     # 1. The same modules with the same parameter shapes (and the same alpha).
     lyco_names = {m.lora_name for m in lyco.loras}

@@ -166,20 +166,44 @@ def test_train_network_call_sequence(tmp_path):
     resumed.close()
 
 
+def record_tapes(core) -> list[int]:
+    """The ids of the tapes `core` asks the server to keep from now on, through either path
+    (activations: `forward`; weights: `delta_weight`)."""
+    tapes: list[int] = []
+    forward, fetch = core._server_forward, core._fetch_delta_weights
+
+    def forward_spy(name, x, output_shape, keep_tape):
+        delta, tape = forward(name, x, output_shape, keep_tape)
+        tapes.extend([tape] if tape is not None else [])
+        return delta, tape
+
+    def fetch_spy(names, keep_tapes):
+        fetched = fetch(names, keep_tapes)
+        tapes.extend(tape for _, tape in fetched.values() if tape is not None)
+        return fetched
+
+    core._server_forward, core._fetch_delta_weights = forward_spy, fetch_spy
+    return tapes
+
+
 def test_no_grad_forwards_keep_no_tapes_and_dropped_graphs_release_theirs():
     """Sampling and validation run under no_grad: no tape may be left on the server."""
     te, unet = Models().copy()
     network = importlib.import_module("swift_lycoris.kohya").create_network(1.0, 4, 1.0, None, te, unet)
     network.apply_to(te, unet, True, True)
     core = network.core
-    flags = []
-    original = core._server_forward
+    flags = []  # per server request for activations or ΔWs: whether it kept tapes
+    forward, fetch = core._server_forward, core._fetch_delta_weights
 
-    def spy(name, x, output_shape, keep_tape):
+    def forward_spy(name, x, output_shape, keep_tape):
         flags.append(keep_tape)
-        return original(name, x, output_shape, keep_tape)
+        return forward(name, x, output_shape, keep_tape)
 
-    core._server_forward = spy
+    def fetch_spy(names, keep_tapes):
+        flags.append(keep_tapes)
+        return fetch(names, keep_tapes)
+
+    core._server_forward, core._fetch_delta_weights = forward_spy, fetch_spy
     with torch.no_grad():
         run(te, unet, grad=False)
     assert flags and not any(flags)
@@ -223,16 +247,7 @@ def test_gradient_checkpointing_gives_tapes_back():
             g = torch.Generator().manual_seed(3)
             for p in network.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        tapes_seen = []
-        original = network.core._server_forward
-
-        def spy(name, x, output_shape, keep_tape, _original=original):
-            delta, tape = _original(name, x, output_shape, keep_tape)
-            if tape is not None:
-                tapes_seen.append(tape)
-            return delta, tape
-
-        network.core._server_forward = spy
+        tapes_seen = record_tapes(network.core)
         out = run(te, unet, grad=True)
         grads = {k: p.grad.clone() for k, p in network.named_parameters()}
         gc.collect()
@@ -431,16 +446,7 @@ def test_reentrant_checkpointing_keeps_and_consumes_tapes():
             g = torch.Generator().manual_seed(3)
             for p in network.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        kept = []
-        original = network.core._server_forward
-
-        def spy(name, xx, output_shape, keep_tape, _original=original):
-            delta, tape = _original(name, xx, output_shape, keep_tape)
-            if tape is not None:
-                kept.append(tape)
-            return delta, tape
-
-        network.core._server_forward = spy
+        kept = record_tapes(network.core)
         xi = x.clone().requires_grad_(True)
         if reentrant:
             out = torch.utils.checkpoint.checkpoint(lambda a, c: unet(a, timesteps, c).sample, xi, enc,

@@ -1,0 +1,235 @@
+"""The weight path's batching (transfer="weights"): after a parameter change, one
+``delta_weight`` call fetches every weight-path module's m·ΔW through one autograd Function
+and one ``delta_weight_backward`` call returns all their gradients. These tests train a few
+steps side by side with LyCORIS 4.1.3 and check the values and the calls: modules used
+twice, modules not used in a step, gradient checkpointing (both kinds), retain_graph, and a
+change to one module's parameters only."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import copy
+
+import lycoris
+from _sl_oracle import (assert_grads_match, assert_rel, copy_lycoris_into_ours, inputs, lycoris_gradients, make_pair,
+                        our_parameters, randomize_lycoris)
+
+import swift_lycoris as sl
+
+RTOL = 1e-5
+LR = 0.05
+
+
+class _MethodCounter:
+    """Counts the server calls of one network by method."""
+
+    def __init__(self, network):
+        self.counts: dict[str, int] = {}
+        self._call = network.server.call
+        network.server.call = self
+
+    def __call__(self, method, params=None):
+        self.counts[method] = self.counts.get(method, 0) + 1
+        return self._call(method, params)
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def _sgd_step(*networks) -> None:
+    """p ← p − lr·∂p on every parameter of each network (in place: version counters move)."""
+    with torch.no_grad():
+        for network in networks:
+            for p in network.parameters():
+                if p.grad is not None:
+                    p.sub_(LR * p.grad)
+                    p.grad = None
+
+
+def _pending(network) -> int:
+    gc.collect()
+    network.release_orphaned_tapes()
+    return network.server.call("network.info")["pending_tapes"]
+
+
+@pytest.mark.parametrize("algo", ["lora", "loha"])
+def test_training_steps_match_lycoris_with_one_call_each_way(algo):
+    """Three SGD steps through the weight path equal LyCORIS's; from the second step on,
+    each step is one delta_weight and one delta_weight_backward call for all 8 modules."""
+    base, ref_model, lyco, our_model, ours = make_pair(algo, transfer="weights")
+    counter = _MethodCounter(ours)
+    try:
+        x, upstream = inputs()
+        for step in range(3):
+            y_ref = ref_model(x)
+            (y_ref * upstream).sum().backward()
+            y_our = our_model(x)
+            (y_our * upstream).sum().backward()
+            assert_rel(y_our, y_ref.detach(), RTOL, f"step {step} output")
+            assert_grads_match(lyco, ours, RTOL, f"step {step} ")
+            calls = counter.take()
+            if step > 0:
+                assert calls.get("delta_weight") == 1, f"step {step}: {calls}"
+                assert calls.get("delta_weight_backward") == 1, f"step {step}: {calls}"
+                assert "forward" not in calls and "backward" not in calls, f"step {step}: {calls}"
+            del y_our
+            _sgd_step(lyco, ours)
+        assert _pending(ours) == 0
+    finally:
+        ours.close()
+
+
+class Twice(nn.Module):
+    """`fc` applied twice and `skip` used only when asked: a module called several times per
+    step, and one that a step may not use."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.skip = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+        self.use_skip = True
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        h = self.fc(h)
+        if self.use_skip:
+            h = h + self.skip(x)
+        return self.out(h)
+
+
+def _twice_pair():
+    torch.manual_seed(5)
+    base = Twice()
+    ref_model, our_model = copy.deepcopy(base), copy.deepcopy(base)
+    lyco = lycoris.create_lycoris(ref_model, 1.0, 2, 1.0, algo="lora")
+    ours = sl.create_lycoris(our_model, 1.0, 2, 1.0, algo="lora", threads=1, transfer="weights")
+    randomize_lycoris(lyco, seed=7, std=0.3)
+    copy_lycoris_into_ours(lyco, ours)
+    lyco.apply_to()
+    ours.apply_to()
+    return ref_model, lyco, our_model, ours
+
+
+def test_module_called_twice_and_module_unused():
+    """A module called twice in one forward gets a call of its own for its second use; a
+    batched module a step does not use gets no gradient (as in LyCORIS) and its tape goes
+    with the graph."""
+    ref_model, lyco, our_model, ours = _twice_pair()
+    try:
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+        for step, use_skip in enumerate([True, True, False, True]):
+            ref_model.use_skip = our_model.use_skip = use_skip
+            y_ref = ref_model(x)
+            y_ref.square().sum().backward()
+            y_our = our_model(x)
+            y_our.square().sum().backward()
+            assert_rel(y_our, y_ref.detach(), RTOL, f"step {step} output")
+            theirs = lycoris_gradients(lyco)
+            for module, params in our_parameters(ours).items():
+                for key, p in params.items():
+                    if theirs[module][key] is None:
+                        assert p.grad is None, f"step {step}: {module}.{key} has a gradient LyCORIS does not"
+                    else:
+                        assert_rel(p.grad, theirs[module][key], RTOL, f"step {step} ∂{module}.{key}")
+            del y_our
+            _sgd_step(lyco, ours)
+        assert _pending(ours) == 0
+    finally:
+        ours.close()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_through_the_weight_path(reentrant):
+    """Checkpointing re-runs forwards inside backward (recomputations make calls of their own,
+    never a batch): gradients over two steps equal the plain run's, and no tape is left."""
+    results = []
+    for checkpointed in (False, True):
+        base, ref_model, lyco, our_model, ours = make_pair("lora", transfer="weights")
+        try:
+            x, upstream = inputs()
+            grads = []
+            for step in range(2):
+                xr = x.clone().requires_grad_(True)
+                if checkpointed:
+                    y = torch.utils.checkpoint.checkpoint(our_model, xr, use_reentrant=reentrant)
+                else:
+                    y = our_model(xr)
+                (y * upstream).sum().backward()
+                grads.append((xr.grad.clone(), {n: p.grad.clone() for n, p in ours.named_parameters()}))
+                del y
+                _sgd_step(ours)
+            assert _pending(ours) == 0
+            results.append(grads)
+        finally:
+            ours.close()
+    for step, ((plain_x, plain), (ckpt_x, ckpt)) in enumerate(zip(*results)):
+        assert_rel(ckpt_x, plain_x, RTOL, f"step {step} checkpointed ∂x")
+        for name, grad in plain.items():
+            assert_rel(ckpt[name], grad, RTOL, f"step {step} checkpointed ∂{name}")
+
+
+def test_retain_graph_runs_the_batch_backward_twice():
+    base, ref_model, lyco, our_model, ours = make_pair("lora", transfer="weights")
+    try:
+        x, upstream = inputs()
+        for _ in range(2):  # the second step is batched
+            _sgd_step(ours)
+            y = (our_model(x) * upstream).sum()
+            y.backward(retain_graph=True)
+            first = {n: p.grad.clone() for n, p in ours.named_parameters()}
+            y.backward()
+            for n, p in ours.named_parameters():
+                assert_rel(p.grad, 2 * first[n], RTOL, f"second backward ∂{n}")
+            del y
+        assert _pending(ours) == 0
+    finally:
+        ours.close()
+
+
+def test_a_change_to_one_module_reaches_the_batch():
+    """After a step start (prefetch dropped), a change to a late module's parameters only is
+    in the batch the first module's forward fetches: the step's ΔWs come in one call."""
+    base, ref_model, lyco, our_model, ours = make_pair("lora", transfer="weights")
+    counter = _MethodCounter(ours)
+    try:
+        x, upstream = inputs()
+        for model in (ref_model, our_model):
+            (model(x) * upstream).sum().backward()
+        ours.drop_prefetched()
+        last = "lycoris_head_2"  # the last layer the forward reaches
+        theirs = dict(next(lora for lora in lyco.loras if lora.lora_name == last).named_parameters())
+        with torch.no_grad():
+            for key, p in our_parameters(ours)[last].items():
+                p.mul_(1.5)
+                theirs[key].mul_(1.5)
+        counter.take()
+        y_ref, y_our = ref_model(x), our_model(x)
+        assert_rel(y_our, y_ref.detach(), RTOL, f"output after changing {last} only")
+        assert counter.take().get("delta_weight") == 1
+    finally:
+        ours.close()
+
+
+def test_load_state_dict_with_assign_reaches_the_server():
+    """load_state_dict(assign=True) replaces the Parameter objects: the next forward must use
+    the new values (LyCORIS given the same values agrees)."""
+    base, ref_model, lyco, our_model, ours = make_pair("lora", transfer="weights")
+    try:
+        x, upstream = inputs()
+        our_model(x)
+        state = {key: 1.5 * value for key, value in ours.state_dict().items()}
+        ours.load_state_dict(state, assign=True)
+        with torch.no_grad():
+            for lora in lyco.loras:
+                for p in lora.parameters():
+                    p.mul_(1.5)
+        assert_rel(our_model(x), ref_model(x).detach(), RTOL, "output after load_state_dict(assign=True)")
+    finally:
+        ours.close()
