@@ -23,7 +23,7 @@ public enum AdapterMerge {
     public static func layer(forWeightShape shape: [Int]) -> LayerSpec? {
         switch shape.count {
         case 2: return .linear(inFeatures: shape[1], outFeatures: shape[0])
-        case 4: return .conv2d(Conv2dGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: [shape[2], shape[3]]))
+        case 4: return .convolution(ConvGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: [shape[2], shape[3]]))
         default: return nil
         }
     }

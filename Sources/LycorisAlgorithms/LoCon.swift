@@ -4,10 +4,10 @@ import LycorisCore
 ///
 /// Shapes (r = rank, K = Π kernel):
 /// - Linear: `lora_down.weight` (r, in), `lora_up.weight` (out, r).
-/// - Conv: `lora_down.weight` (r, in/g, k, k) with the layer's stride/padding/dilation,
-///   `lora_up.weight` (out, r, 1, 1).
-/// - Conv with Tucker (k ≠ 1): `lora_down.weight` (r, in/g, 1, 1), `lora_mid.weight`
-///   (r, r, k, k), `lora_up.weight` (out, r, 1, 1).
+/// - Conv (1, 2 or 3 spatial axes, k… the kernel): `lora_down.weight` (r, in/g, k…) with
+///   the layer's stride/padding/dilation, `lora_up.weight` (out, r, 1…).
+/// - Conv with Tucker (some k ≠ 1): `lora_down.weight` (r, in/g, 1…), `lora_mid.weight`
+///   (r, r, k…), `lora_up.weight` (out, r, 1…).
 ///
 /// ΔW = s·σ·up·down (reshaped), or s·σ·Σ_{ij} mid[i,j]·up[:,i]⊗down[j,:] with Tucker;
 /// s = α/r (α/√r with rs_lora), σ the optional trainable scalar.
@@ -45,7 +45,7 @@ public struct LoCon: AdapterAlgorithm {
 
     /// A module from a file's tensors (`lora_up.weight`, `lora_down.weight`, optional
     /// `lora_mid.weight`); scale = alpha/r. A 2-D `lora_up.weight` on a conv layer (as
-    /// LyCORIS's DyLoRA writes it) is accepted as (out, r, 1, 1).
+    /// LyCORIS's DyLoRA writes it) is accepted as (out, r, 1…).
     public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
         self.layer = layer
         guard var up = tensors["lora_up.weight"], let down = tensors["lora_down.weight"] else {
@@ -109,7 +109,7 @@ public struct LoCon: AdapterAlgorithm {
 
     /// Grouped convolutions have no factor path (the factors are not grouped): they use ΔW.
     private var bypassApplies: Bool {
-        if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
+        if case let .convolution(geometry) = layer { return geometry.groups == 1 }
         return true
     }
 
@@ -127,16 +127,17 @@ public struct LoCon: AdapterAlgorithm {
             return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
                                           (.linear(inFeatures: r, outFeatures: outFeatures), up)],
                                  maskBeforeLast: context.rankMask)
-        case let .conv2d(geometry):
-            let upOp = LayerSpec.conv2d(.pointwise(inChannels: r, outChannels: geometry.outChannels))
+        case let .convolution(geometry):
+            let axes = geometry.spatialRank
+            let upOp = LayerSpec.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes))
             if usesTucker {
                 return OperatorChain(stages: [
-                    (.conv2d(.pointwise(inChannels: geometry.inChannels, outChannels: r)), down),
-                    (.conv2d(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
+                    (.convolution(.pointwise(inChannels: geometry.inChannels, outChannels: r, spatialRank: axes)), down),
+                    (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
                     (upOp, up),
                 ], maskBeforeLast: context.rankMask)
             }
-            return OperatorChain(stages: [(.conv2d(geometry.with(outChannels: r)), down), (upOp, up)],
+            return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (upOp, up)],
                                  maskBeforeLast: context.rankMask)
         }
     }

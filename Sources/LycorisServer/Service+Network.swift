@@ -38,7 +38,7 @@ extension LycorisService {
         case "linear":
             spec = .linear(inFeatures: try p.int("in_features"), outFeatures: try p.int("out_features"))
         case "conv2d":
-            spec = .conv2d(Conv2dGeometry(
+            spec = .convolution(ConvGeometry(
                 inChannels: try p.int("in_channels"), outChannels: try p.int("out_channels"),
                 kernelSize: try pair(p, "kernel_size", default: 1), stride: try pair(p, "stride", default: 1),
                 padding: try pair(p, "padding", default: 0), dilation: try pair(p, "dilation", default: 1),
@@ -155,7 +155,7 @@ extension LycorisService {
         switch spec {
         case let .linear(inFeatures, outFeatures):
             return ["kind": "linear", "in_features": JSONValue(inFeatures), "out_features": JSONValue(outFeatures)]
-        case let .conv2d(g):
+        case let .convolution(g):
             return ["kind": "conv2d", "in_channels": JSONValue(g.inChannels), "out_channels": JSONValue(g.outChannels),
                     "kernel_size": JSONValue(g.kernelSize), "stride": JSONValue(g.stride), "padding": JSONValue(g.padding),
                     "dilation": JSONValue(g.dilation), "groups": JSONValue(g.groups)]

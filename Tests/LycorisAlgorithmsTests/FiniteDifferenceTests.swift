@@ -18,7 +18,7 @@ struct FiniteDifferenceTests {
         var testDescription: String { label }
     }
 
-    static let conv = LayerSpec.conv2d(Conv2dGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
+    static let conv = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
     static let linear = LayerSpec.linear(inFeatures: 8, outFeatures: 6)
 
     static func options(_ edit: (inout AdapterOptions) -> Void) -> AdapterOptions {
@@ -37,7 +37,7 @@ struct FiniteDifferenceTests {
         Case(label: "lokr linear", algorithm: .lokr, layer: linear, options: options { $0.rank = 1 }),
         Case(label: "lokr linear bypass decompose", algorithm: .lokr, layer: .linear(inFeatures: 16, outFeatures: 24),
              options: options { $0.rank = 1; $0.decomposeBoth = true; $0.bypassMode = true; $0.useScalar = true }),
-        Case(label: "lokr conv tucker", algorithm: .lokr, layer: .conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1])),
+        Case(label: "lokr conv tucker", algorithm: .lokr, layer: .convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1])),
              options: options { $0.rank = 1; $0.useTucker = true }),
         Case(label: "ia3 linear", algorithm: .ia3, layer: linear, options: options { _ in }),
         Case(label: "ia3 conv input bypass", algorithm: .ia3, layer: conv, options: options { $0.trainOnInput = true; $0.bypassMode = true }),

@@ -16,8 +16,8 @@ enum NetworkFixture {
     static func layer(weightShape shape: [Int]) -> LayerSpec {
         if shape.count == 2 { return .linear(inFeatures: shape[1], outFeatures: shape[0]) }
         let kernel = [shape[2], shape[3]]
-        return .conv2d(Conv2dGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: kernel,
-                                      padding: kernel.map { ($0 - 1) / 2 }))
+        return .convolution(ConvGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: kernel,
+                                         padding: kernel.map { ($0 - 1) / 2 }))
     }
 
     /// (base weight key, input, LyCORIS's adapted output) for every layer in

@@ -9,7 +9,7 @@ import Testing
 @Suite("Save and reload")
 struct RoundTripTests {
     static let linear = LayerSpec.linear(inFeatures: 24, outFeatures: 20)
-    static let conv = LayerSpec.conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1]))
+    static let conv = LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1]))
 
     struct Case: CustomTestStringConvertible, Sendable {
         let algorithm: Algorithm
@@ -109,7 +109,7 @@ struct RoundTripTests {
         for module in file.modules {
             let info = try #require(module.tensors["weight"])
             let layer: LayerSpec = info.shape.count == 1 ? .linear(inFeatures: 99, outFeatures: info.shape[0])
-                : .conv2d(Conv2dGeometry(inChannels: 99, outChannels: info.shape[1], kernelSize: [1, 1]))
+                : .convolution(ConvGeometry(inChannels: 99, outChannels: info.shape[1], kernelSize: [1, 1]))
             let adapter = try file.adapter(for: module, layer: layer)
             #expect(adapter is IA3)
         }
@@ -136,7 +136,7 @@ struct RoundTripTests {
     func dyloraLyCORISConv() throws {
         let file = try AdapterFile(path: NetworkFixture.path("dylora"))
         let conv = try #require(file.modules.first { $0.name == "lycoris_down_blocks_0_resnets_0_conv1" })
-        let adapter = try file.adapter(for: conv, layer: .conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3])))
+        let adapter = try file.adapter(for: conv, layer: .convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3])))
         #expect(adapter.parameters["lora_up.weight"]?.shape == [12, 4, 1, 1])
     }
 

@@ -51,7 +51,7 @@ func naiveLayer(_ spec: LayerSpec, _ x: Tensor, weight: Tensor, bias: Tensor) ->
             }
         }
         return Tensor(shape: Array(x.shape.dropLast()) + [outFeatures], scalars: y)
-    case let .conv2d(g):
+    case let .convolution(g):
         precondition(g.groups == 1)
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         let (kh, kw) = (g.kernelSize[0], g.kernelSize[1])
@@ -757,7 +757,7 @@ struct FileBehaviourTests {
                 layer["out_features"] = JSONValue(weight.shape[0])
             } else {
                 let k = weight.shape[2]
-                spec = .conv2d(Conv2dGeometry(inChannels: weight.shape[1], outChannels: weight.shape[0], kernelSize: [k, k], padding: [(k - 1) / 2, (k - 1) / 2]))
+                spec = .convolution(ConvGeometry(inChannels: weight.shape[1], outChannels: weight.shape[0], kernelSize: [k, k], padding: [(k - 1) / 2, (k - 1) / 2]))
                 layer["kind"] = "conv2d"
                 layer["in_channels"] = JSONValue(weight.shape[1])
                 layer["out_channels"] = JSONValue(weight.shape[0])

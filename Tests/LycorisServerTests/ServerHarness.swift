@@ -227,9 +227,9 @@ struct TestLayer: Sendable {
 
     static func conv(_ name: String, in inChannels: Int, out outChannels: Int, kernel: Int, padding: Int = 0,
                      stride: Int = 1, seed: UInt64) -> TestLayer {
-        let geometry = Conv2dGeometry(inChannels: inChannels, outChannels: outChannels, kernelSize: [kernel, kernel],
-                                      stride: [stride, stride], padding: [padding, padding])
-        return TestLayer(name: name, spec: .conv2d(geometry), weight: randomTensor(geometry.weightShape, seed: seed, std: 0.3),
+        let geometry = ConvGeometry(inChannels: inChannels, outChannels: outChannels, kernelSize: [kernel, kernel],
+                                    stride: [stride, stride], padding: [padding, padding])
+        return TestLayer(name: name, spec: .convolution(geometry), weight: randomTensor(geometry.weightShape, seed: seed, std: 0.3),
                          bias: randomTensor([outChannels], seed: seed + 1, std: 0.3), inputShape: [2, inChannels, 5, 6])
     }
 
@@ -241,7 +241,7 @@ struct TestLayer: Sendable {
             object["kind"] = "linear"
             object["in_features"] = JSONValue(inFeatures)
             object["out_features"] = JSONValue(outFeatures)
-        case let .conv2d(g):
+        case let .convolution(g):
             object["kind"] = "conv2d"
             object["in_channels"] = JSONValue(g.inChannels)
             object["out_channels"] = JSONValue(g.outChannels)
