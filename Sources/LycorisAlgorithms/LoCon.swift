@@ -12,7 +12,10 @@ import LycorisCore
 /// ΔW = s·σ·up·down (reshaped), or s·σ·Σ_{ij} mid[i,j]·up[:,i]⊗down[j,:] with Tucker;
 /// s = α/r (α/√r with rs_lora), σ the optional trainable scalar.
 /// Init: down, mid kaiming-uniform(a=√5); up zeros (kaiming with use_scalar, σ = 0).
-/// Bypass: Δ(x) = s·σ·up(mid(down(x))), with rank dropout masking the rank axis.
+/// Bypass: Δ(x) = s·σ·up(mid(down(x))), with rank dropout masking the rank axis. (LyCORIS
+/// 4.1.3 shapes that mask (1, r, 1, 1) for 4-D activations only; on conv1d/conv3d it puts
+/// it on the last spatial axis, which fails unless that extent is r or 1 — and is wrong
+/// when it is. This masks the rank axis on every convolution, as LyCORIS does on conv2d.)
 public struct LoCon: AdapterAlgorithm {
     public static let algorithm = Algorithm.locon
     public let layer: LayerSpec
