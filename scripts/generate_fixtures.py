@@ -27,6 +27,8 @@ Outputs (all safetensors, every metadata value a string):
       <algo>.safetensors            LycorisNetwork.save_weights output (lycoris_ prefix)
       <algo>.expected.safetensors   per adapted layer K: x.K (F32) and y.K (F64)
       kohya_lora.safetensors        lora.safetensors renamed lycoris_ -> lora_unet_
+      convnd_base.safetensors, convnd_<algo>[.expected].safetensors
+                                    the same for a model of Conv1d and Conv3d layers
 
 The script is deterministic (fixed seeds derived from the case names) and
 deletes/rewrites only *.safetensors in those two folders.
@@ -895,6 +897,100 @@ def base_fixture(model):
 
 
 # --------------------------------------------------------------------------
+# conv1d / conv3d network fixtures: create_lycoris on a model of Conv1d and Conv3d layers
+
+
+class ConvNdModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Conv1d(4, 6, 3, padding=1)
+        self.seq_pointwise = nn.Conv1d(6, 6, 1)
+        self.volume = nn.Conv3d(4, 6, 3, padding=1)
+        self.volume_strided = nn.Conv3d(6, 4, (3, 1, 3), stride=(1, 2, 1), padding=(1, 0, 1))
+
+
+CONVND_SEED = 20261130
+CONVND_ALGOS = [
+    ("lora", dict(algo="lora", use_tucker=True)),
+    ("loha", dict(algo="loha")),
+    ("lokr", dict(algo="lokr", linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0)),
+]
+
+
+def convnd_input(layer, gen):
+    spatial = (9,) if isinstance(layer, nn.Conv1d) else (3, 4, 5)
+    return randn((2, layer.in_channels, *spatial), gen)
+
+
+def convnd_fixtures():
+    """LyCORIS networks on Conv1d/Conv3d layers: base weights, saved files, and the adapted
+    layers' float64 outputs (cross-checked against create_lycoris_from_weights)."""
+    def make():
+        torch.manual_seed(CONVND_SEED)
+        model = ConvNdModel()
+        gen = torch.Generator().manual_seed(CONVND_SEED)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.copy_(randn(p.shape, gen))
+        return model
+
+    written = []
+    base = NETWORKS_DIR / "convnd_base.safetensors"
+    layers = {
+        n: {"kind": f"conv{len(m.kernel_size)}d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None}
+        for n, m in make().named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d))
+    }
+    save_file({k: t_out(v) for k, v in make().state_dict().items()}, str(base), {
+        "description": "Conv1d/Conv3d model (F32 state_dict) of the convnd_* adapters. Inputs: conv1d (2,C,9), conv3d (2,C,3,4,5).",
+        "layers": jdump(layers), "oracle": ORACLE})
+    written.append(base)
+    for stem, kwargs in CONVND_ALGOS:
+        model = make()
+        torch.manual_seed(seed_of("convnd:" + stem))
+        args = dict(NET_COMMON)
+        args.update(kwargs)
+        net = create_lycoris(model, 1.0, args.pop("linear_dim"), args.pop("linear_alpha"), **args)
+        net.apply_to()
+        gen = torch.Generator().manual_seed(seed_of("convnd-params:" + stem))
+        with torch.no_grad():
+            for lora in net.loras:
+                for _, p in lora.named_parameters():
+                    p.copy_(randn(p.shape, gen))
+        path = NETWORKS_DIR / f"convnd_{stem}.safetensors"
+        net.save_weights(str(path), torch.float32, {"algo": stem, "oracle": ORACLE, "create_lycoris_kwargs": jdump(kwargs)})
+        written.append(path)
+        names = module_name_map(model)
+        keys = [names[l.lora_name][0] for l in net.loras]
+        model.double(); net.double(); net.eval(); model.eval()
+        gen = torch.Generator().manual_seed(seed_of("convnd-x:" + stem))
+        tensors = {}
+        with torch.no_grad():
+            for key in keys:
+                layer = dict(model.named_modules())[key]
+                x32 = convnd_input(layer, gen)
+                tensors[f"x.{key}"] = t_out(x32)
+                tensors[f"y.{key}"] = t_out(layer(x32.double()).to(torch.float64))
+        fresh = make()
+        net2, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+        net2.apply_to()
+        fresh.double(); net2.double(); net2.eval()
+        with torch.no_grad():
+            for key in keys:
+                y2 = dict(fresh.named_modules())[key](tensors[f"x.{key}"].double())
+                if not torch.allclose(y2, tensors[f"y.{key}"], rtol=1e-9, atol=1e-9):
+                    SURPRISES.append(f"networks/convnd_{stem}: reloaded file output differs at {key}")
+        out = NETWORKS_DIR / f"convnd_{stem}.expected.safetensors"
+        save_file(tensors, str(out), {
+            "description": f"Per-layer expected outputs for convnd_{stem}.safetensors on convnd_base.safetensors "
+            "(x.K F32 input, y.K F64 adapted output; eval, float64; reloading the file reproduces them).",
+            "algo": stem, "layers": jdump(keys), "oracle": ORACLE})
+        written.append(out)
+    return written
+
+
+# --------------------------------------------------------------------------
 
 
 def canonicalize(path):
@@ -959,6 +1055,7 @@ def main():
     model0 = make_model()
     written.append(base_fixture(model0))
     written.extend(network_fixtures(model0))
+    written.extend(convnd_fixtures())
 
     for d in (MODULES_DIR, NETWORKS_DIR):
         keep = d / ".keep"
