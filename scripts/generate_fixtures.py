@@ -9,7 +9,8 @@ Regenerate everything with:
 Outputs (all safetensors, every metadata value a string):
 
   Tests/LycorisAlgorithmsTests/Fixtures/modules/<case>.safetensors
-      One LyCORIS module wrapped around one nn.Linear / nn.Conv2d.  Inputs and
+      One LyCORIS module wrapped around one nn.Linear / nn.Conv1d / nn.Conv2d /
+      nn.Conv3d.  Inputs and
       parameters are stored as F32 (drawn in float32), every expected value is
       F64 (LyCORIS run in float64 on exactly those float32 values).
         base.weight, base.bias, input, grad_output      F32
@@ -26,6 +27,8 @@ Outputs (all safetensors, every metadata value a string):
       <algo>.safetensors            LycorisNetwork.save_weights output (lycoris_ prefix)
       <algo>.expected.safetensors   per adapted layer K: x.K (F32) and y.K (F64)
       kohya_lora.safetensors        lora.safetensors renamed lycoris_ -> lora_unet_
+      convnd_base.safetensors, convnd_<algo>[.expected].safetensors
+                                    the same for a model of Conv1d and Conv3d layers
 
 The script is deterministic (fixed seeds derived from the case names) and
 deletes/rewrites only *.safetensors in those two folders.
@@ -116,25 +119,37 @@ def lin(i, o, bias=True):
     return {"kind": "linear", "in_features": i, "out_features": o, "bias": bias}
 
 
-def conv(i, o, k=3, s=1, p=0, d=1, g=1, bias=True):
+def conv(i, o, k=3, s=1, p=0, d=1, g=1, bias=True, dims=2):
     return {
-        "kind": "conv2d",
+        "kind": f"conv{dims}d",
         "in_channels": i,
         "out_channels": o,
-        "kernel_size": [k, k],
-        "stride": [s, s],
-        "padding": [p, p],
-        "dilation": [d, d],
+        "kernel_size": [k] * dims,
+        "stride": [s] * dims,
+        "padding": [p] * dims,
+        "dilation": [d] * dims,
         "groups": g,
         "bias": bias,
     }
+
+
+def conv1(i, o, **kw):
+    return conv(i, o, dims=1, **kw)
+
+
+def conv3(i, o, **kw):
+    return conv(i, o, dims=3, **kw)
+
+
+CONV_CLASSES = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+CONV_OPS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}
 
 
 def build_layer(spec, gen):
     if spec["kind"] == "linear":
         layer = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
     else:
-        layer = nn.Conv2d(
+        layer = CONV_CLASSES[spec["kind"]](
             spec["in_channels"],
             spec["out_channels"],
             tuple(spec["kernel_size"]),
@@ -154,7 +169,8 @@ def build_layer(spec, gen):
 def input_shape(spec):
     if spec["kind"] == "linear":
         return (2, 3, spec["in_features"])
-    return (2, spec["in_channels"], 5, 6)
+    spatial = {"conv1d": (9,), "conv2d": (5, 6), "conv3d": (3, 4, 5)}[spec["kind"]]
+    return (2, spec["in_channels"], *spatial)
 
 
 def op_of(spec):
@@ -166,7 +182,8 @@ def op_of(spec):
         dilation=tuple(spec["dilation"]),
         groups=spec["groups"],
     )
-    return lambda x, w, b: F.conv2d(x, w, b, **kw)
+    op = CONV_OPS[spec["kind"]]
+    return lambda x, w, b: op(x, w, b, **kw)
 
 
 # --------------------------------------------------------------------------
@@ -246,6 +263,46 @@ case("dylora_linear_b0", "dylora", L24_20, dict(lora_dim=8, alpha=3.0, block_siz
 case("dylora_conv3x3_b1", "dylora", conv(8, 12, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "Conv 3x3 r=4 block_size 2, b=1", dylora_block=1)
 case("dylora_linear_mult0p7", "dylora", L24_20, dict(multiplier=0.7, lora_dim=8, alpha=3.0, block_size=4), "multiplier 0.7, b=1", dylora_block=1)
 
+# Conv1d (input (2, C, 9)) and Conv3d (input (2, C, 3, 4, 5))
+case("locon_conv1d_k1", "locon", conv1(8, 12, k=1), dict(lora_dim=4, alpha=3.0), "Conv1d k=1 8->12: lora_down (4,8,1), lora_up (12,4,1)")
+case("locon_conv1d_k3_stride2", "locon", conv1(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0), "Conv1d k=3 stride 2 padding 1")
+case("locon_conv1d_k3_dilation2", "locon", conv1(6, 10, p=2, d=2), dict(lora_dim=4, alpha=3.0), "Conv1d k=3 dilation 2 padding 2 (rebuild uses the layer's dilation)")
+case("locon_conv1d_k3_groups2", "locon", conv1(8, 12, p=1, g=2), dict(lora_dim=4, alpha=3.0), "Conv1d k=3 groups 2: lora_down takes in/groups channels")
+case("locon_conv1d_k3_tucker", "locon", conv1(8, 12, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True), "Conv1d Tucker: down (4,8,1), mid (4,4,3), up (12,4,1)")
+case("locon_conv1d_k3_bypass", "locon", conv1(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0, bypass_mode=True), "Conv1d bypass_mode: up(down(x)) with stride 2 padding 1")
+case("locon_conv3d_k1", "locon", conv3(8, 12, k=1), dict(lora_dim=4, alpha=3.0), "Conv3d 1x1x1 8->12")
+case("locon_conv3d_k3_pad1", "locon", conv3(8, 12, p=1), dict(lora_dim=4, alpha=3.0), "Conv3d 3x3x3 padding 1: lora_down (4,8,3,3,3)")
+case("locon_conv3d_k3_stride2", "locon", conv3(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0), "Conv3d 3x3x3 stride 2 padding 1")
+case("locon_conv3d_k3_groups2", "locon", conv3(8, 12, p=1, g=2), dict(lora_dim=4, alpha=3.0), "Conv3d groups 2")
+case("locon_conv3d_k3_tucker_scalar_rslora", "locon", conv3(8, 12, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True, use_scalar=True, rs_lora=True), "Conv3d Tucker (mid (4,4,3,3,3)) + use_scalar + rs_lora")
+case("locon_conv3d_k3_tucker_bypass", "locon", conv3(8, 12, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True, bypass_mode=True), "Conv3d Tucker bypass_mode: up(mid(down(x)))")
+case("loha_conv1d_k1", "loha", conv1(8, 12, k=1), dict(lora_dim=4, alpha=2.0), "LoHa Conv1d k=1: hada_w*_b (4, 8)")
+case("loha_conv1d_k3_stride2", "loha", conv1(8, 12, s=2, p=1), dict(lora_dim=4, alpha=2.0), "LoHa Conv1d k=3 stride 2: hada_w*_b (4, 8*3)")
+case("loha_conv1d_k3_tucker", "loha", conv1(8, 12, p=1), dict(lora_dim=4, alpha=2.0, use_tucker=True), "LoHa Conv1d Tucker: hada_t* (4,4,3)")
+case("loha_conv1d_k3_bypass", "loha", conv1(8, 12, s=2, p=1), dict(lora_dim=4, alpha=2.0, bypass_mode=True), "LoHa Conv1d bypass_mode (op(x, ΔW) with the layer's stride/padding)")
+case("loha_conv3d_k3", "loha", conv3(8, 12, p=1), dict(lora_dim=4, alpha=2.0), "LoHa Conv3d: hada_w*_b (4, 8*27)")
+case("loha_conv3d_k3_groups2", "loha", conv3(8, 12, s=2, p=1, g=2), dict(lora_dim=4, alpha=2.0), "LoHa Conv3d groups 2 stride 2")
+case("loha_conv3d_k3_tucker_scalar", "loha", conv3(8, 12, p=1), dict(lora_dim=4, alpha=2.0, use_tucker=True, use_scalar=True), "LoHa Conv3d Tucker (hada_t* (4,4,3,3,3)) + use_scalar")
+case("loha_conv3d_k1_tucker", "loha", conv3(8, 12, k=1), dict(lora_dim=4, alpha=2.0, use_tucker=True), "use_tucker ignored for 1x1x1")
+case("lokr_conv1d_k1", "lokr", conv1(16, 24, k=1), dict(lora_dim=2, alpha=1.0), "LoKr Conv1d k=1: w2_b (2, 4)")
+case("lokr_conv1d_k3", "lokr", conv1(16, 24, p=1), dict(lora_dim=2, alpha=1.0), "LoKr Conv1d k=3: w1 (4,4), w2_a (6,2), w2_b (2, 4*3)")
+case("lokr_conv1d_k3_tucker", "lokr", conv1(16, 24, p=1), dict(lora_dim=2, alpha=1.0, use_tucker=True), "LoKr Conv1d Tucker: lokr_t2 (2,2,3)")
+case("lokr_conv1d_k3_groups2", "lokr", conv1(16, 24, s=2, p=1, g=2), dict(lora_dim=2, alpha=1.0), "LoKr Conv1d groups 2 (in/groups 8 = (2,4)) stride 2")
+case("lokr_conv1d_k3_bypass", "lokr", conv1(16, 24, s=2, p=1), dict(lora_dim=2, alpha=1.0, bypass_mode=True), "LoKr Conv1d bypass_mode (LyCORIS's grouped conv path)")
+case("lokr_conv3d_k3", "lokr", conv3(16, 24, p=1), dict(lora_dim=2, alpha=1.0), "LoKr Conv3d: w2_b (2, 4*27)")
+case("lokr_conv3d_k3_tucker", "lokr", conv3(16, 24, p=1), dict(lora_dim=2, alpha=1.0, use_tucker=True), "LoKr Conv3d Tucker: lokr_t2 (2,2,3,3,3)")
+case("lokr_conv3d_k3_decompose_both", "lokr", conv3(16, 24, p=1), dict(lora_dim=1, alpha=2.0, decompose_both=True), "LoKr Conv3d decompose_both (r=1)")
+case("lokr_conv3d_k3_full_matrix", "lokr", conv3(8, 12, s=2, p=1), dict(lora_dim=2, alpha=1.0, full_matrix=True), "LoKr Conv3d full_matrix: w2 (4,4,3,3,3), scale 1")
+case("lokr_conv3d_k3_tucker_bypass", "lokr", conv3(16, 24, s=2, p=1), dict(lora_dim=2, alpha=1.0, use_tucker=True, bypass_mode=True), "LoKr Conv3d Tucker bypass_mode, stride 2")
+case("ia3_conv1d", "ia3", conv1(8, 12, p=1), dict(), "IA3 Conv1d on output: weight (1,12,1)")
+case("ia3_conv1d_input", "ia3", conv1(8, 12, s=2, p=1), dict(train_on_input=True), "IA3 Conv1d train_on_input: weight (1,8,1)")
+case("ia3_conv1d_groups2", "ia3", conv1(8, 12, p=1, g=2), dict(), "IA3 Conv1d groups 2 on output")
+case("ia3_conv3d", "ia3", conv3(8, 12, p=1), dict(), "IA3 Conv3d on output: weight (1,12,1,1,1)")
+case("ia3_conv3d_input", "ia3", conv3(8, 12, p=1), dict(train_on_input=True), "IA3 Conv3d train_on_input: weight (1,8,1,1,1)")
+case("ia3_conv3d_bypass", "ia3", conv3(8, 12, k=1), dict(bypass_mode=True), "IA3 Conv3d bypass: the bias is scaled too")
+case("dylora_conv1d_k3_b1", "dylora", conv1(8, 12, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "DyLoRA Conv1d k=3 r=4 block_size 2, b=1", dylora_block=1)
+case("dylora_conv3d_k3_b0", "dylora", conv3(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "DyLoRA Conv3d k=3 stride 2, b=0", dylora_block=0)
+
 
 def dylora_concat(module, spec, which):
     """DyLoRA blocks -> (lora_up.weight, lora_down.weight) in the Swift layout."""
@@ -258,7 +315,7 @@ def dylora_concat(module, spec, which):
         downs.append(torch.zeros_like(p) if t is None else t.detach())
     up = torch.cat(ups, dim=1)
     down = torch.cat(downs, dim=0)
-    if spec["kind"] == "conv2d":
+    if spec["kind"] != "linear":
         in_g = spec["in_channels"] // spec["groups"]
         down = down.reshape(down.shape[0], in_g, *spec["kernel_size"])
     return {"lora_up.weight": up, "lora_down.weight": down}
@@ -302,8 +359,8 @@ def independent_loha_check(module, spec, params64, delta):
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params64.items()}
     s = torch.tensor(module.scale, dtype=torch.float64)
     if module.tucker:
-        h1 = torch.einsum("ijkl,ip,jr->prkl", leaves["hada_t1"], leaves["hada_w1_a"], leaves["hada_w1_b"])
-        h2 = torch.einsum("ijkl,ip,jr->prkl", leaves["hada_t2"], leaves["hada_w2_a"], leaves["hada_w2_b"])
+        h1 = torch.einsum("ij...,ip,jr->pr...", leaves["hada_t1"], leaves["hada_w1_a"], leaves["hada_w1_b"])
+        h2 = torch.einsum("ij...,ip,jr->pr...", leaves["hada_t2"], leaves["hada_w2_a"], leaves["hada_w2_b"])
     else:
         h1 = leaves["hada_w1_a"] @ leaves["hada_w1_b"]
         h2 = leaves["hada_w2_a"] @ leaves["hada_w2_b"]
@@ -840,6 +897,100 @@ def base_fixture(model):
 
 
 # --------------------------------------------------------------------------
+# conv1d / conv3d network fixtures: create_lycoris on a model of Conv1d and Conv3d layers
+
+
+class ConvNdModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Conv1d(4, 6, 3, padding=1)
+        self.seq_pointwise = nn.Conv1d(6, 6, 1)
+        self.volume = nn.Conv3d(4, 6, 3, padding=1)
+        self.volume_strided = nn.Conv3d(6, 4, (3, 1, 3), stride=(1, 2, 1), padding=(1, 0, 1))
+
+
+CONVND_SEED = 20261130
+CONVND_ALGOS = [
+    ("lora", dict(algo="lora", use_tucker=True)),
+    ("loha", dict(algo="loha")),
+    ("lokr", dict(algo="lokr", linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0)),
+]
+
+
+def convnd_input(layer, gen):
+    spatial = (9,) if isinstance(layer, nn.Conv1d) else (3, 4, 5)
+    return randn((2, layer.in_channels, *spatial), gen)
+
+
+def convnd_fixtures():
+    """LyCORIS networks on Conv1d/Conv3d layers: base weights, saved files, and the adapted
+    layers' float64 outputs (cross-checked against create_lycoris_from_weights)."""
+    def make():
+        torch.manual_seed(CONVND_SEED)
+        model = ConvNdModel()
+        gen = torch.Generator().manual_seed(CONVND_SEED)
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                p.copy_(randn(p.shape, gen))
+        return model
+
+    written = []
+    base = NETWORKS_DIR / "convnd_base.safetensors"
+    layers = {
+        n: {"kind": f"conv{len(m.kernel_size)}d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+            "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+            "dilation": list(m.dilation), "groups": m.groups, "bias": m.bias is not None}
+        for n, m in make().named_modules() if isinstance(m, (nn.Conv1d, nn.Conv3d))
+    }
+    save_file({k: t_out(v) for k, v in make().state_dict().items()}, str(base), {
+        "description": "Conv1d/Conv3d model (F32 state_dict) of the convnd_* adapters. Inputs: conv1d (2,C,9), conv3d (2,C,3,4,5).",
+        "layers": jdump(layers), "oracle": ORACLE})
+    written.append(base)
+    for stem, kwargs in CONVND_ALGOS:
+        model = make()
+        torch.manual_seed(seed_of("convnd:" + stem))
+        args = dict(NET_COMMON)
+        args.update(kwargs)
+        net = create_lycoris(model, 1.0, args.pop("linear_dim"), args.pop("linear_alpha"), **args)
+        net.apply_to()
+        gen = torch.Generator().manual_seed(seed_of("convnd-params:" + stem))
+        with torch.no_grad():
+            for lora in net.loras:
+                for _, p in lora.named_parameters():
+                    p.copy_(randn(p.shape, gen))
+        path = NETWORKS_DIR / f"convnd_{stem}.safetensors"
+        net.save_weights(str(path), torch.float32, {"algo": stem, "oracle": ORACLE, "create_lycoris_kwargs": jdump(kwargs)})
+        written.append(path)
+        names = module_name_map(model)
+        keys = [names[l.lora_name][0] for l in net.loras]
+        model.double(); net.double(); net.eval(); model.eval()
+        gen = torch.Generator().manual_seed(seed_of("convnd-x:" + stem))
+        tensors = {}
+        with torch.no_grad():
+            for key in keys:
+                layer = dict(model.named_modules())[key]
+                x32 = convnd_input(layer, gen)
+                tensors[f"x.{key}"] = t_out(x32)
+                tensors[f"y.{key}"] = t_out(layer(x32.double()).to(torch.float64))
+        fresh = make()
+        net2, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+        net2.apply_to()
+        fresh.double(); net2.double(); net2.eval()
+        with torch.no_grad():
+            for key in keys:
+                y2 = dict(fresh.named_modules())[key](tensors[f"x.{key}"].double())
+                if not torch.allclose(y2, tensors[f"y.{key}"], rtol=1e-9, atol=1e-9):
+                    SURPRISES.append(f"networks/convnd_{stem}: reloaded file output differs at {key}")
+        out = NETWORKS_DIR / f"convnd_{stem}.expected.safetensors"
+        save_file(tensors, str(out), {
+            "description": f"Per-layer expected outputs for convnd_{stem}.safetensors on convnd_base.safetensors "
+            "(x.K F32 input, y.K F64 adapted output; eval, float64; reloading the file reproduces them).",
+            "algo": stem, "layers": jdump(keys), "oracle": ORACLE})
+        written.append(out)
+    return written
+
+
+# --------------------------------------------------------------------------
 
 
 def canonicalize(path):
@@ -904,6 +1055,7 @@ def main():
     model0 = make_model()
     written.append(base_fixture(model0))
     written.extend(network_fixtures(model0))
+    written.extend(convnd_fixtures())
 
     for d in (MODULES_DIR, NETWORKS_DIR):
         keep = d / ".keep"

@@ -18,12 +18,13 @@ public enum AdapterMerge {
         public var failed: [(module: String, reason: String)] = []
     }
 
-    /// The base layer a weight of `shape` belongs to: 2-D linear, 4-D conv2d (stride and
-    /// padding do not enter ΔW).
+    /// The base layer a weight of `shape` belongs to: 2-D linear, 3-D conv1d, 4-D conv2d,
+    /// 5-D conv3d (stride, padding and dilation do not enter ΔW; groups are taken as 1, so a
+    /// weight (O, C/g, k…) reads as a convolution from C/g channels, the same ΔW).
     public static func layer(forWeightShape shape: [Int]) -> LayerSpec? {
         switch shape.count {
         case 2: return .linear(inFeatures: shape[1], outFeatures: shape[0])
-        case 4: return .conv2d(Conv2dGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: [shape[2], shape[3]]))
+        case 3...5: return .convolution(ConvGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: Array(shape[2...])))
         default: return nil
         }
     }
@@ -49,7 +50,7 @@ public enum AdapterMerge {
             do {
                 guard info.dtype.isFloatingPoint else { throw AdapterError("base weight \(baseKey) is \(info.dtype.rawValue), not a float") }
                 guard let layer = layer(forWeightShape: info.shape) else {
-                    throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear and conv2d weights are merged")
+                    throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear and conv1d/conv2d/conv3d weights are merged")
                 }
                 guard let algorithm = module.algorithm else { throw AdapterError("no known algorithm has the keys \(module.tensors.keys.sorted())") }
                 let weight = try base.tensor(baseKey)

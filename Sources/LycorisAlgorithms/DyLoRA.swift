@@ -2,7 +2,7 @@ import LycorisCore
 
 /// DyLoRA (LyCORIS `DyLoraModule`): a LoRA whose rank is trained in blocks.
 ///
-/// `lora_up.weight` (out, r) and `lora_down.weight` (r, in/g[, k, k]) hold r/bs blocks of
+/// `lora_up.weight` (out, r) and `lora_down.weight` (r, in/g[, k…]) hold r/bs blocks of
 /// bs = block_size columns / rows. A step uses block b: blocks 0…b enter ΔW, only block b
 /// receives gradient (the earlier ones are used detached):
 ///
@@ -16,7 +16,7 @@ import LycorisCore
 /// times smaller than DyLoRA's own full-rank forward, and saves `lora_up.weight` 2-D for
 /// convolutions so its own loader fails on them. This module saves
 /// `alpha` = α·bs (alpha/r then equals the full-rank forward's α/(r/bs)) and a 4-D
-/// (out, r, 1, 1) `lora_up.weight` for convolutions.
+/// (out, r, 1…) `lora_up.weight` for convolutions.
 public struct DyLoRA: AdapterAlgorithm {
     public static let algorithm = Algorithm.dylora
     public let layer: LayerSpec

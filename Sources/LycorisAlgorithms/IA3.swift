@@ -2,7 +2,7 @@ import LycorisCore
 
 /// (IA)³ (LyCORIS `IA3Module`): a learned per-channel scale of the base weight.
 ///
-/// `weight`: (C,) for linear, (1, C, 1, 1) for conv, C = out channels, or in channels with
+/// `weight`: (C,) for linear, (1, C, 1…) for conv, C = out channels, or in channels with
 /// train_on_input; init 0. ΔW = W0 ⊙ w broadcast along the output axis (rows) or, with
 /// train_on_input, the input axis (columns); W' = W0 ⊙ (1 + m·w).
 /// Bypass: Δ(x) = op(x ⊙ w, W0) on input, or w ⊙ (op(x, W0) + b) on output — the bias is
@@ -30,7 +30,7 @@ public struct IA3: AdapterAlgorithm {
     private init(layer: LayerSpec, onInput: Bool, weight: Tensor?) throws {
         self.layer = layer
         self.onInput = onInput
-        if onInput, case let .conv2d(geometry) = layer, geometry.groups != 1 {
+        if onInput, case let .convolution(geometry) = layer, geometry.groups != 1 {
             throw AdapterError("ia3: train_on_input is not defined for grouped convolutions (groups \(geometry.groups))")
         }
         let channels = onInput ? layer.inputChannels : layer.outFeatures

@@ -3,16 +3,27 @@ import LycorisCore
 /// The base layer an adapter is attached to, and its operation `op(x, W)` (no bias).
 ///
 /// Linear: x (…, in) → y (…, out), `y = x · Wᵀ`, W (out, in).
-/// Conv2d: x (N, C, H, W) → y (N, O, Ho, Wo), W (O, C/groups, kh, kw).
+/// Convolution, by the geometry's spatial rank:
+/// - conv1d: x (N, C, L) → y (N, O, Lo), W (O, C/groups, k);
+/// - conv2d: x (N, C, H, W) → y (N, O, Ho, Wo), W (O, C/groups, kh, kw);
+/// - conv3d: x (N, C, D, H, W) → y (N, O, Do, Ho, Wo), W (O, C/groups, kd, kh, kw).
 public enum LayerSpec: Sendable, Equatable, Hashable {
     case linear(inFeatures: Int, outFeatures: Int)
-    case conv2d(Conv2dGeometry)
+    case convolution(ConvGeometry)
 
     /// The base weight's shape.
     public var weightShape: [Int] {
         switch self {
         case let .linear(inFeatures, outFeatures): [outFeatures, inFeatures]
-        case let .conv2d(geometry): geometry.weightShape
+        case let .convolution(geometry): geometry.weightShape
+        }
+    }
+
+    /// The wire name of the layer kind: `linear`, `conv1d`, `conv2d` or `conv3d`.
+    public var kind: String {
+        switch self {
+        case .linear: "linear"
+        case let .convolution(geometry): geometry.kind
         }
     }
 
@@ -23,20 +34,20 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
     public var inputChannels: Int {
         switch self {
         case let .linear(inFeatures, _): inFeatures
-        case let .conv2d(geometry): geometry.inChannels
+        case let .convolution(geometry): geometry.inChannels
         }
     }
     /// Product of the kernel's spatial extents (1 for linear).
     public var kernelElements: Int { weightShape[2...].reduce(1, *) }
     public var kernelSize: [Int] { Array(weightShape[2...]) }
-    public var isConvolution: Bool { if case .conv2d = self { true } else { false } }
+    public var isConvolution: Bool { if case .convolution = self { true } else { false } }
 
     /// Why this layer description cannot be used, or nil.
     public var invalidReason: String? {
         switch self {
         case let .linear(inFeatures, outFeatures):
             inFeatures > 0 && outFeatures > 0 ? nil : "linear features must be positive (in \(inFeatures), out \(outFeatures))"
-        case let .conv2d(geometry): geometry.invalidReason
+        case let .convolution(geometry): geometry.invalidReason
         }
     }
 
@@ -48,12 +59,13 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
                 return "linear input must end with \(inFeatures) features, got shape \(shape)"
             }
             return nil
-        case let .conv2d(geometry):
-            guard shape.count == 4, shape[1] == geometry.inChannels else {
-                return "conv2d input must be (N, \(geometry.inChannels), H, W), got shape \(shape)"
+        case let .convolution(geometry):
+            let names = geometry.spatialRank == 1 ? ["L"] : Array(["D", "H", "W"].suffix(geometry.spatialRank))
+            guard shape.count == 2 + geometry.spatialRank, shape[1] == geometry.inChannels else {
+                return "\(geometry.kind) input must be (\((["N", "\(geometry.inChannels)"] + names).joined(separator: ", "))), got shape \(shape)"
             }
-            let out = geometry.outputSize(height: shape[2], width: shape[3])
-            return out.height > 0 && out.width > 0 ? nil : "conv2d input \(shape) is smaller than the kernel"
+            let out = geometry.outputSize(Array(shape[2...]))
+            return out.allSatisfy { $0 > 0 } ? nil : "\(geometry.kind) input \(shape) is smaller than the kernel"
         }
     }
 
@@ -61,11 +73,7 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
     public func outputShape(forInput shape: [Int]) -> [Int] {
         switch self {
         case let .linear(_, outFeatures): Array(shape.dropLast()) + [outFeatures]
-        case let .conv2d(geometry):
-            {
-                let out = geometry.outputSize(height: shape[2], width: shape[3])
-                return [shape[0], geometry.outChannels, out.height, out.width]
-            }()
+        case let .convolution(geometry): [shape[0], geometry.outChannels] + geometry.outputSize(Array(shape[2...]))
         }
     }
 
@@ -76,8 +84,8 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
             let rows = x.reshaped([-1, inFeatures])
             return Tensor.matmul(rows, weight.reshaped([outFeatures, inFeatures]), transposeB: true)
                 .reshaped(outputShape(forInput: x.shape))
-        case let .conv2d(geometry):
-            return Conv2d.forward(x, weight: weight, geometry: geometry)
+        case let .convolution(geometry):
+            return Convolution.forward(x, weight: weight, geometry: geometry)
         }
     }
 
@@ -87,8 +95,8 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
         case let .linear(inFeatures, outFeatures):
             return Tensor.matmul(gradOutput.reshaped([-1, outFeatures]), weight.reshaped([outFeatures, inFeatures]))
                 .reshaped(inputShape)
-        case let .conv2d(geometry):
-            return Conv2d.backwardInput(gradOutput, weight: weight, geometry: geometry, inputShape: inputShape)
+        case let .convolution(geometry):
+            return Convolution.backwardInput(gradOutput, weight: weight, geometry: geometry, inputShape: inputShape)
         }
     }
 
@@ -97,8 +105,8 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
         switch self {
         case let .linear(inFeatures, outFeatures):
             return Tensor.matmul(gradOutput.reshaped([-1, outFeatures]), transposeA: true, x.reshaped([-1, inFeatures]))
-        case let .conv2d(geometry):
-            return Conv2d.backwardWeight(x, gradOutput: gradOutput, geometry: geometry)
+        case let .convolution(geometry):
+            return Convolution.backwardWeight(x, gradOutput: gradOutput, geometry: geometry)
         }
     }
 
@@ -123,7 +131,7 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
     }
 
     /// Elements between consecutive output channels in a tensor of `shape`
-    /// (1 for linear; H·W for conv).
+    /// (1 for linear; the product of the spatial extents for conv).
     public func channelStride(of shape: [Int]) -> Int {
         isConvolution ? shape[2...].reduce(1, *) : 1
     }

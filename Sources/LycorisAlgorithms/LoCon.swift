@@ -4,15 +4,18 @@ import LycorisCore
 ///
 /// Shapes (r = rank, K = Π kernel):
 /// - Linear: `lora_down.weight` (r, in), `lora_up.weight` (out, r).
-/// - Conv: `lora_down.weight` (r, in/g, k, k) with the layer's stride/padding/dilation,
-///   `lora_up.weight` (out, r, 1, 1).
-/// - Conv with Tucker (k ≠ 1): `lora_down.weight` (r, in/g, 1, 1), `lora_mid.weight`
-///   (r, r, k, k), `lora_up.weight` (out, r, 1, 1).
+/// - Conv (1, 2 or 3 spatial axes, k… the kernel): `lora_down.weight` (r, in/g, k…) with
+///   the layer's stride/padding/dilation, `lora_up.weight` (out, r, 1…).
+/// - Conv with Tucker (some k ≠ 1): `lora_down.weight` (r, in/g, 1…), `lora_mid.weight`
+///   (r, r, k…), `lora_up.weight` (out, r, 1…).
 ///
 /// ΔW = s·σ·up·down (reshaped), or s·σ·Σ_{ij} mid[i,j]·up[:,i]⊗down[j,:] with Tucker;
 /// s = α/r (α/√r with rs_lora), σ the optional trainable scalar.
 /// Init: down, mid kaiming-uniform(a=√5); up zeros (kaiming with use_scalar, σ = 0).
-/// Bypass: Δ(x) = s·σ·up(mid(down(x))), with rank dropout masking the rank axis.
+/// Bypass: Δ(x) = s·σ·up(mid(down(x))), with rank dropout masking the rank axis. (LyCORIS
+/// 4.1.3 shapes that mask (1, r, 1, 1) for 4-D activations only; on conv1d/conv3d it puts
+/// it on the last spatial axis, which fails unless that extent is r or 1 — and is wrong
+/// when it is. This masks the rank axis on every convolution, as LyCORIS does on conv2d.)
 public struct LoCon: AdapterAlgorithm {
     public static let algorithm = Algorithm.locon
     public let layer: LayerSpec
@@ -45,7 +48,7 @@ public struct LoCon: AdapterAlgorithm {
 
     /// A module from a file's tensors (`lora_up.weight`, `lora_down.weight`, optional
     /// `lora_mid.weight`); scale = alpha/r. A 2-D `lora_up.weight` on a conv layer (as
-    /// LyCORIS's DyLoRA writes it) is accepted as (out, r, 1, 1).
+    /// LyCORIS's DyLoRA writes it) is accepted as (out, r, 1…).
     public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
         self.layer = layer
         guard var up = tensors["lora_up.weight"], let down = tensors["lora_down.weight"] else {
@@ -109,7 +112,7 @@ public struct LoCon: AdapterAlgorithm {
 
     /// Grouped convolutions have no factor path (the factors are not grouped): they use ΔW.
     private var bypassApplies: Bool {
-        if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
+        if case let .convolution(geometry) = layer { return geometry.groups == 1 }
         return true
     }
 
@@ -127,16 +130,17 @@ public struct LoCon: AdapterAlgorithm {
             return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
                                           (.linear(inFeatures: r, outFeatures: outFeatures), up)],
                                  maskBeforeLast: context.rankMask)
-        case let .conv2d(geometry):
-            let upOp = LayerSpec.conv2d(.pointwise(inChannels: r, outChannels: geometry.outChannels))
+        case let .convolution(geometry):
+            let axes = geometry.spatialRank
+            let upOp = LayerSpec.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes))
             if usesTucker {
                 return OperatorChain(stages: [
-                    (.conv2d(.pointwise(inChannels: geometry.inChannels, outChannels: r)), down),
-                    (.conv2d(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
+                    (.convolution(.pointwise(inChannels: geometry.inChannels, outChannels: r, spatialRank: axes)), down),
+                    (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
                     (upOp, up),
                 ], maskBeforeLast: context.rankMask)
             }
-            return OperatorChain(stages: [(.conv2d(geometry.with(outChannels: r)), down), (upOp, up)],
+            return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (upOp, up)],
                                  maskBeforeLast: context.rankMask)
         }
     }

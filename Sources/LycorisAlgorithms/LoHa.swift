@@ -5,7 +5,7 @@ import LycorisCore
 /// Shapes (r = rank, K = Π kernel):
 /// - Linear, or conv without Tucker: `hada_w{1,2}_a` (out, r), `hada_w{1,2}_b` (r, in·K).
 /// - Conv with Tucker (k ≠ 1): `hada_w{1,2}_a` (r, out), `hada_w{1,2}_b` (r, in),
-///   `hada_t{1,2}` (r, r, k, k); each half is the Tucker rebuild of (t, a, b).
+///   `hada_t{1,2}` (r, r, k…); each half is the Tucker rebuild of (t, a, b).
 /// Init: w1b, w2b ~ N(0, 1); w1a ~ N(0, 0.1); w2a = 0 (N(0, 0.1) with use_scalar); t ~ N(0, 0.1).
 ///
 /// Backward (FedPara Prop. 3): with G' = s·σ·∂ΔW, ∂half₁ = G' ⊙ half₂ and

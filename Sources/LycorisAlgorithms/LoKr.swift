@@ -6,8 +6,8 @@ import LycorisCore
 /// with unbalanced_factorization), r = rank, K = Π kernel:
 /// - W1 (out_l, in_m) is `lokr_w1`, or `lokr_w1_a` (out_l, r)·`lokr_w1_b` (r, in_m) when
 ///   decompose_both and r < max(out_l, in_m)/2 and not full_matrix.
-/// - W2 (out_k, in_n[, k, k]) is `lokr_w2` when r ≥ max(out_k, in_n)/2 or full_matrix;
-///   else with Tucker (conv, k ≠ 1) the rebuild of `lokr_t2` (r, r, k, k),
+/// - W2 (out_k, in_n[, k…]) is `lokr_w2` when r ≥ max(out_k, in_n)/2 or full_matrix;
+///   else with Tucker (conv, some k ≠ 1) the rebuild of `lokr_t2` (r, r, k…),
 ///   `lokr_w2_a` (r, out_k), `lokr_w2_b` (r, in_n); else `lokr_w2_a` (out_k, r)·`lokr_w2_b`
 ///   (r, in_n·K) reshaped.
 /// - When both halves are full, α is forced to r (s = 1, or 1/√r·√r with rs_lora).
@@ -181,7 +181,7 @@ public struct LoKr: AdapterAlgorithm {
     /// (in_m, in_n), so kron(W1, W2) applies as W2 on each of the in_m channel groups, then
     /// W1 across groups.
     private var hasBypassPath: Bool {
-        if case let .conv2d(geometry) = layer { return geometry.groups == 1 }
+        if case let .convolution(geometry) = layer { return geometry.groups == 1 }
         return true
     }
 
@@ -196,7 +196,7 @@ public struct LoKr: AdapterAlgorithm {
     private var innerOp: LayerSpec {
         switch layer {
         case .linear: .linear(inFeatures: w2Shape[1], outFeatures: w2Shape[0])
-        case let .conv2d(geometry): .conv2d(geometry.with(inChannels: w2Shape[1], outChannels: w2Shape[0]))
+        case let .convolution(geometry): .convolution(geometry.with(inChannels: w2Shape[1], outChannels: w2Shape[0]))
         }
     }
 
@@ -248,7 +248,7 @@ public struct LoKr: AdapterAlgorithm {
     }
 
     /// x with its leading axes merged into one row axis for linear inputs (…, in);
-    /// conv inputs (N, C, H, W) are kept.
+    /// conv inputs (N, C, spatial…) are kept.
     private func rowsFirst(_ x: Tensor) -> [Int] {
         layer.isConvolution ? x.shape : [-1, x.shape[x.rank - 1]]
     }

@@ -167,7 +167,7 @@ enum OpenRPCDocument {
     {
       "name": "network.create",
       "summary": "Create the network of adapter modules.",
-      "description": "Builds one adapter module per layer (one network per server process: a second call answers -32007). Parameters are initialised as LyCORIS initialises them. Modules start in evaluation mode with the given multiplier. Layers whose kernel is not 1x1 and whose conv_dim is 0 are skipped and listed in skipped_layers. Gradients are cleared.",
+      "description": "Builds one adapter module per layer (one network per server process: a second call answers -32007). Parameters are initialised as LyCORIS initialises them. Modules start in evaluation mode with the given multiplier. Conv layers whose kernel's first extent is not 1 (LyCORIS's rule) and whose conv_dim is 0 are skipped and listed in skipped_layers. Gradients are cleared.",
       "paramStructure": "by-name",
       "params": [
         {
@@ -1314,6 +1314,22 @@ enum OpenRPCDocument {
           "dylora"
         ]
       },
+      "IntOrSingle": {
+        "description": "One integer, or [length] (conv1d).",
+        "oneOf": [
+          {
+            "type": "integer"
+          },
+          {
+            "type": "array",
+            "items": {
+              "type": "integer"
+            },
+            "minItems": 1,
+            "maxItems": 1
+          }
+        ]
+      },
       "IntOrPair": {
         "description": "One integer for both spatial axes, or [height, width].",
         "oneOf": [
@@ -1327,6 +1343,22 @@ enum OpenRPCDocument {
             },
             "minItems": 2,
             "maxItems": 2
+          }
+        ]
+      },
+      "IntOrTriple": {
+        "description": "One integer for all three spatial axes, or [depth, height, width] (conv3d).",
+        "oneOf": [
+          {
+            "type": "integer"
+          },
+          {
+            "type": "array",
+            "items": {
+              "type": "integer"
+            },
+            "minItems": 3,
+            "maxItems": 3
           }
         ]
       },
@@ -1421,12 +1453,12 @@ enum OpenRPCDocument {
             ]
           },
           "conv_dim": {
-            "description": "kohya conv_dim: the rank for layers whose kernel is not 1x1 (replaces lora_dim there); 0 skips those layers (reported in skipped_layers). Ignored for linear and 1x1 layers.",
+            "description": "kohya conv_dim: the rank for conv layers whose kernel's first extent is not 1 (LyCORIS looks at that extent only: [3], [3, 1], [3, 3, 3] but not [1, 3] or [1, 3, 3]); replaces lora_dim there; 0 skips those layers (reported in skipped_layers). Ignored for linear layers and the other conv layers.",
             "type": "integer",
             "minimum": 0
           },
           "conv_alpha": {
-            "description": "kohya conv_alpha: alpha for layers whose kernel is not 1x1. Ignored for linear and 1x1 layers.",
+            "description": "kohya conv_alpha: alpha for the layers conv_dim applies to. Ignored otherwise.",
             "type": [
               "number",
               "null"
@@ -1458,7 +1490,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, kh, kw). Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1472,6 +1504,69 @@ enum OpenRPCDocument {
             "minimum": 1
           },
           "out_features": {
+            "type": "integer",
+            "minimum": 1
+          }
+        }
+      },
+      "Conv1dLayerInput": {
+        "type": "object",
+        "description": "A 1-D convolution: input (N, C, L), output (N, O, Lo) with PyTorch's output-size rule. Weight extents at most 2^20, at most 2^32 weight elements (-32602).",
+        "required": [
+          "name",
+          "kind",
+          "in_channels",
+          "out_channels"
+        ],
+        "properties": {
+          "name": {
+            "$ref": "#/components/schemas/ModuleName"
+          },
+          "algo": {
+            "$ref": "#/components/schemas/AlgorithmName",
+            "description": "This layer's algorithm; default: the request's `algo`."
+          },
+          "options": {
+            "$ref": "#/components/schemas/AdapterOptions",
+            "description": "Options for this layer, merged over the request's `options` (per key)."
+          },
+          "weight": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+          },
+          "bias": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "kind": {
+            "const": "conv1d"
+          },
+          "in_channels": {
+            "type": "integer",
+            "minimum": 1
+          },
+          "out_channels": {
+            "type": "integer",
+            "minimum": 1
+          },
+          "kernel_size": {
+            "$ref": "#/components/schemas/IntOrSingle",
+            "description": "Default 1."
+          },
+          "stride": {
+            "$ref": "#/components/schemas/IntOrSingle",
+            "description": "Default 1."
+          },
+          "padding": {
+            "$ref": "#/components/schemas/IntOrSingle",
+            "description": "Default 0."
+          },
+          "dilation": {
+            "$ref": "#/components/schemas/IntOrSingle",
+            "description": "Default 1."
+          },
+          "groups": {
+            "description": "Default 1; must divide in_channels and out_channels.",
             "type": "integer",
             "minimum": 1
           }
@@ -1500,7 +1595,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, kh, kw). Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1540,19 +1635,88 @@ enum OpenRPCDocument {
           }
         }
       },
+      "Conv3dLayerInput": {
+        "type": "object",
+        "description": "A 3-D convolution: input (N, C, D, H, W), output (N, O, Do, Ho, Wo) with PyTorch's output-size rule. Weight extents at most 2^20, at most 2^32 weight elements (-32602).",
+        "required": [
+          "name",
+          "kind",
+          "in_channels",
+          "out_channels"
+        ],
+        "properties": {
+          "name": {
+            "$ref": "#/components/schemas/ModuleName"
+          },
+          "algo": {
+            "$ref": "#/components/schemas/AlgorithmName",
+            "description": "This layer's algorithm; default: the request's `algo`."
+          },
+          "options": {
+            "$ref": "#/components/schemas/AdapterOptions",
+            "description": "Options for this layer, merged over the request's `options` (per key)."
+          },
+          "weight": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+          },
+          "bias": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "kind": {
+            "const": "conv3d"
+          },
+          "in_channels": {
+            "type": "integer",
+            "minimum": 1
+          },
+          "out_channels": {
+            "type": "integer",
+            "minimum": 1
+          },
+          "kernel_size": {
+            "$ref": "#/components/schemas/IntOrTriple",
+            "description": "Default 1."
+          },
+          "stride": {
+            "$ref": "#/components/schemas/IntOrTriple",
+            "description": "Default 1."
+          },
+          "padding": {
+            "$ref": "#/components/schemas/IntOrTriple",
+            "description": "Default 0."
+          },
+          "dilation": {
+            "$ref": "#/components/schemas/IntOrTriple",
+            "description": "Default 1."
+          },
+          "groups": {
+            "description": "Default 1; must divide in_channels and out_channels.",
+            "type": "integer",
+            "minimum": 1
+          }
+        }
+      },
       "LayerInput": {
-        "description": "One base layer to adapt (an entry of network.create's `layers`). Kinds conv1d, conv3d and norm are answered with -32008; other kinds with -32602.",
+        "description": "One base layer to adapt (an entry of network.create's `layers`). Kind norm is answered with -32008; other kinds with -32602.",
         "oneOf": [
           {
             "$ref": "#/components/schemas/LinearLayerInput"
           },
           {
+            "$ref": "#/components/schemas/Conv1dLayerInput"
+          },
+          {
             "$ref": "#/components/schemas/Conv2dLayerInput"
+          },
+          {
+            "$ref": "#/components/schemas/Conv3dLayerInput"
           }
         ]
       },
       "Layer": {
-        "description": "A base layer's geometry as the server reports it.",
+        "description": "A base layer's geometry as the server reports it: conv arrays have one entry per spatial axis.",
         "oneOf": [
           {
             "type": "object",
@@ -1570,6 +1734,69 @@ enum OpenRPCDocument {
                 "minimum": 1
               },
               "out_features": {
+                "type": "integer",
+                "minimum": 1
+              }
+            },
+            "additionalProperties": false
+          },
+          {
+            "type": "object",
+            "required": [
+              "kind",
+              "in_channels",
+              "out_channels",
+              "kernel_size",
+              "stride",
+              "padding",
+              "dilation",
+              "groups"
+            ],
+            "properties": {
+              "kind": {
+                "const": "conv1d"
+              },
+              "in_channels": {
+                "type": "integer",
+                "minimum": 1
+              },
+              "out_channels": {
+                "type": "integer",
+                "minimum": 1
+              },
+              "kernel_size": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 1,
+                "maxItems": 1
+              },
+              "stride": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 1,
+                "maxItems": 1
+              },
+              "padding": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 1,
+                "maxItems": 1
+              },
+              "dilation": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 1,
+                "maxItems": 1
+              },
+              "groups": {
                 "type": "integer",
                 "minimum": 1
               }
@@ -1631,6 +1858,69 @@ enum OpenRPCDocument {
                 },
                 "minItems": 2,
                 "maxItems": 2
+              },
+              "groups": {
+                "type": "integer",
+                "minimum": 1
+              }
+            },
+            "additionalProperties": false
+          },
+          {
+            "type": "object",
+            "required": [
+              "kind",
+              "in_channels",
+              "out_channels",
+              "kernel_size",
+              "stride",
+              "padding",
+              "dilation",
+              "groups"
+            ],
+            "properties": {
+              "kind": {
+                "const": "conv3d"
+              },
+              "in_channels": {
+                "type": "integer",
+                "minimum": 1
+              },
+              "out_channels": {
+                "type": "integer",
+                "minimum": 1
+              },
+              "kernel_size": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 3,
+                "maxItems": 3
+              },
+              "stride": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 3,
+                "maxItems": 3
+              },
+              "padding": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 3,
+                "maxItems": 3
+              },
+              "dilation": {
+                "type": "array",
+                "items": {
+                  "type": "integer"
+                },
+                "minItems": 3,
+                "maxItems": 3
               },
               "groups": {
                 "type": "integer",
@@ -1846,7 +2136,9 @@ enum OpenRPCDocument {
                 "items": {
                   "enum": [
                     "linear",
-                    "conv2d"
+                    "conv1d",
+                    "conv2d",
+                    "conv3d"
                   ]
                 }
               },

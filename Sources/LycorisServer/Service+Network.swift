@@ -18,12 +18,16 @@ extension LycorisService {
         return algorithm
     }
 
-    /// `kernel_size`, `stride`… given as one integer or a pair.
-    static func pair(_ p: Params, _ key: String, default fallback: Int) throws -> [Int] {
-        guard p.has(key) else { return [fallback, fallback] }
-        if let single = try p.value(key).intValue { return [single, single] }
+    /// `kernel_size`, `stride`… given as one integer (every axis) or an array of one entry
+    /// per spatial axis (1 for conv1d, 2 for conv2d, 3 for conv3d).
+    static func extents(_ p: Params, _ key: String, axes: Int, default fallback: Int) throws -> [Int] {
+        guard p.has(key) else { return [Int](repeating: fallback, count: axes) }
+        if let single = try p.value(key).intValue { return [Int](repeating: single, count: axes) }
         let values = try p.ints(key)
-        guard values.count == 2 else { throw RPCError.invalidParams("\(p.at(key)) must be an integer or a pair", path: p.at(key)) }
+        guard values.count == axes else {
+            let shape = axes == 2 ? "a pair" : "an array of \(axes) integer\(axes == 1 ? "" : "s")"
+            throw RPCError.invalidParams("\(p.at(key)) must be an integer or \(shape), got \(values.count) entries", path: p.at(key))
+        }
         return values
     }
 
@@ -37,16 +41,17 @@ extension LycorisService {
         switch kind {
         case "linear":
             spec = .linear(inFeatures: try p.int("in_features"), outFeatures: try p.int("out_features"))
-        case "conv2d":
-            spec = .conv2d(Conv2dGeometry(
+        case "conv1d", "conv2d", "conv3d":
+            let axes = kind == "conv1d" ? 1 : kind == "conv2d" ? 2 : 3
+            spec = .convolution(ConvGeometry(
                 inChannels: try p.int("in_channels"), outChannels: try p.int("out_channels"),
-                kernelSize: try pair(p, "kernel_size", default: 1), stride: try pair(p, "stride", default: 1),
-                padding: try pair(p, "padding", default: 0), dilation: try pair(p, "dilation", default: 1),
+                kernelSize: try extents(p, "kernel_size", axes: axes, default: 1), stride: try extents(p, "stride", axes: axes, default: 1),
+                padding: try extents(p, "padding", axes: axes, default: 0), dilation: try extents(p, "dilation", axes: axes, default: 1),
                 groups: try p.int("groups", default: 1)))
-        case "conv1d", "conv3d", "norm":
-            throw RPCError.adapter("layer kind \(kind) is not supported by this version (linear and conv2d are)", path: p.at("kind"))
+        case "norm":
+            throw RPCError.adapter("layer kind \(kind) is not supported by this version (linear, conv1d, conv2d and conv3d are)", path: p.at("kind"))
         default:
-            throw RPCError.invalidParams("\(p.at("kind")) must be linear or conv2d, got \"\(kind)\"", path: p.at("kind"))
+            throw RPCError.invalidParams("\(p.at("kind")) must be linear, conv1d, conv2d or conv3d, got \"\(kind)\"", path: p.at("kind"))
         }
         if let problem = spec.invalidReason { throw RPCError.invalidParams("\(p.path): \(problem)", path: p.path) }
         let extents = spec.weightShape
@@ -56,14 +61,16 @@ extension LycorisService {
         return spec
     }
 
-    /// LyCORIS keyword options, plus kohya's `conv_dim`/`conv_alpha` for k×k convolutions.
+    /// LyCORIS keyword options, plus kohya's `conv_dim`/`conv_alpha` for convolutions whose
+    /// kernel's first extent is not 1 (LyCORIS looks at that extent only: a (1, 3) conv2d
+    /// or (1, 3, 3) conv3d takes `lora_dim`/`alpha`, a (3, 1) conv2d takes `conv_dim`).
     static func options(_ value: JSONObject, layer: LayerSpec, path: String) throws -> AdapterOptions? {
         var object = value
         let known = Set(AdapterOptions.optionNames + ["conv_dim", "conv_alpha"])
         for key in object.keys where !known.contains(key) {
             throw RPCError.invalidParams("unknown option \"\(key)\" (known: \(known.sorted().joined(separator: ", ")))", path: "\(path).\(key)")
         }
-        if layer.kernelSize.contains(where: { $0 != 1 }) {
+        if let first = layer.kernelSize.first, first != 1 {
             if let convDim = object["conv_dim"] {
                 if convDim.intValue == 0 { return nil }
                 object["lora_dim"] = convDim
@@ -155,8 +162,8 @@ extension LycorisService {
         switch spec {
         case let .linear(inFeatures, outFeatures):
             return ["kind": "linear", "in_features": JSONValue(inFeatures), "out_features": JSONValue(outFeatures)]
-        case let .conv2d(g):
-            return ["kind": "conv2d", "in_channels": JSONValue(g.inChannels), "out_channels": JSONValue(g.outChannels),
+        case let .convolution(g):
+            return ["kind": .string(g.kind), "in_channels": JSONValue(g.inChannels), "out_channels": JSONValue(g.outChannels),
                     "kernel_size": JSONValue(g.kernelSize), "stride": JSONValue(g.stride), "padding": JSONValue(g.padding),
                     "dilation": JSONValue(g.dilation), "groups": JSONValue(g.groups)]
         }

@@ -24,7 +24,7 @@ struct DemoCommand: ParsableCommand {
         ("lora_unet_down_blocks_0_attentions_0_proj_in", .linear(inFeatures: 64, outFeatures: 64)),
         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", .linear(inFeatures: 64, outFeatures: 64)),
         ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2", .linear(inFeatures: 256, outFeatures: 64)),
-        ("lora_unet_down_blocks_0_resnets_0_conv1", .conv2d(Conv2dGeometry(inChannels: 16, outChannels: 16, kernelSize: [3, 3], padding: [1, 1]))),
+        ("lora_unet_down_blocks_0_resnets_0_conv1", .convolution(ConvGeometry(inChannels: 16, outChannels: 16, kernelSize: [3, 3], padding: [1, 1]))),
     ]
 
     func run() throws {

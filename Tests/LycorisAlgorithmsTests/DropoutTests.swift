@@ -9,14 +9,15 @@ import Testing
 struct DropoutTests {
     static let layer = LayerSpec.linear(inFeatures: 32, outFeatures: 48)
 
-    func module(_ edit: (inout AdapterOptions) -> Void, algorithm: Algorithm = .locon, training: Bool = true) throws -> AdapterModule {
+    func module(_ edit: (inout AdapterOptions) -> Void, algorithm: Algorithm = .locon, layer: LayerSpec = DropoutTests.layer,
+                training: Bool = true) throws -> AdapterModule {
         var options = AdapterOptions(rank: 16, alpha: 8)
         edit(&options)
         var random = RandomSource(seed: 21)
-        var adapter = try algorithm.makeAdapter(layer: Self.layer, options: options, random: &random)
+        var adapter = try algorithm.makeAdapter(layer: layer, options: options, random: &random)
         for (name, tensor) in adapter.parameters.entries { adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random) }
         var module = AdapterModule(name: "m", algorithm: adapter, options: options,
-                                   baseWeight: .normal(Self.layer.weightShape, std: 0.5, using: &random))
+                                   baseWeight: .normal(layer.weightShape, std: 0.5, using: &random))
         module.isTraining = training
         return module
     }
@@ -90,6 +91,32 @@ struct DropoutTests {
         let g = Tensor.normal([3, 48], std: 1, using: &random)
         let grads = try m.backwardDelta(x, gradOutput: g, tape: tape)
         expectClose(grads.input, Self.layer.backwardInput(g, weight: weight, inputShape: x.shape), "masked bypass ∂x")
+    }
+
+    /// LyCORIS 4.1.3 fails here (its mask is shaped for 4-D activations only); the mask
+    /// belongs on the rank axis, as on conv2d.
+    @Test("LoCon bypass rank_dropout masks the rank axis on conv1d and conv3d", arguments: [
+        ConvGeometry(inChannels: 6, outChannels: 8, kernelSize: [3], stride: [2], padding: [1]),
+        ConvGeometry(inChannels: 6, outChannels: 8, kernelSize: [3, 1, 3], padding: [1, 0, 1]),
+    ])
+    func loconConvBypassRankAxis(_ geometry: ConvGeometry) throws {
+        let layer = LayerSpec.convolution(geometry)
+        let m = try module({ $0.rankDropout = 0.5; $0.rank = 4; $0.bypassMode = true }, layer: layer)
+        var random = RandomSource(seed: 8)
+        let x = Tensor.normal([2, 6] + geometry.kernelSize.map { _ in 5 }, std: 1, using: &random)
+        let tape = m.makeTape(inputShape: x.shape, random: &random)
+        #expect(tape.bypass)
+        let mask = try #require(tape.context.rankMask)
+        #expect(mask.shape == [4])
+        // Oracle: ΔW = up · diag(mask) · down, applied as the layer's op.
+        let up = m.algorithm.parameters.required("lora_up.weight"), down = m.algorithm.parameters.required("lora_down.weight")
+        let rowLength = down.count / 4
+        let maskedDown = Tensor(shape: down.shape, scalars: down.scalars.enumerated().map { $0.element * mask.scalars[$0.offset / rowLength] })
+        let weight = (Tensor.matmul(up.reshaped([8, 4]), maskedDown.reshaped([4, rowLength])) * m.algorithm.scale).reshaped(layer.weightShape)
+        expectClose(try m.forwardDelta(x, tape: tape), layer.apply(x, weight: weight), "masked \(geometry.kind) bypass")
+        let g = Tensor.normal(layer.outputShape(forInput: x.shape), std: 1, using: &random)
+        let grads = try m.backwardDelta(x, gradOutput: g, tape: tape)
+        expectClose(grads.input, layer.backwardInput(g, weight: weight, inputShape: x.shape), "masked \(geometry.kind) bypass ∂x")
     }
 
     @Test("dropout (bypass) zeroes outputs with probability p and rescales the rest by 1/(1−p)")

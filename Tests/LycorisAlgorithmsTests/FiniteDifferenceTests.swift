@@ -18,8 +18,11 @@ struct FiniteDifferenceTests {
         var testDescription: String { label }
     }
 
-    static let conv = LayerSpec.conv2d(Conv2dGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
+    static let conv = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
     static let linear = LayerSpec.linear(inFeatures: 8, outFeatures: 6)
+    static let conv1d = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3], stride: [2], padding: [1]))
+    static let conv3d = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 2, 3], stride: [1, 2, 1],
+                                                           padding: [1, 0, 1]))
 
     static func options(_ edit: (inout AdapterOptions) -> Void) -> AdapterOptions {
         var options = AdapterOptions(rank: 2, alpha: 3)
@@ -37,13 +40,31 @@ struct FiniteDifferenceTests {
         Case(label: "lokr linear", algorithm: .lokr, layer: linear, options: options { $0.rank = 1 }),
         Case(label: "lokr linear bypass decompose", algorithm: .lokr, layer: .linear(inFeatures: 16, outFeatures: 24),
              options: options { $0.rank = 1; $0.decomposeBoth = true; $0.bypassMode = true; $0.useScalar = true }),
-        Case(label: "lokr conv tucker", algorithm: .lokr, layer: .conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1])),
+        Case(label: "lokr conv tucker", algorithm: .lokr, layer: .convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1])),
              options: options { $0.rank = 1; $0.useTucker = true }),
         Case(label: "ia3 linear", algorithm: .ia3, layer: linear, options: options { _ in }),
         Case(label: "ia3 conv input bypass", algorithm: .ia3, layer: conv, options: options { $0.trainOnInput = true; $0.bypassMode = true }),
         Case(label: "ia3 linear output bypass", algorithm: .ia3, layer: linear, options: options { $0.bypassMode = true }),
         Case(label: "dylora conv", algorithm: .dylora, layer: conv, options: options { $0.rank = 4; $0.blockSize = 2 }),
+        Case(label: "locon conv1d bypass tucker scalar", algorithm: .locon, layer: conv1d,
+             options: options { $0.bypassMode = true; $0.useTucker = true; $0.useScalar = true }),
+        Case(label: "loha conv1d", algorithm: .loha, layer: conv1d, options: options { _ in }),
+        Case(label: "lokr conv1d bypass", algorithm: .lokr, layer: conv1d, options: options { $0.rank = 1; $0.bypassMode = true }),
+        Case(label: "dylora conv1d", algorithm: .dylora, layer: conv1d, options: options { $0.rank = 4; $0.blockSize = 2 }),
+        Case(label: "locon conv3d", algorithm: .locon, layer: conv3d, options: options { _ in }),
+        Case(label: "locon conv3d bypass tucker", algorithm: .locon, layer: conv3d, options: options { $0.bypassMode = true; $0.useTucker = true }),
+        Case(label: "loha conv3d tucker", algorithm: .loha, layer: conv3d, options: options { $0.useTucker = true }),
+        Case(label: "lokr conv3d tucker bypass", algorithm: .lokr, layer: .convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3, 3], padding: [1, 1, 1])),
+             options: options { $0.rank = 1; $0.useTucker = true; $0.bypassMode = true }),
+        Case(label: "ia3 conv3d input bypass", algorithm: .ia3, layer: conv3d, options: options { $0.trainOnInput = true; $0.bypassMode = true }),
+        Case(label: "ia3 conv1d output", algorithm: .ia3, layer: conv1d, options: options { _ in }),
     ]
+
+    /// Linear (3, in); conv (2, C, spatial…) with spatial (7), (5, 4) or (3, 4, 3).
+    static func inputShape(_ layer: LayerSpec) -> [Int] {
+        guard layer.isConvolution else { return [3, layer.inputChannels] }
+        return [2, layer.inputChannels] + [[7], [5, 4], [3, 4, 3]][layer.kernelSize.count - 1]
+    }
 
     /// DyLoRA uses blocks 0…b−1 detached: their gradient is zero by definition, not the
     /// finite difference; only block b is compared.
@@ -67,7 +88,7 @@ struct FiniteDifferenceTests {
                                    baseWeight: .normal(layer.weightShape, std: 0.5, using: &random),
                                    baseBias: .normal([layer.outFeatures], std: 0.5, using: &random))
         module.multiplier = 0.8
-        let inputShape = layer.isConvolution ? [2, layer.inputChannels, 5, 4] : [3, layer.inputChannels]
+        let inputShape = Self.inputShape(layer)
         let x = Tensor.normal(inputShape, std: 1, using: &random)
         let tape = module.makeTape(inputShape: inputShape, random: &random)
         let g = Tensor.normal(layer.outputShape(forInput: inputShape), std: 1, using: &random)

@@ -87,7 +87,9 @@ struct LycorisParityTests {
             var expected = try fixture.tensor("expected.saved.\(key)")
             if fixture.algorithm == .dylora {
                 // Deliberate difference (see DyLoRA): 4-D conv `lora_up`, alpha·block_size.
-                if key == "lora_up.weight" && module.layer.isConvolution { expected = expected.reshaped(expected.shape + [1, 1]) }
+                if key == "lora_up.weight" && module.layer.isConvolution {
+                    expected = expected.reshaped(expected.shape + module.layer.kernelSize.map { _ in 1 })
+                }
                 if key == "alpha" { expected = expected * Float(fixture.options.blockSize) }
             } else {
                 #expect(entry.tensor.shape == shape, "\(name): \(key) shape")

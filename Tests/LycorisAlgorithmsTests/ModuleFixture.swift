@@ -35,7 +35,7 @@ struct ModuleFixture {
         if layerJSON["kind"] as? String == "linear" {
             layer = .linear(inFeatures: layerJSON["in_features"] as! Int, outFeatures: layerJSON["out_features"] as! Int)
         } else {
-            layer = .conv2d(Conv2dGeometry(
+            layer = .convolution(ConvGeometry(
                 inChannels: layerJSON["in_channels"] as! Int, outChannels: layerJSON["out_channels"] as! Int,
                 kernelSize: layerJSON["kernel_size"] as! [Int], stride: layerJSON["stride"] as! [Int],
                 padding: layerJSON["padding"] as! [Int], dilation: layerJSON["dilation"] as! [Int],

@@ -75,6 +75,36 @@ struct NetworkFileTests {
         }
     }
 
+    @Test("LyCORIS files on conv1d and conv3d layers load and reproduce LyCORIS's outputs; merging them too",
+          arguments: ["convnd_lora", "convnd_loha", "convnd_lokr"])
+    func convNdLoadForwardAndMerge(_ stem: String) throws {
+        let base = try SafetensorsFile(path: NetworkFixture.path("convnd_base"))
+        let file = try AdapterFile(path: NetworkFixture.path(stem))
+        var layers: [String: (spec: LayerSpec, weight: Tensor?, bias: Tensor?)] = [:]
+        for (path, spec) in try NetworkFixture.convNdLayers() {
+            layers[KeySchema.moduleName(prefix: KeySchema.genericPrefix, path: path)] =
+                (spec, try base.tensor("\(path).weight"), try base.tensor("\(path).bias"))
+        }
+        let (network, unmatched) = try Network.load(file, layers: layers)
+        #expect(unmatched.isEmpty && network.modules.count == 4)
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-\(stem)-\(UUID()).safetensors").path
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        let report = try AdapterMerge.merge(basePath: NetworkFixture.path("convnd_base"), adapterPath: NetworkFixture.path(stem), outputPath: output)
+        #expect(report.merged.count == 4 && report.failed.isEmpty, "\(report.failed)")
+        let merged = try SafetensorsFile(path: output)
+        var random = RandomSource(seed: 0)
+        let expected = try NetworkFixture.expectedLayers(stem)
+        #expect(expected.count == 4)
+        for (key, x, y) in expected {
+            let path = String(key.dropLast(".weight".count))
+            let module = try #require(network[KeySchema.moduleName(prefix: KeySchema.genericPrefix, path: path)])
+            expectClose(try module.forward(x, tape: module.makeTape(inputShape: x.shape, random: &random)), y, "\(stem) \(key)")
+            var out = module.layer.apply(x, weight: try merged.tensor(key))
+            module.layer.addBias(&out, bias: try merged.tensor("\(path).bias"))
+            expectClose(out, y, "\(stem) merged \(key)")
+        }
+    }
+
     @Test("merge reports modules that match no base weight")
     func mergeUnmatched() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("merge-unmatched-\(UUID())")

@@ -16,8 +16,19 @@ enum NetworkFixture {
     static func layer(weightShape shape: [Int]) -> LayerSpec {
         if shape.count == 2 { return .linear(inFeatures: shape[1], outFeatures: shape[0]) }
         let kernel = [shape[2], shape[3]]
-        return .conv2d(Conv2dGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: kernel,
-                                      padding: kernel.map { ($0 - 1) / 2 }))
+        return .convolution(ConvGeometry(inChannels: shape[1], outChannels: shape[0], kernelSize: kernel,
+                                         padding: kernel.map { ($0 - 1) / 2 }))
+    }
+
+    /// The conv1d/conv3d layers of `convnd_base`, by model path, from its `layers` metadata.
+    static func convNdLayers() throws -> [String: LayerSpec] {
+        let base = try SafetensorsFile(path: path("convnd_base"))
+        let layers = try JSONSerialization.jsonObject(with: Data(base.metadata["layers"]!.utf8)) as! [String: [String: Any]]
+        return layers.mapValues { g in
+            .convolution(ConvGeometry(inChannels: g["in_channels"] as! Int, outChannels: g["out_channels"] as! Int,
+                                      kernelSize: g["kernel_size"] as! [Int], stride: g["stride"] as? [Int],
+                                      padding: g["padding"] as? [Int], dilation: g["dilation"] as? [Int], groups: g["groups"] as! Int))
+        }
     }
 
     /// (base weight key, input, LyCORIS's adapted output) for every layer in

@@ -9,13 +9,21 @@ import Testing
 @Suite("Save and reload")
 struct RoundTripTests {
     static let linear = LayerSpec.linear(inFeatures: 24, outFeatures: 20)
-    static let conv = LayerSpec.conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1]))
+    static let conv = LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], padding: [1, 1]))
+    static let conv1d = LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3], stride: [2], padding: [1]))
+    static let conv3d = LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3, 3], padding: [1, 1, 1]))
+
+    /// An input for `layer`: linear (2, 3, in); conv (2, C, spatial…).
+    static func inputShape(_ layer: LayerSpec) -> [Int] {
+        guard layer.isConvolution else { return [2, 3, layer.inputChannels] }
+        return [2, layer.inputChannels] + [[7], [5, 6], [3, 4, 5]][layer.kernelSize.count - 1]
+    }
 
     struct Case: CustomTestStringConvertible, Sendable {
         let algorithm: Algorithm
         let layer: LayerSpec
         let options: AdapterOptions
-        var testDescription: String { "\(algorithm.rawValue) \(layer.isConvolution ? "conv" : "linear")" }
+        var testDescription: String { "\(algorithm.rawValue) \(layer.kind)" }
     }
 
     static var cases: [Case] {
@@ -36,6 +44,11 @@ struct RoundTripTests {
             Case(algorithm: .lokr, layer: linear, options: lokr), Case(algorithm: .lokr, layer: conv, options: tucker),
             Case(algorithm: .ia3, layer: linear, options: input), Case(algorithm: .ia3, layer: conv, options: AdapterOptions()),
             Case(algorithm: .dylora, layer: linear, options: dylora), Case(algorithm: .dylora, layer: conv, options: dylora),
+            Case(algorithm: .locon, layer: conv1d, options: tucker), Case(algorithm: .locon, layer: conv3d, options: scalar),
+            Case(algorithm: .loha, layer: conv1d, options: scalar), Case(algorithm: .loha, layer: conv3d, options: tucker),
+            Case(algorithm: .lokr, layer: conv1d, options: lokr), Case(algorithm: .lokr, layer: conv3d, options: tucker),
+            Case(algorithm: .ia3, layer: conv1d, options: input), Case(algorithm: .ia3, layer: conv3d, options: AdapterOptions()),
+            Case(algorithm: .dylora, layer: conv1d, options: dylora), Case(algorithm: .dylora, layer: conv3d, options: dylora),
         ]
     }
 
@@ -70,9 +83,12 @@ struct RoundTripTests {
         let (loaded, unmatched) = try Network.load(file, layers: [module.name: (module.layer, module.baseWeight, module.baseBias)])
         #expect(unmatched.isEmpty)
         let reloaded = try #require(loaded[module.name])
+        for saved in module.algorithm.savedTensors() where saved.suffix != "alpha" && saved.suffix != "on_input" {
+            #expect(file.modules[0].tensors[saved.suffix]?.shape == saved.tensor.shape, "\(saved.suffix) shape in the file")
+        }
 
         var random = RandomSource(seed: 5)
-        let inputShape = testCase.layer.isConvolution ? [2, 8, 5, 6] : [2, 3, 24]
+        let inputShape = Self.inputShape(testCase.layer)
         let x = Tensor.normal(inputShape, std: 1, using: &random)
         let expected = try module.forward(x, tape: module.makeTape(inputShape: inputShape, random: &random))
         let actual = try reloaded.forward(x, tape: reloaded.makeTape(inputShape: inputShape, random: &random))
@@ -109,22 +125,22 @@ struct RoundTripTests {
         for module in file.modules {
             let info = try #require(module.tensors["weight"])
             let layer: LayerSpec = info.shape.count == 1 ? .linear(inFeatures: 99, outFeatures: info.shape[0])
-                : .conv2d(Conv2dGeometry(inChannels: 99, outChannels: info.shape[1], kernelSize: [1, 1]))
+                : .convolution(ConvGeometry(inChannels: 99, outChannels: info.shape[1], kernelSize: [1, 1]))
             let adapter = try file.adapter(for: module, layer: layer)
             #expect(adapter is IA3)
         }
     }
 
-    @Test("DyLoRA conv files reload, and reproduce the full-rank forward")
-    func dyloraConvReload() throws {
-        let module = try randomModule(Self.cases[9], seed: 13)
+    @Test("DyLoRA conv files reload, and reproduce the full-rank forward", arguments: [9, 18, 19])
+    func dyloraConvReload(_ caseIndex: Int) throws {
+        let module = try randomModule(Self.cases[caseIndex], seed: 13)
         var network = Network()
         try network.add(module)
         let path = temporaryPath("dylora")
         defer { try? FileManager.default.removeItem(atPath: path) }
         try network.save(toPath: path)
         let file = try AdapterFile(path: path)
-        #expect(file.modules[0].tensors["lora_up.weight"]?.shape == [12, 4, 1, 1])
+        #expect(file.modules[0].tensors["lora_up.weight"]?.shape == [12, 4] + module.layer.kernelSize.map { _ in 1 })
         let reloaded = try file.adapter(for: file.modules[0], layer: module.layer)
         #expect(reloaded is LoCon)
         var random = RandomSource(seed: 0)
@@ -136,8 +152,47 @@ struct RoundTripTests {
     func dyloraLyCORISConv() throws {
         let file = try AdapterFile(path: NetworkFixture.path("dylora"))
         let conv = try #require(file.modules.first { $0.name == "lycoris_down_blocks_0_resnets_0_conv1" })
-        let adapter = try file.adapter(for: conv, layer: .conv2d(Conv2dGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3])))
+        let adapter = try file.adapter(for: conv, layer: .convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3])))
         #expect(adapter.parameters["lora_up.weight"]?.shape == [12, 4, 1, 1])
+    }
+
+    /// A model with a conv1d and a conv3d weight (and biases), an adapter file on both: the
+    /// merged weights give the adapted layers' outputs.
+    @Test("merge into conv1d (3-D) and conv3d (5-D) base weights", arguments: [Algorithm.locon, .loha, .lokr, .ia3])
+    func mergeConv1dConv3d(_ algorithm: Algorithm) throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("merge-convnd-\(UUID())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        var base = SafetensorsWriter()
+        var network = Network()
+        var modules: [(path: String, module: AdapterModule)] = []
+        var options = AdapterOptions(rank: 2, alpha: 3)
+        options.useTucker = true
+        for (index, (path, layer)) in [("seq.conv", Self.conv1d), ("volume.conv", Self.conv3d)].enumerated() {
+            var module = try randomModule(Case(algorithm: algorithm, layer: layer, options: options), seed: 30 + UInt64(index))
+            module.name = KeySchema.moduleName(prefix: KeySchema.unetPrefix, path: path)
+            try base.add("\(path).weight", module.baseWeight!, as: .f32)
+            try base.add("\(path).bias", module.baseBias!, as: .f32)
+            try network.add(module)
+            modules.append((path, module))
+        }
+        let basePath = directory.appendingPathComponent("base.safetensors").path
+        let adapterPath = directory.appendingPathComponent("adapter.safetensors").path
+        let outputPath = directory.appendingPathComponent("merged.safetensors").path
+        try base.write(toPath: basePath)
+        try network.save(toPath: adapterPath)
+        let report = try AdapterMerge.merge(basePath: basePath, adapterPath: adapterPath, outputPath: outputPath)
+        #expect(report.failed.isEmpty, "\(report.failed)")
+        #expect(Set(report.merged.map(\.baseKey)) == ["seq.conv.weight", "volume.conv.weight"])
+        let merged = try SafetensorsFile(path: outputPath)
+        var random = RandomSource(seed: 4)
+        for (path, module) in modules {
+            let x = Tensor.normal(Self.inputShape(module.layer), std: 1, using: &random)
+            var y = module.layer.apply(x, weight: try merged.tensor("\(path).weight"))
+            module.layer.addBias(&y, bias: try merged.tensor("\(path).bias"))
+            let expected = try module.forward(x, tape: module.makeTape(inputShape: x.shape, random: &random))
+            expectClose(y, expected, "\(algorithm.rawValue) merged \(module.layer.kind)")
+        }
     }
 
     @Test("a file module whose shapes do not fit the layer is refused, naming the tensor")

@@ -65,6 +65,21 @@ struct CommandLineTests {
         #expect(result.stdout.contains("metadata:"))
     }
 
+    @Test("info on LyCORIS files of conv1d and conv3d layers: ranks and 3-D/5-D shapes")
+    func infoConvNd() throws {
+        let lora = try Self.run(["info", Self.networkFile("convnd_lora")])
+        #expect(lora.status == 0, "\(lora.stderr)")
+        #expect(lora.stdout.contains("lycoris_seq ") && lora.stdout.contains("lycoris_volume_strided "))
+        #expect(lora.stdout.contains("lora_mid.weight [4, 4, 3]"), "conv1d Tucker core")
+        #expect(lora.stdout.contains("lora_mid.weight [4, 4, 3, 1, 3]"), "conv3d Tucker core")
+        #expect(lora.stdout.contains("lora_up.weight [6, 4, 1, 1, 1]"))
+        #expect(lora.stdout.contains("algorithms: locon 4"))
+        let loha = try Self.run(["info", Self.networkFile("convnd_loha"), "--json"])
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(loha.stdout.utf8)) as? [String: Any])
+        let modules = try #require(json["modules"] as? [[String: Any]])
+        #expect(modules.count == 4 && modules.allSatisfy { $0["algorithm"] as? String == "loha" && $0["rank"] as? Int == 4 })
+    }
+
     @Test("every hostile safetensors file: an error naming the problem and exit status 1, never a crash")
     func hostileFiles() throws {
         let directory = Self.testsDirectory.appendingPathComponent("LycorisFormatsTests/Fixtures")

@@ -139,9 +139,9 @@ enum NaiveMatrix {
 
 // MARK: - Direct convolution
 
-/// Direct (7-loop) 2-D convolution in Double with torch.nn.Conv2d semantics, and the
-/// gradients by the same loops. Independent of the library's im2col and of
-/// `Conv2dGeometry.outputSize`.
+/// Direct convolution in Double with torch.nn.Conv1d/Conv2d/Conv3d semantics (one loop per
+/// axis: n, o, the output positions, c and the kernel taps), and the gradients by the
+/// same loops. Independent of the library's im2col and of `ConvGeometry.outputSize`.
 enum NaiveConv {
     /// ⌊(size + 2p − d·(k − 1) − 1) / s⌋ + 1 with true floor division.
     static func outputExtent(size: Int, kernel: Int, stride: Int, padding: Int, dilation: Int) -> Int {
@@ -151,50 +151,46 @@ enum NaiveConv {
     }
 
     struct Layout {
-        let batch, inChannels, height, width: Int
-        let outChannels, outHeight, outWidth: Int
+        let batch, inChannels, outChannels: Int
         let groups, inPerGroup, outPerGroup: Int
-        let kh, kw, sh, sw, ph, pw, dh, dw: Int
+        /// Per spatial axis.
+        let size, outSize, kernel, stride, padding, dilation: [Int]
 
-        init(_ g: Conv2dGeometry, inputShape: [Int]) {
-            batch = inputShape[0]; inChannels = inputShape[1]; height = inputShape[2]; width = inputShape[3]
+        init(_ g: ConvGeometry, inputShape: [Int]) {
+            batch = inputShape[0]; inChannels = inputShape[1]
+            size = Array(inputShape[2...])
             outChannels = g.outChannels
             groups = g.groups
             inPerGroup = g.inChannels / g.groups
             outPerGroup = g.outChannels / g.groups
-            kh = g.kernelSize[0]; kw = g.kernelSize[1]
-            sh = g.stride[0]; sw = g.stride[1]
-            ph = g.padding[0]; pw = g.padding[1]
-            dh = g.dilation[0]; dw = g.dilation[1]
-            outHeight = NaiveConv.outputExtent(size: height, kernel: kh, stride: sh, padding: ph, dilation: dh)
-            outWidth = NaiveConv.outputExtent(size: width, kernel: kw, stride: sw, padding: pw, dilation: dw)
+            kernel = g.kernelSize; stride = g.stride; padding = g.padding; dilation = g.dilation
+            outSize = size.indices.map { axis in
+                NaiveConv.outputExtent(size: inputShape[2 + axis], kernel: g.kernelSize[axis], stride: g.stride[axis],
+                                       padding: g.padding[axis], dilation: g.dilation[axis])
+            }
         }
 
-        var outputShape: [Int] { [batch, outChannels, outHeight, outWidth] }
-        var weightShape: [Int] { [outChannels, inPerGroup, kh, kw] }
-
-        func x(_ n: Int, _ c: Int, _ y: Int, _ x: Int) -> Int { ((n * inChannels + c) * height + y) * width + x }
-        func y(_ n: Int, _ o: Int, _ y: Int, _ x: Int) -> Int { ((n * outChannels + o) * outHeight + y) * outWidth + x }
-        func w(_ o: Int, _ c: Int, _ i: Int, _ j: Int) -> Int { ((o * inPerGroup + c) * kh + i) * kw + j }
+        var outputShape: [Int] { [batch, outChannels] + outSize }
+        var weightShape: [Int] { [outChannels, inPerGroup] + kernel }
 
         /// Calls `body(outputIndex, inputIndex, weightIndex)` for every tap that lands
-        /// inside the input: the seven loops n, o, oy, ox, c, i, j.
+        /// inside the input: loops over n, o, every output position, c and every kernel tap.
         func forEachTap(_ body: (Int, Int, Int) -> Void) {
+            let positions = RowMajor.all(outSize)
+            let taps = RowMajor.all(kernel)
             for n in 0..<batch {
                 for o in 0..<outChannels {
                     let group = o / outPerGroup
-                    for oy in 0..<outHeight {
-                        for ox in 0..<outWidth {
-                            for c in 0..<inPerGroup {
-                                for i in 0..<kh {
-                                    let iy = oy * sh - ph + i * dh
-                                    guard iy >= 0 && iy < height else { continue }
-                                    for j in 0..<kw {
-                                        let ix = ox * sw - pw + j * dw
-                                        guard ix >= 0 && ix < width else { continue }
-                                        body(y(n, o, oy, ox), x(n, group * inPerGroup + c, iy, ix), w(o, c, i, j))
-                                    }
+                    for position in positions {
+                        let yi = RowMajor.offset([n, o] + position, in: outputShape)
+                        for c in 0..<inPerGroup {
+                            for tap in taps {
+                                let source = position.indices.map { axis in
+                                    position[axis] * stride[axis] - padding[axis] + tap[axis] * dilation[axis]
                                 }
+                                guard source.indices.allSatisfy({ source[$0] >= 0 && source[$0] < size[$0] }) else { continue }
+                                body(yi, RowMajor.offset([n, group * inPerGroup + c] + source, in: [batch, inChannels] + size),
+                                     RowMajor.offset([o, c] + tap, in: weightShape))
                             }
                         }
                     }
@@ -203,21 +199,21 @@ enum NaiveConv {
         }
     }
 
-    static func forward(_ input: Tensor, weight: Tensor, geometry: Conv2dGeometry) -> (shape: [Int], values: [Double]) {
+    static func forward(_ input: Tensor, weight: Tensor, geometry: ConvGeometry) -> (shape: [Int], values: [Double]) {
         let layout = Layout(geometry, inputShape: input.shape)
         var out = [Double](repeating: 0, count: layout.outputShape.product)
         layout.forEachTap { yi, xi, wi in out[yi] += Double(input.scalars[xi]) * Double(weight.scalars[wi]) }
         return (layout.outputShape, out)
     }
 
-    static func backwardInput(_ gradOutput: Tensor, weight: Tensor, geometry: Conv2dGeometry, inputShape: [Int]) -> [Double] {
+    static func backwardInput(_ gradOutput: Tensor, weight: Tensor, geometry: ConvGeometry, inputShape: [Int]) -> [Double] {
         let layout = Layout(geometry, inputShape: inputShape)
         var out = [Double](repeating: 0, count: inputShape.product)
         layout.forEachTap { yi, xi, wi in out[xi] += Double(gradOutput.scalars[yi]) * Double(weight.scalars[wi]) }
         return out
     }
 
-    static func backwardWeight(_ input: Tensor, gradOutput: Tensor, geometry: Conv2dGeometry) -> (shape: [Int], values: [Double]) {
+    static func backwardWeight(_ input: Tensor, gradOutput: Tensor, geometry: ConvGeometry) -> (shape: [Int], values: [Double]) {
         let layout = Layout(geometry, inputShape: input.shape)
         var out = [Double](repeating: 0, count: layout.weightShape.product)
         layout.forEachTap { yi, xi, wi in out[wi] += Double(gradOutput.scalars[yi]) * Double(input.scalars[xi]) }

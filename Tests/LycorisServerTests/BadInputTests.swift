@@ -352,6 +352,23 @@ struct BadInputTests {
         try harness.expectServes(oracle, module: problem.module)
     }
 
+    @Test("a conv1d or conv3d input of the wrong shape: -32002 naming the expected shape", arguments: [
+        ShapeProblem(module: "seq", shape: [2, 8, 5, 6], fragment: "Shape mismatch: conv1d input must be (N, 8, L), got shape [2, 8, 5, 6]"),
+        ShapeProblem(module: "seq", shape: [2, 7, 9], fragment: "Shape mismatch: conv1d input must be (N, 8, L), got shape [2, 7, 9]"),
+        ShapeProblem(module: "seq", shape: [8, 9], fragment: "Shape mismatch: conv1d input must be (N, 8, L), got shape [8, 9]"),
+        ShapeProblem(module: "volume", shape: [2, 4, 5, 6], fragment: "Shape mismatch: conv3d input must be (N, 4, D, H, W), got shape [2, 4, 5, 6]"),
+        ShapeProblem(module: "volume", shape: [2, 3, 3, 4, 5], fragment: "Shape mismatch: conv3d input must be (N, 4, D, H, W), got shape [2, 3, 3, 4, 5]"),
+        ShapeProblem(module: "seq_pointwise", shape: [2, 8, 0], fragment: "Shape mismatch: conv1d input [2, 8, 0] is smaller than the kernel"),
+    ])
+    func wrongConvNdInputShape(_ problem: ShapeProblem) throws {
+        let harness = try ServerHarness()
+        let oracle = try OracleNetwork.create(in: harness, layers: convNdLayers)
+        let x = randomTensor(problem.shape, seed: 5)
+        let error = try harness.error("forward", ["calls": [["module": .string(problem.module), "input": Wire.tensor(x)]]])
+        expectError(error, code: -32002, problem.fragment, path: "calls[0].input")
+        try harness.expectServes(oracle, module: problem.module)
+    }
+
     @Test("grad_output of the wrong shape: -32002, and the tape is still usable")
     func wrongGradOutputShape() throws {
         let (harness, oracle) = try standardServer()
@@ -742,10 +759,32 @@ struct BadInputTests {
                       code: -32602, fragments: ["factor must be -1 (automatic) or positive, got 0"], path: "layers[0].options"),
         CreateProblem(label: "dylora rank not a multiple of block_size", params: ["algo": "dylora", "options": ["lora_dim": 6, "block_size": 4], "layers": [lin.json()]],
                       code: -32008, fragments: ["lin:", "rank 6 is not a multiple of block_size 4"], path: "layers[0]"),
-        CreateProblem(label: "conv1d layer kind", params: ["layers": [["name": "c1", "kind": "conv1d", "in_channels": 4, "out_channels": 4, "kernel_size": 3]]],
-                      code: -32008, fragments: ["layer kind conv1d is not supported"], path: "layers[0].kind"),
+        CreateProblem(label: "norm layer kind", params: ["layers": [["name": "n", "kind": "norm", "in_channels": 4]]],
+                      code: -32008, fragments: ["Adapter error: layer kind norm is not supported by this version (linear, conv1d, conv2d and conv3d are)"],
+                      path: "layers[0].kind"),
         CreateProblem(label: "unknown layer kind", params: ["layers": [["name": "d", "kind": "dense", "in_features": 4, "out_features": 4]]],
-                      code: -32602, fragments: ["layers[0].kind must be linear or conv2d, got \"dense\""], path: "layers[0].kind"),
+                      code: -32602, fragments: ["Invalid params: layers[0].kind must be linear, conv1d, conv2d or conv3d, got \"dense\""],
+                      path: "layers[0].kind"),
+        CreateProblem(label: "conv1d kernel_size a pair", params: ["layers": [["name": "c", "kind": "conv1d", "in_channels": 8, "out_channels": 12, "kernel_size": [3, 3]]]],
+                      code: -32602, fragments: ["Invalid params: layers[0].kernel_size must be an integer or an array of 1 integer, got 2 entries"],
+                      path: "layers[0].kernel_size"),
+        CreateProblem(label: "conv1d dilation empty", params: ["layers": [["name": "c", "kind": "conv1d", "in_channels": 8, "out_channels": 12, "dilation": []]]],
+                      code: -32602, fragments: ["Invalid params: layers[0].dilation must be an integer or an array of 1 integer, got 0 entries"],
+                      path: "layers[0].dilation"),
+        CreateProblem(label: "conv3d stride a pair", params: ["layers": [["name": "c", "kind": "conv3d", "in_channels": 8, "out_channels": 12, "kernel_size": 3, "stride": [1, 2]]]],
+                      code: -32602, fragments: ["Invalid params: layers[0].stride must be an integer or an array of 3 integers, got 2 entries"],
+                      path: "layers[0].stride"),
+        CreateProblem(label: "conv3d padding of four", params: ["layers": [["name": "c", "kind": "conv3d", "in_channels": 8, "out_channels": 12, "padding": [1, 1, 1, 1]]]],
+                      code: -32602, fragments: ["Invalid params: layers[0].padding must be an integer or an array of 3 integers, got 4 entries"],
+                      path: "layers[0].padding"),
+        CreateProblem(label: "conv1d with in_features", params: ["layers": [["name": "c", "kind": "conv1d", "in_features": 8, "out_features": 12]]],
+                      code: -32602, fragments: ["missing layers[0].in_channels"], path: "layers[0].in_channels"),
+        CreateProblem(label: "conv3d groups not dividing channels", params: ["layers": [["name": "g", "kind": "conv3d", "in_channels": 8, "out_channels": 12, "kernel_size": 3, "groups": 3]]],
+                      code: -32602, fragments: ["Invalid params: layers[0]: groups 3 must divide in_channels 8 and out_channels 12"], path: "layers[0]"),
+        CreateProblem(label: "conv1d negative padding", params: ["layers": [["name": "p", "kind": "conv1d", "in_channels": 8, "out_channels": 12, "padding": -1]]],
+                      code: -32602, fragments: ["Invalid params: layers[0]: kernel, stride and dilation must be positive and padding non-negative"], path: "layers[0]"),
+        CreateProblem(label: "a conv3d too large to allocate", params: ["layers": [["name": "big", "kind": "conv3d", "in_channels": 65536, "out_channels": 65536, "kernel_size": 3]]],
+                      code: -32602, fragments: ["weight shape [65536, 65536, 3, 3, 3] exceeds the limits"], path: "layers[0]"),
         CreateProblem(label: "zero features", params: ["layers": [["name": "z", "kind": "linear", "in_features": 0, "out_features": 4]]],
                       code: -32602, fragments: ["linear features must be positive"], path: "layers[0]"),
         CreateProblem(label: "groups not dividing channels", params: ["layers": [["name": "g", "kind": "conv2d", "in_channels": 8, "out_channels": 12, "kernel_size": 3, "groups": 3]]],

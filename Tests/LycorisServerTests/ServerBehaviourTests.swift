@@ -15,6 +15,23 @@ import Darwin
 /// padded conv.
 let behaviourLayers: [TestLayer] = standardLayers + [.conv("strided", in: 4, out: 6, kernel: 3, padding: 1, stride: 2, seed: 300)]
 
+/// conv1d and conv3d layers: a strided, padded k=3 conv1d, a k=1 conv1d and a padded
+/// 3×3×3 conv3d.
+let convNdLayers: [TestLayer] = [
+    .conv("seq", in: 8, out: 12, kernel: 3, padding: 1, stride: 2, axes: 1, seed: 400),
+    .conv("seq_pointwise", in: 8, out: 6, kernel: 1, axes: 1, seed: 410),
+    .conv("volume", in: 4, out: 6, kernel: 3, padding: 1, axes: 3, seed: 420),
+]
+
+/// The layer sets the compute and file behaviour tests run on.
+struct LayerSet: Sendable, CustomTestStringConvertible {
+    let label: String
+    let layers: [TestLayer]
+    var testDescription: String { label }
+}
+
+let layerSets = [LayerSet(label: "linear, conv2d", layers: behaviourLayers), LayerSet(label: "conv1d, conv3d", layers: convNdLayers)]
+
 /// Every computed algorithm with a few option sets.
 let adapterConfigs: [AdapterConfig] = [
     .lora,
@@ -37,7 +54,8 @@ let adapterConfigs: [AdapterConfig] = [
 
 // MARK: - Naive references
 
-/// op(x, W) + b by loops: linear over the last axis, or a direct conv2d (groups 1).
+/// op(x, W) + b by loops: linear over the last axis, or a direct conv1d/conv2d/conv3d
+/// (groups 1).
 func naiveLayer(_ spec: LayerSpec, _ x: Tensor, weight: Tensor, bias: Tensor) -> Tensor {
     switch spec {
     case let .linear(inFeatures, outFeatures):
@@ -51,35 +69,48 @@ func naiveLayer(_ spec: LayerSpec, _ x: Tensor, weight: Tensor, bias: Tensor) ->
             }
         }
         return Tensor(shape: Array(x.shape.dropLast()) + [outFeatures], scalars: y)
-    case let .conv2d(g):
+    case let .convolution(g):
+        // Every spatial rank as (depth, height, width), missing leading axes of extent 1.
         precondition(g.groups == 1)
-        let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
-        let (kh, kw) = (g.kernelSize[0], g.kernelSize[1])
-        let oh = (h + 2 * g.padding[0] - g.dilation[0] * (kh - 1) - 1) / g.stride[0] + 1
-        let ow = (w + 2 * g.padding[1] - g.dilation[1] * (kw - 1) - 1) / g.stride[1] + 1
-        var y = [Float](repeating: 0, count: n * g.outChannels * oh * ow)
+        let lead = 3 - g.spatialRank
+        func padded(_ values: [Int], _ fill: Int) -> [Int] { [Int](repeating: fill, count: lead) + values }
+        let (size, k) = (padded(Array(x.shape[2...]), 1), padded(g.kernelSize, 1))
+        let (s, p, d) = (padded(g.stride, 1), padded(g.padding, 0), padded(g.dilation, 1))
+        let out: [Int] = (0..<3).map { axis -> Int in
+            let span: Int = size[axis] + 2 * p[axis] - d[axis] * (k[axis] - 1) - 1
+            return span / s[axis] + 1
+        }
+        let (n, c) = (x.shape[0], x.shape[1])
+        var y = [Float](repeating: 0, count: n * g.outChannels * out.reduce(1, *))
         for b in 0..<n {
             for o in 0..<g.outChannels {
-                for i in 0..<oh {
-                    for j in 0..<ow {
-                        var sum = Double(bias.scalars[o])
-                        for ch in 0..<c {
-                            for u in 0..<kh {
-                                for v in 0..<kw {
-                                    let row = i * g.stride[0] - g.padding[0] + u * g.dilation[0]
-                                    let col = j * g.stride[1] - g.padding[1] + v * g.dilation[1]
-                                    guard row >= 0, row < h, col >= 0, col < w else { continue }
-                                    sum += Double(x.scalars[((b * c + ch) * h + row) * w + col])
-                                        * Double(weight.scalars[((o * c + ch) * kh + u) * kw + v])
+                for oz in 0..<out[0] {
+                    for oy in 0..<out[1] {
+                        for ox in 0..<out[2] {
+                            var sum = Double(bias.scalars[o])
+                            for ch in 0..<c {
+                                for t in 0..<k[0] {
+                                    for u in 0..<k[1] {
+                                        for v in 0..<k[2] {
+                                            let iz: Int = oz * s[0] - p[0] + t * d[0]
+                                            let iy: Int = oy * s[1] - p[1] + u * d[1]
+                                            let ix: Int = ox * s[2] - p[2] + v * d[2]
+                                            guard iz >= 0, iz < size[0], iy >= 0, iy < size[1], ix >= 0, ix < size[2] else { continue }
+                                            let xi: Int = (((b * c + ch) * size[0] + iz) * size[1] + iy) * size[2] + ix
+                                            let wi: Int = (((o * c + ch) * k[0] + t) * k[1] + u) * k[2] + v
+                                            sum += Double(x.scalars[xi]) * Double(weight.scalars[wi])
+                                        }
+                                    }
                                 }
                             }
+                            let index: Int = (((b * g.outChannels + o) * out[0] + oz) * out[1] + oy) * out[2] + ox
+                            y[index] = Float(sum)
                         }
-                        y[((b * g.outChannels + o) * oh + i) * ow + j] = Float(sum)
                     }
                 }
             }
         }
-        return Tensor(shape: [n, g.outChannels, oh, ow], scalars: y)
+        return Tensor(shape: [n, g.outChannels] + out.suffix(g.spatialRank), scalars: y)
     }
 }
 
@@ -102,18 +133,29 @@ func naiveMatmul(_ a: Tensor, _ b: Tensor) -> Tensor {
 
 @Suite("server behaviour: compute")
 struct ComputeBehaviourTests {
-    @Test("forward equals the library's forwardDelta with the same parameters", arguments: adapterConfigs)
-    func forwardMatchesLibrary(_ config: AdapterConfig) throws {
+    @Test("forward equals the library's forwardDelta with the same parameters", arguments: adapterConfigs, layerSets)
+    func forwardMatchesLibrary(_ config: AdapterConfig, _ layerSet: LayerSet) throws {
         let harness = try ServerHarness()
-        let oracle = try OracleNetwork.create(in: harness, config: config, layers: behaviourLayers)
+        let oracle = try OracleNetwork.create(in: harness, config: config, layers: layerSet.layers)
         let info = try harness.result("network.info")
-        for (index, layer) in behaviourLayers.enumerated() {
+        for (index, layer) in layerSet.layers.enumerated() {
             let module = oracle[layer.name]
             let listed = try #require(info["modules"]?[index])
             #expect(listed["name"] == .string(layer.name))
             #expect(listed["algorithm"] == .string(type(of: module.algorithm).algorithm.rawValue))
             #expect(listed["rank"]?.intValue == module.algorithm.rank)
             #expect(listed["scale"]?.doubleValue.map(Float.init) == module.algorithm.scale)
+            if case let .convolution(g) = layer.spec {
+                // Every geometry member, as arrays of the layer's spatial rank.
+                let reported = try #require(listed["layer"])
+                #expect(reported["kind"] == .string(["conv1d", "conv2d", "conv3d"][g.spatialRank - 1]))
+                #expect(reported["in_channels"]?.intValue == g.inChannels && reported["out_channels"]?.intValue == g.outChannels)
+                for (key, value) in [("kernel_size", g.kernelSize), ("stride", g.stride), ("padding", g.padding), ("dilation", g.dilation)] {
+                    #expect(reported[key]?.arrayValue?.compactMap(\.intValue) == value, "\(layer.name) \(key)")
+                    #expect(value.count == g.spatialRank)
+                }
+                #expect(reported["groups"]?.intValue == g.groups)
+            }
             let x = randomTensor(layer.inputShape, seed: 50 + UInt64(index))
             let y = try harness.forward(layer.name, x)
             expectClose(y, try oracle.delta(layer.name, x), "\(config.label) \(layer.name)")
@@ -162,9 +204,10 @@ struct ComputeBehaviourTests {
         expectError(error, code: -32007, "lin has no base weight")
     }
 
-    @Test("backward's grad_input and parameter grads equal the library's backwardDelta", arguments: adapterConfigs)
-    func backwardMatchesLibrary(_ config: AdapterConfig) throws {
+    @Test("backward's grad_input and parameter grads equal the library's backwardDelta", arguments: adapterConfigs, layerSets)
+    func backwardMatchesLibrary(_ config: AdapterConfig, _ layerSet: LayerSet) throws {
         let harness = try ServerHarness()
+        let behaviourLayers = layerSet.layers
         let oracle = try OracleNetwork.create(in: harness, config: config, layers: behaviourLayers)
         // One batch of forwards (one per layer), then one batch of backwards.
         let inputs = behaviourLayers.enumerated().map { randomTensor($1.inputShape, seed: 500 + UInt64($0)) }
@@ -246,9 +289,10 @@ struct ComputeBehaviourTests {
         #expect(try harness.parameters(gradients: true).values.allSatisfy { $0.maxAbs == 0 })
     }
 
-    @Test("delta_weight and delta_weight_backward equal the library's effectiveDeltaWeight and its backward", arguments: adapterConfigs)
-    func deltaWeight(_ config: AdapterConfig) throws {
+    @Test("delta_weight and delta_weight_backward equal the library's effectiveDeltaWeight and its backward", arguments: adapterConfigs, layerSets)
+    func deltaWeight(_ config: AdapterConfig, _ layerSet: LayerSet) throws {
         let harness = try ServerHarness()
+        let behaviourLayers = layerSet.layers
         let oracle = try OracleNetwork.create(in: harness, config: config, layers: behaviourLayers)
         let result = try harness.result("delta_weight", ["grad": true, "dtype": "F32"])
         let results = try #require(result["results"]?.arrayValue)
@@ -281,9 +325,10 @@ struct ComputeBehaviourTests {
             }
         }
         // Consistency: Δ(x) = op(x, ΔW) for the rebuild path.
-        let x = randomTensor([2, 3, 16], seed: 5)
+        let first = behaviourLayers[0]
+        let x = randomTensor(first.inputShape, seed: 5)
         let dw = try Wire.decode(results[0]["delta_weight"])
-        expectClose(try harness.forward("lin", x), naiveLayer(behaviourLayers[0].spec, x, weight: dw, bias: .zeros([24])), "op(x, ΔW)")
+        expectClose(try harness.forward(first.name, x), naiveLayer(first.spec, x, weight: dw, bias: .zeros([first.spec.outFeatures])), "op(x, ΔW)")
     }
 
     @Test("conv_dim and conv_alpha apply to k×k convolutions only; conv_dim 0 skips them")
@@ -303,6 +348,24 @@ struct ComputeBehaviourTests {
         ])
         #expect(skipped["skipped_layers"] == ["conv", "strided"])
         #expect(skipped["modules"]?.arrayValue?.compactMap { $0["name"]?.stringValue } == ["lin"])
+    }
+
+    /// LyCORIS (`k_size, *_ = module.kernel_size; if k_size == 1`) looks at the kernel's
+    /// first extent only.
+    @Test("conv_dim and conv_alpha follow LyCORIS on conv1d, conv2d and conv3d: only the kernel's first extent counts")
+    func convDimFirstExtent() throws {
+        func layer(_ name: String, _ kind: String, _ kernel: [Int]) -> JSONValue {
+            ["name": .string(name), "kind": .string(kind), "in_channels": 4, "out_channels": 4, "kernel_size": JSONValue(kernel)]
+        }
+        let harness = try ServerHarness()
+        let info = try harness.result("network.create", [
+            "options": ["lora_dim": 4, "alpha": 2.0, "conv_dim": 2, "conv_alpha": 2.0],
+            "layers": [layer("c1_k3", "conv1d", [3]), layer("c1_k1", "conv1d", [1]), layer("c2_1x3", "conv2d", [1, 3]),
+                       layer("c2_3x1", "conv2d", [3, 1]), layer("c3_1x3x3", "conv3d", [1, 3, 3]), layer("c3_3x1x1", "conv3d", [3, 1, 1])],
+        ])
+        let modules = try #require(info["modules"]?.arrayValue)
+        #expect(modules.map { $0["rank"]?.intValue } == [2, 4, 4, 2, 4, 2])
+        #expect(modules.map { $0["scale"]?.doubleValue } == [1, 0.5, 0.5, 1, 0.5, 1])
     }
 
     @Test("network.create's seed reproduces LyCORIS's initialisation from the library, layer by layer")
@@ -683,19 +746,20 @@ struct OptimizerBehaviourTests {
 
 @Suite("server behaviour: files")
 struct FileBehaviourTests {
-    @Test("network.save then network.load in a fresh server reproduces the forward outputs", arguments: adapterConfigs)
-    func saveLoad(_ config: AdapterConfig) throws {
+    @Test("network.save then network.load in a fresh server reproduces the forward outputs", arguments: adapterConfigs, layerSets)
+    func saveLoad(_ config: AdapterConfig, _ layerSet: LayerSet) throws {
         let harness = try ServerHarness()
+        let behaviourLayers = layerSet.layers
         let oracle = try OracleNetwork.create(in: harness, config: config, layers: behaviourLayers)
         let path = harness.path("net.safetensors")
         let saved = try harness.result("network.save", ["path": .string(path), "metadata": ["ss_note": "from the tests"]])
-        #expect(saved["modules"] == 3)
+        #expect(saved["modules"] == JSONValue(behaviourLayers.count))
         #expect(saved["bytes"]?.intValue == (try FileManager.default.attributesOfItem(atPath: path)[.size] as? Int))
 
         let fresh = try ServerHarness()
         _ = try OracleNetwork.create(in: fresh, config: config, layers: behaviourLayers, seed: 31)
         let loaded = try fresh.result("network.load", ["path": .string(path)])
-        #expect(loaded["loaded"] == ["conv", "lin", "strided"])
+        #expect(loaded["loaded"] == .array(behaviourLayers.map(\.name).sorted().map { .string($0) }))
         #expect(loaded["unmatched_file_modules"] == [])
         #expect(loaded["modules_not_in_file"] == [])
         #expect(loaded["metadata"]?["ss_note"] == "from the tests")
@@ -757,7 +821,7 @@ struct FileBehaviourTests {
                 layer["out_features"] = JSONValue(weight.shape[0])
             } else {
                 let k = weight.shape[2]
-                spec = .conv2d(Conv2dGeometry(inChannels: weight.shape[1], outChannels: weight.shape[0], kernelSize: [k, k], padding: [(k - 1) / 2, (k - 1) / 2]))
+                spec = .convolution(ConvGeometry(inChannels: weight.shape[1], outChannels: weight.shape[0], kernelSize: [k, k], padding: [(k - 1) / 2, (k - 1) / 2]))
                 layer["kind"] = "conv2d"
                 layer["in_channels"] = JSONValue(weight.shape[1])
                 layer["out_channels"] = JSONValue(weight.shape[0])
@@ -934,7 +998,7 @@ struct ArenaBehaviourTests {
         #expect(capabilities["algorithms"] == .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }))
         #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora"])
         #expect(capabilities["dtypes"] == ["F32", "F16", "BF16"])
-        #expect(capabilities["layer_kinds"] == ["linear", "conv2d"])
+        #expect(capabilities["layer_kinds"] == ["linear", "conv1d", "conv2d", "conv3d"])
         #expect(capabilities["framings"] == ["ndjson", "content-length"])
         #expect(capabilities["optimizers"] == ["adamw", "sgd"])
         #expect(capabilities["arena"]?["maximum_size"] == .integer(64 << 30))

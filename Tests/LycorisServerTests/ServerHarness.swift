@@ -225,12 +225,15 @@ struct TestLayer: Sendable {
                   bias: randomTensor([outFeatures], seed: seed + 1, std: 0.3), inputShape: [2, 3, inFeatures])
     }
 
+    /// A conv with `axes` spatial axes (conv1d, conv2d, conv3d) and the same kernel, padding
+    /// and stride on each; inputs (2, C, 9), (2, C, 5, 6) or (2, C, 3, 4, 5).
     static func conv(_ name: String, in inChannels: Int, out outChannels: Int, kernel: Int, padding: Int = 0,
-                     stride: Int = 1, seed: UInt64) -> TestLayer {
-        let geometry = Conv2dGeometry(inChannels: inChannels, outChannels: outChannels, kernelSize: [kernel, kernel],
-                                      stride: [stride, stride], padding: [padding, padding])
-        return TestLayer(name: name, spec: .conv2d(geometry), weight: randomTensor(geometry.weightShape, seed: seed, std: 0.3),
-                         bias: randomTensor([outChannels], seed: seed + 1, std: 0.3), inputShape: [2, inChannels, 5, 6])
+                     stride: Int = 1, axes: Int = 2, seed: UInt64) -> TestLayer {
+        let geometry = ConvGeometry(inChannels: inChannels, outChannels: outChannels, kernelSize: [Int](repeating: kernel, count: axes),
+                                    stride: [Int](repeating: stride, count: axes), padding: [Int](repeating: padding, count: axes))
+        return TestLayer(name: name, spec: .convolution(geometry), weight: randomTensor(geometry.weightShape, seed: seed, std: 0.3),
+                         bias: randomTensor([outChannels], seed: seed + 1, std: 0.3),
+                         inputShape: [2, inChannels] + [[9], [5, 6], [3, 4, 5]][axes - 1])
     }
 
     /// The `layers[]` entry of network.create.
@@ -241,8 +244,8 @@ struct TestLayer: Sendable {
             object["kind"] = "linear"
             object["in_features"] = JSONValue(inFeatures)
             object["out_features"] = JSONValue(outFeatures)
-        case let .conv2d(g):
-            object["kind"] = "conv2d"
+        case let .convolution(g):
+            object["kind"] = .string(g.kind)
             object["in_channels"] = JSONValue(g.inChannels)
             object["out_channels"] = JSONValue(g.outChannels)
             object["kernel_size"] = JSONValue(g.kernelSize)

@@ -168,7 +168,11 @@ def test_schemas_are_strict_where_the_server_is(schemas):
         assert not valid(bad, "AdapterOptions"), bad
     assert valid({"name": "m", "kind": "linear", "in_features": 4, "out_features": 3, "algo": "LoRA"}, "LayerInput")
     assert not valid({"name": "a.b", "kind": "linear", "in_features": 4, "out_features": 3}, "LayerInput")
-    assert not valid({"name": "m", "kind": "conv1d", "in_channels": 4, "out_channels": 3}, "LayerInput")
+    assert valid({"name": "m", "kind": "conv1d", "in_channels": 4, "out_channels": 3, "kernel_size": [3], "stride": 2}, "LayerInput")
+    assert valid({"name": "m", "kind": "conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": [3, 1, 3]}, "LayerInput")
+    assert not valid({"name": "m", "kind": "conv1d", "in_channels": 4, "out_channels": 3, "kernel_size": [3, 3]}, "LayerInput")
+    assert not valid({"name": "m", "kind": "conv3d", "in_channels": 4, "out_channels": 3, "padding": [1, 1]}, "LayerInput")
+    assert not valid({"name": "m", "kind": "norm", "in_channels": 4, "out_channels": 3}, "LayerInput")
     assert not valid({"name": "m", "kind": "linear", "in_features": 4, "out_features": 3, "algo": "boft"}, "LayerInput")
     assert not valid({"code": -32099, "message": "x"}, "ErrorObject")
     assert not valid({"code": -32001, "message": "x", "data": {"module": "m", "extra": 1}}, "ErrorObject")
@@ -423,6 +427,28 @@ def test_other_algorithms_and_options(start_server):
     assert len(backward["results"]) == len(forward)
 
 
+def test_conv1d_and_conv3d_layers(start_server):
+    server = start_server()
+    created = server.call("network.create", {"seed": 5, "options": {"lora_dim": 2, "conv_dim": 3}, "layers": [
+        {"name": "seq", "kind": "conv1d", "in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": [2], "padding": 1},
+        {"name": "volume", "kind": "conv3d", "in_channels": 4, "out_channels": 6, "kernel_size": [1, 3, 3],
+         "padding": [0, 1, 1], "algo": "loha", "options": {"use_tucker": True}},
+    ]})
+    seq, volume = created["modules"]
+    assert seq["layer"] == {"kind": "conv1d", "in_channels": 4, "out_channels": 6, "kernel_size": [3], "stride": [2],
+                            "padding": [1], "dilation": [1], "groups": 1}
+    assert volume["layer"]["kernel_size"] == [1, 3, 3] and volume["layer"]["stride"] == [1, 1, 1]
+    # conv_dim follows the kernel's first extent, as in LyCORIS: 3 for k=3, lora_dim for (1, 3, 3).
+    assert (seq["rank"], volume["rank"]) == (3, 2)
+    assert {p["key"]: p["shape"] for p in volume["parameters"]}["volume.hada_t1"] == [2, 2, 1, 3, 3]
+    forward = server.call("forward", {"calls": [
+        {"module": "seq", "input": inline(np.ones((2, 4, 9)))},
+        {"module": "volume", "input": inline(np.ones((1, 4, 3, 4, 5)))}]})["results"]
+    assert [r["output"]["shape"] for r in forward] == [[2, 6, 5], [1, 6, 3, 4, 5]]
+    error = server.error("forward", {"calls": [{"module": "seq", "input": inline(np.ones((2, 4, 3, 3)))}]}, -32002)
+    assert "conv1d input must be (N, 4, L)" in error["message"] and error["data"] == {"path": "calls[0].input"}
+
+
 # MARK: - The arena
 
 
@@ -547,7 +573,7 @@ def test_every_error_code(start_server, tmp_path):
     linear = {"name": "m", "kind": "linear", "in_features": 4, "out_features": 3}
     assert server.error("network.create", {"algo": "glora", "layers": [linear]}, -32008)["data"] == {"path": "algo"}
     server.error("network.create", {"algo": "nonsense", "layers": [linear]}, -32008)
-    server.error("network.create", {"layers": [dict(linear, kind="conv1d")]}, -32008)
+    server.error("network.create", {"layers": [dict(linear, kind="norm")]}, -32008)
     server.error("network.create", {"layers": [dict(linear, algo="ia3")]}, -32008)
     server.error("network.create", {"layers": [dict(linear, algo="dylora", options={"lora_dim": 4, "block_size": 3})]}, -32008)
     # -32602: parameters.
