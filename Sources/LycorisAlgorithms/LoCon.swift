@@ -138,6 +138,7 @@ public struct LoCon: AdapterAlgorithm {
             }
             return OperatorChain(stages: [(.conv2d(geometry.with(outChannels: r)), down), (upOp, up)],
                                  maskBeforeLast: context.rankMask)
+        case .norm: preconditionFailure("locon does not adapt norm layers (Algorithm.makeAdapter refuses them)")
         }
     }
 

@@ -745,7 +745,7 @@ struct BadInputTests {
         CreateProblem(label: "conv1d layer kind", params: ["layers": [["name": "c1", "kind": "conv1d", "in_channels": 4, "out_channels": 4, "kernel_size": 3]]],
                       code: -32008, fragments: ["layer kind conv1d is not supported"], path: "layers[0].kind"),
         CreateProblem(label: "unknown layer kind", params: ["layers": [["name": "d", "kind": "dense", "in_features": 4, "out_features": 4]]],
-                      code: -32602, fragments: ["layers[0].kind must be linear or conv2d, got \"dense\""], path: "layers[0].kind"),
+                      code: -32602, fragments: ["layers[0].kind must be linear, conv2d, layer_norm or group_norm, got \"dense\""], path: "layers[0].kind"),
         CreateProblem(label: "zero features", params: ["layers": [["name": "z", "kind": "linear", "in_features": 0, "out_features": 4]]],
                       code: -32602, fragments: ["linear features must be positive"], path: "layers[0]"),
         CreateProblem(label: "groups not dividing channels", params: ["layers": [["name": "g", "kind": "conv2d", "in_channels": 8, "out_channels": 12, "kernel_size": 3, "groups": 3]]],
