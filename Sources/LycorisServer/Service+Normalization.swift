@@ -14,7 +14,7 @@ extension LycorisService {
     static func normalization(_ p: Params, kind: String) throws -> Normalization {
         let own: Set<String> = kind == "layer_norm" ? ["normalized_shape"] : ["num_groups", "num_channels"]
         let allowed = normLayerMembers.union(own)
-        for key in p.object.keys where !allowed.contains(key) {
+        for key in p.object.keys where !allowed.contains(key) && p.has(key) {
             throw RPCError.invalidParams("\(p.at(key)) is not a member of a \(kind) layer (members: \(allowed.sorted().joined(separator: ", ")))", path: p.at(key))
         }
         let normKind: Normalization.Kind
