@@ -64,7 +64,7 @@ public enum AdapterMerge {
                                            baseBias: try biasInfo.map { try base.tensor($0.name) })
                 merged.multiplier = multiplier
                 let result = try merged.mergedWeight()
-                let bias = biasInfo == nil ? nil : try merged.mergedBias()
+                let bias = try merged.mergedBias()
                 guard result.isFinite, bias?.isFinite ?? true else { throw AdapterError("the merged weight has non-finite values") }
                 mergedTensors[baseKey] = result
                 if let bias {
