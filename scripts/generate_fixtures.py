@@ -18,14 +18,17 @@ Outputs (all safetensors, every metadata value a string):
         expected.output, expected.grad_input             F64
         expected.grad.<name>                             F64
         expected.delta_weight                            F64  (rebuild-semantics ΔW)
+        expected.delta_bias                              F64  (norm on a layer with a bias: m·Δb)
         expected.saved.<key>                             F64 (ints keep their dtype)
       metadata: case, algo, layer, options, scale, saved_keys, description,
-                bypass (effective mode), [dylora_block].
+                bypass (effective mode), [dylora_block], [lycoris: whether
+                LyCORIS's NormModule itself computed a norm case].
 
   Tests/LycorisAlgorithmsTests/Fixtures/networks/
       base.safetensors              state_dict of a tiny diffusers-like model
       <algo>.safetensors            LycorisNetwork.save_weights output (lycoris_ prefix)
       <algo>.expected.safetensors   per adapted layer K: x.K (F32) and y.K (F64)
+                                    (lora, loha, lokr, ia3, dylora and norms)
       kohya_lora.safetensors        lora.safetensors renamed lycoris_ -> lora_unet_
       convnd_base.safetensors, convnd_<algo>[.expected].safetensors
                                     the same for a model of Conv1d and Conv3d layers
@@ -61,6 +64,7 @@ from lycoris.modules import (
     LoConModule,
     LohaModule,
     LokrModule,
+    NormModule,
 )
 from lycoris.wrapper import LycorisNetwork, create_lycoris, create_lycoris_from_weights
 
@@ -304,6 +308,29 @@ case("dylora_conv1d_k3_b1", "dylora", conv1(8, 12, p=1), dict(lora_dim=4, alpha=
 case("dylora_conv3d_k3_b0", "dylora", conv3(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "DyLoRA Conv3d k=3 stride 2, b=0", dylora_block=0)
 
 
+# Norm (NormModule on LayerNorm / GroupNorm; make_norm_fixture)
+
+
+def layer_norm(shape, eps=1e-5, bias=True):
+    return {"kind": "layer_norm", "normalized_shape": list(shape), "eps": eps, "has_bias": bias}
+
+
+def group_norm(groups, channels, eps=1e-5):
+    return {"kind": "group_norm", "num_groups": groups, "num_channels": channels, "eps": eps, "has_bias": True}
+
+
+def norm_case(name, layer, shape, multiplier, description):
+    case(name, "norms", dict(layer, input_shape=list(shape)), dict(multiplier=multiplier), description)
+
+
+norm_case("norm_layer_norm", layer_norm([12]), (2, 3, 12), 0.7, "LayerNorm(12), multiplier 0.7")
+norm_case("norm_layer_norm_2d", layer_norm([4, 6]), (2, 3, 4, 6), 1.3, "LayerNorm((4, 6)), multiplier 1.3: w_norm/b_norm have numel(W0) = 24 elements")
+norm_case("norm_layer_norm_no_bias", layer_norm([12], eps=1e-3, bias=False), (5, 12), 0.6, "LayerNorm(12, eps=1e-3, bias=False), multiplier 0.6: b_norm exists but is not applied")
+norm_case("norm_group_norm", group_norm(3, 12), (2, 12, 5, 6), 0.8, "GroupNorm(3, 12) on (N, C, H, W), multiplier 0.8")
+norm_case("norm_group_norm_1d", group_norm(2, 6, eps=1e-3), (2, 6, 7), 1.5, "GroupNorm(2, 6, eps=1e-3) on (N, C, L), multiplier 1.5")
+norm_case("norm_group_norm_nc", group_norm(4, 8), (5, 8), 0.5, "GroupNorm(4, 8) on a 2-D (N, C) input, multiplier 0.5")
+
+
 def dylora_concat(module, spec, which):
     """DyLoRA blocks -> (lora_up.weight, lora_down.weight) in the Swift layout."""
     ups, downs = [], []
@@ -511,6 +538,112 @@ def make_module_fixture(case_):
     }
     if algo == "dylora":
         metadata["dylora_block"] = str(case_["dylora_block"])
+    path = MODULES_DIR / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata)
+    return path
+
+
+def build_norm_layer(spec, gen):
+    if spec["kind"] == "layer_norm":
+        layer = nn.LayerNorm(tuple(spec["normalized_shape"]), eps=spec["eps"], bias=spec["has_bias"])
+    else:
+        assert spec["has_bias"], "torch's GroupNorm always has a bias"
+        layer = nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=spec["eps"])
+    with torch.no_grad():
+        layer.weight.copy_(randn(layer.weight.shape, gen))
+        if layer.bias is not None:
+            layer.bias.copy_(randn(layer.bias.shape, gen))
+    return layer
+
+
+def norm_op(spec):
+    """op(x, W, b) = x_hat * W + b of a norm layer description."""
+    if spec["kind"] == "layer_norm":
+        return lambda x, w, b: F.layer_norm(x, tuple(spec["normalized_shape"]), w, b, spec["eps"])
+    return lambda x, w, b: F.group_norm(x, spec["num_groups"], w, b, spec["eps"])
+
+
+def make_norm_fixture(case_):
+    """A NormModule case. The expected values come from the module's formula
+    y = op(x, W0, b0) + m * op(x, w_norm.view(W0), b_norm.view(W0) if b0 exists)
+    run through autograd in float64; wherever LyCORIS 4.1.3's NormModule runs on the
+    layer (1-D normalized_shape or GroupNorm, with a bias) its output and gradients
+    must agree to 1e-10, and LyCORIS's own values are stored. Where it cannot run,
+    its failure is recorded in the metadata (`lycoris`)."""
+    name, spec, options = case_["name"], dict(case_["layer"]), case_["options"]
+    shape = spec.pop("input_shape")
+    mult = options["multiplier"]
+    seed = seed_of(name)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    layer = build_norm_layer(spec, gen)
+    w0 = layer.weight.detach().clone()
+    b0 = None if layer.bias is None else layer.bias.detach().clone()
+    count = w0.numel()
+    params32 = {"w_norm": randn((count,), gen), "b_norm": randn((count,), gen)}
+    x32 = randn(shape, gen)
+    g32 = randn(shape, gen, scale=1.0)
+
+    op = norm_op(spec)
+    leaves = {k: v.double().requires_grad_(True) for k, v in params32.items()}
+    x = x32.double().requires_grad_(True)
+    delta_b = None if b0 is None else leaves["b_norm"].view(w0.shape)
+    y = op(x, w0.double(), None if b0 is None else b0.double()) + mult * op(x, leaves["w_norm"].view(w0.shape), delta_b)
+    (y * g32.double()).sum().backward()
+    expected = {"output": y.detach(), "grad_input": x.grad}
+    grads = {k: v.grad if v.grad is not None else torch.zeros_like(v) for k, v in leaves.items()}
+
+    # LyCORIS's NormModule on the same layer, float64.
+    try:
+        module = NormModule("", layer, multiplier=mult)
+        module.apply_to()
+        lyco_saved = {k: list(v.shape) for k, v in module.state_dict().items()}
+        assert lyco_saved == {k: [count] for k in params32}, f"LyCORIS sizes w_norm/b_norm {lyco_saved}"
+        with torch.no_grad():
+            for k, v in params32.items():
+                getattr(module, k).copy_(v)
+        layer.double()
+        module.double()
+        module.eval()
+        xl = x32.double().requires_grad_(True)
+        yl = layer(xl)
+        (yl * g32.double()).sum().backward()
+        for what, ours, theirs in [("output", expected["output"], yl.detach()), ("grad_input", x.grad, xl.grad)] + [
+            (f"grad {k}", grads[k], torch.zeros_like(grads[k]) if getattr(module, k).grad is None else getattr(module, k).grad)
+            for k in params32
+        ]:
+            assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-10), (name, what, float((ours - theirs).abs().max()))
+        expected = {"output": yl.detach(), "grad_input": xl.grad}
+        grads = {k: torch.zeros_like(grads[k]) if getattr(module, k).grad is None else getattr(module, k).grad for k in params32}
+        lycoris_note = "LyCORIS 4.1.3 NormModule computes these values (cross-checked against the formula)"
+    except Exception as e:
+        lycoris_note = f"LyCORIS 4.1.3 NormModule cannot run this layer ({type(e).__name__}: {e}); values from the formula"
+
+    tensors = {"base.weight": t_out(w0), "input": t_out(x32), "grad_output": t_out(g32)}
+    if b0 is not None:
+        tensors["base.bias"] = t_out(b0)
+    for k, v in params32.items():
+        tensors[f"param.{k}"] = t_out(v)
+        tensors[f"expected.grad.{k}"] = t_out(grads[k].to(torch.float64))
+        tensors[f"expected.saved.{k}"] = t_out(v.to(torch.float64))
+    tensors["expected.output"] = t_out(expected["output"].to(torch.float64))
+    tensors["expected.grad_input"] = t_out(expected["grad_input"].to(torch.float64))
+    tensors["expected.delta_weight"] = t_out(params32["w_norm"].double().view(w0.shape) * mult)
+    if b0 is not None:
+        tensors["expected.delta_bias"] = t_out(params32["b_norm"].double().view(w0.shape) * mult)
+    metadata = {
+        "case": name,
+        "algo": "norms",
+        "layer": jdump(spec),
+        "options": jdump(options),
+        "scale": "1.0",
+        "saved_keys": jdump([[k, [count], "F32"] for k in params32]),
+        "bypass": "false",
+        "description": case_["description"],
+        "lycoris": lycoris_note,
+        "oracle": ORACLE,
+    }
     path = MODULES_DIR / f"{name}.safetensors"
     save_file(tensors, str(path), metadata)
     return path
@@ -737,7 +870,7 @@ def network_fixtures(model0):
         path = NETWORKS_DIR / f"{stem}.safetensors"
         net.save_weights(str(path), torch.float32, meta)
         written.append(path)
-        if stem in CORE_NET:
+        if stem in CORE_NET or stem == "norms":
             written.append(network_expected(stem, model, net, path, call))
         if stem == "lora":
             written.append(kohya_copy(path, call))
@@ -756,11 +889,7 @@ def eval_layers(net, model, names, keys, seed_name):
     with torch.no_grad():
         for key in keys:
             layer = by_path[key]
-            x32 = (
-                randn((2, 3, layer.in_features), gen)
-                if isinstance(layer, nn.Linear)
-                else randn((2, layer.in_channels, 5, 6), gen)
-            )
+            x32 = layer_input(layer, gen)
             xs[key] = x32
             ys[key] = layer(x32.double()).to(torch.float64)
     return xs, ys
@@ -771,7 +900,7 @@ def network_expected(stem, model, net, path, call):
     keys = [
         names[l.lora_name][0]
         for l in net.loras
-        if isinstance(names[l.lora_name][1], (nn.Linear, nn.Conv2d))
+        if isinstance(names[l.lora_name][1], (nn.Linear, nn.Conv2d, nn.LayerNorm))
     ]
     notes = []
     source = "in-memory network (eval, float64)"
@@ -1050,7 +1179,7 @@ def main():
 
     written = []
     for c in CASES:
-        written.append(make_module_fixture(c))
+        written.append(make_norm_fixture(c) if c["algo"] == "norms" else make_module_fixture(c))
 
     model0 = make_model()
     written.append(base_fixture(model0))

@@ -50,7 +50,9 @@ public struct AdapterError: Error, CustomStringConvertible, Sendable, Equatable 
 ///
 /// Conventions: ΔW has the base weight's shape and includes the algorithm's scale and
 /// scalar but not the multiplier (the module applies it: W' = W0 + m·ΔW). Δ(x) is the
-/// adapter's additive output, `y = op(x, W0) + b + m·Δ(x)`.
+/// adapter's additive output, `y = op(x, W0) + b + m·Δ(x)`. Algorithms that adapt the
+/// bias too (``adaptsBias``) have a Δb of the bias's shape: b' = b + m·Δb and
+/// Δ(x) = op(x, ΔW) + Δb; for the others Δb = 0.
 public protocol AdapterAlgorithm: Sendable {
     static var algorithm: Algorithm { get }
     /// A fresh module with LyCORIS's initialisation.
@@ -67,6 +69,12 @@ public protocol AdapterAlgorithm: Sendable {
     func deltaWeight(_ context: DeltaContext) throws -> Tensor
     /// ∂L/∂parameters from ∂L/∂ΔW.
     func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet
+    /// Whether the algorithm adapts the base layer's bias (norm on a layer with a bias).
+    var adaptsBias: Bool { get }
+    /// Δb (``LayerSpec/biasShape``); zeros for algorithms that do not adapt the bias.
+    func deltaBias(_ context: DeltaContext) throws -> Tensor
+    /// ∂L/∂parameters from ∂L/∂ΔW and ∂L/∂Δb (nil: zero).
+    func deltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, _ context: DeltaContext) throws -> ParameterSet
     /// Δ(x) computed from the factors where the algorithm has a cheaper path than op(x, ΔW).
     func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor
     /// (∂x, ∂parameters) of ``bypassForward(_:_:)`` given ∂Δ(x).
@@ -82,15 +90,27 @@ public protocol AdapterAlgorithm: Sendable {
 extension AdapterAlgorithm {
     public var bypassCost: Int? { nil }
 
+    public var adaptsBias: Bool { false }
+
+    public func deltaBias(_ context: DeltaContext) throws -> Tensor { .zeros(layer.biasShape) }
+
+    public func deltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, _ context: DeltaContext) throws -> ParameterSet {
+        try deltaWeightBackward(gradient, context)
+    }
+
+    /// op(x, ΔW) (+ Δb where the algorithm adapts the bias).
     public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        layer.apply(x, weight: try deltaWeight(context))
+        var y = layer.apply(x, weight: try deltaWeight(context))
+        if adaptsBias { layer.addBias(&y, bias: try deltaBias(context)) }
+        return y
     }
 
     public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
         let delta = try deltaWeight(context)
-        let gradInput = layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape)
+        let gradInput = layer.backwardInput(gradOutput, weight: delta, input: x)
         let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
-        return (gradInput, try deltaWeightBackward(gradDelta, context))
+        let gradBias = adaptsBias ? layer.biasGradient(gradOutput) : nil
+        return (gradInput, try deltaWeightBackward(gradDelta, biasGradient: gradBias, context))
     }
 
     /// Number of trainable scalars.

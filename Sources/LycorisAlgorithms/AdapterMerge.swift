@@ -3,7 +3,8 @@ import LycorisFormats
 
 /// Merges an adapter file into one model's state dict: W' = W0 + m·ΔW per adapted layer,
 /// with ΔW as the adapter's *forward* computes it (LyCORIS 4.1.3's own merge applies the
-/// LoHa/LoKr scale twice; this does not).
+/// LoHa/LoKr scale twice; this does not); for algorithms that adapt the bias (norm) also
+/// b' = b0 + m·Δb where the base has the bias `a.b.c.bias`.
 ///
 /// Module `PREFIX_a_b_c` (PREFIX one of ``KeySchema/prefixes``) applies to the base key
 /// `a.b.c.weight`: the base keys are flattened the same way and matched exactly, so dots
@@ -16,6 +17,8 @@ public enum AdapterMerge {
         public var unmatched: [String] = []
         /// Modules that matched but could not be merged, with the reason.
         public var failed: [(module: String, reason: String)] = []
+        /// Base bias keys merged too (norm modules).
+        public var mergedBiases: [String] = []
     }
 
     /// The base layer a weight of `shape` belongs to: 2-D linear, 3-D conv1d, 4-D conv2d,
@@ -40,7 +43,7 @@ public enum AdapterMerge {
             if let path = KeySchema.flattenedModulePath(ofWeightKey: info.name) { baseKeyByPath[path] = info.name }
         }
         var report = Report()
-        var mergedWeights: [String: Tensor] = [:]
+        var mergedTensors: [String: Tensor] = [:]
         for module in adapter.modules {
             let (_, path) = KeySchema.stripPrefix(module.name)
             guard let baseKey = baseKeyByPath[path], let info = base.info(baseKey) else {
@@ -49,18 +52,26 @@ public enum AdapterMerge {
             }
             do {
                 guard info.dtype.isFloatingPoint else { throw AdapterError("base weight \(baseKey) is \(info.dtype.rawValue), not a float") }
-                guard let layer = layer(forWeightShape: info.shape) else {
-                    throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear and conv1d/conv2d/conv3d weights are merged")
-                }
                 guard let algorithm = module.algorithm else { throw AdapterError("no known algorithm has the keys \(module.tensors.keys.sorted())") }
-                let weight = try base.tensor(baseKey)
-                let adapterModule = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer),
-                                                  options: AdapterOptions(), baseWeight: weight)
-                var merged = adapterModule
+                let biasKey = String(baseKey.dropLast("weight".count)) + "bias"
+                let biasInfo = base.info(biasKey).flatMap { $0.dtype.isFloatingPoint ? $0 : nil }
+                // A norm's ΔW is its weight reshaped: the normalisation kind does not enter it.
+                let normalization = Normalization(kind: .layer(normalizedShape: info.shape), hasBias: biasInfo != nil)
+                guard let layer = algorithm == .norms ? .norm(normalization) : layer(forWeightShape: info.shape) else {
+                    throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear, conv1d/conv2d/conv3d and norm weights are merged")
+                }
+                var merged = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer),
+                                           options: AdapterOptions(), baseWeight: try base.tensor(baseKey),
+                                           baseBias: try biasInfo.map { try base.tensor($0.name) })
                 merged.multiplier = multiplier
                 let result = try merged.mergedWeight()
-                guard result.isFinite else { throw AdapterError("the merged weight has non-finite values") }
-                mergedWeights[baseKey] = result
+                let bias = try merged.mergedBias()
+                guard result.isFinite, bias?.isFinite ?? true else { throw AdapterError("the merged weight has non-finite values") }
+                mergedTensors[baseKey] = result
+                if let bias {
+                    mergedTensors[biasKey] = bias
+                    report.mergedBiases.append(biasKey)
+                }
                 report.merged.append((module.name, baseKey, algorithm))
             } catch {
                 report.failed.append((module.name, "\(error)"))
@@ -68,7 +79,7 @@ public enum AdapterMerge {
         }
         var writer = SafetensorsWriter(metadata: base.metadata)
         for info in base.tensors {
-            if let merged = mergedWeights[info.name] {
+            if let merged = mergedTensors[info.name] {
                 try writer.add(info.name, merged, as: info.dtype)
             } else {
                 try writer.addRaw(info.name, dtype: info.dtype, shape: info.shape, bytes: base.rawBytes(info.name))

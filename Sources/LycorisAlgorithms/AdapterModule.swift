@@ -5,7 +5,7 @@ import LycorisCore
 /// rebuild vs bypass, and the base weight when the algorithm needs it.
 ///
 ///     y = op(x, W0) + b + m·Δ(x)
-///     rebuild: Δ(x) = op(x, mask_rows ⊙ ΔW)       bypass: Δ(x) = drop(algorithm.bypass(x))
+///     rebuild: Δ(x) = op(x, mask_rows ⊙ ΔW) (+ mask_rows ⊙ Δb)    bypass: Δ(x) = drop(algorithm.bypass(x))
 public struct AdapterModule: Sendable {
     public var name: String
     public var algorithm: any AdapterAlgorithm
@@ -34,7 +34,7 @@ public struct AdapterModule: Sendable {
         public var skipped = false
         public var bypass = false
         public var context = DeltaContext()
-        /// Rebuild rank dropout: (out,) mask on ΔW's rows.
+        /// Rebuild rank dropout: (out,) mask on ΔW's rows (and on Δb).
         public var rowMask: Tensor?
         /// Bypass dropout: elementwise mask of Δ(x), already divided by 1−p.
         public var outputMask: Tensor?
@@ -102,25 +102,48 @@ public struct AdapterModule: Sendable {
         return delta * multiplier
     }
 
+    /// Δb as the forward uses it, m·(row mask ⊙ Δb); nil when the algorithm does not adapt
+    /// the bias.
+    public func effectiveDeltaBias(_ tape: Tape) throws -> Tensor? {
+        guard algorithm.adaptsBias else { return nil }
+        if tape.skipped { return .zeros(layer.biasShape) }
+        var delta = try algorithm.deltaBias(tape.context)
+        if let mask = tape.rowMask { delta = Self.maskRows(delta, mask) }
+        return delta * multiplier
+    }
+
     private static func maskRows(_ tensor: Tensor, _ mask: Tensor) -> Tensor {
         let inner = tensor.count / mask.count
         return Tensor(shape: tensor.shape, scalars: tensor.scalars.enumerated().map { $0.element * mask.scalars[$0.offset / inner] })
     }
 
-    /// Gradients of the parameters from ∂L/∂(m·ΔW) (rebuild-mode trainers that apply
-    /// W0 + ΔW themselves).
-    public func effectiveDeltaWeightBackward(_ gradient: Tensor, _ tape: Tape) throws -> ParameterSet {
+    /// Gradients of the parameters from ∂L/∂(m·ΔW) and ∂L/∂(m·Δb) (nil: zero) — rebuild-mode
+    /// trainers that apply W0 + m·ΔW (and b + m·Δb) themselves.
+    public func effectiveDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor? = nil, _ tape: Tape) throws -> ParameterSet {
         if tape.skipped { return zeroGradients() }
         var g = gradient * multiplier
-        if let mask = tape.rowMask { g = Self.maskRows(g, mask) }
-        return try algorithm.deltaWeightBackward(g, tape.context)
+        var gBias = biasGradient.map { $0 * multiplier }
+        if let mask = tape.rowMask {
+            g = Self.maskRows(g, mask)
+            gBias = gBias.map { Self.maskRows($0, mask) }
+        }
+        return try algorithm.deltaWeightBackward(g, biasGradient: gBias, tape.context)
+    }
+
+    /// ∂L/∂Δb's layer part, Σ ∂y over all but the channel axis, where the algorithm adapts the bias.
+    private func biasGradient(_ gradOutput: Tensor) -> Tensor? {
+        algorithm.adaptsBias ? layer.biasGradient(gradOutput) : nil
     }
 
     /// The adapter's contribution m·Δ(x) for the step `tape` describes.
     public func forwardDelta(_ x: Tensor, tape: Tape) throws -> Tensor {
         if let problem = layer.inputProblem(x.shape) { throw AdapterError("\(name): \(problem)") }
         if tape.skipped { return .zeros(layer.outputShape(forInput: x.shape)) }
-        guard tape.bypass else { return layer.apply(x, weight: try effectiveDeltaWeight(tape)) }
+        guard tape.bypass else {
+            var y = layer.apply(x, weight: try effectiveDeltaWeight(tape))
+            if let bias = try effectiveDeltaBias(tape) { layer.addBias(&y, bias: bias) }
+            return y
+        }
         var delta = try algorithm.bypassForward(x, tape.context) * multiplier
         if let mask = tape.outputMask { delta = delta * mask }
         return delta
@@ -135,14 +158,15 @@ public struct AdapterModule: Sendable {
             return try algorithm.bypassBackward(x, gradOutput: g, tape.context)
         }
         let delta = try effectiveDeltaWeight(tape)
-        let gradInput = layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape)
+        let gradInput = layer.backwardInput(gradOutput, weight: delta, input: x)
         let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
-        return (gradInput, try effectiveDeltaWeightBackward(gradDelta, tape))
+        return (gradInput, try effectiveDeltaWeightBackward(gradDelta, biasGradient: biasGradient(gradOutput), tape))
     }
 
-    /// The adapted layer's whole output `op(x, W0) + b + m·Δ(x)` (needs the base weight).
+    /// The adapted layer's whole output `op(x, W0) + b + m·Δ(x)` (needs the base weight; a
+    /// missing bias counts as zero).
     ///
-    /// In rebuild mode this is one op with the merged weight, `op(x, W0 + m·ΔW) + b`
+    /// In rebuild mode this is one op with the merged weight, `op(x, W0 + m·ΔW) + b (+ m·Δb)`
     /// (as LyCORIS's result, with one layer op instead of two).
     public func forward(_ x: Tensor, tape: Tape) throws -> Tensor {
         let weight = try requireBaseWeight()
@@ -152,6 +176,7 @@ public struct AdapterModule: Sendable {
             y = layer.apply(x, weight: weight) + (try forwardDelta(x, tape: tape))
         } else {
             y = layer.apply(x, weight: weight + (try effectiveDeltaWeight(tape)))
+            if let bias = try effectiveDeltaBias(tape) { layer.addBias(&y, bias: bias) }
         }
         if let bias = baseBias { layer.addBias(&y, bias: bias) }
         return y
@@ -162,21 +187,35 @@ public struct AdapterModule: Sendable {
         let weight = try requireBaseWeight()
         if tape.bypass || tape.skipped {
             let adapter = try backwardDelta(x, gradOutput: gradOutput, tape: tape)
-            return (layer.backwardInput(gradOutput, weight: weight, inputShape: x.shape) + adapter.input, adapter.parameters)
+            return (layer.backwardInput(gradOutput, weight: weight, input: x) + adapter.input, adapter.parameters)
         }
         // Rebuild: ∂x = op_x-gradient through W0 + m·ΔW; ∂(m·ΔW) = op_W-gradient.
         let merged = weight + (try effectiveDeltaWeight(tape))
         let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
-        return (layer.backwardInput(gradOutput, weight: merged, inputShape: x.shape),
-                try effectiveDeltaWeightBackward(gradDelta, tape))
+        return (layer.backwardInput(gradOutput, weight: merged, input: x),
+                try effectiveDeltaWeightBackward(gradDelta, biasGradient: biasGradient(gradOutput), tape))
+    }
+
+    /// The module in eval mode and its (deterministic) tape: what merging applies.
+    private func evalTape() -> (module: AdapterModule, tape: Tape) {
+        var eval = self
+        eval.isTraining = false
+        var unused = RandomSource(seed: 0)
+        return (eval, eval.makeTape(inputShape: [], random: &unused))
     }
 
     /// The merged weight W0 + m·ΔW (forward semantics; deterministic: eval-mode choices).
     public func mergedWeight() throws -> Tensor {
-        var eval = self
-        eval.isTraining = false
-        var unused = RandomSource(seed: 0)
-        return try requireBaseWeight() + eval.effectiveDeltaWeight(eval.makeTape(inputShape: [], random: &unused))
+        let (eval, tape) = evalTape()
+        return try requireBaseWeight() + eval.effectiveDeltaWeight(tape)
+    }
+
+    /// The merged bias b + m·Δb (a missing base bias counts as zero); nil when the algorithm
+    /// does not adapt the bias.
+    public func mergedBias() throws -> Tensor? {
+        let (eval, tape) = evalTape()
+        guard let delta = try eval.effectiveDeltaBias(tape) else { return nil }
+        return (baseBias ?? .zeros(layer.biasShape)) + delta
     }
 
     private func requireBaseWeight() throws -> Tensor {

@@ -25,7 +25,8 @@ public struct AdapterOptions: Sendable, Equatable, Codable {
     public var blockSize = 4
     /// Elementwise dropout of the adapter's output (bypass mode only, as in LyCORIS).
     public var dropout: Float = 0
-    /// Dropout of ΔW rows (rebuild) or of the rank axis (LoCon bypass).
+    /// Dropout of ΔW rows (rebuild) or of the rank axis (LoCon bypass); for norm, of the
+    /// elements of w_norm and b_norm (one mask).
     public var rankDropout: Float = 0
     /// Probability of skipping the whole adapter for a training step.
     public var moduleDropout: Float = 0

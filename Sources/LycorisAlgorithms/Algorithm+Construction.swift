@@ -9,6 +9,7 @@ extension Algorithm {
         case .lokr: LoKr.self
         case .ia3: IA3.self
         case .dylora: DyLoRA.self
+        case .norms: Norm.self
         default: nil
         }
     }
@@ -17,6 +18,7 @@ extension Algorithm {
     public func makeAdapter(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws -> any AdapterAlgorithm {
         if let problem = layer.invalidReason { throw AdapterError("invalid layer: \(problem)") }
         if let problem = options.invalidReason { throw AdapterError("invalid options: \(problem)") }
+        try checkAdapts(layer)
         guard let type = computingType else {
             throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
         }
@@ -26,12 +28,24 @@ extension Algorithm {
     /// An adapter of this algorithm on `layer` from a file's tensors (by key suffix).
     /// DyLoRA files are LoRA files and load as LoCon.
     public func loadAdapter(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws -> any AdapterAlgorithm {
+        try checkAdapts(layer)
         switch self {
         case .locon, .dylora: return try LoCon(layer: layer, tensors: tensors, alpha: alpha)
         case .loha: return try LoHa(layer: layer, tensors: tensors, alpha: alpha)
         case .lokr: return try LoKr(layer: layer, tensors: tensors, alpha: alpha)
         case .ia3: return try IA3(layer: layer, tensors: tensors, alpha: alpha)
+        case .norms: return try Norm(layer: layer, tensors: tensors, alpha: alpha)
         default: throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
+        }
+    }
+
+    /// Norm layers are adapted by `norms` only, and `norms` adapts norm layers only.
+    private func checkAdapts(_ layer: LayerSpec) throws {
+        if let normalization = layer.normalization, self != .norms {
+            throw AdapterError("\(rawValue) cannot adapt a \(normalization.kindName) layer (only norm adapts layer_norm and group_norm layers)")
+        }
+        if layer.normalization == nil, self == .norms {
+            throw AdapterError("norm adapts only layer_norm and group_norm layers")
         }
     }
 }

@@ -6,7 +6,7 @@ public enum Algorithm: String, Sendable, CaseIterable, Codable {
     /// the others are recognised in files but not computed yet.
     public var isComputed: Bool {
         switch self {
-        case .locon, .loha, .lokr, .ia3, .dylora: true
+        case .locon, .loha, .lokr, .ia3, .dylora, .norms: true
         default: false
         }
     }

@@ -142,6 +142,7 @@ public struct LoCon: AdapterAlgorithm {
             }
             return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (upOp, up)],
                                  maskBeforeLast: context.rankMask)
+        case .norm: preconditionFailure("locon does not adapt norm layers (Algorithm.makeAdapter refuses them)")
         }
     }
 

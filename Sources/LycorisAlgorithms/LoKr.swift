@@ -197,6 +197,7 @@ public struct LoKr: AdapterAlgorithm {
         switch layer {
         case .linear: .linear(inFeatures: w2Shape[1], outFeatures: w2Shape[0])
         case let .convolution(geometry): .convolution(geometry.with(inChannels: w2Shape[1], outChannels: w2Shape[0]))
+        case .norm: preconditionFailure("lokr does not adapt norm layers (Algorithm.makeAdapter refuses them)")
         }
     }
 

@@ -10,7 +10,7 @@ enum OpenRPCDocument {
   "info": {
     "title": "lycoris-server",
     "version": "1.0",
-    "description": "LyCORIS adapters (LoCon/LoRA, LoHa, LoKr, IA3, DyLoRA) for linear and conv2d layers, served over JSON-RPC 2.0 on stdin/stdout. Framing, lifecycle, tensor transport and error semantics: protocol/README.md. Parameters are by name only; members that are null count as absent; unknown members are ignored except inside options; numbers must be finite as 32-bit floats."
+    "description": "LyCORIS adapters (LoCon/LoRA, LoHa, LoKr, IA3, DyLoRA) for linear and conv2d layers, and norm for layer_norm and group_norm layers, served over JSON-RPC 2.0 on stdin/stdout. Framing, lifecycle, tensor transport and error semantics: protocol/README.md. Parameters are by name only; members that are null count as absent; unknown members are ignored except inside options and layer_norm/group_norm layers; numbers must be finite as 32-bit floats."
   },
   "methods": [
     {
@@ -575,7 +575,7 @@ enum OpenRPCDocument {
     {
       "name": "delta_weight",
       "summary": "m * delta W per module (rebuild mode).",
-      "description": "For clients that apply W0 + m * delta W themselves. Output specs are checked before anything is computed. With tapes kept, each module's result has a tape for delta_weight_backward.",
+      "description": "For clients that apply W0 + m * delta W themselves. Output specs are checked before anything is computed. Modules that adapt the layer's bias (norm on a layer with a bias) also answer delta_bias = m * delta b. With tapes kept, each module's result has a tape for delta_weight_backward.",
       "paramStructure": "by-name",
       "params": [
         {
@@ -591,6 +591,13 @@ enum OpenRPCDocument {
         {
           "name": "outputs",
           "description": "Output spec per module name; default inline.",
+          "schema": {
+            "$ref": "#/components/schemas/OutputMap"
+          }
+        },
+        {
+          "name": "bias_outputs",
+          "description": "Output spec of delta_bias per module name (modules with a bias delta only); default inline, in dtype.",
           "schema": {
             "$ref": "#/components/schemas/OutputMap"
           }
@@ -637,7 +644,7 @@ enum OpenRPCDocument {
     {
       "name": "delta_weight_backward",
       "summary": "Parameter gradients from dL/d(m * delta W).",
-      "description": "The counterpart of backward for delta_weight tapes: consumes each tape and accumulates (or returns) the parameter gradients. Tapes of forward answer -32007.",
+      "description": "The counterpart of backward for delta_weight tapes: consumes each tape and accumulates (or returns) the parameter gradients. Tapes of forward answer -32007. grad_bias (dL/d(m * delta b)) is for modules with a bias delta only (-32002 otherwise, or for a wrong shape); omitted means zero.",
       "paramStructure": "by-name",
       "params": [
         {
@@ -1299,19 +1306,20 @@ enum OpenRPCDocument {
         "pattern": "^[^.]+$"
       },
       "AlgorithmName": {
-        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora. The names glora, full, diag-oft, boft, norms and tlora are recognised but answered with -32008.",
+        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, norm (also spelled norms; norm layers only, and the only algorithm for them). The names glora, full, diag-oft, boft and tlora are recognised but answered with -32008.",
         "type": "string",
-        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa])$"
+        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Nn][Oo][Rr][Mm][Ss]?)$"
       },
       "Algorithm": {
-        "description": "Algorithm as the server reports it (lora is reported as locon).",
+        "description": "Algorithm as the server reports it (lora is reported as locon, norm as norms).",
         "type": "string",
         "enum": [
           "locon",
           "loha",
           "lokr",
           "ia3",
-          "dylora"
+          "dylora",
+          "norms"
         ]
       },
       "IntOrSingle": {
@@ -1699,7 +1707,7 @@ enum OpenRPCDocument {
         }
       },
       "LayerInput": {
-        "description": "One base layer to adapt (an entry of network.create's `layers`). Kind norm is answered with -32008; other kinds with -32602.",
+        "description": "One base layer to adapt (an entry of network.create's `layers`). Other kinds are answered with -32602.",
         "oneOf": [
           {
             "$ref": "#/components/schemas/LinearLayerInput"
@@ -1712,6 +1720,12 @@ enum OpenRPCDocument {
           },
           {
             "$ref": "#/components/schemas/Conv3dLayerInput"
+          },
+          {
+            "$ref": "#/components/schemas/LayerNormLayerInput"
+          },
+          {
+            "$ref": "#/components/schemas/GroupNormLayerInput"
           }
         ]
       },
@@ -1928,8 +1942,182 @@ enum OpenRPCDocument {
               }
             },
             "additionalProperties": false
+          },
+          {
+            "type": "object",
+            "required": [
+              "kind",
+              "normalized_shape",
+              "eps",
+              "has_bias"
+            ],
+            "properties": {
+              "kind": {
+                "const": "layer_norm"
+              },
+              "normalized_shape": {
+                "type": "array",
+                "items": {
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "minItems": 1
+              },
+              "eps": {
+                "type": "number",
+                "minimum": 0
+              },
+              "has_bias": {
+                "type": "boolean"
+              }
+            },
+            "additionalProperties": false
+          },
+          {
+            "type": "object",
+            "required": [
+              "kind",
+              "num_groups",
+              "num_channels",
+              "eps",
+              "has_bias"
+            ],
+            "properties": {
+              "kind": {
+                "const": "group_norm"
+              },
+              "num_groups": {
+                "type": "integer",
+                "minimum": 1
+              },
+              "num_channels": {
+                "type": "integer",
+                "minimum": 1
+              },
+              "eps": {
+                "type": "number",
+                "minimum": 0
+              },
+              "has_bias": {
+                "type": "boolean"
+              }
+            },
+            "additionalProperties": false
           }
         ]
+      },
+      "LayerNormLayerInput": {
+        "type": "object",
+        "description": "A layer norm (torch.nn.LayerNorm): input (..., *normalized_shape), output of the input's shape, y = x_hat * W + b with x_hat = (x - mean)/sqrt(var + eps) over the trailing normalized_shape (biased variance). Other members are -32602.",
+        "required": [
+          "name",
+          "kind",
+          "normalized_shape"
+        ],
+        "properties": {
+          "name": {
+            "$ref": "#/components/schemas/ModuleName"
+          },
+          "algo": {
+            "$ref": "#/components/schemas/AlgorithmName",
+            "description": "This layer's algorithm; default: the request's `algo`. Only norm adapts norm layers (-32008 otherwise)."
+          },
+          "options": {
+            "$ref": "#/components/schemas/AdapterOptions",
+            "description": "Options for this layer, merged over the request's `options` (per key). For norm the factorisation options (lora_dim, alpha, use_tucker, ...) are validated and ignored; module_dropout, rank_dropout (per element of w_norm and b_norm), rank_dropout_scale, bypass_mode and dropout act as for the other algorithms (protocol/README.md section 10)."
+          },
+          "weight": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The affine weight W0, shaped like normalized_shape. Needed by forward with full=true."
+          },
+          "bias": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The affine bias b0, shaped like normalized_shape; not with has_bias false (-32602). Used by forward with full=true (absent: zero)."
+          },
+          "kind": {
+            "const": "layer_norm"
+          },
+          "normalized_shape": {
+            "description": "The trailing input axes normalised together; an integer means [n].",
+            "oneOf": [
+              {
+                "type": "integer",
+                "minimum": 1
+              },
+              {
+                "type": "array",
+                "items": {
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "minItems": 1
+              }
+            ]
+          },
+          "eps": {
+            "description": "Added to the variance. Default 1e-5.",
+            "type": "number",
+            "minimum": 0
+          },
+          "has_bias": {
+            "description": "Whether the layer has an affine bias (norm's b_norm is applied only then). Default true.",
+            "type": "boolean"
+          }
+        },
+        "additionalProperties": false
+      },
+      "GroupNormLayerInput": {
+        "type": "object",
+        "description": "A group norm (torch.nn.GroupNorm): input (N, C, *spatial) with any number of spatial axes (none: (N, C)), output of the input's shape, y = x_hat * W + b with x_hat normalised per (sample, group of C/G channels) over those channels and all spatial positions; W and b per channel. Other members are -32602.",
+        "required": [
+          "name",
+          "kind",
+          "num_groups",
+          "num_channels"
+        ],
+        "properties": {
+          "name": {
+            "$ref": "#/components/schemas/ModuleName"
+          },
+          "algo": {
+            "$ref": "#/components/schemas/AlgorithmName",
+            "description": "This layer's algorithm; default: the request's `algo`. Only norm adapts norm layers (-32008 otherwise)."
+          },
+          "options": {
+            "$ref": "#/components/schemas/AdapterOptions",
+            "description": "Options for this layer, merged over the request's `options` (per key). For norm the factorisation options (lora_dim, alpha, use_tucker, ...) are validated and ignored; module_dropout, rank_dropout (per element of w_norm and b_norm), rank_dropout_scale, bypass_mode and dropout act as for the other algorithms (protocol/README.md section 10)."
+          },
+          "weight": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The affine weight W0, shaped (num_channels,). Needed by forward with full=true."
+          },
+          "bias": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "The affine bias b0, shaped (num_channels,); not with has_bias false (-32602). Used by forward with full=true (absent: zero)."
+          },
+          "kind": {
+            "const": "group_norm"
+          },
+          "num_groups": {
+            "description": "G; must divide num_channels (-32602).",
+            "type": "integer",
+            "minimum": 1
+          },
+          "num_channels": {
+            "type": "integer",
+            "minimum": 1
+          },
+          "eps": {
+            "description": "Added to the variance. Default 1e-5.",
+            "type": "number",
+            "minimum": 0
+          },
+          "has_bias": {
+            "description": "Whether the layer has an affine bias (norm's b_norm is applied only then). Default true.",
+            "type": "boolean"
+          }
+        },
+        "additionalProperties": false
       },
       "ParameterInfo": {
         "type": "object",
@@ -1969,7 +2157,7 @@ enum OpenRPCDocument {
             "$ref": "#/components/schemas/Layer"
           },
           "rank": {
-            "description": "The rank, or null where there is none (ia3; lokr when both Kronecker factors are full matrices).",
+            "description": "The rank, or null where there is none (ia3, norms; lokr when both Kronecker factors are full matrices).",
             "type": [
               "integer",
               "null"
@@ -2138,7 +2326,9 @@ enum OpenRPCDocument {
                     "linear",
                     "conv1d",
                     "conv2d",
-                    "conv3d"
+                    "conv3d",
+                    "layer_norm",
+                    "group_norm"
                   ]
                 }
               },
@@ -2334,6 +2524,10 @@ enum OpenRPCDocument {
             "$ref": "#/components/schemas/TensorInput",
             "description": "dL/d(m*delta W), shaped like the base weight."
           },
+          "grad_bias": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "dL/d(m*delta b), shaped like delta_bias; only for modules with a bias delta (-32002 otherwise). Omitted: zero."
+          },
           "parameter_grads": {
             "$ref": "#/components/schemas/OutputMap",
             "description": "As in backward."
@@ -2385,6 +2579,10 @@ enum OpenRPCDocument {
                 "delta_weight": {
                   "$ref": "#/components/schemas/TensorDescriptor",
                   "description": "m * delta W, shaped like the base weight."
+                },
+                "delta_bias": {
+                  "$ref": "#/components/schemas/TensorDescriptor",
+                  "description": "m * delta b, shaped like the base bias: present exactly for modules whose algorithm adapts the bias (norm on a layer with has_bias). Output spec from bias_outputs."
                 },
                 "tape": {
                   "$ref": "#/components/schemas/TapeId",

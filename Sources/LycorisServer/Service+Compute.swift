@@ -54,26 +54,34 @@ extension LycorisService {
         return id
     }
 
-    /// `delta_weight`: m·ΔW per module (rebuild mode: the client applies W0 + ΔW itself).
+    /// `delta_weight`: m·ΔW per module (rebuild mode: the client applies W0 + ΔW itself), and
+    /// m·Δb (`delta_bias`) for modules that adapt the bias (its output spec in `bias_outputs`).
     func deltaWeight(_ p: Params) throws -> JSONValue {
         let network = try requireNetwork()
         let names = p.has("modules") ? try p.strings("modules") : network.names
         let modules = try names.map { try module($0) }
         let outputs = p.has("outputs") ? try p.object("outputs") : try Params(nil, path: "outputs")
+        let biasOutputs = p.has("bias_outputs") ? try p.object("bias_outputs") : try Params(nil, path: "bias_outputs")
         let dtype = p.has("dtype") ? try TensorTransport.dtype(try p.string("dtype"), path: "dtype") : .f32
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         let destinations = try modules.map { module in
             let destination = try TensorTransport.destination(outputs.object[module.name], path: outputs.at(module.name), defaultDType: dtype)
             try transport.validate(destination, count: module.layer.weightShape.product, path: outputs.at(module.name))
-            return destination
+            guard module.algorithm.adaptsBias else { return (destination, nil as TensorTransport.Destination?) }
+            let biasDestination = try TensorTransport.destination(biasOutputs.object[module.name], path: biasOutputs.at(module.name), defaultDType: dtype)
+            try transport.validate(biasDestination, count: module.layer.biasShape.product, path: biasOutputs.at(module.name))
+            return (destination, biasDestination)
         }
         if keepTapes { try reserveTapes(modules.count) }
         var results: [JSONValue] = []
-        for (module, destination) in zip(modules, destinations) {
+        for (module, (destination, biasDestination)) in zip(modules, destinations) {
             let tape = module.makeTape(inputShape: [], random: &random)
             let delta = try module.effectiveDeltaWeight(tape)
             var result: JSONObject = ["module": .string(module.name),
                                       "delta_weight": try transport.write(delta, to: destination, path: outputs.at(module.name))]
+            if let biasDestination, let deltaBias = try module.effectiveDeltaBias(tape) {
+                result["delta_bias"] = try transport.write(deltaBias, to: biasDestination, path: biasOutputs.at(module.name))
+            }
             if keepTapes {
                 result["tape"] = .integer(store(PendingCall(module: module.name, input: Tensor.zeros([]), tape: tape, kind: .deltaWeight)))
             }
@@ -98,7 +106,7 @@ extension LycorisService {
         let expectDeltaWeight = gradientKey == "grad"
         let returnGrads = try p.bool("return_parameter_grads", default: false)
         let accumulate = try p.bool("accumulate", default: true)
-        typealias Prepared = (id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor,
+        typealias Prepared = (id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor, biasGradient: Tensor?,
                               inputDestination: TensorTransport.Destination, gradDestinations: [String: TensorTransport.Destination],
                               gradPaths: [String: String], inputPath: String, keep: Bool)
         var prepared: [Prepared] = []
@@ -115,6 +123,7 @@ extension LycorisService {
             guard gradient.shape == expected else {
                 throw RPCError.shapeMismatch("\(call.at(gradientKey)) has shape \(gradient.shape), expected \(expected)", path: call.at(gradientKey))
             }
+            let biasGradient = expectDeltaWeight ? try deltaBiasGradient(call, module: module) : nil
             // Every output destination is checked now, so no call fails after another has
             // consumed its tape or accumulated its gradients.
             let inputDestination = try TensorTransport.destination(call.object["grad_input"], path: call.at("grad_input"), defaultDType: dtype)
@@ -134,16 +143,16 @@ extension LycorisService {
                 }
             }
             seen.insert(id)
-            prepared.append((id, record, module, gradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input"),
+            prepared.append((id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input"),
                              try call.bool("keep", default: false)))
         }
         var results: [JSONValue] = []
-        for (id, record, module, gradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
+        for (id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
             var result: JSONObject = [:]
             let parameterGrads: ParameterSet
             switch record.kind {
             case .deltaWeight:
-                parameterGrads = try module.effectiveDeltaWeightBackward(gradient, record.tape)
+                parameterGrads = try module.effectiveDeltaWeightBackward(gradient, biasGradient: biasGradient, record.tape)
             case .delta, .full:
                 let grads = record.kind == .full
                     ? try module.backward(record.input, gradOutput: gradient, tape: record.tape)
@@ -166,6 +175,21 @@ extension LycorisService {
             results.append(.object(result))
         }
         return ["results": .array(results)]
+    }
+
+    /// A delta_weight_backward call's `grad_bias`, ∂L/∂(m·Δb): only for modules that adapt the
+    /// bias, shaped like their `delta_bias` (-32002 otherwise); nil when not given (zero).
+    private func deltaBiasGradient(_ call: Params, module: AdapterModule) throws -> Tensor? {
+        guard call.has("grad_bias") else { return nil }
+        let path = call.at("grad_bias")
+        guard module.algorithm.adaptsBias else {
+            throw RPCError.shapeMismatch("\(path) is given, but module \(module.name) has no bias delta (only norm modules on layers with a bias have one)", path: path)
+        }
+        let gradient = try transport.read(try call.value("grad_bias"), path: path).tensor
+        guard gradient.shape == module.layer.biasShape else {
+            throw RPCError.shapeMismatch("\(path) has shape \(gradient.shape), expected \(module.layer.biasShape)", path: path)
+        }
+        return gradient
     }
 
     /// `tapes.release`: drops tapes whose backward will not come (ids that are unknown or

@@ -8,9 +8,9 @@ extension LycorisService {
     /// Algorithm names accepted on the wire (kohya's `algo` values).
     static func algorithm(named name: String, path: String) throws -> Algorithm {
         let normalized = name.lowercased()
-        let algorithm: Algorithm? = normalized == "lora" ? .locon : Algorithm(rawValue: normalized)
+        let algorithm: Algorithm? = normalized == "lora" ? .locon : normalized == "norm" ? .norms : Algorithm(rawValue: normalized)
         guard let algorithm else {
-            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora", path: path)
+            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, norm", path: path)
         }
         guard algorithm.isComputed else {
             throw RPCError.adapter("algorithm \(algorithm.rawValue) is recognised but not computed by this version", path: path)
@@ -48,10 +48,10 @@ extension LycorisService {
                 kernelSize: try extents(p, "kernel_size", axes: axes, default: 1), stride: try extents(p, "stride", axes: axes, default: 1),
                 padding: try extents(p, "padding", axes: axes, default: 0), dilation: try extents(p, "dilation", axes: axes, default: 1),
                 groups: try p.int("groups", default: 1)))
-        case "norm":
-            throw RPCError.adapter("layer kind \(kind) is not supported by this version (linear, conv1d, conv2d and conv3d are)", path: p.at("kind"))
+        case "layer_norm", "group_norm":
+            spec = .norm(try normalization(p, kind: kind))
         default:
-            throw RPCError.invalidParams("\(p.at("kind")) must be linear, conv1d, conv2d or conv3d, got \"\(kind)\"", path: p.at("kind"))
+            throw RPCError.invalidParams("\(p.at("kind")) must be linear, conv1d, conv2d, conv3d, layer_norm or group_norm, got \"\(kind)\"", path: p.at("kind"))
         }
         if let problem = spec.invalidReason { throw RPCError.invalidParams("\(p.path): \(problem)", path: p.path) }
         let extents = spec.weightShape
@@ -127,8 +127,11 @@ extension LycorisService {
             if let weight, weight.shape != spec.weightShape {
                 throw RPCError.shapeMismatch("\(layer.at("weight")) has shape \(weight.shape), the layer needs \(spec.weightShape)", path: layer.at("weight"))
             }
-            if let bias, bias.shape != [spec.outFeatures] {
-                throw RPCError.shapeMismatch("\(layer.at("bias")) has shape \(bias.shape), the layer needs [\(spec.outFeatures)]", path: layer.at("bias"))
+            if bias != nil, spec.normalization?.hasBias == false {
+                throw RPCError.invalidParams("\(layer.at("bias")) is given for a layer with has_bias false", path: layer.at("bias"))
+            }
+            if let bias, bias.shape != spec.biasShape {
+                throw RPCError.shapeMismatch("\(layer.at("bias")) has shape \(bias.shape), the layer needs \(spec.biasShape)", path: layer.at("bias"))
             }
             if algorithm == .ia3 && weight == nil {
                 throw RPCError.adapter("ia3 needs the base weight of \(name) (layer.weight)", path: layer.at("weight"))
@@ -166,6 +169,8 @@ extension LycorisService {
             return ["kind": .string(g.kind), "in_channels": JSONValue(g.inChannels), "out_channels": JSONValue(g.outChannels),
                     "kernel_size": JSONValue(g.kernelSize), "stride": JSONValue(g.stride), "padding": JSONValue(g.padding),
                     "dilation": JSONValue(g.dilation), "groups": JSONValue(g.groups)]
+        case let .norm(normalization):
+            return normalizationJSON(normalization)
         }
     }
 

@@ -5,7 +5,7 @@ import LycorisAlgorithms
 struct MergeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "merge",
-        abstract: "Merge an adapter into one model's state dict (W0 + m·ΔW, forward semantics).")
+        abstract: "Merge an adapter into one model's state dict (W0 + m·ΔW, and b0 + m·Δb for norm modules; forward semantics).")
 
     @Option(help: "The model's state dict (.safetensors).") var base: String
     @Option(help: "The adapter file (.safetensors).") var adapter: String
@@ -16,6 +16,7 @@ struct MergeCommand: ParsableCommand {
     func run() throws {
         let report = try AdapterMerge.merge(basePath: base, adapterPath: adapter, outputPath: out, multiplier: multiplier)
         print("merged \(report.merged.count) modules into \(out)")
+        if !report.mergedBiases.isEmpty { print("biases merged too: \(report.mergedBiases.joined(separator: ", "))") }
         for (module, baseKey, algorithm) in report.merged { print("  \(module) → \(baseKey) (\(algorithm.rawValue))") }
         if !report.unmatched.isEmpty {
             print("unmatched adapter modules (no base weight with that path): \(report.unmatched.count)")

@@ -66,6 +66,32 @@ struct DropoutTests {
         }
     }
 
+    @Test("norm rank_dropout drops each element of w_norm and b_norm with probability p, one mask for both")
+    func normRankDropout() throws {
+        // LyCORIS 4.1.3's NormModule keeps an element when rand < p (it keeps a fraction p);
+        // here each element is dropped with probability p, as the option means everywhere else.
+        let layer = LayerSpec.norm(Normalization(kind: .group(groups: 4, channels: 64)))
+        var options = AdapterOptions()
+        options.rankDropout = 0.25
+        var random = RandomSource(seed: 8)
+        var adapter = try Algorithm.norms.makeAdapter(layer: layer, options: options, random: &random)
+        for (name, tensor) in adapter.parameters.entries { adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random) }
+        var m = AdapterModule(name: "n", algorithm: adapter, options: options)
+        m.isTraining = true
+        m.multiplier = 0.5
+        var dropped = 0
+        for _ in 0..<100 {
+            let tape = m.makeTape(inputShape: [2, 64, 3], random: &random)
+            let mask = try #require(tape.rowMask)
+            #expect(mask.shape == [64] && mask.scalars.allSatisfy { $0 == 0 || $0 == 1 })
+            dropped += mask.scalars.filter { $0 == 0 }.count
+            expectClose(try m.effectiveDeltaWeight(tape), adapter.parameters.required("w_norm") * mask * 0.5, "masked m·ΔW")
+            expectClose(try #require(try m.effectiveDeltaBias(tape)), adapter.parameters.required("b_norm") * mask * 0.5, "masked m·Δb")
+        }
+        // Binomial(6400, 0.25): σ ≈ 35; allow 5σ.
+        #expect(abs(dropped - 1600) < 175, "dropped \(dropped) of 6400")
+    }
+
     @Test("rank_dropout_scale divides the mask by its mean")
     func rankDropoutScale() throws {
         let m = try module { $0.rankDropout = 0.5; $0.rankDropoutScale = true }

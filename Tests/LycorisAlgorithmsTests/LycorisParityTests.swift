@@ -3,7 +3,10 @@ import LycorisCore
 import Testing
 
 /// Every algorithm and option against LyCORIS 4.1.3 (fixtures computed in float64):
-/// parameter shapes, ΔW, the adapted layer's output, ∂x, every ∂parameter, saved tensors.
+/// parameter shapes, ΔW (and norm's Δb), the adapted layer's output, ∂x, every ∂parameter,
+/// saved tensors. The norm cases LyCORIS cannot run (a multi-axis normalized_shape, a
+/// LayerNorm without bias) hold its formula's values, computed by torch (fixture metadata
+/// `lycoris`).
 @Suite("Parity with LyCORIS 4.1.3")
 struct LycorisParityTests {
     @Test("fixtures exist for every computed algorithm")
@@ -22,6 +25,9 @@ struct LycorisParityTests {
         let gradOutput = try fixture.tensor("grad_output")
 
         expectClose(try module.effectiveDeltaWeight(tape), try fixture.tensor("expected.delta_weight"), "\(name) ΔW")
+        let deltaBias = try module.effectiveDeltaBias(tape)
+        #expect((deltaBias != nil) == fixture.file.contains("expected.delta_bias"), "\(name): Δb exactly where LyCORIS applies one")
+        if let deltaBias { expectClose(deltaBias, try fixture.tensor("expected.delta_bias"), "\(name) Δb") }
         expectClose(try module.forward(x, tape: tape), try fixture.tensor("expected.output"), "\(name) output")
         let grads = try module.backward(x, gradOutput: gradOutput, tape: tape)
         expectClose(grads.input, try fixture.tensor("expected.grad_input"), "\(name) ∂x")
@@ -60,16 +66,18 @@ struct LycorisParityTests {
         }
     }
 
-    @Test("rebuild-mode ΔW backward equals the layer gradient", arguments: ModuleFixture.allNames)
+    @Test("rebuild-mode ΔW (and Δb) backward equals the layer gradient", arguments: ModuleFixture.allNames)
     func deltaWeightBackward(_ name: String) throws {
-        // A trainer applying W0 + ΔW itself sends ∂L/∂W' = op_W-gradient back; the
-        // parameter gradients must equal the in-layer ones.
+        // A trainer applying W0 + ΔW (and b + Δb) itself sends ∂L/∂W' = op_W-gradient (and
+        // ∂L/∂b') back; the parameter gradients must equal the in-layer ones.
         let fixture = try ModuleFixture(name)
         guard !fixture.bypass || fixture.algorithm != .ia3 else { return }  // IA3 bypass scales the bias too
         let module = try fixture.makeModule()
         let tape = fixture.tape(for: module)
-        let gradWeight = module.layer.backwardWeight(try fixture.tensor("input"), gradOutput: try fixture.tensor("grad_output"))
-        let grads = try module.effectiveDeltaWeightBackward(gradWeight, tape)
+        let gradOutput = try fixture.tensor("grad_output")
+        let gradWeight = module.layer.backwardWeight(try fixture.tensor("input"), gradOutput: gradOutput)
+        let gradBias = module.algorithm.adaptsBias ? module.layer.biasGradient(gradOutput) : nil
+        let grads = try module.effectiveDeltaWeightBackward(gradWeight, biasGradient: gradBias, tape)
         for parameter in fixture.parameterNames {
             let grad = try #require(grads[parameter], "\(name): no gradient for \(parameter)")
             expectClose(grad, try fixture.tensor("expected.grad.\(parameter)"), "\(name) ∂\(parameter) via ΔW")

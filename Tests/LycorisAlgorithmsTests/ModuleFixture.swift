@@ -32,8 +32,14 @@ struct ModuleFixture {
         guard let algo = meta["algo"].flatMap(Algorithm.init(rawValue:)) else { throw FixtureError("\(name): unknown algo") }
         algorithm = algo
         let layerJSON = try JSONSerialization.jsonObject(with: Data(meta["layer"]!.utf8)) as! [String: Any]
-        if layerJSON["kind"] as? String == "linear" {
+        let kind = layerJSON["kind"] as? String
+        if kind == "linear" {
             layer = .linear(inFeatures: layerJSON["in_features"] as! Int, outFeatures: layerJSON["out_features"] as! Int)
+        } else if kind == "layer_norm" || kind == "group_norm" {
+            let normKind: Normalization.Kind = kind == "layer_norm"
+                ? .layer(normalizedShape: layerJSON["normalized_shape"] as! [Int])
+                : .group(groups: layerJSON["num_groups"] as! Int, channels: layerJSON["num_channels"] as! Int)
+            layer = .norm(Normalization(kind: normKind, eps: layerJSON["eps"] as! Double, hasBias: layerJSON["has_bias"] as! Bool))
         } else {
             layer = .convolution(ConvGeometry(
                 inChannels: layerJSON["in_channels"] as! Int, outChannels: layerJSON["out_channels"] as! Int,

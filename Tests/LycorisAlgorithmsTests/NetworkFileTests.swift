@@ -105,6 +105,46 @@ struct NetworkFileTests {
         }
     }
 
+    @Test("LyCORIS's train_norm file (LoRA + norm on the LayerNorm) loads and reproduces every layer's output")
+    func normsFile() throws {
+        let base = try NetworkFixture.base
+        var layers: [String: (spec: LayerSpec, weight: Tensor?, bias: Tensor?)] = [:]
+        for (path, spec) in try NetworkFixture.layers() {
+            let bias = base.contains("\(path).bias") ? try base.tensor("\(path).bias") : nil
+            layers[KeySchema.moduleName(prefix: KeySchema.genericPrefix, path: path)] = (spec, try base.tensor("\(path).weight"), bias)
+        }
+        let (network, unmatched) = try Network.load(try AdapterFile(path: NetworkFixture.path("norms")), layers: layers)
+        #expect(unmatched.isEmpty)
+        let norm = try #require(network["lycoris_mid_block_norm"])
+        #expect(norm.algorithm is Norm && norm.algorithm.adaptsBias)
+        var random = RandomSource(seed: 0)
+        let expected = try NetworkFixture.expectedLayers("norms")
+        #expect(expected.count == 6)
+        for (key, x, y) in expected {
+            let module = try #require(network[KeySchema.moduleName(prefix: KeySchema.genericPrefix, path: String(key.dropLast(".weight".count)))])
+            expectClose(try module.forward(x, tape: module.makeTape(inputShape: x.shape, random: &random)), y, "norms \(key)")
+        }
+    }
+
+    @Test("merging the train_norm file changes the LayerNorm's weight and bias; the merged model gives LyCORIS's outputs")
+    func mergeNorms() throws {
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-norms-\(UUID()).safetensors").path
+        defer { try? FileManager.default.removeItem(atPath: output) }
+        let report = try AdapterMerge.merge(basePath: NetworkFixture.path("base"), adapterPath: NetworkFixture.path("norms"),
+                                            outputPath: output, multiplier: 1)
+        #expect(report.unmatched.isEmpty && report.failed.isEmpty, "\(report.unmatched) \(report.failed)")
+        #expect(report.merged.count == 6 && report.mergedBiases == ["mid_block.norm.bias"])
+        let merged = try SafetensorsFile(path: output)
+        let layers = try NetworkFixture.layers()
+        for (key, x, y) in try NetworkFixture.expectedLayers("norms") {
+            let path = String(key.dropLast(".weight".count))
+            let layer = try #require(layers[path])
+            var out = layer.apply(x, weight: try merged.tensor(key))
+            if merged.contains("\(path).bias") { layer.addBias(&out, bias: try merged.tensor("\(path).bias")) }
+            expectClose(out, y, "norms merged \(key)")
+        }
+    }
+
     @Test("merge reports modules that match no base weight")
     func mergeUnmatched() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("merge-unmatched-\(UUID())")

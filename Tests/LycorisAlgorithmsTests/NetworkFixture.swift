@@ -2,6 +2,7 @@ import Foundation
 import LycorisAlgorithms
 import LycorisCore
 import LycorisFormats
+import Testing
 
 /// The tiny diffusers-named model of `Fixtures/networks/` and LyCORIS's files for it.
 enum NetworkFixture {
@@ -28,6 +29,23 @@ enum NetworkFixture {
             .convolution(ConvGeometry(inChannels: g["in_channels"] as! Int, outChannels: g["out_channels"] as! Int,
                                       kernelSize: g["kernel_size"] as! [Int], stride: g["stride"] as? [Int],
                                       padding: g["padding"] as? [Int], dilation: g["dilation"] as? [Int], groups: g["groups"] as! Int))
+        }
+    }
+
+    /// Every layer of the base model by module path, from base.safetensors' `layers` metadata
+    /// (linear, conv2d, and the LayerNorm as a norm layer with its eps).
+    static func layers() throws -> [String: LayerSpec] {
+        let text = try #require(try base.metadata["layers"])
+        let described = try #require(try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: [String: Any]])
+        return described.mapValues { layer in
+            switch layer["kind"] as? String {
+            case "linear": .linear(inFeatures: layer["in_features"] as! Int, outFeatures: layer["out_features"] as! Int)
+            case "layernorm": .norm(Normalization(kind: .layer(normalizedShape: layer["normalized_shape"] as! [Int]), eps: layer["eps"] as! Double))
+            default: .convolution(ConvGeometry(inChannels: layer["in_channels"] as! Int, outChannels: layer["out_channels"] as! Int,
+                                            kernelSize: layer["kernel_size"] as! [Int], stride: layer["stride"] as! [Int],
+                                            padding: layer["padding"] as! [Int], dilation: layer["dilation"] as! [Int],
+                                            groups: layer["groups"] as! Int))
+            }
         }
     }
 

@@ -80,6 +80,17 @@ struct CommandLineTests {
         #expect(modules.count == 4 && modules.allSatisfy { $0["algorithm"] as? String == "loha" && $0["rank"] as? Int == 4 })
     }
 
+    @Test("info shows norm modules beside the LoRA modules of a train_norm file")
+    func infoNorms() throws {
+        let result = try Self.run(["info", Self.networkFile("norms")])
+        #expect(result.status == 0, "\(result.stderr)")
+        let line = try #require(result.stdout.split(separator: "\n").first { $0.hasPrefix("lycoris_mid_block_norm ") })
+        let columns = line.split(separator: " ", omittingEmptySubsequences: true)
+        #expect(Array(columns[1...5]) == ["norms", "-", "-", "F32", "24"], "\(line)")
+        #expect(line.contains("w_norm [12]") && line.contains("b_norm [12]"))
+        #expect(result.stdout.contains("algorithms: locon 5, norms 1"))
+    }
+
     @Test("every hostile safetensors file: an error naming the problem and exit status 1, never a crash")
     func hostileFiles() throws {
         let directory = Self.testsDirectory.appendingPathComponent("LycorisFormatsTests/Fixtures")
@@ -111,11 +122,19 @@ struct CommandLineTests {
         #expect(ok.status == 0, "\(ok.stderr)")
         #expect(ok.stdout.contains("merged 5 modules"))
         #expect(FileManager.default.fileExists(atPath: out))
-        // The norms file's LayerNorm module has a 1-D base weight: reported as not merged.
-        let partial = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("norms"),
+        // The norms file's LayerNorm module merges into the norm's weight and bias.
+        let norms = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("norms"),
+                                  "--out", out, "--strict"])
+        #expect(norms.status == 0, "\(norms.stderr)")
+        #expect(norms.stdout.contains("merged 6 modules") && norms.stdout.contains("biases merged too: mid_block.norm.bias"))
+        #expect(norms.stdout.contains("lycoris_mid_block_norm → mid_block.norm.weight (norms)"))
+        // A state dict without the adapter's layers (here an adapter file's own keys): every
+        // module is unmatched, which --strict refuses.
+        let partial = try Self.run(["merge", "--base", Self.networkFile("lora"), "--adapter", Self.networkFile("loha"),
                                     "--out", out, "--strict"])
         #expect(partial.status != 0)
-        #expect(partial.stdout.contains("could not be merged") && partial.stdout.contains("mid_block_norm"))
+        #expect(partial.stdout.contains("unmatched adapter modules (no base weight with that path): 5"))
+        #expect(partial.stdout.contains("lycoris_mid_block_conv"))
     }
 
     @Test("demo trains, the loss falls, and the file it writes is described")

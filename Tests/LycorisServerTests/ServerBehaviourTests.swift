@@ -54,8 +54,8 @@ let adapterConfigs: [AdapterConfig] = [
 
 // MARK: - Naive references
 
-/// op(x, W) + b by loops: linear over the last axis, or a direct conv1d/conv2d/conv3d
-/// (groups 1).
+/// op(x, W) + b by loops: linear over the last axis, a direct conv1d/conv2d/conv3d
+/// (groups 1), or a norm.
 func naiveLayer(_ spec: LayerSpec, _ x: Tensor, weight: Tensor, bias: Tensor) -> Tensor {
     switch spec {
     case let .linear(inFeatures, outFeatures):
@@ -111,7 +111,46 @@ func naiveLayer(_ spec: LayerSpec, _ x: Tensor, weight: Tensor, bias: Tensor) ->
             }
         }
         return Tensor(shape: [n, g.outChannels] + out.suffix(g.spatialRank), scalars: y)
+    case let .norm(normalization):
+        return naiveNorm(normalization, x, weight: weight, bias: bias)
     }
+}
+
+/// x̂·W + b by loops: layer norm over the trailing normalized_shape; group norm per (n, group)
+/// over its channels × spatial positions, with W and b per channel.
+func naiveNorm(_ normalization: Normalization, _ x: Tensor, weight: Tensor, bias: Tensor) -> Tensor {
+    // Each normalised set as (sample, channel range, positions per channel), and the weight index.
+    var sets: [[Int]] = []
+    let channelOf: (Int) -> Int
+    switch normalization.kind {
+    case let .layer(normalizedShape):
+        let size = normalizedShape.reduce(1, *)
+        sets = (0..<(x.count / size)).map { row in Array((row * size)..<((row + 1) * size)) }
+        channelOf = { $0 % size }
+    case let .group(groups, channels):
+        let spatial = x.shape[2...].reduce(1, *)
+        let perGroup = channels / groups
+        for sample in 0..<x.shape[0] {
+            for group in 0..<groups {
+                var members: [Int] = []
+                for channel in (group * perGroup)..<((group + 1) * perGroup) {
+                    for position in 0..<spatial { members.append((sample * channels + channel) * spatial + position) }
+                }
+                sets.append(members)
+            }
+        }
+        channelOf = { ($0 / spatial) % channels }
+    }
+    var y = [Float](repeating: 0, count: x.count)
+    for members in sets {
+        let mean = members.reduce(0.0) { $0 + Double(x.scalars[$1]) } / Double(members.count)
+        let variance = members.reduce(0.0) { $0 + (Double(x.scalars[$1]) - mean) * (Double(x.scalars[$1]) - mean) } / Double(members.count)
+        for i in members {
+            let normalized = (Double(x.scalars[i]) - mean) / (variance + normalization.eps).squareRoot()
+            y[i] = Float(normalized * Double(weight.scalars[channelOf(i)]) + Double(bias.scalars[channelOf(i)]))
+        }
+    }
+    return Tensor(shape: x.shape, scalars: y)
 }
 
 /// The product A·B of 2-D tensors by loops.
@@ -996,9 +1035,9 @@ struct ArenaBehaviourTests {
         #expect(result["server"]?["name"] == "lycoris-server")
         let capabilities = try #require(result["capabilities"])
         #expect(capabilities["algorithms"] == .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }))
-        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora"])
+        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "norms"])
         #expect(capabilities["dtypes"] == ["F32", "F16", "BF16"])
-        #expect(capabilities["layer_kinds"] == ["linear", "conv1d", "conv2d", "conv3d"])
+        #expect(capabilities["layer_kinds"] == ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"])
         #expect(capabilities["framings"] == ["ndjson", "content-length"])
         #expect(capabilities["optimizers"] == ["adamw", "sgd"])
         #expect(capabilities["arena"]?["maximum_size"] == .integer(64 << 30))

@@ -236,6 +236,11 @@ struct TestLayer: Sendable {
                          inputShape: [2, inChannels] + [[9], [5, 6], [3, 4, 5]][axes - 1])
     }
 
+    static func norm(_ name: String, _ normalization: Normalization, inputShape: [Int], seed: UInt64) -> TestLayer {
+        TestLayer(name: name, spec: .norm(normalization), weight: randomTensor(normalization.weightShape, seed: seed, std: 0.3),
+                  bias: randomTensor(normalization.weightShape, seed: seed + 1, std: 0.3), inputShape: inputShape)
+    }
+
     /// The `layers[]` entry of network.create.
     func json(weight includeWeight: Bool = true, extra: JSONObject = [:]) -> JSONValue {
         var object: JSONObject = ["name": .string(name)]
@@ -251,10 +256,22 @@ struct TestLayer: Sendable {
             object["kernel_size"] = JSONValue(g.kernelSize)
             object["stride"] = JSONValue(g.stride)
             object["padding"] = JSONValue(g.padding)
+        case let .norm(normalization):
+            switch normalization.kind {
+            case let .layer(normalizedShape):
+                object["kind"] = "layer_norm"
+                object["normalized_shape"] = JSONValue(normalizedShape)
+            case let .group(groups, channels):
+                object["kind"] = "group_norm"
+                object["num_groups"] = JSONValue(groups)
+                object["num_channels"] = JSONValue(channels)
+            }
+            object["eps"] = .double(normalization.eps)
+            object["has_bias"] = .bool(normalization.hasBias)
         }
         if includeWeight {
             object["weight"] = Wire.tensor(weight)
-            object["bias"] = Wire.tensor(bias)
+            if spec.normalization?.hasBias != false { object["bias"] = Wire.tensor(bias) }
         }
         for (key, value) in extra.members { object[key] = value }
         return .object(object)
@@ -308,7 +325,7 @@ struct OracleNetwork {
             var random = RandomSource(seed: 99)
             let adapter = try config.algorithm.makeAdapter(layer: layer.spec, options: config.options, random: &random)
             var module = AdapterModule(name: layer.name, algorithm: adapter, options: config.options,
-                                       baseWeight: layer.weight, baseBias: layer.bias)
+                                       baseWeight: layer.weight, baseBias: layer.spec.normalization?.hasBias == false ? nil : layer.bias)
             for (name, tensor) in adapter.parameters.entries {
                 parameterSeed += 1
                 // Scalars (use_scalar) at 0.75, factors near ±0.5: nothing is zero.

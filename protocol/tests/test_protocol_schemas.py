@@ -239,7 +239,7 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     info = server.call("initialize", {"protocol_version": "1.3", "client": "pytest"})
     assert info["protocol_version"] == "1.0"
     assert info["capabilities"]["dtypes"] == ["F32", "F16", "BF16"]
-    assert set(info["capabilities"]["algorithms"]) == {"locon", "loha", "lokr", "ia3", "dylora"}
+    assert set(info["capabilities"]["algorithms"]) == {"locon", "loha", "lokr", "ia3", "dylora", "norms"}
     assert server.call("network.seed", {"seed": 7}) is None
 
     W = rng.standard_normal((6, 8)).astype(np.float32)
@@ -447,6 +447,77 @@ def test_conv1d_and_conv3d_layers(start_server):
     assert [r["output"]["shape"] for r in forward] == [[2, 6, 5], [1, 6, 3, 4, 5]]
     error = server.error("forward", {"calls": [{"module": "seq", "input": inline(np.ones((2, 4, 3, 3)))}]}, -32002)
     assert "conv1d input must be (N, 4, L)" in error["message"] and error["data"] == {"path": "calls[0].input"}
+
+
+def norm_reference(x, axes, weight, bias, eps):
+    """x_hat * weight + bias, x_hat normalised over `axes` (biased variance)."""
+    mean = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def test_norm_layers(start_server):
+    rng = np.random.default_rng(4)
+    server = start_server()
+    w0 = rng.standard_normal((2, 3)).astype(np.float32)
+    b0 = rng.standard_normal((2, 3)).astype(np.float32)
+    created = server.call("network.create", {"algo": "norm", "multiplier": 0.5, "options": {"lora_dim": 8}, "layers": [
+        {"name": "ln", "kind": "layer_norm", "normalized_shape": [2, 3], "weight": inline(w0), "bias": inline(b0)},
+        {"name": "gn", "kind": "group_norm", "num_groups": 2, "num_channels": 4, "eps": 1e-3},
+        {"name": "ln_nobias", "kind": "layer_norm", "normalized_shape": 3, "has_bias": False, "algo": "NORMS"},
+        {"name": "lin", "kind": "linear", "in_features": 3, "out_features": 2, "algo": "lora"},
+    ]})
+    ln, gn, nobias, lin = created["modules"]
+    assert ln["layer"] == {"kind": "layer_norm", "normalized_shape": [2, 3], "eps": 1e-5, "has_bias": True}
+    assert gn["layer"] == {"kind": "group_norm", "num_groups": 2, "num_channels": 4, "eps": 1e-3, "has_bias": True}
+    assert nobias["layer"]["has_bias"] is False
+    assert (ln["algorithm"], ln["rank"], ln["scale"]) == ("norms", None, 1.0)
+    assert ln["parameters"] == [{"key": "ln.w_norm", "shape": [6]}, {"key": "ln.b_norm", "shape": [6]}]
+    w, b = rng.standard_normal(6).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    server.call("parameters.set", {"parameters": {"ln.w_norm": inline(w), "ln.b_norm": inline(b),
+                                                  "gn.w_norm": inline(w[:4]), "gn.b_norm": inline(b[:4])}})
+    x = rng.standard_normal((4, 2, 3)).astype(np.float32)
+    image = rng.standard_normal((2, 4, 3, 2)).astype(np.float32)
+    forward = server.call("forward", {"grad": True, "calls": [
+        {"module": "ln", "input": inline(x)}, {"module": "ln", "input": inline(x), "full": True},
+        {"module": "gn", "input": inline(image)}]})["results"]
+    dw, db = 0.5 * w.reshape(2, 3), 0.5 * b.reshape(2, 3)
+    close(tensor(forward[0]["output"]), norm_reference(x, (1, 2), dw, db, 1e-5))
+    close(tensor(forward[1]["output"]), norm_reference(x, (1, 2), w0 + dw, b0 + db, 1e-5))
+    groups = image.reshape(2, 2, 2, 3, 2)
+    expected = norm_reference(groups, (2, 3, 4), 1, 0, 1e-3).reshape(image.shape) * (0.5 * w[:4]).reshape(1, 4, 1, 1) \
+        + (0.5 * b[:4]).reshape(1, 4, 1, 1)
+    close(tensor(forward[2]["output"]), expected)
+    backward = server.call("backward", {"return_parameter_grads": True, "calls": [
+        {"tape": r["tape"], "grad_output": inline(np.ones(r["output"]["shape"]))} for r in forward]})["results"]
+    assert set(backward[0]["parameter_grads"]) == {"ln.w_norm", "ln.b_norm"}
+    close(tensor(backward[0]["parameter_grads"]["ln.b_norm"]), np.full(6, 0.5 * 4))
+
+    server.call("arena.create", {"size": 4096})
+    delta = server.call("delta_weight", {"grad": True, "dtype": "F16", "bias_outputs": {"ln": {"offset": 64}}})["results"]
+    assert [("delta_bias" in r) for r in delta] == [True, True, False, False]
+    assert delta[0]["delta_bias"] == {"dtype": "F16", "shape": [2, 3], "offset": 64}
+    close(tensor(delta[0]["delta_weight"]), dw, tolerance=1e-3)
+    close(tensor(delta[1]["delta_bias"]), 0.5 * b[:4], tolerance=1e-3)
+    grads = server.call("delta_weight_backward", {"return_parameter_grads": True, "calls": [
+        {"tape": delta[0]["tape"], "grad": inline(np.ones((2, 3))), "grad_bias": inline(np.full((2, 3), 2.0))},
+        {"tape": delta[1]["tape"], "grad": inline(np.ones(4))},
+    ]})["results"]
+    close(tensor(grads[0]["parameter_grads"]["ln.b_norm"]), np.full(6, 1.0))
+    close(tensor(grads[1]["parameter_grads"]["gn.b_norm"]), np.zeros(4))
+    error = server.error("delta_weight_backward", {"calls": [
+        {"tape": delta[3]["tape"], "grad": inline(np.ones((2, 3))), "grad_bias": inline(np.ones(2))}]}, -32002)
+    assert error["data"] == {"path": "calls[0].grad_bias"}
+
+    other = start_server()
+    assert other.error("network.create", {"layers": [
+        {"name": "gn", "kind": "group_norm", "num_groups": 3, "num_channels": 4, "algo": "norm"}]}, -32602)["data"] == {"path": "layers[0]"}
+    assert other.error("network.create", {"layers": [
+        {"name": "ln", "kind": "layer_norm", "normalized_shape": 4, "in_features": 4, "algo": "norm"}]}, -32602)["data"] == {"path": "layers[0].in_features"}
+    assert other.error("network.create", {"layers": [
+        {"name": "ln", "kind": "layer_norm", "normalized_shape": 4}]}, -32008)["data"] == {"path": "layers[0]"}
+    assert other.error("network.create", {"algo": "norm", "layers": [
+        {"name": "lin", "kind": "linear", "in_features": 4, "out_features": 2}]}, -32008)["data"] == {"path": "layers[0]"}
 
 
 # MARK: - The arena
