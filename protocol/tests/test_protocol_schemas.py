@@ -640,11 +640,11 @@ def test_every_error_code(start_server, tmp_path):
     server.error("network.info", None, -32007)
     server.error("network.load", {"path": str(tmp_path / "x")}, -32007)
     server.error("optimizer.create", {"lr": 0.1}, -32007)
-    # -32008: algorithms and layer kinds this version does not compute.
+    # -32008: algorithms this version does not compute, algorithms a layer kind does not take.
     linear = {"name": "m", "kind": "linear", "in_features": 4, "out_features": 3}
     assert server.error("network.create", {"algo": "glora", "layers": [linear]}, -32008)["data"] == {"path": "algo"}
     server.error("network.create", {"algo": "nonsense", "layers": [linear]}, -32008)
-    server.error("network.create", {"layers": [dict(linear, kind="norm")]}, -32008)
+    server.error("network.create", {"layers": [dict(linear, algo="norm")]}, -32008)
     server.error("network.create", {"layers": [dict(linear, algo="ia3")]}, -32008)
     server.error("network.create", {"layers": [dict(linear, algo="dylora", options={"lora_dim": 4, "block_size": 3})]}, -32008)
     # -32602: parameters.

@@ -31,9 +31,12 @@ passes ``decompose_both`` on unparsed, so there ``decompose_both=False`` enables
 
 Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
 
-- Only ``nn.Linear`` and ``nn.Conv2d`` layers are adapted (the server's layer kinds);
-  Conv1d/Conv3d layers inside matched blocks are skipped with a warning, and
-  ``train_norm`` (LyCORIS's norm-layer adapters) cannot be honoured: a warning says so.
+- ``nn.Linear``, ``nn.Conv1d/2d/3d`` (zero padding) and, with ``train_norm``, affine
+  ``nn.LayerNorm``/``nn.GroupNorm`` layers are adapted (the server's layer kinds); other
+  layers inside matched blocks are skipped with a warning. A norm layer gets LyCORIS's
+  ``norm`` adapter (``w_norm``, ``b_norm``) whatever ``algo`` is, as in LyCORIS; its
+  ``rank_dropout`` drops elements with probability p (LyCORIS 4.1.3 keeps them with
+  probability p).
 - ``dora_wd=True`` is refused (the server does not compute DoRA); ``constraint`` and
   ``rescaled`` only concern diag-oft/boft, which are refused as algorithms.
 - A layer matched twice (the default preset lists ``TimestepEmbedding`` and
@@ -89,7 +92,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .network import LycorisNetwork, layer_description
+from .network import LycorisNetwork, is_norm_layer, layer_description
 from .presets import resolve_preset
 from .server import ServerError
 
@@ -99,7 +102,7 @@ LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
 COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora")
-NOT_COMPUTED_ALGORITHMS = ("glora", "full", "diag-oft", "boft", "tlora", "norms")
+NOT_COMPUTED_ALGORITHMS = ("glora", "full", "diag-oft", "boft", "tlora")
 
 # Adapter options the server takes per layer, by LyCORIS's keyword name.
 _SERVER_OPTIONS = (
@@ -180,6 +183,9 @@ def _check_algorithm(algo: str, where: str) -> str:
     algo = str(algo).strip().lower()
     if algo in COMPUTED_ALGORITHMS:
         return algo
+    if algo in ("norm", "norms"):
+        raise ValueError(f"{where}: the norm adapter is for LayerNorm/GroupNorm layers only: keep your algo and "
+                         "set train_norm=True")
     if algo in NOT_COMPUTED_ALGORITHMS:
         raise ValueError(
             f"{where}: algorithm {algo!r} is not computed by lycoris-server "
@@ -296,9 +302,6 @@ class NetworkArgs:
         args.server_threads = _parse_int(kw.get("server_threads"), "server_threads", None)
         if args.dora_wd:
             raise ValueError("network_args: dora_wd=True (DoRA weight decomposition) is not computed by lycoris-server")
-        if args.train_norm:
-            log.warning("swift_lycoris.kohya: train_norm=True cannot be honoured: lycoris-server adapts Linear and "
-                        "Conv2d layers only, so normalisation layers are not trained")
         if args.constraint or args.rescaled:
             log.info("swift_lycoris.kohya: constraint/rescaled only concern diag-oft and boft; ignored for %s",
                      args.algo)
@@ -366,7 +369,6 @@ class _Selector:
                 _layer_options(config, f"preset {where}[{key!r}]")  # refuses DoRA early
         self.targets: "OrderedDict[str, _Target]" = OrderedDict()
         self.skipped: list[str] = []
-        self.norm_layers = 0
 
     def match(self, pattern: str, name: str) -> bool:
         if self.use_fnmatch:
@@ -430,9 +432,8 @@ class _Selector:
         dim = _parse_int(config.get("dim"), "dim", None)
         alpha = _parse_float(config.get("alpha"), "alpha", None)
         if "Norm" in type(module).__name__ and args.train_norm:
-            self.norm_layers += 1
-            return False
-        if isinstance(module, nn.Linear) and args.network_dim > 0:
+            algo = "norm"  # LyCORIS's train_norm: the norm adapter, whatever the algorithm
+        elif isinstance(module, nn.Linear) and args.network_dim > 0:
             dim, alpha = dim or args.network_dim, alpha or args.network_alpha
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if module.kernel_size[0] == 1 and args.network_dim > 0:
@@ -451,6 +452,9 @@ class _Selector:
             # target class): the first match stands.
             return True
         options = _layer_options(config, lora_name)
+        if algo == "norm":
+            self.targets[lora_name] = _Target(lora_name, module, group, algo, options)
+            return True
         options["lora_dim"] = int(dim)
         options["alpha"] = None if alpha is None else float(alpha)
         self.targets[lora_name] = _Target(lora_name, module, group, _check_algorithm(algo, lora_name), options)
@@ -469,11 +473,9 @@ def select_targets(text_encoder, unet, preset: dict, args: NetworkArgs) -> "Orde
             modules.remove("LLMAdapterTransformerBlock")
         selector.walk(LORA_PREFIX_UNET, unet, "unet", modules, list(preset.get("unet_target_name") or []))
     if selector.skipped:
-        log.warning("swift_lycoris.kohya: %d layers are not Linear/Conv2d and are not adapted (lycoris-server "
-                    "adapts Linear and Conv2d only): %s", len(selector.skipped), ", ".join(selector.skipped[:20]))
-    if selector.norm_layers:
-        log.warning("swift_lycoris.kohya: train_norm: %d normalisation layers are not trained (not supported by "
-                    "lycoris-server)", selector.norm_layers)
+        log.warning("swift_lycoris.kohya: %d layers are not adapted (lycoris-server adapts Linear, Conv1d/2d/3d with "
+                    "zero padding, and affine LayerNorm/GroupNorm): %s", len(selector.skipped),
+                    ", ".join(selector.skipped[:20]))
     if not selector.targets:
         log.warning("swift_lycoris.kohya: no layers matched the preset; check the preset against the model")
     return selector.targets
@@ -879,7 +881,8 @@ class LycorisNetworkKohya(nn.Module):
                 core.server.call("network.set_training", {"training": True})
 
     def _delta_weights(self, names: Iterable[str]):
-        """(name, m·ΔW) from the server's ``delta_weight``, fetched in bounded groups."""
+        """(name, (m·ΔW,) or (m·ΔW, m·Δb)) from the server's ``delta_weight``, fetched in groups
+        of bounded size."""
         core = self.core
         core.sync()
         names = list(names)
@@ -887,20 +890,14 @@ class LycorisNetworkKohya(nn.Module):
         while start < len(names):
             batch, size = [], 0
             while start < len(names):
-                shape = tuple(self._targets[names[start]].module.weight.shape)
-                nbytes = math.prod(shape) * 4 + 64
+                nbytes = 2 * self._targets[names[start]].module.weight.numel() * 4 + 128
                 if batch and size + nbytes > _DELTA_CHUNK_BYTES:
                     break
-                batch.append((names[start], shape))
+                batch.append(names[start])
                 size += nbytes
                 start += 1
-            core.arena.begin()
-            core.arena.plan([math.prod(s) * 4 for _, s in batch])
-            outputs = {n: core.arena.reserve(list(s), torch.float32) for n, s in batch}
-            result = core.server.call("delta_weight", {"modules": [n for n, _ in batch], "outputs": outputs,
-                                                       "grad": False})
-            taken = [(item["module"], core.arena.take(item["delta_weight"])) for item in result["results"]]
-            yield from taken
+            for name, (deltas, _) in core._fetch_delta_weights(batch, keep_tapes=False).items():
+                yield name, deltas
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value, device=None):
@@ -915,7 +912,7 @@ class LycorisNetworkKohya(nn.Module):
         max_norm = torch.tensor(float(max_norm_value), dtype=torch.float32)
         scaled_count, norms = 0, []
         with self._server_mode(1.0):
-            deltas = list(self._delta_weights(names))
+            deltas = [(name, weight_and_bias[0]) for name, weight_and_bias in self._delta_weights(names)]
         for name, delta in deltas:
             original = torch.linalg.vector_norm(delta.float())
             norm = torch.clamp(original, min=max_norm / 2)
@@ -964,9 +961,10 @@ class LycorisNetworkKohya(nn.Module):
             self._load(pending)
         merged = [n for n in self.core.modules_info if n in set(names)]
         with self._server_mode(None):
-            for name, delta in self._delta_weights(merged):
-                weight = self._targets[name].module.weight
-                weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            for name, deltas in self._delta_weights(merged):
+                layer = self._targets[name].module
+                for target, delta in zip((layer.weight, layer.bias), deltas):  # a norm's bias too
+                    target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
         log.info("swift_lycoris.kohya: merged %d modules", len(merged))
         self._unhook()
 
@@ -1130,13 +1128,15 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
             if layer_description(name, module) is None:
                 skipped.append(f"{name} ({type(module).__name__})")
                 continue
-            # IA3 adapters need the layer's weight on the server; every other module starts as
-            # a placeholder LoRA that the file's module replaces.
+            # IA3 adapters need the layer's weight on the server; a norm layer takes the norm
+            # adapter; every other module starts as a placeholder LoRA that the file's module
+            # replaces.
             is_ia3 = "on_input" in suffixes[name] or suffixes[name] == {"weight"}
-            targets[name] = _Target(name, module, group, "ia3" if is_ia3 else "lora", {"lora_dim": 1, "alpha": 1.0})
+            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "lora"
+            targets[name] = _Target(name, module, group, algo, {"lora_dim": 1, "alpha": 1.0})
     if skipped:
-        log.warning("swift_lycoris.kohya: file modules on layers lycoris-server does not adapt (Linear and Conv2d "
-                    "only) are ignored: %s", ", ".join(skipped[:20]))
+        log.warning("swift_lycoris.kohya: file modules on layers lycoris-server does not adapt are ignored: %s",
+                    ", ".join(skipped[:20]))
     unknown = sorted(set(suffixes) - set(targets) - {s.split(" ")[0] for s in skipped})
     if unknown:
         log.warning("swift_lycoris.kohya: %d file modules match no layer of the model: %s", len(unknown),

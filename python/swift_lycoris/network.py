@@ -33,31 +33,58 @@ _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 _ROUND_TRIP_ELEMENTS = 1 << 17
 
 
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm)
+
+
 def layer_description(name: str, module: nn.Module) -> dict | None:
-    """The server's description of a torch layer, or None for kinds it does not adapt."""
+    """The server's description of a torch layer, or None for kinds it does not adapt:
+    Linear, Conv1d/2d/3d with zero padding, and LayerNorm/GroupNorm with an affine weight."""
     if isinstance(module, nn.Linear):
         return {"name": name, "kind": "linear", "in_features": module.in_features, "out_features": module.out_features}
-    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+    if isinstance(module, _CONVOLUTIONS) and module.padding_mode == "zeros":
         padding = _explicit_padding(module)
         if padding is None:
             return None
         return {
-            "name": name, "kind": "conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
-            "kernel_size": list(module.kernel_size), "stride": list(module.stride), "padding": padding,
-            "dilation": list(module.dilation), "groups": module.groups,
+            "name": name, "kind": f"conv{len(module.kernel_size)}d", "in_channels": module.in_channels,
+            "out_channels": module.out_channels, "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+            "padding": padding, "dilation": list(module.dilation), "groups": module.groups,
         }
+    if isinstance(module, nn.LayerNorm) and module.weight is not None:
+        return {"name": name, "kind": "layer_norm", "normalized_shape": list(module.normalized_shape),
+                "eps": float(module.eps), "has_bias": module.bias is not None}
+    if isinstance(module, nn.GroupNorm) and module.weight is not None:
+        return {"name": name, "kind": "group_norm", "num_groups": module.num_groups, "num_channels": module.num_channels,
+                "eps": float(module.eps), "has_bias": module.bias is not None}
     return None
 
 
-def _explicit_padding(conv: nn.Conv2d) -> list[int] | None:
-    """The padding as two integers; torch's "valid" is 0 and "same" (stride 1) is
-    dilation·(k−1)/2 when that is symmetric (None when it is not)."""
+def is_norm_layer(module: nn.Module) -> bool:
+    """LayerNorm and GroupNorm: the layers only the ``norm`` algorithm adapts."""
+    return isinstance(module, _NORMS)
+
+
+def _explicit_padding(conv: nn.Module) -> list[int] | None:
+    """The padding as one integer per spatial axis; torch's "valid" is 0 and "same" (stride
+    1) is dilation·(k−1)/2 when that is symmetric (None when it is not)."""
     if isinstance(conv.padding, tuple):
         return list(conv.padding)
     if conv.padding == "valid":
-        return [0, 0]
+        return [0] * len(conv.kernel_size)
     total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
     return [t // 2 for t in total] if all(t % 2 == 0 for t in total) else None
+
+
+def _forward_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The layer's own operation with another weight and bias."""
+    if isinstance(layer, nn.Linear):
+        return nn.functional.linear(x, weight, bias)
+    if isinstance(layer, nn.LayerNorm):
+        return nn.functional.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    if isinstance(layer, nn.GroupNorm):
+        return nn.functional.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    return layer._conv_forward(x, weight, bias)
 
 
 class _ParameterHolder(nn.Module):
@@ -107,9 +134,10 @@ class AdapterFunction(torch.autograd.Function):
 
 class DeltaWeightFunction(torch.autograd.Function):
     """m·ΔW of one or more adapters, computed by the server in one call (rebuild transfer:
-    torch then applies op(x, W0 + m·ΔW) itself); one output per module. Backward sends every
-    ∂ΔW that arrived (outputs no forward used get none) in one ``delta_weight_backward`` call
-    and returns the parameters' gradients. The tapes live as long as the graph, as in
+    torch then applies op(x, W0 + m·ΔW, b + m·Δb) itself); per module, in order, ΔW and — for
+    a norm module on a layer with a bias — Δb. Backward sends every ∂ΔW (and ∂Δb) that arrived
+    (outputs no forward used get none) in one ``delta_weight_backward`` call and returns the
+    parameters' gradients. The tapes live as long as the graph, as in
     :class:`AdapterFunction`."""
 
     @staticmethod
@@ -117,17 +145,26 @@ class DeltaWeightFunction(torch.autograd.Function):
         fetched = network._fetch_delta_weights(names, keep_tapes=True)
         ctx.network, ctx.names = network, names
         ctx.tapes = [fetched[name][1] for name in names]
+        ctx.counts = [len(fetched[name][0]) for name in names]
         ctx.param_meta = [(p.dtype, p.device) for p in params]
         ctx.set_materialize_grads(False)
         weakref.finalize(ctx, network._orphaned_tapes.extend, list(ctx.tapes))
-        return tuple(fetched[name][0] for name in names)
+        return tuple(delta for name in names for delta in fetched[name][0])
 
     @staticmethod
     def backward(ctx, *grad_deltas):
         network = ctx.network
-        used = [index for index, grad in enumerate(grad_deltas) if grad is not None]
-        module_grads = network._server_delta_weight_backward(
-            [(ctx.names[i], ctx.tapes[i], grad_deltas[i]) for i in used])
+        used, entries, position = [], [], 0
+        for index, (name, count) in enumerate(zip(ctx.names, ctx.counts)):
+            grad_weight, *grad_bias = grad_deltas[position: position + count]
+            position += count
+            if grad_weight is None and all(g is None for g in grad_bias):
+                continue
+            if grad_weight is None:
+                grad_weight = torch.zeros(network._targets[name].weight.shape)
+            used.append(index)
+            entries.append((name, ctx.tapes[index], grad_weight, grad_bias[0] if grad_bias else None))
+        module_grads = network._server_delta_weight_backward(entries)
         param_grads: list[torch.Tensor | None] = [None] * len(ctx.param_meta)
         offsets = network._parameter_offsets(ctx.names)
         for index, grads in zip(used, module_grads):
@@ -171,8 +208,8 @@ class LycorisNetwork(nn.Module):
         # ΔW fetched for every weight-path module in one call after a parameter change,
         # each output used by one call; see weight_delta.
         self._weight_modules: set[str] = set()
-        self._prefetched: dict[str, torch.Tensor] = {}
-        self._evaluation_deltas: dict[str, torch.Tensor] = {}
+        self._prefetched: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._evaluation_deltas: dict[str, tuple[torch.Tensor, ...]] = {}
         self._prefetch_done = False
         self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
@@ -182,7 +219,10 @@ class LycorisNetwork(nn.Module):
             if description is None:
                 log.warning("swift_lycoris: %s (%s) is not a layer kind the server adapts; skipped", name, type(layer).__name__)
                 continue
-            if algo == "ia3" or (layer_options or {}).get(name, {}).get("algo") == "ia3" or name in (base_weights_for or ()):
+            if is_norm_layer(layer):
+                # LyCORIS's train_norm: a norm layer's only algorithm, whatever the network's.
+                description["algo"] = "norm"
+            elif algo == "ia3" or (layer_options or {}).get(name, {}).get("algo") == "ia3" or name in (base_weights_for or ()):
                 # IA3 scales the base weight (and, in bypass mode, the bias too).
                 description["weight"] = self._inline(layer.weight)
                 if layer.bias is not None:
@@ -218,6 +258,8 @@ class LycorisNetwork(nn.Module):
         shape is kept and receives the new value in place (its dtype and device stay), so an
         optimizer that holds it stays valid."""
         self.modules_info = {m["name"]: m for m in info["modules"]}
+        self._bias_deltas = {m["name"] for m in info["modules"]
+                             if m["algorithm"] == "norms" and m["layer"].get("has_bias", False)}
         previous = {}
         if reuse_parameters:
             for name in self.adapters.keys():
@@ -323,11 +365,12 @@ class LycorisNetwork(nn.Module):
         layer = self._targets[name]
         if not args and not kwargs and self._moves_weights(layer, original, x):
             self.release_orphaned_tapes()
-            delta = self.weight_delta(name)
-            weight = layer.weight + delta.to(layer.weight.device, layer.weight.dtype)
-            if isinstance(layer, nn.Linear):
-                return nn.functional.linear(x, weight, layer.bias)
-            return layer._conv_forward(x, weight, layer.bias)
+            delta_weight, *delta_bias = self.weight_delta(name)
+            weight = layer.weight + delta_weight.to(layer.weight.device, layer.weight.dtype)
+            bias = layer.bias
+            if delta_bias and bias is not None:
+                bias = bias + delta_bias[0].to(bias.device, bias.dtype)
+            return _forward_with(layer, x, weight, bias)
         base = original(x, *args, **kwargs)
         return base + self.adapter_delta(name, x, base)
 
@@ -336,18 +379,24 @@ class LycorisNetwork(nn.Module):
             return False
         if self.transfer == "weights":
             return True
-        channels = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
-        outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        activation_elements = x.numel() * (1 + outputs / channels)
+        if isinstance(layer, nn.Linear):
+            outputs_per_input = layer.out_features / layer.in_features
+        elif is_norm_layer(layer):
+            outputs_per_input = 1.0
+        else:
+            outputs_per_input = layer.out_channels / layer.in_channels
+        activation_elements = x.numel() * (1 + outputs_per_input)
         return layer.weight.numel() < activation_elements + _ROUND_TRIP_ELEMENTS
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the
         autograd Function when a graph will be built, else a plain call without a tape; in
-        the base output's dtype (autocast). Unbatched conv inputs (C, H, W) are accepted."""
+        the base output's dtype (autocast). Unbatched conv inputs (C, L), (C, H, W) and
+        (C, D, H, W) are accepted."""
         self.release_orphaned_tapes()
         params = self._module_parameters(name)
-        unbatched = x.dim() == 3 and self.modules_info[name]["layer"]["kind"] == "conv2d"
+        layer = self.modules_info[name]["layer"]
+        unbatched = layer["kind"].startswith("conv") and x.dim() == len(layer["kernel_size"]) + 1
         if unbatched:
             x, output_shape = x.unsqueeze(0), (1, *base.shape)
         else:
@@ -397,20 +446,28 @@ class LycorisNetwork(nn.Module):
         self._prefetch_done = False
         self._evaluation_deltas.clear()
 
-    def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[torch.Tensor, int | None]]:
-        """m·ΔW of `names` in one `delta_weight` call through the arena, with their tapes
-        when kept: name → (ΔW, tape or None)."""
+    def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[tuple[torch.Tensor, ...], int | None]]:
+        """m·ΔW (and m·Δb of norm modules on layers with a bias) of `names` in one
+        `delta_weight` call through the arena, with their tapes when kept:
+        name → ((ΔW,) or (ΔW, Δb), tape or None)."""
         shapes = {n: list(self._targets[n].weight.shape) for n in names}
+        biased = [n for n in names if n in self._bias_deltas]
         self.arena.begin()
-        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()])
-        outputs = {n: self.arena.reserve(shapes[n], torch.float32) for n in names}
-        results = self.server.call("delta_weight", {"modules": names, "grad": keep_tapes, "outputs": outputs})["results"]
-        deltas = self.arena.take_many([item["delta_weight"] for item in results])
-        return {item["module"]: (delta, item.get("tape")) for item, delta in zip(results, deltas)}
+        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shapes[n]) * 4 for n in biased])
+        params = {"modules": names, "grad": keep_tapes,
+                  "outputs": {n: self.arena.reserve(shapes[n], torch.float32) for n in names}}
+        if biased:
+            params["bias_outputs"] = {n: self.arena.reserve(shapes[n], torch.float32) for n in biased}
+        results = self.server.call("delta_weight", params)["results"]
+        parts = [[item["delta_weight"]] + ([item["delta_bias"]] if "delta_bias" in item else []) for item in results]
+        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors]))
+        return {item["module"]: (tuple(next(taken) for _ in descriptors), item.get("tape"))
+                for item, descriptors in zip(results, parts)}
 
-    def weight_delta(self, name: str) -> torch.Tensor:
-        """m·ΔW of module `name` for one call: through :class:`DeltaWeightFunction` when a
-        graph will be built, else a plain fetch without a tape.
+    def weight_delta(self, name: str) -> tuple[torch.Tensor, ...]:
+        """(m·ΔW,) or (m·ΔW, m·Δb) of module `name` for one call: through
+        :class:`DeltaWeightFunction` when a graph will be built, else a plain fetch without a
+        tape.
 
         In a plain forward (not a recomputation inside backward), the first request after a
         parameter, multiplier or mode change fetches every weight-path module's ΔW through
@@ -435,12 +492,16 @@ class LycorisNetwork(nn.Module):
             # Every changed parameter first: a later module's change found by its own sync
             # would drop this batch and fetch another.
             self.sync()
-            outputs = DeltaWeightFunction.apply(self, names, *[p for n in names for p in self._module_parameters(n)])
-            self._prefetched = dict(zip(names, outputs))
+            outputs = iter(DeltaWeightFunction.apply(self, names, *[p for n in names for p in self._module_parameters(n)]))
+            self._prefetched = {n: tuple(next(outputs) for _ in range(self._delta_count(n))) for n in names}
             self._prefetch_done = True
         if name in self._prefetched:
             return self._prefetched.pop(name)
-        return DeltaWeightFunction.apply(self, [name], *params)[0]
+        return tuple(DeltaWeightFunction.apply(self, [name], *params))
+
+    def _delta_count(self, name: str) -> int:
+        """Outputs of a module's weight delta: ΔW, and Δb for a norm module with a bias."""
+        return 2 if name in self._bias_deltas else 1
 
     def _parameter_offsets(self, names: list[str]) -> list[int]:
         """Where each module's parameters start in the concatenation of `names`' parameters."""
@@ -450,19 +511,24 @@ class LycorisNetwork(nn.Module):
             position += len(self._keys[name])
         return offsets
 
-    def _server_delta_weight_backward(self, entries: list[tuple[str, int, torch.Tensor]]) -> list[list[torch.Tensor]]:
-        """∂parameters of each (module, tape, ∂(m·ΔW)) entry, in one call; per entry, the
-        gradients in the module's key order."""
+    def _server_delta_weight_backward(self, entries: list[tuple[str, int, torch.Tensor, torch.Tensor | None]]) -> list[list[torch.Tensor]]:
+        """∂parameters of each (module, tape, ∂(m·ΔW), ∂(m·Δb) or None) entry, in one call; per
+        entry, the gradients in the module's key order."""
         if not entries:
             return []
-        keys = [self._keys_of[name] for name, _, _ in entries]
-        shapes = [[p.shape for p in self._module_parameters(name)] for name, _, _ in entries]
+        keys = [self._keys_of[name] for name, *_ in entries]
+        shapes = [[p.shape for p in self._module_parameters(name)] for name, *_ in entries]
+        grads = [g for _, _, grad_weight, grad_bias in entries for g in (grad_weight, grad_bias) if g is not None]
         self.arena.begin()
-        self.arena.plan([4 * sum(grad.numel() for _, _, grad in entries)] + [_numel(s) * 4 for group in shapes for s in group])
-        grads = self.arena.put_many([grad for _, _, grad in entries])
-        calls = [{"tape": tape, "keep": True, "grad": grad,
-                  "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(group_keys, group_shapes)}}
-                 for (_, tape, _), grad, group_keys, group_shapes in zip(entries, grads, keys, shapes)]
+        self.arena.plan([4 * sum(g.numel() for g in grads)] + [_numel(s) * 4 for group in shapes for s in group])
+        put = iter(self.arena.put_many(grads))
+        calls = []
+        for (_, tape, _, grad_bias), group_keys, group_shapes in zip(entries, keys, shapes):
+            call = {"tape": tape, "keep": True, "grad": next(put),
+                    "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(group_keys, group_shapes)}}
+            if grad_bias is not None:
+                call["grad_bias"] = next(put)
+            calls.append(call)
         results = self.server.call("delta_weight_backward", {"calls": calls, "return_parameter_grads": True,
                                                              "accumulate": False})["results"]
         taken = iter(self.arena.take_many([result["parameter_grads"][key] for result, group_keys in zip(results, keys)
@@ -499,15 +565,16 @@ class LycorisNetwork(nn.Module):
 
     @torch.no_grad()
     def merge_to(self, multiplier: float | None = None) -> None:
-        """Adds m·ΔW (the forward's ΔW) into every target layer's weight, and restores the
-        layers' own forward."""
+        """Adds m·ΔW (the forward's ΔW) into every target layer's weight (and a norm module's
+        m·Δb into its layer's bias), and restores the layers' own forward."""
         self.sync()
         previous = self.multiplier
         if multiplier is not None:
             self.set_multiplier(multiplier)
-        for name, (delta, _) in self._fetch_delta_weights(list(self.modules_info), keep_tapes=False).items():
-            weight = self._targets[name].weight
-            weight.add_(delta.to(weight.device, weight.dtype))
+        for name, (deltas, _) in self._fetch_delta_weights(list(self.modules_info), keep_tapes=False).items():
+            layer = self._targets[name]
+            for target, delta in zip((layer.weight, layer.bias), deltas):
+                target.add_(delta.to(target.device, target.dtype))
         if multiplier is not None:
             self.set_multiplier(previous)
         self.restore()

@@ -259,6 +259,9 @@ CASES = {
     "lokr-decompose-factor": ("lokr", "full", 2, 1.0, {"decompose_both": "True", "factor": "4"}, 0.4),
     "ia3": ("ia3", "ia3", 4, 1.0, {}, 0.3),
     "dylora": ("dylora", "full", 4, 2.0, {"block_size": "2", "conv_dim": "4"}, 0.2),
+    # The norm adapter on every GroupNorm/LayerNorm inside the matched blocks.
+    "lora-train-norm": ("lora", "full", 4, 2.0, {"conv_dim": "4", "train_norm": "True"}, 0.2),
+    "loha-train-norm": ("loha", "attn-mlp", 4, 2.0, {"train_norm": "True"}, 0.5),
 }
 
 
@@ -531,9 +534,10 @@ def test_network_args_parsing(caplog):
             parse(4, 1, None, {"algo": algo})
     with pytest.raises(ValueError, match="dora_wd"):
         parse(4, 1, None, {"dora_wd": "True"})
-    with caplog.at_level("WARNING", logger="swift_lycoris.kohya"):
-        parse(4, 1, None, {"train_norm": "True"})
-    assert any("train_norm" in r.message for r in caplog.records)
+    assert parse(4, 1, None, {"train_norm": "True"}).train_norm is True
+    for algo in ("norm", "norms"):  # the norm adapter comes with train_norm, not as the algorithm
+        with pytest.raises(ValueError, match="train_norm=True"):
+            parse(4, 1, None, {"algo": algo})
 
 
 def test_unsupported_layers_and_algorithms_are_reported(tmp_path, caplog):
@@ -543,14 +547,16 @@ def test_unsupported_layers_and_algorithms_are_reported(tmp_path, caplog):
             self.proj = torch.nn.Linear(8, 8)
             self.conv1d = torch.nn.Conv1d(8, 8, 3)
             self.norm = torch.nn.LayerNorm(8)
+            self.reflect = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+            self.plain_norm = torch.nn.GroupNorm(2, 8, affine=False)
 
     root = torch.nn.Module()
     root.block = Transformer2DModel()
     with caplog.at_level("WARNING", logger="swift_lycoris.kohya"):
         network = sk.create_network(1.0, 4, 1.0, None, None, root, train_norm="true")
-    assert network.target_names == ["lora_unet_block_proj"]
+    assert network.target_names == ["lora_unet_block_proj", "lora_unet_block_conv1d", "lora_unet_block_norm"]
     messages = " ".join(r.message for r in caplog.records)
-    assert "conv1d" in messages.lower() and "train_norm" in messages
+    assert "lora_unet_block_reflect (Conv2d)" in messages and "lora_unet_block_plain_norm (GroupNorm)" in messages
     preset = tmp_path / "glora.toml"
     preset.write_text(preset_to_toml({"unet_target_module": ["Transformer2DModel"],
                                       "module_algo_map": {"Transformer2DModel": {"algo": "glora"}}}))
