@@ -163,6 +163,11 @@ def build_layer(spec, gen):
             groups=spec["groups"],
             bias=spec["bias"],
         )
+    return randomize_layer(layer, gen)
+
+
+def randomize_layer(layer, gen):
+    """The layer with a random weight (and bias), drawn from `gen` in that order."""
     with torch.no_grad():
         layer.weight.copy_(randn(layer.weight.shape, gen))
         if layer.bias is not None:
@@ -549,11 +554,7 @@ def build_norm_layer(spec, gen):
     else:
         assert spec["has_bias"], "torch's GroupNorm always has a bias"
         layer = nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=spec["eps"])
-    with torch.no_grad():
-        layer.weight.copy_(randn(layer.weight.shape, gen))
-        if layer.bias is not None:
-            layer.bias.copy_(randn(layer.bias.shape, gen))
-    return layer
+    return randomize_layer(layer, gen)
 
 
 def norm_op(spec):

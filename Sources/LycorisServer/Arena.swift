@@ -26,9 +26,17 @@ final class Arena {
         guard size > 0 && size <= Self.maximumSize else {
             throw RPCError.arena("size must be between 1 byte and \(Self.maximumSize) bytes, got \(size)")
         }
-        Self.counter += 1
-        let path = "\(directory)/lycoris-arena-\(getpid())-\(Self.counter)"
-        let fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        // pid, counter and a random tag: a file a killed server left behind (its pid since
+        // reused) cannot collide; O_EXCL still guarantees a fresh file.
+        var path = ""
+        var fd: Int32 = -1
+        for _ in 0..<8 {
+            Self.counter += 1
+            let tag = String(UInt32.random(in: .min ... .max), radix: 16)
+            path = "\(directory)/lycoris-arena-\(getpid())-\(Self.counter)-\(tag)"
+            fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+            if fd >= 0 || errno != EEXIST { break }
+        }
         guard fd >= 0 else { throw RPCError.arena("cannot create \(path): \(String(cString: strerror(errno)))", path: path) }
         guard ftruncate(fd, off_t(size)) == 0 else {
             let reason = String(cString: strerror(errno))

@@ -76,7 +76,7 @@ enum OpenRPCDocument {
     {
       "name": "arena.create",
       "summary": "Create the shared-memory arena.",
-      "description": "Creates a new file (mode 0600, exclusive) named lycoris-arena-<pid>-<n> in `directory`, sizes it, maps it MAP_SHARED, and returns its path. The client maps the same file; tensors in it are named by byte offset. One arena at a time. The server unlinks the file at arena.release, shutdown, stdin EOF and SIGTERM/SIGINT/SIGHUP.",
+      "description": "Creates a new file (mode 0600, exclusive) named lycoris-arena-<pid>-<n>-<random hex> in `directory`, sizes it, maps it MAP_SHARED, and returns its path. The client maps the same file; tensors in it are named by byte offset. One arena at a time. The server unlinks the file at arena.release, shutdown, stdin EOF and SIGTERM/SIGINT/SIGHUP.",
       "paramStructure": "by-name",
       "params": [
         {

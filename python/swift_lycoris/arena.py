@@ -118,3 +118,12 @@ class Arena:
             del self._bytes
             self._mmap.close()
             self._mmap = None
+
+    def remove_if_left(self) -> None:
+        """Unlinks the arena file once its server has ended: a server that shut down removed
+        it already; one killed outright (SIGKILL, a crash) could not (the name carries the
+        server's pid and a random tag, so it is no other server's)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -77,7 +77,6 @@ freed graphs are released (``tapes.release``) at the next forward or ``on_step_s
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import logging
@@ -129,9 +128,6 @@ KNOWN_NETWORK_ARGS = {
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f", "none", ""}
-
-# ΔW matrices are fetched from the server in groups of at most this many bytes.
-_DELTA_CHUNK_BYTES = 256 << 20
 
 
 # MARK: argument parsing
@@ -855,6 +851,31 @@ class LycorisNetworkKohya(nn.Module):
     def is_mergeable(self) -> bool:
         return True
 
+    # MARK: gen_img.py's --network_pre_calc
+
+    def backup_weights(self) -> None:
+        """Keeps copies of the adapted layers' weights (and biases) for :meth:`restore_weights`."""
+        if self.core is not None:
+            self.core.keep_layer_tensors()
+
+    def pre_calculation(self) -> None:
+        """Merges m·ΔW (evaluation mode, the current multiplier) into the layers' weights and
+        gives the layers their own forward: generation then makes no server calls.
+        :meth:`restore_weights` undoes it (weights kept by :meth:`backup_weights`, or now)."""
+        if self.core is None:
+            return
+        if not self.core.layer_tensors_kept:
+            self.core.keep_layer_tensors()
+        self.core.add_deltas_to_layers(self.multiplier)
+        self._unhook()
+
+    def restore_weights(self) -> None:
+        """The weights :meth:`backup_weights` kept, back in the layers, and the adapters
+        hooked again (a later :meth:`pre_calculation` merges anew)."""
+        if self.core is not None and self.core.layer_tensors_kept:
+            self.core.put_back_layer_tensors(discard=False)
+            self._hook()
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.core is not None:
@@ -862,42 +883,6 @@ class LycorisNetworkKohya(nn.Module):
         return self
 
     # MARK: ΔW from the server
-
-    @contextlib.contextmanager
-    def _server_mode(self, multiplier: float | None):
-        """Evaluation mode (no rank dropout, every DyLoRA block) and, optionally, another
-        multiplier on the server for the duration."""
-        core = self.core
-        if self.training:
-            core.server.call("network.set_training", {"training": False})
-        if multiplier is not None and multiplier != self.multiplier:
-            core.server.call("network.set_multiplier", {"multiplier": float(multiplier)})
-        try:
-            yield
-        finally:
-            if multiplier is not None and multiplier != self.multiplier:
-                core.server.call("network.set_multiplier", {"multiplier": self.multiplier})
-            if self.training:
-                core.server.call("network.set_training", {"training": True})
-
-    def _delta_weights(self, names: Iterable[str]):
-        """(name, (m·ΔW,) or (m·ΔW, m·Δb)) from the server's ``delta_weight``, fetched in groups
-        of bounded size."""
-        core = self.core
-        core.sync()
-        names = list(names)
-        start = 0
-        while start < len(names):
-            batch, size = [], 0
-            while start < len(names):
-                nbytes = 2 * self._targets[names[start]].module.weight.numel() * 4 + 128
-                if batch and size + nbytes > _DELTA_CHUNK_BYTES:
-                    break
-                batch.append(names[start])
-                size += nbytes
-                start += 1
-            for name, (deltas, _) in core._fetch_delta_weights(batch, keep_tapes=False).items():
-                yield name, deltas
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value, device=None):
@@ -911,17 +896,18 @@ class LycorisNetworkKohya(nn.Module):
         names = [n for n, info in core.modules_info.items() if info["algorithm"] in ("locon", "loha", "lokr")]
         max_norm = torch.tensor(float(max_norm_value), dtype=torch.float32)
         scaled_count, norms = 0, []
-        with self._server_mode(1.0):
-            deltas = [(name, weight_and_bias[0]) for name, weight_and_bias in self._delta_weights(names)]
-        for name, delta in deltas:
-            original = torch.linalg.vector_norm(delta.float())
-            norm = torch.clamp(original, min=max_norm / 2)
-            desired = torch.clamp(norm, max=max_norm)
-            ratio = desired / norm
-            if bool(norm != desired):
-                scaled_count += 1
-                self._scale_module(name, float(ratio))
-            norms.append(float(original * ratio))
+        with core.server_evaluation(1.0):
+            # One group of ΔWs at a time (scaling a module's parameters changes the server's
+            # copy only at the next sync, after the loop).
+            for name, (delta, *_) in core.delta_weights(names):
+                original = torch.linalg.vector_norm(delta.float())
+                norm = torch.clamp(original, min=max_norm / 2)
+                desired = torch.clamp(norm, max=max_norm)
+                ratio = desired / norm
+                if bool(norm != desired):
+                    scaled_count += 1
+                    self._scale_module(name, float(ratio))
+                norms.append(float(original * ratio))
         if scaled_count == 0:
             return 0, 0, 0
         return scaled_count, sum(norms) / len(norms), max(norms)
@@ -960,11 +946,7 @@ class LycorisNetworkKohya(nn.Module):
             pending, self._pending_weights = self._pending_weights, None
             self._load(pending)
         merged = [n for n in self.core.modules_info if n in set(names)]
-        with self._server_mode(None):
-            for name, deltas in self._delta_weights(merged):
-                layer = self._targets[name].module
-                for target, delta in zip((layer.weight, layer.bias), deltas):  # a norm's bias too
-                    target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
+        self.core.add_deltas_to_layers(names=merged)
         log.info("swift_lycoris.kohya: merged %d modules", len(merged))
         self._unhook()
 

@@ -11,9 +11,10 @@ Parameter values reach the server only when their version counter changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # step for all modules), so a layer moves ΔW unless that costs more than its activations
 # plus this.
 _ROUND_TRIP_ELEMENTS = 1 << 17
+
+# ΔWs fetched for merging or max-norm come in groups of at most this many bytes of arena.
+_DELTA_CHUNK_BYTES = 256 << 20
 
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -213,6 +217,7 @@ class LycorisNetwork(nn.Module):
         self._prefetch_done = False
         self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
+        self._kept_layer_tensors: dict[str, list[torch.Tensor | None]] | None = None
         descriptions = []
         for name, layer in layers.items():
             description = layer_description(name, layer)
@@ -379,6 +384,8 @@ class LycorisNetwork(nn.Module):
             return False
         if self.transfer == "weights":
             return True
+        if not self.training and not torch.is_grad_enabled():
+            return True  # inference: the evaluation ΔW is kept (weight_delta), one fetch per module
         if isinstance(layer, nn.Linear):
             outputs_per_input = layer.out_features / layer.in_features
         elif is_norm_layer(layer):
@@ -563,21 +570,98 @@ class LycorisNetwork(nn.Module):
         self._originals.clear()
         self.applied = False
 
-    @torch.no_grad()
-    def merge_to(self, multiplier: float | None = None) -> None:
-        """Adds m·ΔW (the forward's ΔW) into every target layer's weight (and a norm module's
-        m·Δb into its layer's bias), and restores the layers' own forward."""
+    @contextlib.contextmanager
+    def server_evaluation(self, multiplier: float | None = None):
+        """The server in evaluation mode (no dropout, every DyLoRA block) and, when given, at
+        another multiplier, for the duration; this network's own mode and multiplier (and the
+        ΔWs kept for them) are untouched."""
+        training = self.training
+        other = multiplier is not None and float(multiplier) != self.multiplier
+        if training:
+            self.server.call("network.set_training", {"training": False})
+        if other:
+            self.server.call("network.set_multiplier", {"multiplier": float(multiplier)})
+        try:
+            yield
+        finally:
+            if other:
+                self.server.call("network.set_multiplier", {"multiplier": self.multiplier})
+            if training:
+                self.server.call("network.set_training", {"training": True})
+
+    def delta_weights(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, tuple[torch.Tensor, ...]]]:
+        """(name, (m·ΔW,) or (m·ΔW, m·Δb)) of `names` (default: every module) as the server
+        computes them now, without tapes, fetched in groups of bounded arena size."""
         self.sync()
-        previous = self.multiplier
-        if multiplier is not None:
-            self.set_multiplier(multiplier)
-        for name, (deltas, _) in self._fetch_delta_weights(list(self.modules_info), keep_tapes=False).items():
-            layer = self._targets[name]
-            for target, delta in zip((layer.weight, layer.bias), deltas):
-                target.add_(delta.to(target.device, target.dtype))
-        if multiplier is not None:
-            self.set_multiplier(previous)
+        names = list(self.modules_info if names is None else names)
+        start = 0
+        while start < len(names):
+            batch, size = [], 0
+            while start < len(names):
+                nbytes = 2 * self._targets[names[start]].weight.numel() * 4 + 128
+                if batch and size + nbytes > _DELTA_CHUNK_BYTES:
+                    break
+                batch.append(names[start])
+                size += nbytes
+                start += 1
+            for name, (deltas, _) in self._fetch_delta_weights(batch, keep_tapes=False).items():
+                yield name, deltas
+
+    @torch.no_grad()
+    def add_deltas_to_layers(self, multiplier: float | None = None, names: Iterable[str] | None = None) -> None:
+        """W ← W + m·ΔW in every target layer of `names` (default: all), and b ← b + m·Δb for
+        norm modules; evaluation-mode ΔWs, with `multiplier` (default: the network's)."""
+        with self.server_evaluation(multiplier):
+            for name, deltas in self.delta_weights(names):
+                layer = self._targets[name]
+                for target, delta in zip((layer.weight, layer.bias), deltas):
+                    target.copy_((target.float() + delta.to(target.device)).to(target.dtype))
+
+    def merge_to(self, multiplier: float | None = None) -> None:
+        """Adds m·ΔW (the forward's ΔW in evaluation mode) into every target layer's weight
+        (and a norm module's m·Δb into its layer's bias), and restores the layers' own
+        forward."""
+        self.add_deltas_to_layers(multiplier)
         self.restore()
+
+    def onfly_merge(self, multiplier: float | None = None) -> None:
+        """:meth:`merge_to`, keeping copies of the layers' weights and biases so that
+        :meth:`onfly_restore` undoes it (inference without a server call per layer)."""
+        if self.layer_tensors_kept:
+            raise RuntimeError("the adapters are already merged on the fly; call onfly_restore() first")
+        self.keep_layer_tensors()
+        self.merge_to(multiplier)
+
+    def onfly_restore(self) -> None:
+        """Puts back the weights :meth:`onfly_merge` changed and routes the layers through
+        their adapters again."""
+        if self.layer_tensors_kept:
+            self.put_back_layer_tensors(discard=True)
+            self.apply_to()
+
+    @property
+    def layer_tensors_kept(self) -> bool:
+        """Whether :meth:`keep_layer_tensors` holds copies."""
+        return self._kept_layer_tensors is not None
+
+    @torch.no_grad()
+    def keep_layer_tensors(self) -> None:
+        """Copies of every adapted layer's weight and bias, for :meth:`put_back_layer_tensors`."""
+        self._kept_layer_tensors = {
+            name: [t.detach().clone() if t is not None else None for t in (layer.weight, layer.bias)]
+            for name, layer in self._targets.items() if name in self.modules_info}
+
+    @torch.no_grad()
+    def put_back_layer_tensors(self, discard: bool) -> None:
+        """Writes the copies :meth:`keep_layer_tensors` made back into the layers; keeps them
+        for another time unless `discard`."""
+        for name, kept in (self._kept_layer_tensors or {}).items():
+            layer = self._targets[name]
+            for target, value in zip((layer.weight, layer.bias), kept):
+                if value is not None:
+                    target.copy_(value)
+        if discard:
+            self._kept_layer_tensors = None
 
     # MARK: state
 
@@ -611,10 +695,11 @@ class LycorisNetwork(nn.Module):
         return result
 
     def close(self) -> None:
-        """Ends the server (the arena file is unlinked by it)."""
+        """Ends the server (which unlinks the arena file; if it had died, this does)."""
         self.restore()
         self.arena.close()
         self.server.close()
+        self.arena.remove_if_left()
 
     def parameters_info(self) -> Iterable[tuple[str, nn.Parameter]]:
         for name in self.modules_info:

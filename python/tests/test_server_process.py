@@ -161,7 +161,10 @@ def test_killed_server_raises_server_died_quickly_with_stderr_tail(tmp_path, mon
     with pytest.raises(sl.ServerDied):
         network.server.call("network.info")
     assert time.monotonic() - start < 2.0
+    arena = network.arena.path
+    assert os.path.exists(arena), "a server killed outright cannot unlink its arena"
     network.close()  # must not hang or raise on a dead server
+    assert not os.path.exists(arena), "close() left the dead server's arena file behind"
 
 
 def test_server_dying_during_a_call_raises_server_died(tmp_path, monkeypatch):
