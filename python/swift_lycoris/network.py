@@ -423,7 +423,7 @@ class LycorisNetwork(nn.Module):
         self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]])
         call = {"module": name, "input": self.arena.put(x.to(dtype)), "output": self.arena.reserve(output_shape, dtype)}
         result = self.server.call("forward", {"calls": [call], "grad": keep_tape})["results"][0]
-        delta = self.arena.take(result["output"]).to(x.device)
+        delta = self.arena.take(result["output"], x.device)
         return delta, result.get("tape")
 
     def _server_backward(self, name: str, tape: int, grad_output: torch.Tensor, input_meta):
@@ -442,8 +442,9 @@ class LycorisNetwork(nn.Module):
             "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(keys, shapes)},
         }
         result = self.server.call("backward", {"calls": [call], "return_parameter_grads": True, "accumulate": False})["results"][0]
-        grad_input = self.arena.take(result["grad_input"]).to(device)
-        grads = [self.arena.take(result["parameter_grads"][key]) for key in keys]
+        grad_input = self.arena.take(result["grad_input"], device)
+        grads = self.arena.take_many([result["parameter_grads"][key] for key in keys],
+                                     _common_device(self._module_parameters(name)))
         return grad_input, grads
 
     def drop_prefetched(self) -> None:
@@ -467,7 +468,8 @@ class LycorisNetwork(nn.Module):
             params["bias_outputs"] = {n: self.arena.reserve(shapes[n], torch.float32) for n in biased}
         results = self.server.call("delta_weight", params)["results"]
         parts = [[item["delta_weight"]] + ([item["delta_bias"]] if "delta_bias" in item else []) for item in results]
-        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors]))
+        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors],
+                                          _common_device([self._targets[n].weight for n in names])))
         return {item["module"]: (tuple(next(taken) for _ in descriptors), item.get("tape"))
                 for item, descriptors in zip(results, parts)}
 
@@ -538,8 +540,9 @@ class LycorisNetwork(nn.Module):
             calls.append(call)
         results = self.server.call("delta_weight_backward", {"calls": calls, "return_parameter_grads": True,
                                                              "accumulate": False})["results"]
+        device = _common_device([p for name, *_ in entries for p in self._module_parameters(name)])
         taken = iter(self.arena.take_many([result["parameter_grads"][key] for result, group_keys in zip(results, keys)
-                                           for key in group_keys]))
+                                           for key in group_keys], device))
         return [[next(taken) for _ in group_keys] for group_keys in keys]
 
     # MARK: attaching to the model
@@ -712,3 +715,10 @@ def _numel(shape) -> int:
     for extent in shape:
         count *= int(extent)
     return count
+
+
+def _common_device(tensors: Iterable[torch.Tensor]) -> torch.device | None:
+    """The device all `tensors` are on, where copies out of the arena should land; None
+    (CPU, each moved later) when they are on several."""
+    devices = {t.device for t in tensors}
+    return next(iter(devices)) if len(devices) == 1 else None

@@ -369,3 +369,24 @@ def test_backward_with_retain_graph_twice():
             torch.testing.assert_close(p.grad, 2 * g)
     finally:
         network.close()
+
+
+def test_arena_pins_for_cuda_or_says_why_not(caplog):
+    """The first CUDA tensor page-locks the arena; where that cannot be done (here: a torch
+    without CUDA) a warning says so once and copies keep working through pageable memory."""
+    network = sl.create_lycoris(nn.Sequential(nn.Linear(4, 3)), 1.0, 2, 1.0, threads=1)
+    try:
+        with caplog.at_level("WARNING", logger="swift_lycoris"):
+            network.arena._pin_for(torch.device("cuda"))
+            network.arena._pin_for(torch.device("cuda"))
+        if torch.cuda.is_available():
+            assert network.arena._pinned
+        else:
+            assert not network.arena._pinned
+            assert [r.message for r in caplog.records].count(next(
+                r.message for r in caplog.records if "could not page-lock the arena" in r.message)) == 1
+        network.arena.begin()
+        descriptor = network.arena.put(torch.arange(6.0).reshape(2, 3))
+        assert torch.equal(network.arena.take(descriptor), torch.arange(6.0).reshape(2, 3))
+    finally:
+        network.close()
