@@ -67,7 +67,9 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   accelerate's save_state/resume exact). ``load_state_dict`` copies in place when the
   tensors fit the modules, and otherwise lets the server rebuild the modules from them.
 - Extra: ``prepare_optimizer_params_with_multiple_te_lrs`` (kohya v0.10's per-text-encoder
-  learning rates, as kohya's own networks have it).
+  learning rates, as kohya's own networks have it), and gen_img.py's ``--network_pre_calc``
+  (``backup_weights``, ``pre_calculation``, ``restore_weights``; LyCORIS has none of them).
+  Regional prompting (``set_region``, ``set_current_generation``) is not implemented.
 
 Autograd bookkeeping is the network's (:meth:`LycorisNetwork.adapter_delta`): the server
 keeps a *tape* (a copy of the input) for every forward that may be back-propagated, for as

@@ -3,9 +3,15 @@
 :class:`LycorisNetwork` is an ``nn.Module`` whose Parameters mirror the server's adapter
 parameters (same names and shapes as LyCORIS's: ``<module>.lora_up.weight``, …), so any
 torch optimizer, gradient clipping, accumulation or DDP works on them unchanged. Each
-adapted layer's forward becomes ``org_forward(x) + AdapterFunction(x, params)``: the
-autograd Function sends x to the server through the shared-memory arena and returns the
-adapter's contribution m·Δ(x); its backward returns ∂x and the parameters' gradients.
+adapted layer's forward takes, per call, the cheaper of two transfers:
+
+- activations: ``org_forward(x) + AdapterFunction(x, params)``; the autograd Function sends x
+  to the server through the shared-memory arena and returns the adapter's contribution
+  m·Δ(x); its backward returns ∂x and the parameters' gradients;
+- weights: ``op(x, W0 + m·ΔW, b + m·Δb)`` in torch with m·ΔW (and a norm's m·Δb) from the
+  server through :class:`DeltaWeightFunction`, which in a training step carries every
+  weight-path module at once (one call each way per step).
+
 Parameter values reach the server only when their version counter changed.
 """
 
