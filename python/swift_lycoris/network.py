@@ -175,6 +175,11 @@ class DeltaWeightFunction(torch.autograd.Function):
             used.append(index)
             entries.append((name, ctx.tapes[index], grad_weight, grad_bias[0] if grad_bias else None))
         module_grads = network._server_delta_weight_backward(entries)
+        if len(ctx.names) > 1:
+            # A step's batch has been back-propagated: the next forward (gradient
+            # accumulation's next micro-batch) fetches a batch of its own.
+            network._prefetched.clear()
+            network._prefetch_done = False
         param_grads: list[torch.Tensor | None] = [None] * len(ctx.param_meta)
         offsets = network._parameter_offsets(ctx.names)
         for index, grads in zip(used, module_grads):
@@ -489,7 +494,8 @@ class LycorisNetwork(nn.Module):
         one DeltaWeightFunction (each with its own tape and random choices), so a training
         step costs one ``delta_weight`` and one ``delta_weight_backward`` call for all of
         them; later requests of that step take their output, and a module called again (or
-        one not seen before) gets a call of its own."""
+        one not seen before) gets a call of its own. The batch's backward ends it, so each
+        micro-batch of gradient accumulation gets its own."""
         params = self._module_parameters(name)
         self.sync(module=name)
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):

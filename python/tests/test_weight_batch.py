@@ -85,6 +85,28 @@ def test_training_steps_match_lycoris_with_one_call_each_way(algo):
         ours.close()
 
 
+def test_gradient_accumulation_batches_every_micro_step():
+    """Micro-batches without a parameter change between them (no optimizer step, no
+    on_step_start): each still makes one delta_weight and one delta_weight_backward call,
+    and the accumulated gradients are LyCORIS's."""
+    base, ref_model, lyco, our_model, ours = make_pair("lora", transfer="weights")
+    counter = _MethodCounter(ours)
+    try:
+        x, upstream = inputs()
+        for model in (ref_model, our_model):  # the first forward discovers the modules one by one
+            (model(x) * upstream).sum().backward()
+        for micro in range(3):
+            counter.take()
+            for model in (ref_model, our_model):
+                (model(x[micro % 2:micro % 2 + 1]) * upstream[micro % 2:micro % 2 + 1]).sum().backward()
+            calls = counter.take()
+            assert calls.get("delta_weight") == 1 and calls.get("delta_weight_backward") == 1, f"micro {micro}: {calls}"
+        assert_grads_match(lyco, ours, RTOL, "accumulated ")
+        assert _pending(ours) == 0
+    finally:
+        ours.close()
+
+
 class Twice(nn.Module):
     """`fc` applied twice and `skip` used only when asked: a module called several times per
     step, and one that a step may not use."""
