@@ -603,7 +603,7 @@ class LycorisNetworkKohya(nn.Module):
                 if not all(before[k] == after[k] for k in ("algorithm", "scale", "parameters")):
                     by_file.append(name)
                     continue
-                for suffix in new._keys[name]:
+                for suffix in new.parameter_suffixes(name):
                     new.adapters[name].get(suffix).copy_(old.adapters[name].get(suffix))
         if by_file:
             with tempfile.TemporaryDirectory(prefix="swift_lycoris_") as tmp:
@@ -638,7 +638,7 @@ class LycorisNetworkKohya(nn.Module):
             with safe_open(staged, framework="pt") as f:
                 for key in f.keys():
                     name, _, suffix = key.partition(".")
-                    if name not in core.modules_info or suffix in core._keys[name] or "." in suffix:
+                    if name not in core.modules_info or suffix in core.parameter_suffixes(name) or "." in suffix:
                         continue
                     holder = core.adapters[name]
                     reference = next(iter(holder.parameters()), None)
@@ -813,7 +813,7 @@ class LycorisNetworkKohya(nn.Module):
         core = self.core
         plain, plus = [], []
         for name in names:
-            for suffix in core._keys[name]:
+            for suffix in core.parameter_suffixes(name):
                 param = core.adapters[name].get(suffix)
                 (plus if ratio is not None and "lora_up" in suffix else plain).append(param)
         for params, is_plus in ((plain, False), (plus, True)):
@@ -917,7 +917,7 @@ class LycorisNetworkKohya(nn.Module):
     def _scale_module(self, name: str, ratio: float) -> None:
         """Multiplies a module's ΔW by `ratio` through its parameters (a parameter update)."""
         core = self.core
-        params = {suffix: core.adapters[name].get(suffix) for suffix in core._keys[name]}
+        params = {suffix: core.adapters[name].get(suffix) for suffix in core.parameter_suffixes(name)}
         algorithm = core.modules_info[name]["algorithm"]
         if "scalar" in params:
             params["scalar"].mul_(ratio)
@@ -985,7 +985,7 @@ class LycorisNetworkKohya(nn.Module):
             with torch.no_grad():
                 for name, tensors in by_module.items():
                     holder = core.adapters[name]
-                    for suffix in core._keys[name]:
+                    for suffix in core.parameter_suffixes(name):
                         if suffix in tensors:
                             holder.get(suffix).copy_(tensors[suffix])
                         elif suffix == "scalar":
@@ -1005,7 +1005,7 @@ class LycorisNetworkKohya(nn.Module):
     def _fits(self, name: str, tensors: dict) -> bool:
         core = self.core
         holder = core.adapters[name]
-        params = {suffix: holder.get(suffix) for suffix in core._keys[name]}
+        params = {suffix: holder.get(suffix) for suffix in core.parameter_suffixes(name)}
         buffers = dict(holder.named_buffers())
         for suffix, value in tensors.items():
             if suffix in params:

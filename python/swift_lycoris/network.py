@@ -319,6 +319,10 @@ class LycorisNetwork(nn.Module):
         self._index_parameters()
         return result
 
+    def parameter_suffixes(self, name: str) -> list[str]:
+        """Module `name`'s parameter key suffixes (``lora_up.weight``, …), in the server's order."""
+        return self._keys[name]
+
     def _parameter(self, key: str) -> nn.Parameter:
         return self._by_key[key]
 
