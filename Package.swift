@@ -88,26 +88,33 @@ let package = Package(
             ],
             swiftSettings: strictSwift
         ),
+        // Tensor comparisons shared by the test targets (not a product).
+        .target(
+            name: "LycorisTestSupport",
+            dependencies: ["LycorisCore"],
+            path: "Tests/LycorisTestSupport",
+            swiftSettings: strictSwift
+        ),
         .testTarget(
             name: "LycorisCoreTests",
-            dependencies: ["LycorisCore"],
+            dependencies: ["LycorisCore", "LycorisTestSupport"],
             swiftSettings: strictSwift
         ),
         .testTarget(
             name: "LycorisFormatsTests",
-            dependencies: ["LycorisFormats", "LycorisCore"],
+            dependencies: ["LycorisFormats", "LycorisCore", "LycorisTestSupport"],
             resources: [.copy("Fixtures")],
             swiftSettings: strictSwift
         ),
         .testTarget(
             name: "LycorisAlgorithmsTests",
-            dependencies: ["LycorisAlgorithms", "LycorisFormats", "LycorisCore"],
+            dependencies: ["LycorisAlgorithms", "LycorisFormats", "LycorisCore", "LycorisTestSupport"],
             resources: [.copy("Fixtures")],
             swiftSettings: strictSwift
         ),
         .testTarget(
             name: "LycorisServerTests",
-            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "lycoris-server"],
+            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
             swiftSettings: strictSwift
         ),
         .testTarget(

@@ -1,5 +1,6 @@
 import LycorisAlgorithms
 import LycorisCore
+import LycorisTestSupport
 import Testing
 
 /// dropout, rank_dropout and module_dropout: active only in training, seeded, with the

@@ -1,5 +1,6 @@
 import LycorisAlgorithms
 import LycorisCore
+import LycorisTestSupport
 import Testing
 
 /// Every algorithm and option against LyCORIS 4.1.3 (fixtures computed in float64):

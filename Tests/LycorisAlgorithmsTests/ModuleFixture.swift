@@ -43,8 +43,8 @@ struct ModuleFixture {
         } else {
             layer = .convolution(ConvGeometry(
                 inChannels: layerJSON["in_channels"] as! Int, outChannels: layerJSON["out_channels"] as! Int,
-                kernelSize: layerJSON["kernel_size"] as! [Int], stride: layerJSON["stride"] as! [Int],
-                padding: layerJSON["padding"] as! [Int], dilation: layerJSON["dilation"] as! [Int],
+                kernelSize: layerJSON["kernel_size"] as! [Int], stride: layerJSON["stride"] as? [Int],
+                padding: layerJSON["padding"] as? [Int], dilation: layerJSON["dilation"] as? [Int],
                 groups: layerJSON["groups"] as! Int))
         }
         let optionsData = Data(meta["options"]!.utf8)

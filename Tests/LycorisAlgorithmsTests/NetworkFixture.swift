@@ -42,8 +42,8 @@ enum NetworkFixture {
             case "linear": .linear(inFeatures: layer["in_features"] as! Int, outFeatures: layer["out_features"] as! Int)
             case "layernorm": .norm(Normalization(kind: .layer(normalizedShape: layer["normalized_shape"] as! [Int]), eps: layer["eps"] as! Double))
             default: .convolution(ConvGeometry(inChannels: layer["in_channels"] as! Int, outChannels: layer["out_channels"] as! Int,
-                                            kernelSize: layer["kernel_size"] as! [Int], stride: layer["stride"] as! [Int],
-                                            padding: layer["padding"] as! [Int], dilation: layer["dilation"] as! [Int],
+                                            kernelSize: layer["kernel_size"] as! [Int], stride: layer["stride"] as? [Int],
+                                            padding: layer["padding"] as? [Int], dilation: layer["dilation"] as? [Int],
                                             groups: layer["groups"] as! Int))
             }
         }

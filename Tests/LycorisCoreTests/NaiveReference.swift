@@ -1,4 +1,5 @@
 import LycorisCore
+import LycorisTestSupport
 import Testing
 
 // Shared oracles for the core tests: deterministic test data that does not come from the
@@ -7,36 +8,15 @@ import Testing
 
 // MARK: - Test data
 
-/// SplitMix64: a tiny generator for test inputs, independent of `RandomSource`.
-struct TestRNG {
-    private var state: UInt64
-
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1) on a 2⁻²³ grid.
-    mutating func signedUnit() -> Float { Float(next() >> 40) * 0x1p-23 - 1 }
-
-    /// A small integer in -8...8 (products and sums of these are exact in Float).
-    mutating func smallInteger() -> Float { Float(Int(next() % 17) - 8) }
-}
-
 /// A tensor of uniform values in [-1, 1).
 func uniformTensor(_ shape: [Int], seed: UInt64) -> Tensor {
-    var rng = TestRNG(seed: seed)
+    var rng = SplitMix64(state: seed)
     return Tensor(shape: shape, scalars: (0..<shape.product).map { _ in rng.signedUnit() })
 }
 
 /// A tensor of small integers in -8...8, for tests that expect exact results.
 func integerTensor(_ shape: [Int], seed: UInt64) -> Tensor {
-    var rng = TestRNG(seed: seed)
+    var rng = SplitMix64(state: seed)
     return Tensor(shape: shape, scalars: (0..<shape.product).map { _ in rng.smallInteger() })
 }
 

@@ -1,5 +1,6 @@
 import Foundation
 import LycorisCore
+import LycorisTestSupport
 import LycorisFormats
 import Testing
 

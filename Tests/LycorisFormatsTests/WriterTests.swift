@@ -1,5 +1,6 @@
 import Foundation
 import LycorisCore
+import LycorisTestSupport
 @testable import LycorisFormats
 import Testing
 

@@ -1,6 +1,7 @@
 import Foundation
 import LycorisAlgorithms
 import LycorisCore
+import LycorisTestSupport
 import LycorisRPC
 import LycorisServer
 import Testing

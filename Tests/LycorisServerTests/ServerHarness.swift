@@ -1,6 +1,7 @@
 import Foundation
 import LycorisAlgorithms
 import LycorisCore
+import LycorisTestSupport
 import LycorisRPC
 import LycorisServer
 import Testing
@@ -178,34 +179,6 @@ enum Wire {
         let scalars = data.withUnsafeBytes { decodeFloats($0, as: dtype) }
         return Tensor(shape: shape, scalars: scalars)
     }
-}
-
-// MARK: - Numbers
-
-/// A reproducible tensor of normal values.
-func randomTensor(_ shape: [Int], seed: UInt64, std: Float = 1) -> Tensor {
-    var random = RandomSource(seed: seed)
-    return .normal(shape, std: std, using: &random)
-}
-
-/// max|a − b| / max(max|b|, tiny).
-func relativeError(_ actual: Tensor, _ expected: Tensor) -> Float {
-    precondition(actual.shape == expected.shape)
-    var worst: Float = 0
-    for i in actual.scalars.indices { worst = max(worst, abs(actual.scalars[i] - expected.scalars[i])) }
-    let scale = expected.maxAbs
-    return scale > 0 ? worst / scale : worst
-}
-
-func expectClose(_ actual: Tensor, _ expected: Tensor, tolerance: Float = 1e-5, _ what: String,
-                 sourceLocation: SourceLocation = #_sourceLocation) {
-    guard actual.shape == expected.shape else {
-        Issue.record("\(what): shape \(actual.shape), expected \(expected.shape)", sourceLocation: sourceLocation)
-        return
-    }
-    #expect(expected.maxAbs > 0 || actual.maxAbs == 0, "\(what): the expected tensor is all zeros", sourceLocation: sourceLocation)
-    let error = relativeError(actual, expected)
-    #expect(error <= tolerance, "\(what): relative error \(error) > \(tolerance)", sourceLocation: sourceLocation)
 }
 
 // MARK: - Networks with oracles
