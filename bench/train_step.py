@@ -209,6 +209,39 @@ class Side:
         return loss.item()
 
 
+def sd15_models(seed):
+    """A UNet and text encoder with Stable Diffusion 1.5's shapes (random weights)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu"))
+    return unet, text_encoder
+
+
+def sd15_data(count, latent, seed):
+    """Noisy latents, noise, timesteps and 77-token prompts for :func:`sd15_models`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(count, 4, latent, latent, generator=generator)
+    noise = torch.randn(count, 4, latent, latent, generator=generator)
+    timesteps = torch.randint(0, 1000, (count,), generator=generator)
+    tokens = torch.randint(0, 49408, (count, 77), generator=generator)
+    alphas = torch.cos(timesteps.float() / 1000 * torch.pi / 2) ** 2
+    noisy = alphas.sqrt().view(-1, 1, 1, 1) * latents + (1 - alphas).sqrt().view(-1, 1, 1, 1) * noise
+    return noisy, noise, timesteps, tokens
+
+
 def same_values(ours, lyco, std, seed=3):
     """The same random values in every adapter parameter of both networks (so both compute the
     same function; LoRA's zero-initialised up factors would otherwise make ΔW = 0)."""
@@ -364,6 +397,11 @@ def main():
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also cProfile STEPS steps of each side per case (stderr)")
     parser.add_argument("--profile-top", type=int, default=30)
+    parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny",
+                        help="tiny: swift_lycoris.demo's models (the goal's case); sd15: a Stable Diffusion 1.5-shaped "
+                             "UNet (320/640/1280/1280 channels) and CLIP ViT-L/14 text encoder, random weights, "
+                             "built from their configs (~4 GB per side)")
+    parser.add_argument("--latent", type=int, default=32, help="latent size for --model sd15 (64 is 512 px)")
     args = parser.parse_args()
     steps = args.steps or (4 if args.quick else 20)
     min_steps = min(steps, args.min_steps or (2 if args.quick else 10))
@@ -404,15 +442,28 @@ def main():
     threads_list = [int(t) for t in args.threads.split(",")]
     algos = args.algos.split(",")
     batches = [int(b) for b in args.batches.split(",")]
-    base_unet, base_te = tiny_models(0)
-    base_unet.requires_grad_(False)
-    base_te.requires_grad_(False)
-    data = synthetic_data(16, 1)
+    if args.model == "tiny":
+        base_unet, base_te = tiny_models(0)
+        base_unet.requires_grad_(False)
+        base_te.requires_grad_(False)
+        data = synthetic_data(16, 1)
+        model_line = "swift_lycoris.demo.tiny_models(0) (UNet 32/64 ch, 8x8 latents; CLIP 2 layers, 16 tokens)"
+
+        def models():
+            return copy.deepcopy(base_te), copy.deepcopy(base_unet)
+    else:
+        data = sd15_data(4, args.latent, 1)
+        model_line = (f"SD 1.5-shaped UNet (320/640/1280/1280 ch, {args.latent}x{args.latent} latents) + CLIP ViT-L/14 "
+                      "text encoder (12 layers, 77 tokens), random weights from their configs")
+
+        def models():
+            unet, te = sd15_models(0)
+            return te.requires_grad_(False), unet.requires_grad_(False)
     header = [title] + machine_lines([
         f"versions: torch {torch.__version__}, lycoris-lora {version('lycoris-lora')}, "
         f"diffusers {version('diffusers')}, transformers {version('transformers')}",
         f"server: {sl_server.find_server()}",
-        f"setup: swift_lycoris.demo.tiny_models(0) (UNet 32/64 ch, 8x8 latents; CLIP 2 layers, 16 tokens), "
+        f"setup: {model_line}, "
         f"preset full, dim {args.dim} alpha {args.alpha:g} (conv the same), AdamW lr {args.lr:g}; "
         f"median of {steps} steps (at least {min_steps}; a case stops early after {args.case_seconds:g} s) after "
         f"{warmup} warm-up, the two sides alternating step by step",
@@ -430,8 +481,8 @@ def main():
             for threads in threads_list:
                 torch.set_num_threads(threads)
                 progress(f"section 5: {algo}, N={threads}")
-                te_o, unet_o = copy.deepcopy(base_te), copy.deepcopy(base_unet)
-                te_l, unet_l = copy.deepcopy(base_te), copy.deepcopy(base_unet)
+                te_o, unet_o = models()
+                te_l, unet_l = models()
                 ours_net = build_ours(te_o, unet_o, algo, args.dim, args.alpha, threads)
                 try:
                     lyco_net = build_lycoris(te_l, unet_l, algo, args.dim, args.alpha, preset_path, preset)

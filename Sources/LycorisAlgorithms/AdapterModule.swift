@@ -68,9 +68,7 @@ public struct AdapterModule: Sendable {
             // Rebuild semantics, computed by the factor path when that is the same function
             // and cheaper (training dropouts would make the two differ).
             let dropoutActive = isTraining && (options.rankDropout > 0 || options.dropout > 0)
-            if !dropoutActive, let cost = algorithm.bypassCost {
-                tape.bypass = cost < layer.outFeatures * layer.weightInFeatures * layer.kernelElements
-            }
+            tape.bypass = !dropoutActive && hasCheaperFactorPath
         }
         if rankDropout {
             let length = tape.bypass ? (algorithm.rank ?? 0) : layer.outFeatures
@@ -84,6 +82,15 @@ public struct AdapterModule: Sendable {
                                      scalars: (0..<count).map { _ in random.nextUnit() < keep ? 1 / keep : 0 })
         }
         return tape
+    }
+
+    /// Whether Δ(x) has a factor path that computes exactly op(x, ΔW) with fewer
+    /// multiply-adds per output position than op(x, ΔW) itself (out·in·K): the path the
+    /// forward takes with `bypass_mode` unset and no training dropout. Without one, Δ(x)
+    /// costs the server a whole op(x, ΔW), and its backward two more.
+    public var hasCheaperFactorPath: Bool {
+        guard let cost = algorithm.bypassCost else { return false }
+        return cost < layer.outFeatures * layer.weightInFeatures * layer.kernelElements
     }
 
     /// A (count,) mask of 1s kept with probability 1−p (LyCORIS `rand > p`), divided by its

@@ -2144,6 +2144,7 @@ enum OpenRPCDocument {
           "rank",
           "scale",
           "multiplier",
+          "factor_path",
           "parameters"
         ],
         "properties": {
@@ -2170,6 +2171,10 @@ enum OpenRPCDocument {
           "multiplier": {
             "description": "The module's multiplier m (the output is m * delta(x)).",
             "type": "number"
+          },
+          "factor_path": {
+            "description": "Whether forward computes delta(x) through the adapter's factors, with fewer multiply-adds than op(x, delta W) (the default path when bypass_mode is unset and no training dropout is active). false: a forward costs the server a whole op(x, delta W) and its backward two more, so a client that can apply W0 + m*delta W itself may prefer delta_weight.",
+            "type": "boolean"
           },
           "parameters": {
             "description": "Trainable parameters in the server's order.",

@@ -185,6 +185,7 @@ extension LycorisService {
                 "rank": algorithm.rank.map { JSONValue($0) } ?? .null,
                 "scale": JSONValue(algorithm.scale),
                 "multiplier": JSONValue(module.multiplier),
+                "factor_path": .bool(module.hasCheaperFactorPath),
                 "parameters": .array(algorithm.parameters.entries.map {
                     ["key": .string("\(module.name).\($0.name)"), "shape": JSONValue($0.tensor.shape)]
                 }),

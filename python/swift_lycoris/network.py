@@ -39,6 +39,10 @@ _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # plus this.
 _ROUND_TRIP_ELEMENTS = 1 << 17
 
+# Multiply-adds that cost about as much as copying one tensor element through the arena
+# (BLAS at ~10 GFLOP/s per core against ~1 GB/s of float copies in and out).
+_MULTIPLY_ADDS_PER_COPY = 8
+
 # ΔWs fetched for merging or max-norm come in groups of at most this many bytes of arena.
 _DELTA_CHUNK_BYTES = 256 << 20
 
@@ -383,7 +387,7 @@ class LycorisNetwork(nn.Module):
         when moving ΔW is cheaper (and the layer's own forward is the plain one), else the
         layer's forward plus the server's m·Δ(x)."""
         layer = self._targets[name]
-        if not args and not kwargs and self._moves_weights(layer, original, x):
+        if not args and not kwargs and self._moves_weights(name, layer, original, x):
             self.release_orphaned_tapes()
             delta_weight, *delta_bias = self.weight_delta(name)
             weight = layer.weight + delta_weight.to(layer.weight.device, layer.weight.dtype)
@@ -394,7 +398,11 @@ class LycorisNetwork(nn.Module):
         base = original(x, *args, **kwargs)
         return base + self.adapter_delta(name, x, base)
 
-    def _moves_weights(self, layer: nn.Module, original, x: torch.Tensor) -> bool:
+    def _moves_weights(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
+        """Whether this call takes the weight path, by what each path costs in element copies:
+        activations 2·(|x| + |y|) and a round trip each way, plus — for a module without a
+        cheaper factor path (``factor_path`` false) — the two op(x, ΔW) more that the server
+        computes than the weight path's one extra ∂W in torch; weights 2·|W|."""
         if self.transfer == "activations" or getattr(original, "__func__", None) is not type(layer).forward:
             return False
         if self.transfer == "weights":
@@ -402,13 +410,17 @@ class LycorisNetwork(nn.Module):
         if not self.training and not torch.is_grad_enabled():
             return True  # inference: the evaluation ΔW is kept (weight_delta), one fetch per module
         if isinstance(layer, nn.Linear):
-            outputs_per_input = layer.out_features / layer.in_features
+            inputs, outputs = layer.in_features, layer.out_features
         elif is_norm_layer(layer):
-            outputs_per_input = 1.0
+            inputs = outputs = layer.weight.numel()
         else:
-            outputs_per_input = layer.out_channels / layer.in_channels
-        activation_elements = x.numel() * (1 + outputs_per_input)
-        return layer.weight.numel() < activation_elements + _ROUND_TRIP_ELEMENTS
+            inputs, outputs = layer.in_channels, layer.out_channels
+        activation_cost = x.numel() * (1 + outputs / inputs) + _ROUND_TRIP_ELEMENTS
+        if not self.modules_info[name].get("factor_path", True):
+            # op(x, W) costs |W| multiply-adds per position (per row of a Linear's input).
+            positions = x.numel() / inputs
+            activation_cost += 2 * positions * layer.weight.numel() / _MULTIPLY_ADDS_PER_COPY
+        return layer.weight.numel() < activation_cost
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the

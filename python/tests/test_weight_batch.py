@@ -255,3 +255,23 @@ def test_load_state_dict_with_assign_reaches_the_server():
         assert_rel(our_model(x), ref_model(x).detach(), RTOL, "output after load_state_dict(assign=True)")
     finally:
         ours.close()
+
+
+@pytest.mark.parametrize("algo,path", [("lora", "activations"), ("loha", "weights")])
+def test_auto_transfer_counts_the_servers_work(algo, path):
+    """A wide Linear (|W| = 2^20) on 16 rows: LoRA's factor path makes the activations the
+    cheaper transfer; LoHa has none (factor_path false: the server would compute three
+    op(x, ΔW)), so ΔW crosses instead."""
+    model = nn.Sequential(nn.Linear(1024, 1024))
+    network = sl.create_lycoris(model, 1.0, 4, 1.0, algo=algo, threads=1)
+    counter = _MethodCounter(network)
+    try:
+        assert network.modules_info["lycoris_0"]["factor_path"] is (algo == "lora")
+        network.apply_to()
+        counter.take()
+        model(torch.randn(16, 1024)).sum().backward()
+        calls = counter.take()
+        used = "weights" if "delta_weight" in calls else "activations" if "forward" in calls else None
+        assert used == path, calls
+    finally:
+        network.close()
