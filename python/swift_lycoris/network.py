@@ -43,8 +43,9 @@ _ROUND_TRIP_ELEMENTS = 1 << 17
 # (BLAS at ~10 GFLOP/s per core against ~1 GB/s of float copies in and out).
 _MULTIPLY_ADDS_PER_COPY = 8
 
-# ΔWs fetched for merging or max-norm come in groups of at most this many bytes of arena.
-_DELTA_CHUNK_BYTES = 256 << 20
+# ΔWs are fetched in groups of at most this many bytes (training steps, merging, max-norm):
+# bounded arena and host memory at any model size, a handful of round trips per step.
+_DELTA_GROUP_BYTES = 256 << 20
 
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -155,9 +156,9 @@ class DeltaWeightFunction(torch.autograd.Function):
     :class:`AdapterFunction`."""
 
     @staticmethod
-    def forward(ctx, network: "LycorisNetwork", names: list[str], *params):
+    def forward(ctx, network: "LycorisNetwork", names: list[str], step_group: bool, *params):
         fetched = network._fetch_delta_weights(names, keep_tapes=True)
-        ctx.network, ctx.names = network, names
+        ctx.network, ctx.names, ctx.step_group = network, names, step_group
         ctx.tapes = [fetched[name][1] for name in names]
         ctx.counts = [len(fetched[name][0]) for name in names]
         ctx.param_meta = [(p.dtype, p.device) for p in params]
@@ -179,18 +180,17 @@ class DeltaWeightFunction(torch.autograd.Function):
             used.append(index)
             entries.append((name, ctx.tapes[index], grad_weight, grad_bias[0] if grad_bias else None))
         module_grads = network._server_delta_weight_backward(entries)
-        if len(ctx.names) > 1:
-            # A step's batch has been back-propagated: the next forward (gradient
-            # accumulation's next micro-batch) fetches a batch of its own.
-            network._prefetched.clear()
-            network._prefetch_done = False
+        if ctx.step_group:
+            # The step is being back-propagated: the next forward (gradient accumulation's
+            # next micro-batch) fetches groups of its own.
+            network.end_step_groups()
         param_grads: list[torch.Tensor | None] = [None] * len(ctx.param_meta)
         offsets = network._parameter_offsets(ctx.names)
         for index, grads in zip(used, module_grads):
             for position, grad in enumerate(grads, start=offsets[index]):
                 dtype, device = ctx.param_meta[position]
                 param_grads[position] = grad.to(dtype=dtype, device=device)
-        return (None, None, *param_grads)
+        return (None, None, None, *param_grads)
 
 
 class LycorisNetwork(nn.Module):
@@ -224,12 +224,12 @@ class LycorisNetwork(nn.Module):
             raise ValueError(f"transfer must be auto, activations or weights, not {transfer!r}")
         self.transfer = "activations" if (options or {}).get("bypass_mode") is True else transfer
         self._orphaned_tapes: list[int] = []
-        # ΔW fetched for every weight-path module in one call after a parameter change,
-        # each output used by one call; see weight_delta.
-        self._weight_modules: set[str] = set()
+        # Weight-path modules in the order of their first use; the ΔWs fetched with tapes for
+        # this step, not used yet; the modules fetched this step (see weight_delta).
+        self._weight_order: dict[str, None] = {}
         self._prefetched: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._step_fetched: set[str] = set()
         self._evaluation_deltas: dict[str, tuple[torch.Tensor, ...]] = {}
-        self._prefetch_done = False
         self._originals: dict[str, object] = {}
         self._targets: dict[str, nn.Module] = {}
         self._kept_layer_tensors: dict[str, list[torch.Tensor | None]] | None = None
@@ -476,10 +476,14 @@ class LycorisNetwork(nn.Module):
 
     def drop_prefetched(self) -> None:
         """Drops prefetched and evaluation ΔWs (parameters, multiplier or mode changed); the
-        tapes of a batch go when its graph does (see :class:`DeltaWeightFunction`)."""
-        self._prefetched.clear()
-        self._prefetch_done = False
+        tapes of a group go when its graph does (see :class:`DeltaWeightFunction`)."""
+        self.end_step_groups()
         self._evaluation_deltas.clear()
+
+    def end_step_groups(self) -> None:
+        """Ends this step's ΔW groups: the next request starts a new group."""
+        self._prefetched.clear()
+        self._step_fetched.clear()
 
     def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[tuple[torch.Tensor, ...], int | None]]:
         """m·ΔW (and m·Δb of norm modules on layers with a bias) of `names` in one
@@ -505,13 +509,15 @@ class LycorisNetwork(nn.Module):
         :class:`DeltaWeightFunction` when a graph will be built, else a plain fetch without a
         tape.
 
-        In a plain forward (not a recomputation inside backward), the first request after a
-        parameter, multiplier or mode change fetches every weight-path module's ΔW through
-        one DeltaWeightFunction (each with its own tape and random choices), so a training
-        step costs one ``delta_weight`` and one ``delta_weight_backward`` call for all of
-        them; later requests of that step take their output, and a module called again (or
-        one not seen before) gets a call of its own. The batch's backward ends it, so each
-        micro-batch of gradient accumulation gets its own."""
+        In a plain forward (not a recomputation inside backward), a request for a module not
+        fetched yet this step fetches it together with the weight-path modules that followed
+        it in earlier steps, up to :data:`_DELTA_GROUP_BYTES` of ΔW, through one
+        DeltaWeightFunction (each with its own tape and random choices): a training step costs
+        one ``delta_weight`` and one ``delta_weight_backward`` call per group (one group on a
+        small model). Later requests of the step take their output; a module called again,
+        or any request inside backward, gets a call of its own. The step ends with a
+        parameter change or when a group is back-propagated, so each micro-batch of gradient
+        accumulation fetches its own groups."""
         params = self._module_parameters(name)
         self.sync(module=name)
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
@@ -522,19 +528,40 @@ class LycorisNetwork(nn.Module):
             if name not in self._evaluation_deltas:
                 self._evaluation_deltas[name] = self._fetch_delta_weights([name], keep_tapes=False)[name][0]
             return self._evaluation_deltas[name]
-        self._weight_modules.add(name)
+        self._weight_order.setdefault(name, None)
         in_backward = torch._C._current_graph_task_id() != -1
-        if name not in self._prefetched and not self._prefetch_done and not in_backward and len(self._weight_modules) > 1:
-            names = sorted(self._weight_modules)
+        if name not in self._prefetched and name not in self._step_fetched and not in_backward:
             # Every changed parameter first: a later module's change found by its own sync
-            # would drop this batch and fetch another.
+            # would drop this group and fetch another.
             self.sync()
-            outputs = iter(DeltaWeightFunction.apply(self, names, *[p for n in names for p in self._module_parameters(n)]))
-            self._prefetched = {n: tuple(next(outputs) for _ in range(self._delta_count(n))) for n in names}
-            self._prefetch_done = True
+            names = self._next_group(name)
+            outputs = iter(DeltaWeightFunction.apply(self, names, True,
+                                                     *[p for n in names for p in self._module_parameters(n)]))
+            for n in names:
+                self._prefetched[n] = tuple(next(outputs) for _ in range(self._delta_count(n)))
+            self._step_fetched.update(names)
         if name in self._prefetched:
             return self._prefetched.pop(name)
-        return tuple(DeltaWeightFunction.apply(self, [name], *params))
+        return tuple(DeltaWeightFunction.apply(self, [name], False, *params))
+
+    def _next_group(self, name: str) -> list[str]:
+        """`name` and the modules that followed it in first-use order, not fetched yet this
+        step, up to :data:`_DELTA_GROUP_BYTES` of ΔW (at least `name`)."""
+        order = list(self._weight_order)
+        group, size = [], 0
+        for candidate in order[order.index(name):]:
+            if candidate in self._step_fetched:
+                continue
+            nbytes = self._delta_bytes(candidate)
+            if group and size + nbytes > _DELTA_GROUP_BYTES:
+                break
+            group.append(candidate)
+            size += nbytes
+        return group
+
+    def _delta_bytes(self, name: str) -> int:
+        """Bytes of a module's F32 weight delta (ΔW, and Δb for a norm with a bias)."""
+        return self._delta_count(name) * self._targets[name].weight.numel() * 4
 
     def _delta_count(self, name: str) -> int:
         """Outputs of a module's weight delta: ΔW, and Δb for a norm module with a bias."""
@@ -629,8 +656,8 @@ class LycorisNetwork(nn.Module):
         while start < len(names):
             batch, size = [], 0
             while start < len(names):
-                nbytes = 2 * self._targets[names[start]].weight.numel() * 4 + 128
-                if batch and size + nbytes > _DELTA_CHUNK_BYTES:
+                nbytes = self._delta_bytes(names[start])
+                if batch and size + nbytes > _DELTA_GROUP_BYTES:
                     break
                 batch.append(names[start])
                 size += nbytes

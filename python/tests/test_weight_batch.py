@@ -275,3 +275,40 @@ def test_auto_transfer_counts_the_servers_work(algo, path):
         assert used == path, calls
     finally:
         network.close()
+
+
+def test_groups_are_bounded_in_bytes(monkeypatch):
+    """With a small group budget a step's ΔWs come in several groups (one delta_weight and
+    one delta_weight_backward call each), greedily in the order of first use; values stay
+    LyCORIS's."""
+    import swift_lycoris.network as network_module
+
+    base, ref_model, lyco, our_model, ours = make_pair("loha", transfer="weights")
+    counter = _MethodCounter(ours)
+    try:
+        x, upstream = inputs()
+        for model in (ref_model, our_model):  # the first step discovers the order of use
+            (model(x) * upstream).sum().backward()
+        _sgd_step(lyco, ours)
+        sizes = [ours._delta_bytes(n) for n in ours._weight_order]
+        budget = max(sizes) + min(sizes)  # every module fits; not all of them together
+        monkeypatch.setattr(network_module, "_DELTA_GROUP_BYTES", budget)
+        groups, size = 1, 0
+        for nbytes in sizes:
+            if size and size + nbytes > budget:
+                groups, size = groups + 1, 0
+            size += nbytes
+        assert 1 < groups < len(sizes)
+        counter.take()
+        y_ref = ref_model(x)
+        (y_ref * upstream).sum().backward()
+        y_our = our_model(x)
+        (y_our * upstream).sum().backward()
+        calls = counter.take()
+        assert calls.get("delta_weight") == groups and calls.get("delta_weight_backward") == groups, (groups, calls)
+        assert_rel(y_our, y_ref.detach(), RTOL, "grouped output")
+        assert_grads_match(lyco, ours, RTOL, "grouped ")
+        del y_our
+        assert _pending(ours) == 0
+    finally:
+        ours.close()
