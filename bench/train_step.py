@@ -8,7 +8,9 @@
                                [--dim 8] [--alpha 4] [--quick] [--profile STEPS]
 
 The models are swift_lycoris.demo's tiny diffusers UNet2DConditionModel + transformers
-CLIPTextModel (``tiny_models``) with its synthetic data (``synthetic_data``); both networks
+CLIPTextModel (``tiny_models``) with its synthetic data (``synthetic_data``), or with
+``--model sd15`` a UNet and text encoder with Stable Diffusion 1.5's shapes (random weights,
+``--latent`` × ``--latent`` latents, 77-token prompts; ~4 GB per side); both networks
 use the "full" preset, the same dim/alpha/conv_dim/conv_alpha, and start from the same
 random parameter values. One step is kohya's sequence: ``on_step_start``, text-encoder
 forward, UNet forward, MSE loss, backward, AdamW step, ``zero_grad(set_to_none=True)``
