@@ -76,50 +76,35 @@ class Meter:
         meter = self
         clock = time.perf_counter_ns
 
-        def timed_call(original):
+        def timed(original, record):
+            """`original`, timed while the meter is on; record(method or None, elapsed ns)."""
             @functools.wraps(original)
-            def call(self, method, params=None):
-                if not meter.enabled:
-                    return original(self, method, params)
-                t0 = clock()
-                try:
-                    return original(self, method, params)
-                finally:
-                    elapsed = clock() - t0
-                    meter.call_ns += elapsed
-                    meter.method_ns[method] += elapsed
-                    meter.calls[method] += 1
-            return call
-
-        def timed_notify(original):
-            @functools.wraps(original)
-            def notify(self, method, params=None):
-                if not meter.enabled:
-                    return original(self, method, params)
-                t0 = clock()
-                try:
-                    return original(self, method, params)
-                finally:
-                    meter.call_ns += clock() - t0
-                    meter.notifies[method] += 1
-            return notify
-
-        def timed_copy(original):
-            @functools.wraps(original)
-            def copy_(self, *args, **kwargs):
+            def wrapper(self, *args, **kwargs):
                 if not meter.enabled:
                     return original(self, *args, **kwargs)
                 t0 = clock()
                 try:
                     return original(self, *args, **kwargs)
                 finally:
-                    meter.copy_ns += clock() - t0
-            return copy_
+                    record(args[0] if args else None, clock() - t0)
+            return wrapper
 
-        server_cls.call = timed_call(server_cls.call)
-        server_cls.notify = timed_notify(server_cls.notify)
+        def record_call(method, elapsed):
+            meter.call_ns += elapsed
+            meter.method_ns[method] += elapsed
+            meter.calls[method] += 1
+
+        def record_notify(method, elapsed):
+            meter.call_ns += elapsed
+            meter.notifies[method] += 1
+
+        def record_copy(_, elapsed):
+            meter.copy_ns += elapsed
+
+        server_cls.call = timed(server_cls.call, record_call)
+        server_cls.notify = timed(server_cls.notify, record_notify)
         for name in ("put", "take", "put_many", "take_many"):
-            setattr(arena_cls, name, timed_copy(getattr(arena_cls, name)))
+            setattr(arena_cls, name, timed(getattr(arena_cls, name), record_copy))
 
 
 # --------------------------------------------------------------------------- table (as bench.py)

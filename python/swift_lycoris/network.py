@@ -9,8 +9,8 @@ adapted layer's forward takes, per call, the cheaper of two transfers:
   to the server through the shared-memory arena and returns the adapter's contribution
   m·Δ(x); its backward returns ∂x and the parameters' gradients;
 - weights: ``op(x, W0 + m·ΔW, b + m·Δb)`` in torch with m·ΔW (and a norm's m·Δb) from the
-  server through :class:`DeltaWeightFunction`, which in a training step carries every
-  weight-path module at once (one call each way per step).
+  server through :class:`DeltaWeightFunction`, which in a training step carries a whole
+  group of weight-path modules (one call each way per group, see ``weight_delta``).
 
 Parameter values reach the server only when their version counter changed.
 """
@@ -34,9 +34,8 @@ _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 # What one server round trip costs, in tensor elements copied through the arena (~150 µs of
 # pipe, JSON and wake-up ≈ 2·10⁵ float copies): the activation path pays two per call (forward
-# and backward), the weight path none of its own (its ΔWs and ∂ΔWs travel in one call per
-# step for all modules), so a layer moves ΔW unless that costs more than its activations
-# plus this.
+# and backward), the weight path none of its own (its ΔWs and ∂ΔWs travel with a whole group
+# of modules), so a layer moves ΔW unless that costs more than its activations plus this.
 _ROUND_TRIP_ELEMENTS = 1 << 17
 
 # Multiply-adds that cost about as much as copying one tensor element through the arena
@@ -416,7 +415,7 @@ class LycorisNetwork(nn.Module):
         else:
             inputs, outputs = layer.in_channels, layer.out_channels
         activation_cost = x.numel() * (1 + outputs / inputs) + _ROUND_TRIP_ELEMENTS
-        if not self.modules_info[name].get("factor_path", True):
+        if not self.modules_info[name]["factor_path"]:
             # op(x, W) costs |W| multiply-adds per position (per row of a Linear's input).
             positions = x.numel() / inputs
             activation_cost += 2 * positions * layer.weight.numel() / _MULTIPLY_ADDS_PER_COPY
@@ -548,16 +547,21 @@ class LycorisNetwork(nn.Module):
         """`name` and the modules that followed it in first-use order, not fetched yet this
         step, up to :data:`_DELTA_GROUP_BYTES` of ΔW (at least `name`)."""
         order = list(self._weight_order)
+        return next(self._byte_groups([n for n in order[order.index(name):] if n not in self._step_fetched]))
+
+    def _byte_groups(self, names: list[str]) -> Iterator[list[str]]:
+        """`names` split, in order, into runs of at most :data:`_DELTA_GROUP_BYTES` of ΔW
+        (a module larger than that alone)."""
         group, size = [], 0
-        for candidate in order[order.index(name):]:
-            if candidate in self._step_fetched:
-                continue
-            nbytes = self._delta_bytes(candidate)
+        for name in names:
+            nbytes = self._delta_bytes(name)
             if group and size + nbytes > _DELTA_GROUP_BYTES:
-                break
-            group.append(candidate)
+                yield group
+                group, size = [], 0
+            group.append(name)
             size += nbytes
-        return group
+        if group:
+            yield group
 
     def _delta_bytes(self, name: str) -> int:
         """Bytes of a module's F32 weight delta (ΔW, and Δb for a norm with a bias)."""
@@ -651,18 +655,8 @@ class LycorisNetwork(nn.Module):
         """(name, (m·ΔW,) or (m·ΔW, m·Δb)) of `names` (default: every module) as the server
         computes them now, without tapes, fetched in groups of bounded arena size."""
         self.sync()
-        names = list(self.modules_info if names is None else names)
-        start = 0
-        while start < len(names):
-            batch, size = [], 0
-            while start < len(names):
-                nbytes = self._delta_bytes(names[start])
-                if batch and size + nbytes > _DELTA_GROUP_BYTES:
-                    break
-                batch.append(names[start])
-                size += nbytes
-                start += 1
-            for name, (deltas, _) in self._fetch_delta_weights(batch, keep_tapes=False).items():
+        for group in self._byte_groups(list(self.modules_info if names is None else names)):
+            for name, (deltas, _) in self._fetch_delta_weights(group, keep_tapes=False).items():
                 yield name, deltas
 
     @torch.no_grad()
