@@ -704,14 +704,20 @@ class TinyUNet(nn.Module):
 NET_SEED = 20240601
 
 
-def make_model():
-    torch.manual_seed(NET_SEED)
-    model = TinyUNet()
-    gen = torch.Generator().manual_seed(NET_SEED)
+def seeded_model(model_class, seed):
+    """`model_class()` built under torch seed `seed`, every parameter then drawn from a
+    generator seeded the same way."""
+    torch.manual_seed(seed)
+    model = model_class()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
             p.copy_(randn(p.shape, gen))
     return model
+
+
+def make_model():
+    return seeded_model(TinyUNet, NET_SEED)
 
 
 NET_COMMON = dict(linear_dim=4, linear_alpha=2.0, conv_dim=4, conv_alpha=3.0)
@@ -1056,13 +1062,7 @@ def convnd_fixtures():
     """LyCORIS networks on Conv1d/Conv3d layers: base weights, saved files, and the adapted
     layers' float64 outputs (cross-checked against create_lycoris_from_weights)."""
     def make():
-        torch.manual_seed(CONVND_SEED)
-        model = ConvNdModel()
-        gen = torch.Generator().manual_seed(CONVND_SEED)
-        with torch.no_grad():
-            for _, p in model.named_parameters():
-                p.copy_(randn(p.shape, gen))
-        return model
+        return seeded_model(ConvNdModel, CONVND_SEED)
 
     written = []
     base = NETWORKS_DIR / "convnd_base.safetensors"
