@@ -85,6 +85,19 @@ public protocol AdapterAlgorithm: Sendable {
     var bypassCost: Int? { get }
     /// What a file stores for this module, key suffix → tensor (scalar folded in).
     func savedTensors() -> [SavedTensor]
+
+    /// W'(m) − W0: the change the module makes to the base weight with multiplier `m`, after
+    /// the rebuild rank-dropout mask (`rowMask`, (out,) on ΔW's rows; nil: none).
+    ///
+    /// The default is LyCORIS's additive rule m·(mask ⊙ ΔW). Algorithms whose multiplier
+    /// does not scale ΔW linearly (DoRA's decomposition, BOFT's per-stage blend) or that
+    /// mask something else override this and the two members below together.
+    func multipliedDeltaWeight(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor
+    /// b'(m) − b0 where the algorithm adapts the bias (nil otherwise); default m·(mask ⊙ Δb).
+    func multipliedDeltaBias(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor?
+    /// ∂L/∂parameters from ∂L/∂(W'(m) − W0) and ∂L/∂(b'(m) − b0) (nil: zero).
+    func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
+                                       rowMask: Tensor?, _ context: DeltaContext) throws -> ParameterSet
 }
 
 extension AdapterAlgorithm {
@@ -113,6 +126,30 @@ extension AdapterAlgorithm {
         return (gradInput, try deltaWeightBackward(gradDelta, biasGradient: gradBias, context))
     }
 
+    public func multipliedDeltaWeight(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor {
+        var delta = try deltaWeight(context)
+        if let rowMask { delta = delta.scalingRows(by: rowMask) }
+        return delta * m
+    }
+
+    public func multipliedDeltaBias(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor? {
+        guard adaptsBias else { return nil }
+        var delta = try deltaBias(context)
+        if let rowMask { delta = delta.scalingRows(by: rowMask) }
+        return delta * m
+    }
+
+    public func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
+                                              rowMask: Tensor?, _ context: DeltaContext) throws -> ParameterSet {
+        var g = gradient * m
+        var gBias = biasGradient.map { $0 * m }
+        if let rowMask {
+            g = g.scalingRows(by: rowMask)
+            gBias = gBias.map { $0.scalingRows(by: rowMask) }
+        }
+        return try deltaWeightBackward(g, biasGradient: gBias, context)
+    }
+
     /// Number of trainable scalars.
     public var parameterCount: Int { parameters.scalarCount }
 
@@ -121,6 +158,14 @@ extension AdapterAlgorithm {
         guard tensor.shape == shape else {
             throw AdapterError("\(algorithm.rawValue): \(name) has shape \(tensor.shape), expected \(shape) for this layer")
         }
+    }
+}
+
+extension Tensor {
+    /// Each leading-axis slice i multiplied by `factors[i]` (a rank-dropout mask on ΔW's rows).
+    func scalingRows(by factors: Tensor) -> Tensor {
+        let inner = count / factors.count
+        return Tensor(shape: shape, scalars: scalars.enumerated().map { $0.element * factors.scalars[$0.offset / inner] })
     }
 }
 

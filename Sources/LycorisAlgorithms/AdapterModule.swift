@@ -101,40 +101,27 @@ public struct AdapterModule: Sendable {
         return mask
     }
 
-    /// ΔW as the forward uses it: m·(row mask ⊙ ΔW).
+    /// W'(m) − W0 as the forward uses it (LyCORIS: m·(row mask ⊙ ΔW); see
+    /// ``AdapterAlgorithm/multipliedDeltaWeight(_:rowMask:_:)``).
     public func effectiveDeltaWeight(_ tape: Tape) throws -> Tensor {
         if tape.skipped { return .zeros(layer.weightShape) }
-        var delta = try algorithm.deltaWeight(tape.context)
-        if let mask = tape.rowMask { delta = Self.maskRows(delta, mask) }
-        return delta * multiplier
+        return try algorithm.multipliedDeltaWeight(multiplier, rowMask: tape.rowMask, tape.context)
     }
 
-    /// Δb as the forward uses it, m·(row mask ⊙ Δb); nil when the algorithm does not adapt
-    /// the bias.
+    /// b'(m) − b0 as the forward uses it, m·(row mask ⊙ Δb); nil when the algorithm does not
+    /// adapt the bias.
     public func effectiveDeltaBias(_ tape: Tape) throws -> Tensor? {
         guard algorithm.adaptsBias else { return nil }
         if tape.skipped { return .zeros(layer.biasShape) }
-        var delta = try algorithm.deltaBias(tape.context)
-        if let mask = tape.rowMask { delta = Self.maskRows(delta, mask) }
-        return delta * multiplier
+        return try algorithm.multipliedDeltaBias(multiplier, rowMask: tape.rowMask, tape.context)
     }
 
-    private static func maskRows(_ tensor: Tensor, _ mask: Tensor) -> Tensor {
-        let inner = tensor.count / mask.count
-        return Tensor(shape: tensor.shape, scalars: tensor.scalars.enumerated().map { $0.element * mask.scalars[$0.offset / inner] })
-    }
-
-    /// Gradients of the parameters from ∂L/∂(m·ΔW) and ∂L/∂(m·Δb) (nil: zero) — rebuild-mode
-    /// trainers that apply W0 + m·ΔW (and b + m·Δb) themselves.
+    /// Gradients of the parameters from ∂L/∂(W' − W0) and ∂L/∂(b' − b0) (nil: zero) —
+    /// rebuild-mode trainers that apply W0 + (W' − W0) (and b0 + (b' − b0)) themselves.
     public func effectiveDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor? = nil, _ tape: Tape) throws -> ParameterSet {
         if tape.skipped { return zeroGradients() }
-        var g = gradient * multiplier
-        var gBias = biasGradient.map { $0 * multiplier }
-        if let mask = tape.rowMask {
-            g = Self.maskRows(g, mask)
-            gBias = gBias.map { Self.maskRows($0, mask) }
-        }
-        return try algorithm.deltaWeightBackward(g, biasGradient: gBias, tape.context)
+        return try algorithm.multipliedDeltaWeightBackward(gradient, biasGradient: biasGradient, multiplier: multiplier,
+                                                           rowMask: tape.rowMask, tape.context)
     }
 
     /// ∂L/∂Δb's layer part, Σ ∂y over all but the channel axis, where the algorithm adapts the bias.
