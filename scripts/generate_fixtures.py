@@ -59,6 +59,8 @@ from safetensors.torch import load_file, save_file
 
 import lycoris  # noqa: F401
 from lycoris.modules import (
+    ButterflyOFTModule,
+    DiagOFTModule,
     DyLoraModule,
     IA3Module,
     LoConModule,
@@ -83,7 +85,10 @@ ALGO_CLASSES = {
     "lokr": LokrModule,
     "ia3": IA3Module,
     "dylora": DyLoraModule,
+    "diag-oft": DiagOFTModule,
+    "boft": ButterflyOFTModule,
 }
+OFT_ALGOS = ("diag-oft", "boft")
 
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -312,6 +317,38 @@ case("ia3_conv3d_bypass", "ia3", conv3(8, 12, k=1), dict(bypass_mode=True), "IA3
 case("dylora_conv1d_k3_b1", "dylora", conv1(8, 12, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "DyLoRA Conv1d k=3 r=4 block_size 2, b=1", dylora_block=1)
 case("dylora_conv3d_k3_b0", "dylora", conv3(8, 12, s=2, p=1), dict(lora_dim=4, alpha=3.0, block_size=2), "DyLoRA Conv3d k=3 stride 2, b=0", dylora_block=0)
 
+# Diag-OFT (constraint passed as a float, as LyCORIS's wrapper does: alpha is then F32)
+OFT0 = dict(lora_dim=4, constraint=0.0)
+case("oft_linear", "diag-oft", L24_20, OFT0, "Diag-OFT Linear(24->20), lora_dim 4: factorization(20, 4) = (4, 5): oft_blocks (5, 4, 4)")
+case("oft_linear_constraint", "diag-oft", L24_20, dict(lora_dim=4, constraint=0.01), "constraint 0.01: bound 0.01*20 = 0.2 < ||Q||, Q rescaled to norm 0.2")
+case("oft_linear_constraint_loose", "diag-oft", L24_20, dict(lora_dim=4, constraint=1.0), "constraint 1.0: bound 20 > ||Q||, Q unchanged")
+case("oft_linear_rescaled", "diag-oft", L24_20, dict(OFT0, rescaled=True), "rescaled: rescale (20, 1)")
+case("oft_linear_mult0p6", "diag-oft", L24_20, dict(OFT0, multiplier=0.6), "multiplier 0.6: W' = W + 0.6*(R^T - I)W (LyCORIS crashes with rescaled here)")
+case("oft_linear_bypass", "diag-oft", L24_20, dict(OFT0, bypass_mode=True), "bypass_mode: (R^T - I) applied to org_out (bias included)")
+case("oft_linear_bypass_rescaled_constraint", "diag-oft", L24_20, dict(lora_dim=4, constraint=0.01, rescaled=True, bypass_mode=True), "bypass_mode + rescale + constraint")
+case("oft_linear_lora_dim3", "diag-oft", L24_20, dict(lora_dim=3, constraint=0.0), "lora_dim 3 does not divide 20: factorization(20, 3) = (2, 10)")
+case("oft_conv3x3", "diag-oft", conv(8, 12, p=1), OFT0, "Conv 3x3 8->12: factorization(12, 4) = (3, 4): oft_blocks (4, 3, 3)")
+case("oft_conv3x3_constraint_mult0p7", "diag-oft", conv(8, 12, s=2, p=1), dict(lora_dim=4, constraint=0.02, multiplier=0.7), "Conv 3x3 stride 2, constraint, multiplier 0.7")
+case("oft_conv3x3_rescaled", "diag-oft", conv(8, 12, p=1), dict(OFT0, rescaled=True), "Conv 3x3, rescale (12,1,1,1)")
+case("oft_conv3x3_groups2_bypass", "diag-oft", conv(8, 12, p=1, g=2), dict(OFT0, bypass_mode=True, rescaled=True), "Conv 3x3 groups 2, bypass_mode + rescale (channels of org_out)")
+case("oft_conv1d_k3", "diag-oft", conv1(8, 12, p=1), dict(OFT0, rescaled=True), "Conv1d k=3, rescale (12,1,1)")
+case("oft_conv3d_k3_bypass", "diag-oft", conv3(8, 12, s=2, p=1), dict(OFT0, bypass_mode=True), "Conv3d k=3 stride 2 bypass_mode")
+
+# BOFT
+BOFT0 = dict(lora_dim=4, constraint=0.0)
+L24_16 = lin(24, 16)
+case("boft_linear", "boft", L24_16, BOFT0, "BOFT Linear(24->16), lora_dim 4: power2factorization(16, 4) = (4, 4), 3 stages: oft_blocks (3, 4, 4, 4)")
+case("boft_linear_lora2", "boft", L24_16, dict(lora_dim=2, constraint=0.0), "lora_dim 2: blocks of 2, 8 blocks, 4 stages")
+case("boft_linear_constraint", "boft", L24_16, dict(lora_dim=4, constraint=0.01), "constraint 0.01: one norm over every stage, bound 0.16")
+case("boft_linear_rescaled", "boft", L24_16, dict(BOFT0, rescaled=True), "rescaled: rescale (16, 1)")
+case("boft_linear_mult0p6", "boft", L24_16, dict(BOFT0, multiplier=0.6, rescaled=True), "multiplier 0.6 blends every stage: m*R + (1-m)*I; rescale")
+case("boft_linear_bypass", "boft", L24_16, dict(BOFT0, bypass_mode=True), "bypass_mode: the butterfly on org_out (bias included)")
+case("boft_linear_bypass_rescaled_mult0p8", "boft", L24_16, dict(BOFT0, bypass_mode=True, rescaled=True, multiplier=0.8), "bypass_mode + rescale, multiplier 0.8")
+case("boft_conv3x3_b6", "boft", conv(8, 12, p=1), dict(lora_dim=6, constraint=0.0), "Conv 3x3 8->12, lora_dim 6: (6, 2) blocks of 6, 2 stages")
+case("boft_conv3x3_stride2_rescaled_constraint", "boft", conv(8, 16, s=2, p=1), dict(lora_dim=4, constraint=0.02, rescaled=True), "Conv 3x3 8->16 stride 2, rescale, constraint")
+case("boft_conv1d_k3_bypass", "boft", conv1(8, 16, p=1), dict(BOFT0, bypass_mode=True, rescaled=True), "Conv1d k=3 bypass_mode + rescale")
+case("boft_conv3d_k3", "boft", conv3(8, 16, p=1, g=2), dict(lora_dim=8, constraint=0.0), "Conv3d k=3 groups 2, lora_dim 8: (8, 2), 2 stages")
+
 
 # Norm (NormModule on LayerNorm / GroupNorm; make_norm_fixture)
 
@@ -376,6 +413,8 @@ def rebuild_delta(module, algo, case_):
         return module.get_weight(module.shape) * module.scalar * mult
     if algo == "ia3":
         return module.get_merged_weight(mult)[0] - module.org_weight
+    if algo in OFT_ALGOS:
+        return oft_rebuild_delta(module)
     if algo == "dylora":
         b = case_["dylora_block"]
         return (
@@ -383,6 +422,70 @@ def rebuild_delta(module, algo, case_):
             - module.org_weight
         )
     raise ValueError(algo)
+
+
+def _cayley_in_dtype(oft_blocks, I=None, constraint=0):
+    """LyCORIS's `get_r` (skew part, norm constraint, (I+Q)(I-Q)^-1) with its one float32
+    cast removed: the cast (there for half precision) breaks a float64 run."""
+    eye = torch.eye(oft_blocks.shape[-1], dtype=oft_blocks.dtype)
+    q = oft_blocks - oft_blocks.transpose(-1, -2)
+    if constraint is not None and constraint > 0:
+        q_norm = torch.norm(q) + 1e-8
+        if q_norm > constraint:
+            q = q * constraint / q_norm
+    return (eye + q) @ (eye - q).inverse()
+
+
+def oft_float64_oracle():
+    """Route every LyCORIS Cayley transform through `_cayley_in_dtype`."""
+    import lycoris.functional.boft as boft_functional
+    import lycoris.functional.diag_oft as oft_functional
+
+    oft_functional.get_r = _cayley_in_dtype
+    boft_functional.get_r = _cayley_in_dtype
+    DiagOFTModule.get_r = lambda self: _cayley_in_dtype(self.oft_blocks, constraint=self.constraint)
+    ButterflyOFTModule.get_r = lambda self: _cayley_in_dtype(self.oft_blocks, constraint=self.constraint)
+
+
+@torch.no_grad()
+def oft_rebuild_delta(module):
+    """Diag-OFT/BOFT: W'(m) - W0 as LyCORIS's rebuild forms it (multiplier inside)."""
+    return module.get_diff_weight(multiplier=module.multiplier)[0]
+
+
+@torch.no_grad()
+def oft_bypass_reference(module, org_out, spec):
+    """Diag-OFT/BOFT bypass at multiplier m, written out independently of LyCORIS's
+    einsums: rescale * B_m(y) on the channel axis of y = org_out (bias included), with
+    Diag-OFT's B_m = blockdiag(m R^T + (1-m) I) and BOFT's butterfly of blended stages."""
+    m = module.multiplier
+    y = org_out if spec["kind"] == "linear" else org_out.transpose(1, -1)
+    rows = y.reshape(-1, y.shape[-1]).T  # (C, positions)
+    blocks = module.oft_blocks.detach()
+    b = blocks.shape[-1]
+    eye = torch.eye(b, dtype=blocks.dtype)
+    q = blocks - blocks.transpose(-1, -2)
+    bound = module.constraint
+    if bound > 0 and float(q.norm()) + 1e-8 > bound:
+        q = q * bound / (q.norm() + 1e-8)
+    r = torch.linalg.solve((eye - q).transpose(-1, -2), (eye + q).transpose(-1, -2)).transpose(-1, -2)
+    blend = m * r + (1 - m) * eye
+    if blocks.ndim == 3:
+        z = torch.block_diag(*blend.transpose(-1, -2)) @ rows
+    else:
+        z = rows
+        for i in range(blocks.shape[0]):
+            k = 2**i * b // 2
+            perm = torch.arange(rows.shape[0]).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
+            out = torch.empty_like(z)
+            out[perm] = torch.block_diag(*blend[i]) @ z[perm]
+            z = out
+    if module.rescaled:
+        z = z * module.rescale.detach().reshape(-1, 1)
+    delta = (z - rows).T.reshape(y.shape)
+    if spec["kind"] != "linear":
+        delta = delta.transpose(1, -1)
+    return org_out + delta
 
 
 def independent_loha_check(module, spec, params64, delta):
@@ -465,7 +568,9 @@ def make_module_fixture(case_):
     if not module.bypass_mode:
         orig_op = module.op
 
-        def recording_op(x, w, *a, **kw):
+        def recording_op(x, w=None, *a, **kw):
+            if w is None:  # Diag-OFT/BOFT pass the weight by keyword
+                w = kw.pop("weight")
             captured.append(w.detach().clone())
             return orig_op(x, w, *a, **kw)
 
@@ -494,9 +599,13 @@ def make_module_fixture(case_):
         if algo == "ia3" and module.bypass_mode:
             w = params64["weight"] * module.multiplier + 1
             y_ref = op(x.detach(), w0.double(), b0.double()) * w
+        elif algo in OFT_ALGOS and module.bypass_mode:
+            y_ref = oft_bypass_reference(module, op(x.detach(), w0.double(), b0.double()), spec)
         else:
             y_ref = op(x.detach(), w0.double() + delta, b0.double())
-        assert torch.allclose(y.detach(), y_ref, rtol=1e-10, atol=1e-10), (
+        # LyCORIS blends BOFT stages with a float32 identity: (1 - m) carries ~1e-8
+        tol = 1e-7 if algo in OFT_ALGOS else 1e-10
+        assert torch.allclose(y.detach(), y_ref, rtol=tol, atol=tol), (
             name,
             float((y.detach() - y_ref).abs().max()),
         )
@@ -877,7 +986,7 @@ def network_fixtures(model0):
         path = NETWORKS_DIR / f"{stem}.safetensors"
         net.save_weights(str(path), torch.float32, meta)
         written.append(path)
-        if stem in CORE_NET or stem == "norms":
+        if stem in CORE_NET or stem in ("norms",) + OFT_ALGOS:
             written.append(network_expected(stem, model, net, path, call))
         if stem == "lora":
             written.append(kohya_copy(path, call))
@@ -1170,6 +1279,7 @@ def verify(paths):
 
 def main():
     quiet()
+    oft_float64_oracle()
     random.seed(0)  # DyLoRA's training forward draws its block with `random`
     torch.set_default_dtype(torch.float32)
     MODULES_DIR.mkdir(parents=True, exist_ok=True)

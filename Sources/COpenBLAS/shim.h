@@ -15,4 +15,9 @@ void sgesdd_(const char *jobz, const int *m, const int *n, float *a, const int *
              float *s, float *u, const int *ldu, float *vt, const int *ldvt,
              float *work, const int *lwork, int *iwork, int *info, size_t jobz_len);
 
+/* LU factorisation and solves (the Cayley transform of Diag-OFT/BOFT). */
+void sgetrf_(const int *m, const int *n, float *a, const int *lda, int *ipiv, int *info);
+void sgetrs_(const char *trans, const int *n, const int *nrhs, const float *a, const int *lda,
+             const int *ipiv, float *b, const int *ldb, int *info, size_t trans_len);
+
 #endif

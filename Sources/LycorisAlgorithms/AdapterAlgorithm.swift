@@ -98,6 +98,13 @@ public protocol AdapterAlgorithm: Sendable {
     /// ∂L/∂parameters from ∂L/∂(W'(m) − W0) and ∂L/∂(b'(m) − b0) (nil: zero).
     func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
                                        rowMask: Tensor?, _ context: DeltaContext) throws -> ParameterSet
+
+    /// The bypass contribution with multiplier `m`; default m·``bypassForward(_:_:)``.
+    /// Overridden together with the member below where m does not scale Δ(x) (OFT, BOFT).
+    func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor
+    /// (∂x, ∂parameters) of ``multipliedBypassForward(_:multiplier:_:)`` given its ∂output.
+    func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                  _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet)
 }
 
 extension AdapterAlgorithm {
@@ -148,6 +155,15 @@ extension AdapterAlgorithm {
             gBias = gBias.map { $0.scalingRows(by: rowMask) }
         }
         return try deltaWeightBackward(g, biasGradient: gBias, context)
+    }
+
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        try bypassForward(x, context) * m
+    }
+
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        try bypassBackward(x, gradOutput: gradOutput * m, context)
     }
 
     /// Number of trainable scalars.

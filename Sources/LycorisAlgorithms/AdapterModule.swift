@@ -138,7 +138,7 @@ public struct AdapterModule: Sendable {
             if let bias = try effectiveDeltaBias(tape) { layer.addBias(&y, bias: bias) }
             return y
         }
-        var delta = try algorithm.bypassForward(x, tape.context) * multiplier
+        var delta = try algorithm.multipliedBypassForward(x, multiplier: multiplier, tape.context)
         if let mask = tape.outputMask { delta = delta * mask }
         return delta
     }
@@ -147,9 +147,9 @@ public struct AdapterModule: Sendable {
     public func backwardDelta(_ x: Tensor, gradOutput: Tensor, tape: Tape) throws -> (input: Tensor, parameters: ParameterSet) {
         if tape.skipped { return (.zeros(x.shape), zeroGradients()) }
         if tape.bypass {
-            var g = gradOutput * multiplier
+            var g = gradOutput
             if let mask = tape.outputMask { g = g * mask }
-            return try algorithm.bypassBackward(x, gradOutput: g, tape.context)
+            return try algorithm.multipliedBypassBackward(x, gradOutput: g, multiplier: multiplier, tape.context)
         }
         let delta = try effectiveDeltaWeight(tape)
         let gradInput = layer.backwardInput(gradOutput, weight: delta, input: x)

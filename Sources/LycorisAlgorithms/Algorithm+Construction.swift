@@ -10,6 +10,8 @@ extension Algorithm {
         case .ia3: IA3.self
         case .dylora: DyLoRA.self
         case .norms: Norm.self
+        case .diagOFT: DiagOFT.self
+        case .boft: BOFT.self
         default: nil
         }
     }
@@ -35,6 +37,8 @@ extension Algorithm {
         case .lokr: return try LoKr(layer: layer, tensors: tensors, alpha: alpha)
         case .ia3: return try IA3(layer: layer, tensors: tensors, alpha: alpha)
         case .norms: return try Norm(layer: layer, tensors: tensors, alpha: alpha)
+        case .diagOFT: return try DiagOFT(layer: layer, tensors: tensors, alpha: alpha)
+        case .boft: return try BOFT(layer: layer, tensors: tensors, alpha: alpha)
         default: throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
         }
     }

@@ -21,3 +21,19 @@ public func factorization(_ dimension: Int, factor: Int = -1) -> (m: Int, n: Int
     }
     return (Swift.min(m, n), Swift.max(m, n))
 }
+
+/// LyCORIS's `power2factorization(dim, factor)` (BOFT's butterfly): dim = b·n with b even,
+/// b ≤ factor (−1: no bound) and n a power of two; of the even divisors b tried upwards,
+/// the last one whose n is a power of two wins. nil where none exists.
+/// Examples: 64 with factor 4 → (4, 16); 20 with factor 4 → (nil: 20/2 = 10 and 20/4 = 5).
+public func power2Factorization(_ dimension: Int, factor: Int = -1) -> (blockSize: Int, blockCount: Int)? {
+    let bound = factor == -1 ? dimension : factor
+    var (m, n) = (0, 0)
+    while m <= bound {
+        m += 2
+        while dimension % m != 0 && m < dimension { m += 2 }
+        if m > bound { break }
+        if (dimension / m).nonzeroBitCount == 1 { n = dimension / m }
+    }
+    return n == 0 ? nil : (dimension / n, n)
+}

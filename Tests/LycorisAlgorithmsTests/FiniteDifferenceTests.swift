@@ -19,6 +19,9 @@ struct FiniteDifferenceTests {
         let options: AdapterOptions
         /// The input's shape where the layer kind does not fix it.
         var inputShape: [Int]? = nil
+        /// The parameters' finite-difference step: Diag-OFT/BOFT are not linear in their
+        /// blocks (Cayley transform), so a small step keeps the O(h²) error below tolerance.
+        var parameterStep: Float = 0.25
         var testDescription: String { label }
     }
 
@@ -33,6 +36,9 @@ struct FiniteDifferenceTests {
         edit(&options)
         return options
     }
+
+    static let boftLinear = LayerSpec.linear(inFeatures: 5, outFeatures: 8)
+    static let boftConv = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 8, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
 
     static let cases: [Case] = [
         Case(label: "locon linear", algorithm: .locon, layer: linear, options: options { _ in }),
@@ -62,6 +68,18 @@ struct FiniteDifferenceTests {
              options: options { $0.rank = 1; $0.useTucker = true; $0.bypassMode = true }),
         Case(label: "ia3 conv3d input bypass", algorithm: .ia3, layer: conv3d, options: options { $0.trainOnInput = true; $0.bypassMode = true }),
         Case(label: "ia3 conv1d output", algorithm: .ia3, layer: conv1d, options: options { _ in }),
+        Case(label: "diag-oft linear rescaled constraint", algorithm: .diagOFT, layer: linear,
+             options: options { $0.rescaled = true; $0.constraint = 0.05 }, parameterStep: 1e-2),
+        Case(label: "diag-oft conv bypass rescaled", algorithm: .diagOFT, layer: conv,
+             options: options { $0.rescaled = true; $0.bypassMode = true }, parameterStep: 1e-2),
+        Case(label: "diag-oft conv3d", algorithm: .diagOFT, layer: conv3d, options: options { $0.rank = 3 }, parameterStep: 1e-2),
+        Case(label: "boft linear rescaled", algorithm: .boft, layer: boftLinear, options: options { $0.rescaled = true }, parameterStep: 1e-2),
+        Case(label: "boft linear bypass constraint", algorithm: .boft, layer: boftLinear,
+             options: options { $0.bypassMode = true; $0.constraint = 0.05 }, parameterStep: 1e-2),
+        Case(label: "boft conv rescaled bypass", algorithm: .boft, layer: boftConv,
+             options: options { $0.rank = 4; $0.rescaled = true; $0.bypassMode = true }, parameterStep: 1e-2),
+        Case(label: "boft conv1d", algorithm: .boft, layer: .convolution(ConvGeometry(inChannels: 4, outChannels: 8, kernelSize: [3], padding: [1])),
+             options: options { _ in }, parameterStep: 1e-2),
         Case(label: "norm layer_norm 2-D", algorithm: .norms, layer: .norm(Normalization(kind: .layer(normalizedShape: [3, 4]))),
              options: options { _ in }, inputShape: [2, 3, 4]),
         Case(label: "norm layer_norm no bias", algorithm: .norms, layer: .norm(Normalization(kind: .layer(normalizedShape: [6]), hasBias: false)),
@@ -132,7 +150,8 @@ struct FiniteDifferenceTests {
         }
         for (name, tensor) in module.algorithm.parameters.entries {
             let grad = try #require(analytic.parameters[name])
-            try checkDifference("∂\(name)", count: tensor.count, analytic: grad, detached: detachedElements(module, tape, name, tensor.shape)) { i, h in
+            try checkDifference("∂\(name)", count: tensor.count, analytic: grad, step: testCase.parameterStep,
+                                detached: detachedElements(module, tape, name, tensor.shape)) { i, h in
                 var shifted = module
                 var value = tensor
                 value.scalars[i] += h

@@ -41,12 +41,16 @@ struct LycorisParityTests {
 
     /// Every fixture through both evaluation orders: forced rebuild (op(x, W0 + m·ΔW)) and
     /// forced bypass (the factor paths, on convolutions too: stride, dilation, groups,
-    /// Tucker). IA3's bypass also scales the bias, so each IA3 case is checked in the mode
-    /// LyCORIS ran it in.
+    /// Tucker). The bypass of IA3 scales the bias, and that of Diag-OFT/BOFT rotates it, so
+    /// those cases are checked in the mode LyCORIS ran them in.
     static var modeCases: [(String, Bool)] {
         ModuleFixture.allNames.flatMap { name in
-            name.hasPrefix("ia3") ? [(name, name.hasSuffix("_bypass"))] : [(name, false), (name, true)]
+            transformsBiasInBypass(name) ? [(name, name.contains("_bypass"))] : [(name, false), (name, true)]
         }
+    }
+
+    static func transformsBiasInBypass(_ name: String) -> Bool {
+        ["ia3", "oft", "boft"].contains { name.hasPrefix($0 + "_") }
     }
 
     @Test("forced rebuild and forced bypass compute LyCORIS's function", arguments: modeCases)
@@ -72,7 +76,7 @@ struct LycorisParityTests {
         // A trainer applying W0 + ΔW (and b + Δb) itself sends ∂L/∂W' = op_W-gradient (and
         // ∂L/∂b') back; the parameter gradients must equal the in-layer ones.
         let fixture = try ModuleFixture(name)
-        guard !fixture.bypass || fixture.algorithm != .ia3 else { return }  // IA3 bypass scales the bias too
+        guard !fixture.bypass || !Self.transformsBiasInBypass(name) else { return }  // their bypass transforms the bias too
         let module = try fixture.makeModule()
         let tape = fixture.tape(for: module)
         let gradOutput = try fixture.tensor("grad_output")

@@ -28,7 +28,7 @@ struct NetworkFileTests {
     }
 
     @Test("LyCORIS files load onto their layers and reproduce LyCORIS's outputs",
-          arguments: ["lora", "loha", "lokr", "ia3", "dylora"])
+          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft"])
     func loadAndForward(_ algo: String) throws {
         let base = try NetworkFixture.base
         let file = try AdapterFile(path: NetworkFixture.path(algo))
@@ -53,7 +53,7 @@ struct NetworkFileTests {
     }
 
     @Test("merge gives weights whose outputs equal LyCORIS's adapted outputs",
-          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "kohya_lora"])
+          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "kohya_lora", "diag-oft", "boft"])
     func merge(_ algo: String) throws {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-\(algo)-\(UUID()).safetensors").path
         defer { try? FileManager.default.removeItem(atPath: output) }

@@ -39,6 +39,13 @@ struct RoundTripTests {
         var lokr = AdapterOptions(rank: 2, alpha: 1)
         lokr.decomposeBoth = true
         lokr.factor = 2
+        var oft = AdapterOptions(rank: 4, alpha: 1)
+        oft.rescaled = true
+        oft.constraint = 0.05
+        var boft = AdapterOptions(rank: 10, alpha: 1)
+        boft.rescaled = true
+        var boftConv = AdapterOptions(rank: 6, alpha: 1)
+        boftConv.constraint = 0.05
         return [
             Case(algorithm: .locon, layer: linear, options: scalar), Case(algorithm: .locon, layer: conv, options: tucker),
             Case(algorithm: .loha, layer: linear, options: scalar), Case(algorithm: .loha, layer: conv, options: tucker),
@@ -50,6 +57,10 @@ struct RoundTripTests {
             Case(algorithm: .lokr, layer: conv1d, options: lokr), Case(algorithm: .lokr, layer: conv3d, options: tucker),
             Case(algorithm: .ia3, layer: conv1d, options: input), Case(algorithm: .ia3, layer: conv3d, options: AdapterOptions()),
             Case(algorithm: .dylora, layer: conv1d, options: dylora), Case(algorithm: .dylora, layer: conv3d, options: dylora),
+            Case(algorithm: .diagOFT, layer: linear, options: oft), Case(algorithm: .diagOFT, layer: conv, options: oft),
+            Case(algorithm: .diagOFT, layer: conv3d, options: oft),
+            Case(algorithm: .boft, layer: linear, options: boft), Case(algorithm: .boft, layer: conv, options: boftConv),
+            Case(algorithm: .boft, layer: conv1d, options: boftConv),
         ]
     }
 

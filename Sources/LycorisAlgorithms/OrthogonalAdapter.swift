@@ -1,0 +1,151 @@
+import LycorisCore
+
+/// What Diag-OFT and BOFT share: the base layer's output rows pass through an
+/// ``OrthogonalChain`` at multiplier m and are then scaled by the optional `rescale` (out,):
+///
+///     rebuild:  W'(m) = rescale ⊙ chain_m(W0),  ΔW(m) = W'(m) − W0   (rows of W0 as (out, in·K))
+///     bypass:   y = op(x, W0) + b,  Δ(x) = rescale ⊙ chain_m(y) − y   (channel axis as rows)
+///
+/// The multiplier blends each rotation with the identity, so ΔW(m) is not m·ΔW(1): these
+/// algorithms override the multiplied members. Rank dropout masks ΔW(m)'s rows. The bypass
+/// transforms the base output with its bias (LyCORIS's bypass rotates `org_out`), so it
+/// differs from the rebuild on a layer with a bias.
+///
+/// Backward of Δ = rescale ⊙ Zₛ − Z₀ given g: ∂rescale = Σ_columns g ⊙ Zₛ,
+/// ∂Zₛ = rescale ⊙ g, then the chain's backward gives ∂Z₀ (minus g) and ∂oft_blocks.
+public protocol OrthogonalAdapter: AdapterAlgorithm {
+    /// The chain at multiplier `m`.
+    func chain(multiplier m: Float) throws -> OrthogonalChain
+}
+
+extension OrthogonalAdapter {
+    public var scale: Float { 1 }
+    public var rank: Int? { nil }
+
+    private var rescale: Tensor? { parameters["rescale"] }
+
+    private func baseWeight(_ context: DeltaContext) throws -> Tensor {
+        guard let base = context.baseWeight else { throw AdapterError("\(Self.algorithm.rawValue) needs the base layer's weight") }
+        return base.reshaped([layer.outFeatures, -1])
+    }
+
+    /// rescale ⊙ chain(z) − z for rows `z`, with what the backward needs.
+    private func transform(_ z: Tensor, multiplier m: Float) throws -> (delta: Tensor, chain: OrthogonalChain, states: [Tensor]) {
+        let chain = try chain(multiplier: m)
+        let states = chain.forward(z)
+        var out = states.last!
+        if let rescale { out = out.scalingRows(by: rescale) }
+        return (out - z, chain, states)
+    }
+
+    /// (∂z, ∂parameters) of ``transform(_:multiplier:)`` given ∂Δ.
+    private func transformBackward(_ g: Tensor, chain: OrthogonalChain, states: [Tensor]) -> (input: Tensor, parameters: ParameterSet) {
+        var grads = ParameterSet()
+        var gradFinal = g
+        if let rescale {
+            let last = states.last!
+            let columns = g.shape[1]
+            var sums = [Float](repeating: 0, count: g.shape[0])
+            for row in 0..<g.shape[0] {
+                var total = 0.0
+                for j in (row * columns)..<((row + 1) * columns) { total += Double(g.scalars[j]) * Double(last.scalars[j]) }
+                sums[row] = Float(total)
+            }
+            grads["rescale"] = Tensor(shape: rescale.shape, scalars: sums)
+            gradFinal = g.scalingRows(by: rescale)
+        }
+        let back = chain.backward(gradFinal, states: states)
+        var result = ParameterSet([("oft_blocks", back.blocks.reshaped(parameters.required("oft_blocks").shape))])
+        if let gradRescale = grads["rescale"] { result["rescale"] = gradRescale }
+        return (back.input - g, result)
+    }
+
+    public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
+        try multipliedDeltaWeight(1, rowMask: nil, context)
+    }
+
+    public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
+        try multipliedDeltaWeightBackward(gradient, biasGradient: nil, multiplier: 1, rowMask: nil, context)
+    }
+
+    public func multipliedDeltaWeight(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor {
+        var delta = try transform(try baseWeight(context), multiplier: m).delta
+        if let rowMask { delta = delta.scalingRows(by: rowMask) }
+        return delta.reshaped(layer.weightShape)
+    }
+
+    public func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
+                                              rowMask: Tensor?, _ context: DeltaContext) throws -> ParameterSet {
+        let forward = try transform(try baseWeight(context), multiplier: m)
+        var g = gradient.reshaped(forward.delta.shape)
+        if let rowMask { g = g.scalingRows(by: rowMask) }
+        return transformBackward(g, chain: forward.chain, states: forward.states).parameters
+    }
+
+    // MARK: Bypass: transform the base output's channels
+
+    /// The base output op(x, W0) + b with channels as rows, (C, positions).
+    private func baseOutputRows(_ x: Tensor, _ context: DeltaContext) throws -> (rows: Tensor, shape: [Int]) {
+        guard let weight = context.baseWeight else { throw AdapterError("\(Self.algorithm.rawValue) needs the base layer's weight") }
+        var y = layer.apply(x, weight: weight)
+        if let bias = context.baseBias { layer.addBias(&y, bias: bias) }
+        return (channelRows(y), y.shape)
+    }
+
+    private func channelRows(_ y: Tensor) -> Tensor {
+        let c = layer.outFeatures
+        guard layer.isConvolution else { return y.reshaped([-1, c]).transposed }
+        return y.reshaped([y.shape[0], c, -1]).permuted([1, 0, 2]).reshaped([c, -1])
+    }
+
+    private func fromChannelRows(_ z: Tensor, shape: [Int]) -> Tensor {
+        guard layer.isConvolution else { return z.transposed.reshaped(shape) }
+        return z.reshaped([layer.outFeatures, shape[0], -1]).permuted([1, 0, 2]).reshaped(shape)
+    }
+
+    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
+        try multipliedBypassForward(x, multiplier: 1, context)
+    }
+
+    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        try multipliedBypassBackward(x, gradOutput: gradOutput, multiplier: 1, context)
+    }
+
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        let base = try baseOutputRows(x, context)
+        return fromChannelRows(try transform(base.rows, multiplier: m).delta, shape: base.shape)
+    }
+
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        let base = try baseOutputRows(x, context)
+        let forward = try transform(base.rows, multiplier: m)
+        let back = transformBackward(channelRows(gradOutput), chain: forward.chain, states: forward.states)
+        let gradY = fromChannelRows(back.input, shape: base.shape)
+        return (layer.backwardInput(gradY, weight: context.baseWeight!, inputShape: x.shape), back.parameters)
+    }
+
+    /// A file module's `oft_blocks` and optional `rescale`.
+    static func fileParameters(_ tensors: [String: Tensor]) throws -> ParameterSet {
+        guard let blocks = tensors["oft_blocks"] else { throw AdapterError("\(algorithm.rawValue): oft_blocks is required") }
+        var p = ParameterSet([("oft_blocks", blocks)])
+        if let rescale = tensors["rescale"] { p["rescale"] = rescale }
+        return p
+    }
+
+    /// `rescale` is (out, 1…) of the weight's rank; the constraint finite and ≥ 0.
+    static func checkRescaleAndConstraint(_ p: ParameterSet, _ constraint: Float, layer: LayerSpec) throws {
+        if let rescale = p["rescale"] { try expectShape(rescale, DiagOFT.rescaleShape(layer), "rescale") }
+        guard constraint.isFinite && constraint >= 0 else {
+            throw AdapterError("\(algorithm.rawValue): constraint must be finite and ≥ 0, got \(constraint)")
+        }
+    }
+
+    /// `oft_blocks`, `rescale` where trained, and `alpha` (the constraint, F32).
+    func orthogonalSavedTensors(constraint: Float) -> [SavedTensor] {
+        var saved = [SavedTensor("oft_blocks", parameters.required("oft_blocks"))]
+        if let rescale { saved.append(SavedTensor("rescale", rescale)) }
+        saved.append(SavedTensor("alpha", Tensor(scalar: constraint), storage: .float32))
+        return saved
+    }
+}
