@@ -12,6 +12,15 @@ public enum Algorithm: String, Sendable, CaseIterable, Codable {
         }
     }
 
+    /// Whether the algorithm's math needs the base layer's weight W0 (IA3 scales it;
+    /// Diag-OFT and BOFT rotate it).
+    public var needsBaseWeight: Bool {
+        switch self {
+        case .ia3, .diagOFT, .boft: true
+        default: false
+        }
+    }
+
     /// Detects a module's algorithm from the key suffixes it has in a file, in LyCORIS's
     /// detection order (LoCon, LoHa, IA3, LoKr, Full, Norms, OFT, BOFT, GLoRA, T-LoRA).
     /// `oftBlocksRank` tells diag-OFT (3-D `oft_blocks`) from BOFT (4-D).

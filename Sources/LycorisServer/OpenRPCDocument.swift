@@ -1306,9 +1306,9 @@ enum OpenRPCDocument {
         "pattern": "^[^.]+$"
       },
       "AlgorithmName": {
-        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, norm (also spelled norms; norm layers only, and the only algorithm for them). The names glora, full, diag-oft, boft and tlora are recognised but answered with -32008.",
+        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, diag-oft, boft, norm (also spelled norms; norm layers only, and the only algorithm for them). The names glora, full and tlora are recognised but answered with -32008.",
         "type": "string",
-        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Nn][Oo][Rr][Mm][Ss]?)$"
+        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Dd][Ii][Aa][Gg]-[Oo][Ff][Tt]|[Bb][Oo][Ff][Tt]|[Nn][Oo][Rr][Mm][Ss]?)$"
       },
       "Algorithm": {
         "description": "Algorithm as the server reports it (lora is reported as locon, norm as norms).",
@@ -1319,6 +1319,8 @@ enum OpenRPCDocument {
           "lokr",
           "ia3",
           "dylora",
+          "diag-oft",
+          "boft",
           "norms"
         ]
       },
@@ -1426,6 +1428,15 @@ enum OpenRPCDocument {
             "description": "IA3: scale input channels instead of output channels. Default false.",
             "type": "boolean"
           },
+          "constraint": {
+            "description": "Diag-OFT/BOFT: bound on the norm of the skew blocks, per output channel (the bound is constraint * out); 0 = none. Saved as alpha. Default 0.",
+            "type": "number",
+            "minimum": 0
+          },
+          "rescaled": {
+            "description": "Diag-OFT/BOFT: a trainable per-output-channel rescale, initialised to 1. Default false.",
+            "type": "boolean"
+          },
           "block_size": {
             "description": "DyLoRA rank block size; lora_dim must be a multiple of it (else -32008). Default 4.",
             "type": "integer",
@@ -1498,7 +1509,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1540,7 +1551,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1603,7 +1614,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1666,7 +1677,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",

@@ -10,7 +10,7 @@ extension LycorisService {
         let normalized = name.lowercased()
         let algorithm: Algorithm? = normalized == "lora" ? .locon : normalized == "norm" ? .norms : Algorithm(rawValue: normalized)
         guard let algorithm else {
-            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, norm", path: path)
+            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, diag-oft, boft, norm", path: path)
         }
         guard algorithm.isComputed else {
             throw RPCError.adapter("algorithm \(algorithm.rawValue) is recognised but not computed by this version", path: path)
@@ -133,8 +133,8 @@ extension LycorisService {
             if let bias, bias.shape != spec.biasShape {
                 throw RPCError.shapeMismatch("\(layer.at("bias")) has shape \(bias.shape), the layer needs \(spec.biasShape)", path: layer.at("bias"))
             }
-            if algorithm == .ia3 && weight == nil {
-                throw RPCError.adapter("ia3 needs the base weight of \(name) (layer.weight)", path: layer.at("weight"))
+            if algorithm.needsBaseWeight && weight == nil {
+                throw RPCError.adapter("\(algorithm.rawValue) needs the base weight of \(name) (layer.weight)", path: layer.at("weight"))
             }
             let adapter: any AdapterAlgorithm
             do {
@@ -248,8 +248,9 @@ extension LycorisService {
             }
             do {
                 module.algorithm = try file.adapter(for: fileModule, layer: module.layer)
-                if module.algorithm is IA3 && module.baseWeight == nil {
-                    throw AdapterError("ia3 needs the layer's base weight, which this network was created without (layers[].weight)")
+                let algorithm = type(of: module.algorithm).algorithm
+                if algorithm.needsBaseWeight && module.baseWeight == nil {
+                    throw AdapterError("\(algorithm.rawValue) needs the layer's base weight, which this network was created without (layers[].weight)")
                 }
             } catch let error as AdapterError {
                 throw RPCError.adapter("\(fileModule.name): \(error.description)", path: path)

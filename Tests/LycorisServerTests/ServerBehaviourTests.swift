@@ -1062,7 +1062,7 @@ struct ArenaBehaviourTests {
         #expect(result["server"]?["name"] == "lycoris-server")
         let capabilities = try #require(result["capabilities"])
         #expect(capabilities["algorithms"] == .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }))
-        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "norms"])
+        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms"])
         #expect(capabilities["dtypes"] == ["F32", "F16", "BF16"])
         #expect(capabilities["layer_kinds"] == ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"])
         #expect(capabilities["framings"] == ["ndjson", "content-length"])

@@ -11,8 +11,8 @@ this module picks the layers, hooks their forward into torch autograd, exposes t
 parameters as ``nn.Parameter`` for kohya's optimizer, and reads/writes kohya/LyCORIS files.
 
 **network_args** (every value arrives as a string), with lycoris.kohya 4.1.3's names and
-defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora are computed — glora, full,
-diag-oft, boft and tlora are refused with an error), ``preset`` (full; see
+defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora, diag-oft, boft are computed —
+glora, full and tlora are refused with an error), ``preset`` (full; see
 :mod:`swift_lycoris.presets`, or a TOML file), ``conv_dim`` (= network_dim), ``conv_alpha``
 (= network_alpha), ``dropout``, ``rank_dropout``, ``module_dropout`` (0), ``use_tucker``
 (aliases ``use_cp``, ``use_conv_cp``; ``disable_conv_cp``), ``use_scalar``,
@@ -38,7 +38,7 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   ``rank_dropout`` drops elements with probability p (LyCORIS 4.1.3 keeps them with
   probability p).
 - ``dora_wd=True`` is refused (the server does not compute DoRA); ``constraint`` and
-  ``rescaled`` only concern diag-oft/boft, which are refused as algorithms.
+  ``rescaled`` only concern diag-oft/boft (ignored, with a note, for other algorithms).
 - A layer matched twice (the default preset lists ``TimestepEmbedding`` and
   ``time_embedding.linear_1/2``) is adapted once instead of failing.
 - ``apply_max_norm_regularization`` takes ‖ΔW‖ from the server and, like LyCORIS, rescales
@@ -102,20 +102,23 @@ log = logging.getLogger("swift_lycoris.kohya")
 LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
-COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora")
-NOT_COMPUTED_ALGORITHMS = ("glora", "full", "diag-oft", "boft", "tlora")
+COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft")
+NOT_COMPUTED_ALGORITHMS = ("glora", "full", "tlora")
+
+# Algorithms whose constraint/rescaled options the server takes.
+OFT_ALGORITHMS = ("diag-oft", "boft")
 
 # Adapter options the server takes per layer, by LyCORIS's keyword name.
 _SERVER_OPTIONS = (
     "use_tucker", "use_scalar", "rs_lora", "decompose_both", "factor", "full_matrix",
     "unbalanced_factorization", "train_on_input", "block_size", "dropout", "rank_dropout",
-    "module_dropout", "rank_dropout_scale", "bypass_mode",
+    "module_dropout", "rank_dropout_scale", "bypass_mode", "constraint", "rescaled",
 )
 _BOOL_OPTIONS = {"use_tucker", "use_scalar", "rs_lora", "decompose_both", "full_matrix",
-                 "unbalanced_factorization", "train_on_input", "rank_dropout_scale", "bypass_mode"}
-_OPTION_ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker"}
+                 "unbalanced_factorization", "train_on_input", "rank_dropout_scale", "bypass_mode", "rescaled"}
+_OPTION_ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker", "constrain": "constraint"}
 # Options of LyCORIS modules that only concern algorithms or features this server lacks.
-_IGNORED_OPTIONS = {"wd_on_output", "wd_on_out", "constraint", "constrain", "rescaled"}
+_IGNORED_OPTIONS = {"wd_on_output", "wd_on_out"}
 
 # Every network_arg of lycoris.kohya 4.1.3, plus this module's additions.
 KNOWN_NETWORK_ARGS = {
@@ -300,7 +303,7 @@ class NetworkArgs:
         args.server_threads = _parse_int(kw.get("server_threads"), "server_threads", None)
         if args.dora_wd:
             raise ValueError("network_args: dora_wd=True (DoRA weight decomposition) is not computed by lycoris-server")
-        if args.constraint or args.rescaled:
+        if (args.constraint or args.rescaled) and args.algo not in OFT_ALGORITHMS:
             log.info("swift_lycoris.kohya: constraint/rescaled only concern diag-oft and boft; ignored for %s",
                      args.algo)
         return args
@@ -314,6 +317,8 @@ class NetworkArgs:
             "unbalanced_factorization": self.unbalanced_factorization, "block_size": self.block_size,
             "rank_dropout_scale": self.rank_dropout_scale,
         }
+        if self.algo in OFT_ALGORITHMS:
+            options.update(constraint=self.constraint, rescaled=self.rescaled)
         if self.bypass_mode:
             # Unset means rebuild semantics (LyCORIS's bypass_mode=False), which the server may
             # compute through the factors when that is the same function and cheaper.
@@ -1116,7 +1121,8 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
             # adapter; every other module starts as a placeholder LoRA that the file's module
             # replaces.
             is_ia3 = "on_input" in suffixes[name] or suffixes[name] == {"weight"}
-            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "lora"
+            is_oft = "oft_blocks" in suffixes[name]
+            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "diag-oft" if is_oft else "lora"
             targets[name] = _Target(name, module, group, algo, {"lora_dim": 1, "alpha": 1.0})
     if skipped:
         log.warning("swift_lycoris.kohya: file modules on layers lycoris-server does not adapt are ignored: %s",

@@ -49,6 +49,8 @@ _DELTA_GROUP_BYTES = 256 << 20
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
+# Algorithms whose math needs the layer's base weight on the server.
+BASE_WEIGHT_ALGORITHMS = ("ia3", "diag-oft", "boft")
 
 
 def layer_description(name: str, module: nn.Module) -> dict | None:
@@ -241,8 +243,10 @@ class LycorisNetwork(nn.Module):
             if is_norm_layer(layer):
                 # LyCORIS's train_norm: a norm layer's only algorithm, whatever the network's.
                 description["algo"] = "norm"
-            elif algo == "ia3" or (layer_options or {}).get(name, {}).get("algo") == "ia3" or name in (base_weights_for or ()):
-                # IA3 scales the base weight (and, in bypass mode, the bias too).
+            elif (algo in BASE_WEIGHT_ALGORITHMS or (layer_options or {}).get(name, {}).get("algo") in BASE_WEIGHT_ALGORITHMS
+                  or name in (base_weights_for or ())):
+                # IA3 scales the base weight, Diag-OFT/BOFT rotate it (in bypass mode, the
+                # output with its bias).
                 description["weight"] = self._inline(layer.weight)
                 if layer.bias is not None:
                     description["bias"] = self._inline(layer.bias)
