@@ -200,7 +200,9 @@ class LycorisNetwork(nn.Module):
     Per call, each adapted layer moves whichever is smaller through the arena (unless
     `transfer` fixes it): the activations (x in, m·Δ(x) out; the server computes the
     adapter's contribution) or the weight delta (m·ΔW out; torch computes op(x, W0 + m·ΔW)).
-    LyCORIS's bypass semantics (`bypass_mode=True`) always move activations."""
+    A layer with LyCORIS's bypass semantics (`bypass_mode=True`, in `options` or its
+    `layer_options`) always moves activations, whatever `transfer` says: its Δ(x) is not
+    op(x, ΔW) for every algorithm (Diag-OFT/BOFT rotate the base output with its bias)."""
 
     def __init__(
         self,
@@ -223,7 +225,9 @@ class LycorisNetwork(nn.Module):
         self.multiplier = float(multiplier)
         if transfer not in ("auto", "activations", "weights"):
             raise ValueError(f"transfer must be auto, activations or weights, not {transfer!r}")
-        self.transfer = "activations" if (options or {}).get("bypass_mode") is True else transfer
+        self.transfer = transfer
+        self._bypass_layers = {name for name in layers
+                               if {**(options or {}), **(layer_options or {}).get(name, {})}.get("bypass_mode") is True}
         self._orphaned_tapes: list[int] = []
         # Weight-path modules in the order of their first use; the ΔWs fetched with tapes for
         # this step, not used yet; the modules fetched this step (see weight_delta).
@@ -406,7 +410,8 @@ class LycorisNetwork(nn.Module):
         activations 2·(|x| + |y|) and a round trip each way, plus — for a module without a
         cheaper factor path (``factor_path`` false) — the two op(x, ΔW) more that the server
         computes than the weight path's one extra ∂W in torch; weights 2·|W|."""
-        if self.transfer == "activations" or getattr(original, "__func__", None) is not type(layer).forward:
+        if (self.transfer == "activations" or name in self._bypass_layers
+                or getattr(original, "__func__", None) is not type(layer).forward):
             return False
         if self.transfer == "weights":
             return True
