@@ -67,7 +67,9 @@ from lycoris.modules import (
     LohaModule,
     LokrModule,
     NormModule,
+    TLoraModule,
 )
+from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
 from lycoris.wrapper import LycorisNetwork, create_lycoris, create_lycoris_from_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +89,7 @@ ALGO_CLASSES = {
     "dylora": DyLoraModule,
     "diag-oft": DiagOFTModule,
     "boft": ButterflyOFTModule,
+    "tlora": TLoraModule,
 }
 OFT_ALGOS = ("diag-oft", "boft")
 
@@ -206,7 +209,7 @@ def op_of(spec):
 CASES = []
 
 
-def case(name, algo, layer, options, description, dylora_block=None):
+def case(name, algo, layer, options, description, dylora_block=None, timestep_mask=None):
     CASES.append(
         dict(
             name=name,
@@ -215,6 +218,7 @@ def case(name, algo, layer, options, description, dylora_block=None):
             options=options,
             description=description,
             dylora_block=dylora_block,
+            timestep_mask=timestep_mask,
         )
     )
 
@@ -349,6 +353,18 @@ case("boft_conv3x3_stride2_rescaled_constraint", "boft", conv(8, 16, s=2, p=1), 
 case("boft_conv1d_k3_bypass", "boft", conv1(8, 16, p=1), dict(BOFT0, bypass_mode=True, rescaled=True), "Conv1d k=3 bypass_mode + rescale")
 case("boft_conv3d_k3", "boft", conv3(8, 16, p=1, g=2), dict(lora_dim=8, constraint=0.0), "Conv3d k=3 groups 2, lora_dim 8: (8, 2), 2 stages")
 
+# T-LoRA (conv layers with 1x1 kernels only: LyCORIS 4.1.3 crashes on larger kernels)
+TL = dict(lora_dim=4, alpha=2.0)
+case("tlora_linear", "tlora", L24_20, TL, "T-LoRA Linear(24->20) r=4 alpha 2, principal singular vectors of W0")
+case("tlora_linear_last_mask", "tlora", L24_20, dict(TL, sig_type="last"), "sig_type last, timestep mask 1 1 0 0", timestep_mask=[1, 1, 0, 0])
+case("tlora_linear_middle_mult0p6", "tlora", L24_20, dict(TL, sig_type="middle", multiplier=0.6), "sig_type middle, multiplier 0.6, a short mask padded with 1s", timestep_mask=[0, 1])
+case("tlora_linear_r7_middle", "tlora", lin(8, 5), dict(lora_dim=7, alpha=0.0, sig_type="middle"), "r=7 > min(out, in)=5, middle: slice [-1:6] keeps one component, the rest zeros with lambda 1e-6; alpha 0 = r")
+case("tlora_linear_bypass", "tlora", L24_20, dict(TL, bypass_mode=True), "bypass_mode (factor path), a long mask cut to r", timestep_mask=[1, 0, 1, 0, 1, 1])
+case("tlora_conv1x1", "tlora", conv(8, 12, k=1), dict(lora_dim=3, alpha=1.0), "Conv 1x1 8->12, r=3")
+case("tlora_conv1x1_stride2_bypass", "tlora", conv(8, 12, k=1, s=2), dict(lora_dim=3, alpha=1.0, bypass_mode=True), "Conv 1x1 stride 2, bypass_mode", timestep_mask=[1, 1, 0])
+case("tlora_conv1d_k1", "tlora", conv1(8, 12, k=1), dict(lora_dim=4, alpha=4.0, sig_type="last"), "Conv1d k=1, sig_type last")
+case("tlora_conv3d_k1_mask", "tlora", conv3(8, 12, k=1), dict(lora_dim=4, alpha=2.0), "Conv3d k=1, timestep mask", timestep_mask=[0, 1, 1, 0])
+
 
 # Norm (NormModule on LayerNorm / GroupNorm; make_norm_fixture)
 
@@ -415,6 +431,8 @@ def rebuild_delta(module, algo, case_):
         return module.get_merged_weight(mult)[0] - module.org_weight
     if algo in OFT_ALGOS:
         return oft_rebuild_delta(module)
+    if algo == "tlora":
+        return module.get_diff_weight(multiplier=mult)[0]
     if algo == "dylora":
         b = case_["dylora_block"]
         return (
@@ -486,6 +504,21 @@ def oft_bypass_reference(module, org_out, spec):
     if spec["kind"] != "linear":
         delta = delta.transpose(1, -1)
     return org_out + delta
+
+
+@torch.no_grad()
+def tlora_float64_base(module, w0):
+    """The frozen T-LoRA factors from a float64 SVD of W0 (LyCORIS takes them from a float32
+    SVD): the same selection of components, padded with zeros and lambda 1e-6."""
+    u, s, vh = torch.linalg.svd(w0.double().reshape(w0.shape[0], -1), full_matrices=False)
+    r, k = module.lora_dim, s.shape[0]
+    start = {"principal": 0, "last": -r, "middle": (k - r) // 2}[module.sig_type]
+    picked = slice(start, None if module.sig_type == "last" else start + r)
+    q, p, lam = vh[picked], u[:, picked], s[picked]
+    pad = r - q.shape[0]
+    module.base_q.copy_(F.pad(q, (0, 0, 0, pad)).reshape(module.base_q.shape))
+    module.base_p.copy_(F.pad(p, (0, pad)).reshape(module.base_p.shape))
+    module.base_lambda.copy_(F.pad(lam, (0, pad), value=1e-6).reshape(1, r))
 
 
 def independent_loha_check(module, spec, params64, delta):
@@ -560,6 +593,11 @@ def make_module_fixture(case_):
     layer.double()
     module.double()
     module.eval()
+    if algo == "tlora":
+        tlora_float64_base(module, w0)
+        clear_timestep_mask()
+        if case_["timestep_mask"] is not None:
+            set_timestep_mask(torch.tensor([case_["timestep_mask"]], dtype=torch.float64))
     if algo == "dylora":
         b = case_["dylora_block"]
         module.get_random_rank_weight = lambda: module.get_weight(b * module.block_size)
@@ -634,6 +672,9 @@ def make_module_fixture(case_):
     tensors["expected.delta_weight"] = t_out(delta.to(torch.float64))
     for k, v in saved.items():
         tensors[f"expected.saved.{k}"] = t_out(v)
+    if case_["timestep_mask"] is not None:
+        tensors["timestep_mask"] = torch.tensor(case_["timestep_mask"], dtype=torch.float32)
+        clear_timestep_mask()
 
     if algo == "dylora":
         scale = float(module.alpha) / (case_["dylora_block"] + 1)

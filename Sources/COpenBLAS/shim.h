@@ -15,6 +15,11 @@ void sgesdd_(const char *jobz, const int *m, const int *n, float *a, const int *
              float *s, float *u, const int *ldu, float *vt, const int *ldvt,
              float *work, const int *lwork, int *iwork, int *info, size_t jobz_len);
 
+/* The same in double precision (T-LoRA's SVD initialisation). */
+void dgesdd_(const char *jobz, const int *m, const int *n, double *a, const int *lda,
+             double *s, double *u, const int *ldu, double *vt, const int *ldvt,
+             double *work, const int *lwork, int *iwork, int *info, size_t jobz_len);
+
 /* LU factorisation and solves (the Cayley transform of Diag-OFT/BOFT). */
 void sgetrf_(const int *m, const int *n, float *a, const int *lda, int *ipiv, int *info);
 void sgetrs_(const char *trans, const int *n, const int *nrhs, const float *a, const int *lda,

@@ -10,12 +10,16 @@ public struct DeltaContext: Sendable {
     public var block: Int?
     /// LoCon bypass with rank dropout: the (r,) mask applied between down and up.
     public var rankMask: Tensor?
+    /// T-LoRA: the timestep's rank mask (LyCORIS `set_timestep_mask`); nil: all ranks.
+    public var timestepMask: Tensor?
 
-    public init(baseWeight: Tensor? = nil, baseBias: Tensor? = nil, block: Int? = nil, rankMask: Tensor? = nil) {
+    public init(baseWeight: Tensor? = nil, baseBias: Tensor? = nil, block: Int? = nil, rankMask: Tensor? = nil,
+                timestepMask: Tensor? = nil) {
         self.baseWeight = baseWeight
         self.baseBias = baseBias
         self.block = block
         self.rankMask = rankMask
+        self.timestepMask = timestepMask
     }
 }
 

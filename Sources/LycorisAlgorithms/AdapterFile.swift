@@ -86,11 +86,11 @@ public struct AdapterFile {
         return result
     }
 
-    /// The module as a computable adapter on `layer`.
-    public func adapter(for module: Module, layer: LayerSpec) throws -> any AdapterAlgorithm {
+    /// The module as a computable adapter on `layer` (T-LoRA needs the layer's `baseWeight`).
+    public func adapter(for module: Module, layer: LayerSpec, baseWeight: Tensor? = nil) throws -> any AdapterAlgorithm {
         guard let algorithm = module.algorithm else {
             throw AdapterError("\(module.name): no known algorithm has the keys \(module.tensors.keys.sorted())")
         }
-        return try algorithm.loadAdapter(layer: layer, tensors: tensors(of: module), alpha: module.alpha)
+        return try algorithm.loadAdapter(layer: layer, tensors: tensors(of: module), alpha: module.alpha, baseWeight: baseWeight)
     }
 }

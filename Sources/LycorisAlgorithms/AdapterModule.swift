@@ -16,6 +16,8 @@ public struct AdapterModule: Sendable {
     /// ``forward(_:tape:)`` needs both).
     public var baseWeight: Tensor?
     public var baseBias: Tensor?
+    /// T-LoRA's rank mask for the coming steps (``DeltaContext/timestepMask``).
+    public var timestepMask: Tensor?
 
     public var layer: LayerSpec { algorithm.layer }
 
@@ -48,7 +50,7 @@ public struct AdapterModule: Sendable {
     /// (DyLoRA then uses all blocks).
     public func makeTape(inputShape: [Int], random: inout RandomSource) -> Tape {
         var tape = Tape()
-        tape.context = DeltaContext(baseWeight: baseWeight, baseBias: baseBias)
+        tape.context = DeltaContext(baseWeight: baseWeight, baseBias: baseBias, timestepMask: timestepMask)
         if isTraining && options.moduleDropout > 0 && random.bernoulli(options.moduleDropout) {
             tape.skipped = true
             return tape

@@ -40,6 +40,10 @@ public struct AdapterOptions: Sendable, Equatable, Codable {
     public var constraint: Float = 0
     /// Diag-OFT/BOFT: a trainable per-output-channel `rescale` (`rescaled`).
     public var rescaled = false
+    /// T-LoRA: which singular vectors start the factors, principal, last or middle (`sig_type`).
+    public var sigType = "principal"
+    /// T-LoRA: start from the SVD of W0 (true) or of a random matrix (`use_data_init`).
+    public var useDataInit = true
 
     public init() {}
 
@@ -59,6 +63,7 @@ public struct AdapterOptions: Sendable, Equatable, Codable {
         if blockSize <= 0 { return "block_size must be positive" }
         if factor == 0 || factor < -1 { return "factor must be -1 (automatic) or positive, got \(factor)" }
         if !(constraint.isFinite && constraint >= 0) { return "constraint must be finite and >= 0, got \(constraint)" }
+        if TLoRA.Selection(rawValue: sigType) == nil { return "sig_type must be principal, last or middle, got \(sigType)" }
         return nil
     }
 }
@@ -91,6 +96,7 @@ extension AdapterOptions {
         case blockSize = "block_size", dropout, rankDropout = "rank_dropout", moduleDropout = "module_dropout"
         case rankDropoutScale = "rank_dropout_scale", bypassMode = "bypass_mode"
         case constraint, rescaled
+        case sigType = "sig_type", useDataInit = "use_data_init"
     }
 
     /// Every option's name as LyCORIS spells it (`lora_dim`, `alpha`, `use_tucker`, …).
@@ -118,5 +124,7 @@ extension AdapterOptions {
         bypassMode = try c.decodeIfPresent(Bool.self, forKey: .bypassMode)
         constraint = try c.decodeIfPresent(Float.self, forKey: .constraint) ?? constraint
         rescaled = try c.decodeIfPresent(Bool.self, forKey: .rescaled) ?? rescaled
+        sigType = try c.decodeIfPresent(String.self, forKey: .sigType) ?? sigType
+        useDataInit = try c.decodeIfPresent(Bool.self, forKey: .useDataInit) ?? useDataInit
     }
 }

@@ -47,6 +47,11 @@ public struct Network: Sendable {
         for i in modules.indices { modules[i].isTraining = training }
     }
 
+    /// Sets every module's T-LoRA timestep mask (nil: all ranks); other algorithms ignore it.
+    public mutating func setTimestepMask(_ mask: Tensor?) {
+        for i in modules.indices { modules[i].timestepMask = mask }
+    }
+
     public var parameterCount: Int { modules.reduce(0) { $0 + $1.algorithm.parameterCount } }
 
     /// Writes the network atomically: `<module>.<suffix>` for every saved tensor, float
@@ -82,7 +87,7 @@ public struct Network: Sendable {
                 unmatched.append(module.name)
                 continue
             }
-            let adapter = try file.adapter(for: module, layer: layer.spec)
+            let adapter = try file.adapter(for: module, layer: layer.spec, baseWeight: layer.weight)
             try network.add(AdapterModule(name: module.name, algorithm: adapter, options: AdapterOptions(),
                                           baseWeight: layer.weight, baseBias: layer.bias))
         }

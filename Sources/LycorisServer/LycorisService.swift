@@ -80,6 +80,7 @@ public final class LycorisService {
         "network.load": { $0.networkLoad },
         "network.set_multiplier": { $0.networkSetMultiplier },
         "network.set_training": { $0.networkSetTraining },
+        "network.set_timestep_mask": { $0.networkSetTimestepMask },
         "network.seed": { $0.networkSeed },
         "forward": { $0.forward },
         "backward": { $0.backward },

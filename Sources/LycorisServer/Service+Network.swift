@@ -138,7 +138,7 @@ extension LycorisService {
             }
             let adapter: any AdapterAlgorithm
             do {
-                adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
+                adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random, baseWeight: weight)
             } catch let error as AdapterError {
                 throw RPCError.adapter("\(name): \(error.description)", path: layer.path)
             }
@@ -247,11 +247,10 @@ extension LycorisService {
                 continue
             }
             do {
-                module.algorithm = try file.adapter(for: fileModule, layer: module.layer)
-                let algorithm = type(of: module.algorithm).algorithm
-                if algorithm.needsBaseWeight && module.baseWeight == nil {
+                if let algorithm = fileModule.algorithm, algorithm.needsBaseWeight && module.baseWeight == nil {
                     throw AdapterError("\(algorithm.rawValue) needs the layer's base weight, which this network was created without (layers[].weight)")
                 }
+                module.algorithm = try file.adapter(for: fileModule, layer: module.layer, baseWeight: module.baseWeight)
             } catch let error as AdapterError {
                 throw RPCError.adapter("\(fileModule.name): \(error.description)", path: path)
             }
@@ -284,6 +283,26 @@ extension LycorisService {
     func networkSetTraining(_ p: Params) throws -> JSONValue {
         var network = try requireNetwork()
         network.setTraining(try p.bool("training"))
+        self.network = network
+        return .null
+    }
+
+    /// T-LoRA's rank mask (LyCORIS `set_timestep_mask`): `mask` a list of finite numbers (one
+    /// per rank; each module takes its first r, padded with 1s), or null/absent for all ranks.
+    func networkSetTimestepMask(_ p: Params) throws -> JSONValue {
+        var network = try requireNetwork()
+        var mask: Tensor?
+        if p.has("mask") {
+            let values = try p.array("mask").enumerated().map { index, item -> Float in
+                guard let d = item.doubleValue, Float(d).isFinite else {
+                    throw RPCError.invalidParams("\(p.at("mask"))[\(index)] must be a finite number", path: "\(p.at("mask"))[\(index)]")
+                }
+                return Float(d)
+            }
+            guard !values.isEmpty else { throw RPCError.invalidParams("\(p.at("mask")) must not be empty", path: p.at("mask")) }
+            mask = Tensor(shape: [values.count], scalars: values)
+        }
+        network.setTimestepMask(mask)
         self.network = network
         return .null
     }

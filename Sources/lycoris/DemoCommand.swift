@@ -40,12 +40,12 @@ struct DemoCommand: ParsableCommand {
         var teachers: [String: Tensor] = [:]
         for (name, spec) in Self.layers {
             let base = Tensor.normal(spec.weightShape, std: 0.2, using: &random)
-            var hidden = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
+            var hidden = try algorithm.makeAdapter(layer: spec, options: options, random: &random, baseWeight: base)
             for (parameter, value) in hidden.parameters.entries {
                 hidden.parameters[parameter] = .normal(value.shape, std: 0.3, using: &random)
             }
             teachers[name] = base + (try hidden.deltaWeight(DeltaContext(baseWeight: base)))
-            let adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
+            let adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random, baseWeight: base)
             try network.add(AdapterModule(name: name, algorithm: adapter, options: options, baseWeight: base))
         }
         network.setTraining(true)

@@ -22,6 +22,8 @@ struct FiniteDifferenceTests {
         /// The parameters' finite-difference step: Diag-OFT/BOFT are not linear in their
         /// blocks (Cayley transform), so a small step keeps the O(h²) error below tolerance.
         var parameterStep: Float = 0.25
+        /// T-LoRA's timestep mask.
+        var timestepMask: [Float]? = nil
         var testDescription: String { label }
     }
 
@@ -80,6 +82,10 @@ struct FiniteDifferenceTests {
              options: options { $0.rank = 4; $0.rescaled = true; $0.bypassMode = true }, parameterStep: 1e-2),
         Case(label: "boft conv1d", algorithm: .boft, layer: .convolution(ConvGeometry(inChannels: 4, outChannels: 8, kernelSize: [3], padding: [1])),
              options: options { _ in }, parameterStep: 1e-2),
+        Case(label: "tlora linear", algorithm: .tlora, layer: linear, options: options { $0.rank = 3 }),
+        Case(label: "tlora conv 3x3 bypass masked", algorithm: .tlora, layer: conv, options: options { $0.rank = 3; $0.bypassMode = true },
+             timestepMask: [1, 0, 1]),
+        Case(label: "tlora conv1d last", algorithm: .tlora, layer: conv1d, options: options { $0.sigType = "last" }, timestepMask: [0.5]),
         Case(label: "norm layer_norm 2-D", algorithm: .norms, layer: .norm(Normalization(kind: .layer(normalizedShape: [3, 4]))),
              options: options { _ in }, inputShape: [2, 3, 4]),
         Case(label: "norm layer_norm no bias", algorithm: .norms, layer: .norm(Normalization(kind: .layer(normalizedShape: [6]), hasBias: false)),
@@ -109,15 +115,18 @@ struct FiniteDifferenceTests {
     @Test("∂x and every ∂parameter", arguments: cases)
     func gradients(_ testCase: Case) throws {
         var random = RandomSource(seed: 7)
-        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random)
+        let layer = testCase.layer
+        var baseRandom = RandomSource(seed: 8)
+        let baseWeight = Tensor.normal(layer.weightShape, std: 0.5, using: &baseRandom)
+        var adapter = try testCase.algorithm.makeAdapter(layer: layer, options: testCase.options, random: &random,
+                                                         baseWeight: baseWeight)
         for (name, tensor) in adapter.parameters.entries {
             adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random)
         }
-        let layer = testCase.layer
-        var module = AdapterModule(name: "m", algorithm: adapter, options: testCase.options,
-                                   baseWeight: .normal(layer.weightShape, std: 0.5, using: &random),
+        var module = AdapterModule(name: "m", algorithm: adapter, options: testCase.options, baseWeight: baseWeight,
                                    baseBias: .normal(layer.biasShape, std: 0.5, using: &random))
         module.multiplier = 0.8
+        module.timestepMask = testCase.timestepMask.map { Tensor(shape: [$0.count], scalars: $0) }
         let inputShape = testCase.inputShape ?? Self.inputShape(layer)
         let x = Tensor.normal(inputShape, std: 1, using: &random)
         let tape = module.makeTape(inputShape: inputShape, random: &random)

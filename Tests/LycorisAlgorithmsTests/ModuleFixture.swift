@@ -67,7 +67,8 @@ struct ModuleFixture {
     /// parameters then replaced by the fixture's values.
     func makeModule() throws -> AdapterModule {
         var random = RandomSource(seed: 1)
-        var adapter = try algorithm.makeAdapter(layer: layer, options: options, random: &random)
+        var adapter = try algorithm.makeAdapter(layer: layer, options: options, random: &random,
+                                                baseWeight: try tensor("base.weight"))
         let fresh = Dictionary(uniqueKeysWithValues: adapter.parameters.entries.map { ($0.name, $0.tensor.shape) })
         let given = Dictionary(uniqueKeysWithValues: try parameterNames.map { ($0, try tensor("param.\($0)").shape) })
         guard fresh == given else {
@@ -78,6 +79,7 @@ struct ModuleFixture {
                                    baseWeight: try tensor("base.weight"),
                                    baseBias: file.contains("base.bias") ? try tensor("base.bias") : nil)
         module.multiplier = multiplier
+        if file.contains("timestep_mask") { module.timestepMask = try tensor("timestep_mask") }
         return module
     }
 
