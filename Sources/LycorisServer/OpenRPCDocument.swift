@@ -424,6 +424,48 @@ enum OpenRPCDocument {
       ]
     },
     {
+      "name": "network.set_timestep_mask",
+      "summary": "Set T-LoRA's rank mask for the calls that follow.",
+      "description": "LyCORIS's set_timestep_mask, one mask for the whole network: each T-LoRA module multiplies rank i by mask[i], takes the first r entries and pads a shorter mask with 1s. null or no mask: every rank. Other algorithms ignore it.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "mask",
+          "description": "One finite number per rank (non-empty), or null.",
+          "required": false,
+          "schema": {
+            "oneOf": [
+              {
+                "type": "array",
+                "items": {
+                  "type": "number"
+                },
+                "minItems": 1
+              },
+              {
+                "type": "null"
+              }
+            ]
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "description": "Always null.",
+        "schema": {
+          "type": "null"
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        },
+        {
+          "$ref": "#/components/errors/StateError"
+        }
+      ]
+    },
+    {
       "name": "network.seed",
       "summary": "Reseed the random source.",
       "description": "Reseeds the random source used for initialisation and dropout. Does not need a network.",
@@ -1306,9 +1348,9 @@ enum OpenRPCDocument {
         "pattern": "^[^.]+$"
       },
       "AlgorithmName": {
-        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, diag-oft, boft, norm (also spelled norms; norm layers only, and the only algorithm for them). The names glora, full and tlora are recognised but answered with -32008.",
+        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, diag-oft, boft, norm (also spelled norms; norm layers only, and the only algorithm for them), tlora. The names glora and full are recognised but answered with -32008.",
         "type": "string",
-        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Dd][Ii][Aa][Gg]-[Oo][Ff][Tt]|[Bb][Oo][Ff][Tt]|[Nn][Oo][Rr][Mm][Ss]?)$"
+        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Dd][Ii][Aa][Gg]-[Oo][Ff][Tt]|[Bb][Oo][Ff][Tt]|[Nn][Oo][Rr][Mm][Ss]?|[Tt][Ll][Oo][Rr][Aa])$"
       },
       "Algorithm": {
         "description": "Algorithm as the server reports it (lora is reported as locon, norm as norms).",
@@ -1321,7 +1363,8 @@ enum OpenRPCDocument {
           "dylora",
           "diag-oft",
           "boft",
-          "norms"
+          "norms",
+          "tlora"
         ]
       },
       "IntOrSingle": {
@@ -1437,6 +1480,19 @@ enum OpenRPCDocument {
             "description": "Diag-OFT/BOFT: a trainable per-output-channel rescale, initialised to 1. Default false.",
             "type": "boolean"
           },
+          "sig_type": {
+            "description": "T-LoRA: the singular vectors of the base weight the factors start from. Default principal.",
+            "type": "string",
+            "enum": [
+              "principal",
+              "last",
+              "middle"
+            ]
+          },
+          "use_data_init": {
+            "description": "T-LoRA: start from the SVD of the layer's weight (false: of a random N(0, 1/r^2) matrix). Default true.",
+            "type": "boolean"
+          },
           "block_size": {
             "description": "DyLoRA rank block size; lora_dim must be a multiple of it (else -32008). Default 4.",
             "type": "integer",
@@ -1509,7 +1565,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1551,7 +1607,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1614,7 +1670,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
@@ -1677,7 +1733,7 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft and boft and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",

@@ -10,7 +10,7 @@ extension LycorisService {
         let normalized = name.lowercased()
         let algorithm: Algorithm? = normalized == "lora" ? .locon : normalized == "norm" ? .norms : Algorithm(rawValue: normalized)
         guard let algorithm else {
-            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, diag-oft, boft, norm", path: path)
+            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, diag-oft, boft, norm, tlora", path: path)
         }
         guard algorithm.isComputed else {
             throw RPCError.adapter("algorithm \(algorithm.rawValue) is recognised but not computed by this version", path: path)

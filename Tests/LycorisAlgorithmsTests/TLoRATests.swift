@@ -103,6 +103,15 @@ struct TLoRATests {
         #expect(throws: AdapterError.self) {
             _ = try Algorithm.tlora.loadAdapter(layer: Self.conv3x3, tensors: saved, alpha: alpha)
         }
+        // As in LyCORIS, a file does not say which components the frozen term came from: a
+        // module started from the last singular vectors reloads with the principal ones.
+        var options = AdapterOptions(rank: 2, alpha: 1.5)
+        options.sigType = "last"
+        var last = try adapter(Self.conv3x3, options, base: base)
+        last.parameters = module.parameters
+        let lastSaved = Dictionary(uniqueKeysWithValues: last.savedTensors().map { ($0.suffix, $0.tensor) })
+        let reloaded = try Algorithm.tlora.loadAdapter(layer: Self.conv3x3, tensors: lastSaved, alpha: alpha, baseWeight: base)
+        expectClose(try reloaded.deltaWeight(DeltaContext()), try module.deltaWeight(DeltaContext()), "reloaded with the principal term")
         #expect(throws: AdapterError.self) {
             var random = RandomSource(seed: 0)
             _ = try Algorithm.tlora.makeAdapter(layer: Self.conv3x3, options: AdapterOptions(), random: &random)

@@ -51,6 +51,8 @@ let adapterConfigs: [AdapterConfig] = [
     .make("ia3", "ia3", [:]) { _ in },
     .make("ia3 on input", "ia3", ["train_on_input": true]) { $0.trainOnInput = true },
     .make("dylora r4 block 2", "dylora", ["lora_dim": 4, "alpha": 2.0, "block_size": 2]) { $0.rank = 4; $0.alpha = 2; $0.blockSize = 2 },
+    // (Principal singular vectors: a file reloads its frozen term from those, see TLoRATests.)
+    .make("tlora r3", "tlora", ["lora_dim": 3, "alpha": 2.0]) { $0.rank = 3; $0.alpha = 2 },
 ]
 
 // MARK: - Naive references
@@ -369,6 +371,37 @@ struct ComputeBehaviourTests {
         let x = randomTensor(first.inputShape, seed: 5)
         let dw = try Wire.decode(results[0]["delta_weight"])
         expectClose(try harness.forward(first.name, x), naiveLayer(first.spec, x, weight: dw, bias: .zeros([first.spec.outFeatures])), "op(x, ΔW)")
+    }
+
+    @Test("network.set_timestep_mask: T-LoRA's ΔW with the mask equals the library's; null restores every rank; bad masks are -32602")
+    func timestepMask() throws {
+        let harness = try ServerHarness()
+        let config = AdapterConfig.make("tlora r3", "tlora", ["lora_dim": 3, "alpha": 1.5]) { $0.rank = 3; $0.alpha = 1.5 }
+        let oracle = try OracleNetwork.create(in: harness, config: config, layers: behaviourLayers)
+        func serverDeltas() throws -> [Tensor] {
+            let results = try #require(try harness.result("delta_weight", ["dtype": "F32"])["results"]?.arrayValue)
+            return try results.map { try Wire.decode($0["delta_weight"]) }
+        }
+        func libraryDeltas(_ mask: [Float]?) throws -> [Tensor] {
+            try behaviourLayers.map { layer in
+                var module = oracle[layer.name]
+                module.timestepMask = mask.map { Tensor(shape: [$0.count], scalars: $0) }
+                var unused = RandomSource(seed: 0)
+                return try module.effectiveDeltaWeight(module.makeTape(inputShape: [], random: &unused))
+            }
+        }
+        let unmasked = try serverDeltas()
+        try harness.result("network.set_timestep_mask", ["mask": [1, 0]])
+        let masked = try serverDeltas()
+        for (index, expected) in try libraryDeltas([1, 0]).enumerated() {
+            expectClose(masked[index], expected, "masked ΔW \(index)")
+            #expect(relativeError(masked[index], unmasked[index]) > 0.05, "the mask changes ΔW")
+        }
+        try harness.result("network.set_timestep_mask", ["mask": nil])
+        for (index, expected) in try libraryDeltas(nil).enumerated() { expectClose(try serverDeltas()[index], expected, "unmasked ΔW \(index)") }
+        for bad: JSONValue in [[], ["x"], 3] {
+            expectError(try harness.error("network.set_timestep_mask", ["mask": bad]), code: -32602, "mask")
+        }
     }
 
     @Test("conv_dim and conv_alpha apply to k×k convolutions only; conv_dim 0 skips them")
@@ -1062,7 +1095,7 @@ struct ArenaBehaviourTests {
         #expect(result["server"]?["name"] == "lycoris-server")
         let capabilities = try #require(result["capabilities"])
         #expect(capabilities["algorithms"] == .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }))
-        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms"])
+        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms", "tlora"])
         #expect(capabilities["dtypes"] == ["F32", "F16", "BF16"])
         #expect(capabilities["layer_kinds"] == ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"])
         #expect(capabilities["framings"] == ["ndjson", "content-length"])

@@ -239,7 +239,7 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     info = server.call("initialize", {"protocol_version": "1.3", "client": "pytest"})
     assert info["protocol_version"] == "1.0"
     assert info["capabilities"]["dtypes"] == ["F32", "F16", "BF16"]
-    assert set(info["capabilities"]["algorithms"]) == {"locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms"}
+    assert set(info["capabilities"]["algorithms"]) == {"locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms", "tlora"}
     assert server.call("network.seed", {"seed": 7}) is None
 
     W = rng.standard_normal((6, 8)).astype(np.float32)
