@@ -156,7 +156,7 @@ public struct TLoRA: AdapterAlgorithm {
         let pg = Tensor.matmul(f.p, transposeA: true, g)
         let columns = f.q.shape[1]
         let gradLambda = (0..<weights.count).map { i in
-            mu.scalars[i] * (0..<columns).reduce(Float(0)) { $0 + pg.scalars[i * columns + $1] * f.q.scalars[i * columns + $1] }
+            mu.scalars[i] * Float((0..<columns).reduce(0.0) { $0 + Double(pg.scalars[i * columns + $1]) * Double(f.q.scalars[i * columns + $1]) })
         }
         return ParameterSet([
             ("q_layer.weight", pg.scalingRows(by: weights).reshaped(Self.qShape(layer, rank: weights.count))),

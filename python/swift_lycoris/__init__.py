@@ -2,13 +2,16 @@
 
 - :func:`create_lycoris` / :func:`create_lycoris_from_weights`: adapters on any torch model.
 - :mod:`swift_lycoris.kohya`: a drop-in ``--network_module`` for kohya sd-scripts.
+- :func:`set_timestep_mask` and friends: T-LoRA's rank mask, as LyCORIS exposes it.
 """
 
 from .network import AdapterFunction, DeltaWeightFunction, LycorisNetwork
 from .server import Server, ServerDied, ServerError, ServerNotFound, find_server
+from .timestep import clear_timestep_mask, compute_timestep_mask, get_timestep_mask, set_timestep_mask
 from .wrapper import create_lycoris, create_lycoris_from_weights
 
 __all__ = [
     "AdapterFunction", "DeltaWeightFunction", "LycorisNetwork", "Server", "ServerDied", "ServerError", "ServerNotFound", "find_server",
     "create_lycoris", "create_lycoris_from_weights",
+    "set_timestep_mask", "get_timestep_mask", "clear_timestep_mask", "compute_timestep_mask",
 ]

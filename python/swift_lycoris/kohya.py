@@ -11,8 +11,8 @@ this module picks the layers, hooks their forward into torch autograd, exposes t
 parameters as ``nn.Parameter`` for kohya's optimizer, and reads/writes kohya/LyCORIS files.
 
 **network_args** (every value arrives as a string), with lycoris.kohya 4.1.3's names and
-defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora, diag-oft, boft are computed —
-glora, full and tlora are refused with an error), ``preset`` (full; see
+defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora, diag-oft, boft, tlora are computed
+— glora and full are refused with an error), ``preset`` (full; see
 :mod:`swift_lycoris.presets`, or a TOML file), ``conv_dim`` (= network_dim), ``conv_alpha``
 (= network_alpha), ``dropout``, ``rank_dropout``, ``module_dropout`` (0), ``use_tucker``
 (aliases ``use_cp``, ``use_conv_cp``; ``disable_conv_cp``), ``use_scalar``,
@@ -37,6 +37,10 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   ``norm`` adapter (``w_norm``, ``b_norm``) whatever ``algo`` is, as in LyCORIS; its
   ``rank_dropout`` drops elements with probability p (LyCORIS 4.1.3 keeps them with
   probability p).
+- ``algo=tlora``: the training loop sets the rank mask with
+  :func:`swift_lycoris.set_timestep_mask` (where it calls ``lycoris.set_timestep_mask``); a
+  convolution with a kernel larger than 1 (on which LyCORIS 4.1.3 crashes) keeps the kernel
+  in ``q_layer.weight`` (r, in/g, k…).
 - ``dora_wd=True`` is refused (the server does not compute DoRA); ``constraint`` and
   ``rescaled`` only concern diag-oft/boft (ignored, with a note, for other algorithms).
 - A layer matched twice (the default preset lists ``TimestepEmbedding`` and
@@ -102,8 +106,8 @@ log = logging.getLogger("swift_lycoris.kohya")
 LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
-COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft")
-NOT_COMPUTED_ALGORITHMS = ("glora", "full", "tlora")
+COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "tlora")
+NOT_COMPUTED_ALGORITHMS = ("glora", "full")
 
 # Algorithms whose constraint/rescaled options the server takes.
 OFT_ALGORITHMS = ("diag-oft", "boft")
@@ -1119,10 +1123,10 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
                 continue
             # IA3 adapters need the layer's weight on the server; a norm layer takes the norm
             # adapter; every other module starts as a placeholder LoRA that the file's module
-            # replaces.
+            # replaces (a Diag-OFT one, which holds the weight, for OFT and T-LoRA modules).
             is_ia3 = "on_input" in suffixes[name] or suffixes[name] == {"weight"}
-            is_oft = "oft_blocks" in suffixes[name]
-            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "diag-oft" if is_oft else "lora"
+            needs_weight = "oft_blocks" in suffixes[name] or "lambda_layer" in suffixes[name]
+            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "diag-oft" if needs_weight else "lora"
             targets[name] = _Target(name, module, group, algo, {"lora_dim": 1, "alpha": 1.0})
     if skipped:
         log.warning("swift_lycoris.kohya: file modules on layers lycoris-server does not adapt are ignored: %s",

@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from . import timestep
 from .arena import Arena, wire_dtype
 from .server import Server
 
@@ -50,7 +51,7 @@ _DELTA_GROUP_BYTES = 256 << 20
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
 # Algorithms whose math needs the layer's base weight on the server.
-BASE_WEIGHT_ALGORITHMS = ("ia3", "diag-oft", "boft")
+BASE_WEIGHT_ALGORITHMS = ("ia3", "diag-oft", "boft", "tlora")
 
 
 def layer_description(name: str, module: nn.Module) -> dict | None:
@@ -285,6 +286,7 @@ class LycorisNetwork(nn.Module):
         shape is kept and receives the new value in place (its dtype and device stay), so an
         optimizer that holds it stays valid."""
         self.modules_info = {m["name"]: m for m in info["modules"]}
+        self._mask_version = -1  # (a loaded file may bring T-LoRA modules: send the mask again)
         self._bias_deltas = {m["name"] for m in info["modules"]
                              if m["algorithm"] == "norms" and m["layer"].get("has_bias", False)}
         previous = {}
@@ -394,6 +396,7 @@ class LycorisNetwork(nn.Module):
         when moving ΔW is cheaper (and the layer's own forward is the plain one), else the
         layer's forward plus the server's m·Δ(x)."""
         layer = self._targets[name]
+        self._sync_timestep_mask()
         if not args and not kwargs and self._moves_weights(name, layer, original, x):
             self.release_orphaned_tapes()
             delta_weight, *delta_bias = self.weight_delta(name)
@@ -725,6 +728,19 @@ class LycorisNetwork(nn.Module):
             self._kept_layer_tensors = None
 
     # MARK: state
+
+    def _sync_timestep_mask(self) -> None:
+        """Sends the mask of :func:`swift_lycoris.set_timestep_mask` when it changed since
+        the last call (T-LoRA networks only); ΔWs fetched with the old mask are dropped."""
+        version = timestep.mask_version()
+        if version == self._mask_version:
+            return
+        self._mask_version = version
+        if not any(m["algorithm"] == "tlora" for m in self.modules_info.values()):
+            return
+        self.drop_prefetched()
+        mask = timestep.get_timestep_mask()
+        self.server.call("network.set_timestep_mask", {"mask": None if mask is None else mask[0].tolist()})
 
     def set_multiplier(self, multiplier: float) -> None:
         self.drop_prefetched()

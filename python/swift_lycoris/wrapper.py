@@ -56,7 +56,7 @@ def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module,
     keys = _file_keys(file)
     network = LycorisNetwork(_targets(module, {k.split(".", 1)[0] for k in keys if k.endswith(".w_norm")}), algo=algo,
                              multiplier=multiplier, threads=threads,
-                             base_weights_for={k.split(".", 1)[0] for k in keys if k.endswith((".on_input", ".oft_blocks"))})
+                             base_weights_for={k.split(".", 1)[0] for k in keys if k.endswith((".on_input", ".oft_blocks", ".lambda_layer"))})
     network.load_weights(file)
     return network
 

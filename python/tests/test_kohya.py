@@ -28,6 +28,7 @@ try:  # the oracle and the model libraries: missing ones are an error, never a s
     import lycoris  # noqa: F401
     import lycoris.kohya as lk
     import lycoris.modules.dylora as lycoris_dylora
+    import lycoris.modules.tlora as lycoris_tlora
     import safetensors.torch
     import transformers  # noqa: F401
     from diffusers import UNet2DConditionModel
@@ -38,6 +39,7 @@ except ImportError as error:  # pragma: no cover - environment problem
         f"tiny models); install python/requirements-test.txt. Import failed: {error}"
     ) from error
 
+import swift_lycoris  # noqa: E402
 from swift_lycoris import kohya as sk  # noqa: E402
 from swift_lycoris.presets import BUILTIN_PRESETS, preset_to_toml, resolve_preset  # noqa: E402
 
@@ -171,6 +173,17 @@ def closing():
         network.close()
 
 
+@pytest.fixture
+def timestep_mask():
+    """Sets T-LoRA's rank mask in both libraries, as a training loop would; cleared at the end."""
+    def set_mask(mask):
+        lycoris_tlora.set_timestep_mask(mask)
+        swift_lycoris.set_timestep_mask(mask)
+    yield set_mask
+    lycoris_tlora.clear_timestep_mask()
+    swift_lycoris.clear_timestep_mask()
+
+
 def ours_network(closing, te, unet, dim, alpha, preset="full", **args):
     network = sk.create_network(1.0, dim, alpha, None, te, unet, neuron_dropout=None, preset=preset, **args)
     network.apply_to(te, unet, True, True)
@@ -269,6 +282,9 @@ CASES = {
     # Bypass rotates the base output with its bias (the weight path would not): the UNet's
     # layers with a bias must move activations even under transfer="auto".
     "boft-bypass": ("boft", "attn-mlp", 6, 1.0, {"constraint": "0.5", "bypass_mode": "True"}, 0.3),
+    # T-LoRA on linear and 1x1 conv layers (LyCORIS crashes on larger kernels), with the rank
+    # mask of timestep 300 of 1000 (3 of 4 ranks).
+    "tlora": ("tlora", "attn-mlp", 4, 2.0, {}, 0.3),
 }
 
 
@@ -280,10 +296,17 @@ def _lycoris_args(args: dict) -> dict:
 
 @pytest.mark.parametrize("transfer", ["auto", "activations"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch):
+def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch, timestep_mask):
     """`auto` sends these small layers' ΔWs (the weight path); `activations` forces every
     call through the server's forward/backward."""
     algo, preset, dim, alpha, args, std = CASES[case]
+    if algo == "tlora":
+        timestep_mask(lycoris_tlora.compute_timestep_mask(300, 1000, dim))
+        # LyCORIS takes the frozen factors from a float32 SVD, the server from a float64 one;
+        # the oracle uses float64 too (rounded to float32 as the server keeps them).
+        svd = torch.linalg.svd
+        monkeypatch.setattr(torch.linalg, "svd", lambda a, full_matrices=True: tuple(
+            t.to(a.dtype) for t in svd(a.double(), full_matrices=full_matrices)))
     models = Models()
     base = run(*models.copy(), grad=False)
 
@@ -544,7 +567,7 @@ def test_network_args_parsing(caplog):
     for bad in ({"use_scalar": "maybe"}, {"dropout": "x"}, {"factor": "1.5"}):
         with pytest.raises(ValueError):
             parse(4, 1, None, bad)
-    for algo in ("glora", "full", "tlora"):
+    for algo in ("glora", "full"):
         with pytest.raises(ValueError, match=algo):
             parse(4, 1, None, {"algo": algo})
     with pytest.raises(ValueError, match="dora_wd"):
