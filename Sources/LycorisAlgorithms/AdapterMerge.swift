@@ -60,8 +60,9 @@ public enum AdapterMerge {
                 guard let layer = algorithm == .norms ? .norm(normalization) : layer(forWeightShape: info.shape) else {
                     throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear, conv1d/conv2d/conv3d and norm weights are merged")
                 }
-                var merged = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer),
-                                           options: AdapterOptions(), baseWeight: try base.tensor(baseKey),
+                let baseWeight = try base.tensor(baseKey)
+                var merged = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer, baseWeight: baseWeight),
+                                           options: AdapterOptions(), baseWeight: baseWeight,
                                            baseBias: try biasInfo.map { try base.tensor($0.name) })
                 merged.multiplier = multiplier
                 let result = try merged.mergedWeight()

@@ -27,16 +27,10 @@ public struct BOFT: OrthogonalAdapter {
         guard let (b, n) = power2Factorization(out, factor: options.rank) else {
             throw AdapterError("boft: \(out) output channels cannot be split into even blocks of at most \(options.rank) times a power of two")
         }
-        var p = ParameterSet([("oft_blocks", Tensor.zeros([Self.maximumStages(blockCount: n), n, b, b]))])
-        if options.rescaled { p["rescale"] = Tensor(repeating: 1, shape: DiagOFT.rescaleShape(layer)) }
-        try self.init(layer: layer, parameters: p, constraint: options.constraint)
+        try self.init(layer: layer, blocksShape: [Self.maximumStages(blockCount: n), n, b, b], options: options)
     }
 
-    public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
-        try self.init(layer: layer, parameters: try Self.fileParameters(tensors), constraint: alpha ?? 0)
-    }
-
-    private init(layer: LayerSpec, parameters p: ParameterSet, constraint: Float) throws {
+    public init(layer: LayerSpec, orthogonalParameters p: ParameterSet, constraint: Float) throws {
         self.layer = layer
         let blocks = p.required("oft_blocks")
         let out = layer.outFeatures

@@ -24,16 +24,10 @@ public struct DiagOFT: OrthogonalAdapter {
     public init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws {
         let out = layer.outFeatures
         let (b, n) = factorization(out, factor: options.rank)
-        var p = ParameterSet([("oft_blocks", Tensor.zeros([n, b, b]))])
-        if options.rescaled { p["rescale"] = Tensor(repeating: 1, shape: Self.rescaleShape(layer)) }
-        try self.init(layer: layer, parameters: p, constraint: options.constraint)
+        try self.init(layer: layer, blocksShape: [n, b, b], options: options)
     }
 
-    public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
-        try self.init(layer: layer, parameters: try Self.fileParameters(tensors), constraint: alpha ?? 0)
-    }
-
-    private init(layer: LayerSpec, parameters p: ParameterSet, constraint: Float) throws {
+    public init(layer: LayerSpec, orthogonalParameters p: ParameterSet, constraint: Float) throws {
         self.layer = layer
         let blocks = p.required("oft_blocks")
         let out = layer.outFeatures

@@ -16,6 +16,8 @@ import LycorisCore
 public protocol OrthogonalAdapter: AdapterAlgorithm {
     /// The chain at multiplier `m`.
     func chain(multiplier m: Float) throws -> OrthogonalChain
+    /// A module from `oft_blocks` (and `rescale`), checked against the layer, and the constraint.
+    init(layer: LayerSpec, orthogonalParameters: ParameterSet, constraint: Float) throws
 }
 
 extension OrthogonalAdapter {
@@ -125,12 +127,20 @@ extension OrthogonalAdapter {
         return (layer.backwardInput(gradY, weight: context.baseWeight!, inputShape: x.shape), back.parameters)
     }
 
-    /// A file module's `oft_blocks` and optional `rescale`.
-    static func fileParameters(_ tensors: [String: Tensor]) throws -> ParameterSet {
-        guard let blocks = tensors["oft_blocks"] else { throw AdapterError("\(algorithm.rawValue): oft_blocks is required") }
+    /// A fresh module: `oft_blocks` zeros of `blocksShape` (every R = I), `rescale` ones with
+    /// `rescaled`.
+    init(layer: LayerSpec, blocksShape: [Int], options: AdapterOptions) throws {
+        var p = ParameterSet([("oft_blocks", Tensor.zeros(blocksShape))])
+        if options.rescaled { p["rescale"] = Tensor(repeating: 1, shape: DiagOFT.rescaleShape(layer)) }
+        try self.init(layer: layer, orthogonalParameters: p, constraint: options.constraint)
+    }
+
+    /// A file module: `oft_blocks`, optional `rescale`, and `alpha` = the constraint.
+    public init(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws {
+        guard let blocks = tensors["oft_blocks"] else { throw AdapterError("\(Self.algorithm.rawValue): oft_blocks is required") }
         var p = ParameterSet([("oft_blocks", blocks)])
         if let rescale = tensors["rescale"] { p["rescale"] = rescale }
-        return p
+        try self.init(layer: layer, orthogonalParameters: p, constraint: alpha ?? 0)
     }
 
     /// `rescale` is (out, 1…) of the weight's rank; the constraint finite and ≥ 0.

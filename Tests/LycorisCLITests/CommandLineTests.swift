@@ -137,6 +137,61 @@ struct CommandLineTests {
         #expect(partial.stdout.contains("lycoris_mid_block_conv"))
     }
 
+    /// The F32 tensors of a safetensors file, by name, as (shape, values).
+    static func readF32(_ path: String) throws -> [String: (shape: [Int], values: [Float])] {
+        let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        let length = Int(data.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
+        let header = try #require(try JSONSerialization.jsonObject(with: data.subdata(in: 8..<(8 + length))) as? [String: Any])
+        var tensors: [String: (shape: [Int], values: [Float])] = [:]
+        for (name, entry) in header where name != "__metadata__" {
+            let info = try #require(entry as? [String: Any])
+            guard info["dtype"] as? String == "F32", let offsets = info["data_offsets"] as? [Int] else { continue }
+            let bytes = data.subdata(in: (8 + length + offsets[0])..<(8 + length + offsets[1]))
+            tensors[name] = (info["shape"] as? [Int] ?? [], bytes.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) })
+        }
+        return tensors
+    }
+
+    @Test("merge of Diag-OFT, BOFT and T-LoRA files; rotations keep every column's norm; info describes them")
+    func mergeOrthogonalAndTLoRA() throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cli-merge-oft-\(UUID())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let base = try Self.readF32(Self.networkFile("base"))
+        for algorithm in ["diag-oft", "boft"] {
+            let out = directory.appendingPathComponent("\(algorithm).safetensors").path
+            let result = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile(algorithm),
+                                       "--out", out, "--strict"])
+            #expect(result.status == 0, "\(result.stderr)")
+            #expect(result.stdout.contains("merged 5 modules") && result.stdout.contains("mid_block.conv.weight (\(algorithm))"))
+            let merged = try Self.readF32(out)
+            for key in ["down_blocks.0.attentions.0.proj_in.weight", "down_blocks.0.resnets.0.conv1.weight", "mid_block.conv.weight"] {
+                let (w0, w) = (try #require(base[key]), try #require(merged[key]))
+                // W' = R·W0 with R orthogonal (constraint 0, no rescale): W' ≠ W0, each column's norm kept.
+                let rows = w0.shape[0], columns = w0.values.count / rows
+                #expect(zip(w0.values, w.values).contains { abs($0 - $1) > 1e-3 }, "\(algorithm) changes \(key)")
+                for j in 0..<columns {
+                    let before = (0..<rows).reduce(Float(0)) { $0 + w0.values[$1 * columns + j] * w0.values[$1 * columns + j] }
+                    let after = (0..<rows).reduce(Float(0)) { $0 + w.values[$1 * columns + j] * w.values[$1 * columns + j] }
+                    #expect(abs(after - before) <= 1e-4 * max(before, 1e-3), "\(algorithm) \(key) column \(j)")
+                }
+            }
+            let info = try Self.run(["info", Self.networkFile(algorithm)])
+            #expect(info.status == 0 && info.stdout.contains("oft_blocks") && info.stdout.contains("algorithms: \(algorithm) 5"))
+        }
+        // T-LoRA: LyCORIS wrote a 1×1 q_layer for the 3×3 conv1 (its forward crashes there):
+        // that module is refused by name, the four others merge (their frozen term from W0's SVD).
+        let out = directory.appendingPathComponent("tlora.safetensors").path
+        let tlora = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("tlora"), "--out", out])
+        #expect(tlora.status == 0, "\(tlora.stderr)")
+        #expect(tlora.stdout.contains("merged 4 modules"))
+        #expect(tlora.stdout.contains("lycoris_down_blocks_0_resnets_0_conv1: tlora: q_layer.weight has shape [4, 8, 1, 1], expected [4, 8, 3, 3]"))
+        let merged = try Self.readF32(out)
+        let key = "down_blocks.0.attentions.0.proj_in.weight"
+        #expect(zip(try #require(base[key]).values, try #require(merged[key]).values).contains { abs($0 - $1) > 1e-3 })
+        #expect(merged["down_blocks.0.resnets.0.conv1.weight"]?.values == base["down_blocks.0.resnets.0.conv1.weight"]?.values)
+    }
+
     @Test("demo trains, the loss falls, and the file it writes is described")
     func demo() throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cli-demo-\(UUID())")
