@@ -173,7 +173,7 @@ def test_schemas_are_strict_where_the_server_is(schemas):
     assert not valid({"name": "m", "kind": "conv1d", "in_channels": 4, "out_channels": 3, "kernel_size": [3, 3]}, "LayerInput")
     assert not valid({"name": "m", "kind": "conv3d", "in_channels": 4, "out_channels": 3, "padding": [1, 1]}, "LayerInput")
     assert not valid({"name": "m", "kind": "norm", "in_channels": 4, "out_channels": 3}, "LayerInput")
-    assert not valid({"name": "m", "kind": "linear", "in_features": 4, "out_features": 3, "algo": "tlora"}, "LayerInput")
+    assert not valid({"name": "m", "kind": "linear", "in_features": 4, "out_features": 3, "algo": "glora"}, "LayerInput")
     assert not valid({"code": -32099, "message": "x"}, "ErrorObject")
     assert not valid({"code": -32001, "message": "x", "data": {"module": "m", "extra": 1}}, "ErrorObject")
     assert not valid({"jsonrpc": "2.0", "id": 1, "result": None, "error": {"code": -32601, "message": "x"}}, "Response")
@@ -285,6 +285,9 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     everything = server.call("parameters.get", {"dtype": "BF16"})["parameters"]
     assert list(everything) == keys and all(d["dtype"] == "BF16" for d in everything.values())
 
+    # T-LoRA's mask (no T-LoRA module here: accepted and ignored), then every rank again.
+    assert server.call("network.set_timestep_mask", {"mask": [1, 1, 0]}) is None
+    assert server.call("network.set_timestep_mask", {"mask": None}) is None
     # forward in training mode: tapes by default.
     assert server.call("network.set_training", {"training": True}) is None
     x = (rng.integers(-8, 8, (3, 8)) / 4).astype(np.float32)  # exact in F16 and BF16
@@ -707,6 +710,7 @@ def test_every_error_code(start_server, tmp_path):
     server.error("optimizer.create", {"lr": 1, "betas": [0.9, "x"]}, -32602)
     server.error("forward", {"calls": [{"module": "m", "input": {"dtype": "F32", "shape": [2**61], "data": "AAAAAA=="}}]}, -32002)
     server.error("network.set_training", {"training": "yes"}, -32602)
+    server.error("network.set_timestep_mask", {"mask": []}, -32602)
     server.error("network.set_multiplier", {}, -32602)
     server.error("arena.resize", {"size": 10}, -32006)
     server.error("arena.create", {"size": 0}, -32006)
