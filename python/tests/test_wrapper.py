@@ -65,6 +65,11 @@ PARITY_CASES = [
     ("ia3", {"bypass_mode": True, "train_on_input": True}),
     # LyCORIS's DyLoRA draws a random block per forward: one block (block_size = rank) fixes it.
     ("dylora", {"linear_dim": 4, "conv_dim": 4, "block_size": 4}),
+    # Diag-OFT and BOFT rotate the base weight (sent to the server); BOFT's blocks of at most
+    # 6 fit every layer of TinyNet (16, 24, 32 and 12 outputs).
+    ("diag-oft", {"constraint": 0.01, "rescaled": True}),
+    ("boft", {"linear_dim": 6, "conv_dim": 6, "rescaled": True}),
+    ("boft", {"linear_dim": 6, "conv_dim": 6, "bypass_mode": True}),
 ]
 
 
