@@ -46,7 +46,8 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
 - A layer matched twice (the default preset lists ``TimestepEmbedding`` and
   ``time_embedding.linear_1/2``) is adapted once instead of failing.
 - ``apply_max_norm_regularization`` takes ‖ΔW‖ from the server and, like LyCORIS, rescales
-  LoCon/LoHa/LoKr modules (IA3 and DyLoRA are left alone, as LyCORIS does). LyCORIS
+  LoCon/LoHa/LoKr modules (IA3 and DyLoRA are left alone, as LyCORIS does; Diag-OFT, BOFT and
+  T-LoRA modules too, which LyCORIS scales). LyCORIS
   multiplies a hidden ``scalar`` buffer; this scales the parameters themselves: ``scalar``
   when the module has one (``use_scalar``), else LoCon ``lora_up``, LoHa ``hada_w1_a`` and
   ``hada_w2_a`` by √ratio each, LoKr every factor by ratio^(1/n) (LyCORIS's own rule for
