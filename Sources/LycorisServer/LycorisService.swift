@@ -78,6 +78,7 @@ public final class LycorisService {
         "network.info": { $0.networkInfo },
         "network.save": { $0.networkSave },
         "network.load": { $0.networkLoad },
+        "file.describe": { $0.fileDescribe },
         "network.set_multiplier": { $0.networkSetMultiplier },
         "network.set_training": { $0.networkSetTraining },
         "network.seed": { $0.networkSeed },
