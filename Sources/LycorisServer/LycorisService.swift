@@ -12,7 +12,7 @@ import LycorisRPC
 /// `shutdown` (or stdin EOF).
 public final class LycorisService {
     public static let protocolVersion = "1.0"
-    public static let serverVersion = "0.1.0"
+    public static let serverVersion = LycorisVersion.string
 
     let logger: Logger
     /// The directory new arenas are created in.
