@@ -14,6 +14,10 @@ struct MergeCommand: ParsableCommand {
     @Option(help: "The adapter's multiplier m.") var multiplier: Float = 1
     @Flag(help: "Fail when an adapter module matches no base weight or cannot be merged.") var strict = false
 
+    func validate() throws {
+        guard multiplier.isFinite else { throw ValidationError("--multiplier must be finite, got \(multiplier)") }
+    }
+
     func run() throws {
         let report = try AdapterMerge.merge(basePath: base, adapterPath: adapter, outputPath: out, multiplier: multiplier,
                                             strict: strict)
