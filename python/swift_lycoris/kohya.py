@@ -765,7 +765,7 @@ class LycorisNetworkKohya(nn.Module):
                 core.save_weights(file, dtype, text)
             else:
                 core.save_weights(staged, dtype)
-                torch.save(safetensors.torch.load_file(staged), file)
+                _save_torch_atomically(safetensors.torch.load_file(staged), file)
 
     def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=1e-4, learning_rate=None):
         """``(param_groups, descriptions)``: text-encoder groups (``text_encoder_lr``, else
@@ -1032,6 +1032,25 @@ class LycorisNetworkKohya(nn.Module):
         if self.core is not None:
             self.core.close()
             self.__dict__["_core"] = None
+
+
+def _save_torch_atomically(state: dict, file: str) -> None:
+    """``torch.save`` as the server saves: into ``.<name>.tmp-<pid>-<hex>`` beside `file`,
+    flushed to disk, then renamed over it, so a reader (or a crash) never meets half a file;
+    on failure the temporary file is removed (and a later save removes one whose process
+    was killed)."""
+    directory, name = os.path.split(file)
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{os.urandom(8).hex()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, file)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def _refuse_dora(keys: Iterable[str], what: str) -> None:

@@ -397,3 +397,52 @@ def test_hostile_arguments(tmp_path, name, executable, arguments, status, first,
 
 def test_the_catalogue_has_at_least_40_cases():
     assert len(FIXTURE_CASES) + len(FOREIGN_CASES) + len(RPC_CASES) + len(CLI_CASES) >= 40
+
+
+# MARK: - nothing left behind
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_a_save_removes_temporary_files_of_killed_saves(network, tmp_path):
+    _, net = network
+    stale = tmp_path / f".adapter.safetensors.tmp-{dead_pid()}-9e1f"
+    live = tmp_path / f".adapter.safetensors.tmp-{os.getpid()}-9e20"
+    for leftover in (stale, live):
+        leftover.write_bytes(b"half a file")
+    net.save_weights(str(tmp_path / "adapter.safetensors"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "adapter.safetensors"])
+
+
+def test_a_failed_torch_format_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from swift_lycoris import kohya
+
+    class Transformer2DModel(torch.nn.Module):  # a class name the default preset targets
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+    unet = torch.nn.Module()
+    unet.block = Transformer2DModel()
+    network = kohya.create_network(1.0, 2, 1.0, None, None, unet)
+    try:
+        network.apply_to(None, unet, apply_text_encoder=False, apply_unet=True)
+        file = tmp_path / "adapter.pt"
+        network.save_weights(str(file), None, None)
+        saved = file.read_bytes()
+        assert sorted(torch.load(file, weights_only=True)) == ["lora_unet_block_proj.alpha", "lora_unet_block_proj.lora_down.weight",
+                                                              "lora_unet_block_proj.lora_up.weight"]
+
+        def interrupted(state, handle):
+            handle.write(b"PK\x03\x04 half of an archive")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the write
+
+        monkeypatch.setattr(torch, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            network.save_weights(str(file), None, None)
+        assert file.read_bytes() == saved and sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pt"]
+    finally:
+        network.close()
