@@ -36,6 +36,12 @@ public struct AdapterOptions: Sendable, Equatable, Codable {
     /// from ΔW (false), or — nil — with rebuild semantics, through the factors when that is
     /// the same function and cheaper.
     public var bypassMode: Bool? = nil
+    /// DoRA: decompose W0 + ΔW into direction and a trained magnitude `dora_scale`
+    /// (`dora_wd`; LyCORIS `weight_decompose`), on LoCon, LoHa and LoKr.
+    public var weightDecompose = false
+    /// DoRA: the magnitude runs along output rows (true) or input columns
+    /// (`wd_on_output`; LyCORIS `wd_on_out`).
+    public var wdOnOutput = true
 
     public init() {}
 
@@ -85,6 +91,7 @@ extension AdapterOptions {
         case unbalancedFactorization = "unbalanced_factorization", trainOnInput = "train_on_input"
         case blockSize = "block_size", dropout, rankDropout = "rank_dropout", moduleDropout = "module_dropout"
         case rankDropoutScale = "rank_dropout_scale", bypassMode = "bypass_mode"
+        case weightDecompose = "weight_decompose", wdOnOutput = "wd_on_out"
     }
 
     /// Every option's name as LyCORIS spells it (`lora_dim`, `alpha`, `use_tucker`, …).
@@ -110,5 +117,7 @@ extension AdapterOptions {
         moduleDropout = try c.decodeIfPresent(Float.self, forKey: .moduleDropout) ?? moduleDropout
         rankDropoutScale = try c.decodeIfPresent(Bool.self, forKey: .rankDropoutScale) ?? rankDropoutScale
         bypassMode = try c.decodeIfPresent(Bool.self, forKey: .bypassMode)
+        weightDecompose = try c.decodeIfPresent(Bool.self, forKey: .weightDecompose) ?? weightDecompose
+        wdOnOutput = try c.decodeIfPresent(Bool.self, forKey: .wdOnOutput) ?? wdOnOutput
     }
 }

@@ -10,33 +10,60 @@ extension Algorithm {
         case .ia3: IA3.self
         case .dylora: DyLoRA.self
         case .norms: Norm.self
+        case .glora: GLoRA.self
+        case .full: Full.self
         default: nil
         }
     }
 
-    /// A freshly initialised adapter of this algorithm on `layer`.
-    public func makeAdapter(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws -> any AdapterAlgorithm {
+    /// A freshly initialised adapter of this algorithm on `layer`. `baseWeight` is the layer's
+    /// W0 (DoRA's magnitude starts at its norms; `weight_decompose` needs it); `hasBias`
+    /// whether the layer has a bias (Full then trains `diff_b`).
+    public func makeAdapter(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource,
+                            baseWeight: Tensor? = nil, hasBias: Bool = false) throws -> any AdapterAlgorithm {
         if let problem = layer.invalidReason { throw AdapterError("invalid layer: \(problem)") }
         if let problem = options.invalidReason { throw AdapterError("invalid options: \(problem)") }
         try checkAdapts(layer)
         guard let type = computingType else {
             throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
         }
-        return try type.init(layer: layer, options: options, random: &random)
+        if self == .full { return try Full(layer: layer, options: options, hasBias: hasBias) }
+        let adapter = try type.init(layer: layer, options: options, random: &random)
+        guard options.weightDecompose else { return adapter }
+        guard let baseWeight else { throw AdapterError("\(rawValue) with weight_decompose (DoRA) needs the base layer's weight") }
+        return try Self.decompose(adapter, baseWeight: baseWeight, onOutput: options.wdOnOutput)
+    }
+
+    /// DoRA around LoCon, LoHa or LoKr.
+    private static func decompose(_ adapter: some AdapterAlgorithm, baseWeight: Tensor, onOutput: Bool) throws -> any AdapterAlgorithm {
+        guard [.locon, .loha, .lokr].contains(type(of: adapter).algorithm) else {
+            throw AdapterError("weight_decompose (DoRA) applies to locon, loha and lokr, not \(type(of: adapter).algorithm.rawValue)")
+        }
+        return try DoRA(base: adapter, baseWeight: baseWeight, onOutput: onOutput)
+    }
+
+    /// A loaded `dora_scale` around the loaded base algorithm.
+    private static func decompose(_ adapter: some AdapterAlgorithm, magnitude: Tensor) throws -> any AdapterAlgorithm {
+        try DoRA(base: adapter, magnitude: magnitude)
     }
 
     /// An adapter of this algorithm on `layer` from a file's tensors (by key suffix).
     /// DyLoRA files are LoRA files and load as LoCon.
     public func loadAdapter(layer: LayerSpec, tensors: [String: Tensor], alpha: Float?) throws -> any AdapterAlgorithm {
         try checkAdapts(layer)
+        let adapter: any AdapterAlgorithm
         switch self {
-        case .locon, .dylora: return try LoCon(layer: layer, tensors: tensors, alpha: alpha)
-        case .loha: return try LoHa(layer: layer, tensors: tensors, alpha: alpha)
-        case .lokr: return try LoKr(layer: layer, tensors: tensors, alpha: alpha)
+        case .locon, .dylora: adapter = try LoCon(layer: layer, tensors: tensors, alpha: alpha)
+        case .loha: adapter = try LoHa(layer: layer, tensors: tensors, alpha: alpha)
+        case .lokr: adapter = try LoKr(layer: layer, tensors: tensors, alpha: alpha)
         case .ia3: return try IA3(layer: layer, tensors: tensors, alpha: alpha)
         case .norms: return try Norm(layer: layer, tensors: tensors, alpha: alpha)
+        case .glora: return try GLoRA(layer: layer, tensors: tensors, alpha: alpha)
+        case .full: return try Full(layer: layer, tensors: tensors, alpha: alpha)
         default: throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
         }
+        guard let magnitude = tensors["dora_scale"] else { return adapter }
+        return try Self.decompose(adapter, magnitude: magnitude)
     }
 
     /// Norm layers are adapted by `norms` only, and `norms` adapts norm layers only.

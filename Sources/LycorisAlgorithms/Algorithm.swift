@@ -7,6 +7,7 @@ public enum Algorithm: String, Sendable, CaseIterable, Codable {
     public var isComputed: Bool {
         switch self {
         case .locon, .loha, .lokr, .ia3, .dylora, .norms: true
+        case .glora, .full: true
         default: false
         }
     }
