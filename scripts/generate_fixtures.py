@@ -841,6 +841,12 @@ NET_ALGOS = [
     ("norms", dict(algo="lora", train_norm=True), "algo=lora with train_norm=True: LoRA on Linear/Conv plus NormModule (w_norm/b_norm) on the LayerNorm"),
     ("tlora", dict(algo="tlora"), "TLoRA network"),
 ]
+NET_ALGOS += [
+    ("dora", dict(algo="lora", dora_wd=True), "DoRA network: LoRA with dora_wd=True (dora_scale per output row)"),
+    ("dora_loha_input", dict(algo="loha", dora_wd=True, wd_on_output=False), "DoRA network: LoHa with dora_wd=True, wd_on_output=False (dora_scale per input column)"),
+]
+# Networks with per-layer expected outputs besides CORE_NET and norms.
+EXPECTED_NET = ("glora", "full", "dora", "dora_loha_input")
 CORE_NET = ("lora", "loha", "lokr", "ia3", "dylora")
 NET_NOTES = {}
 NET_SKIPPED = {}
@@ -978,7 +984,7 @@ def network_fixtures(model0):
         path = NETWORKS_DIR / f"{stem}.safetensors"
         net.save_weights(str(path), torch.float32, meta)
         written.append(path)
-        if stem in CORE_NET or stem == "norms":
+        if stem in CORE_NET or stem == "norms" or stem in EXPECTED_NET:
             written.append(network_expected(stem, model, net, path, call))
         if stem == "lora":
             written.append(kohya_copy(path, call))

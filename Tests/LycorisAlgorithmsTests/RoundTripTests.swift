@@ -24,7 +24,7 @@ struct RoundTripTests {
         let algorithm: Algorithm
         let layer: LayerSpec
         let options: AdapterOptions
-        var testDescription: String { "\(algorithm.rawValue) \(layer.kind)" }
+        var testDescription: String { "\(algorithm.rawValue)\(options.weightDecompose ? " dora" : "") \(layer.kind)" }
     }
 
     static var cases: [Case] {
@@ -39,6 +39,11 @@ struct RoundTripTests {
         var lokr = AdapterOptions(rank: 2, alpha: 1)
         lokr.decomposeBoth = true
         lokr.factor = 2
+        var dora = AdapterOptions(rank: 4, alpha: 2)
+        dora.weightDecompose = true
+        var doraInput = AdapterOptions(rank: 2, alpha: 3)
+        doraInput.weightDecompose = true
+        doraInput.wdOnOutput = false
         return [
             Case(algorithm: .locon, layer: linear, options: scalar), Case(algorithm: .locon, layer: conv, options: tucker),
             Case(algorithm: .loha, layer: linear, options: scalar), Case(algorithm: .loha, layer: conv, options: tucker),
@@ -50,6 +55,11 @@ struct RoundTripTests {
             Case(algorithm: .lokr, layer: conv1d, options: lokr), Case(algorithm: .lokr, layer: conv3d, options: tucker),
             Case(algorithm: .ia3, layer: conv1d, options: input), Case(algorithm: .ia3, layer: conv3d, options: AdapterOptions()),
             Case(algorithm: .dylora, layer: conv1d, options: dylora), Case(algorithm: .dylora, layer: conv3d, options: dylora),
+            Case(algorithm: .locon, layer: linear, options: dora), Case(algorithm: .loha, layer: conv, options: doraInput),
+            Case(algorithm: .lokr, layer: conv1d, options: doraInput), Case(algorithm: .locon, layer: conv3d, options: dora),
+            Case(algorithm: .glora, layer: linear, options: scalar), Case(algorithm: .glora, layer: conv, options: tucker),
+            Case(algorithm: .glora, layer: conv3d, options: dylora),
+            Case(algorithm: .full, layer: linear, options: AdapterOptions()), Case(algorithm: .full, layer: conv1d, options: AdapterOptions()),
         ]
     }
 
@@ -60,7 +70,9 @@ struct RoundTripTests {
     /// A module with every parameter random (σ too), on a random base layer.
     func randomModule(_ testCase: Case, seed: UInt64) throws -> AdapterModule {
         var random = RandomSource(seed: seed)
-        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random)
+        var other = RandomSource(seed: seed + 100)
+        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random,
+                                                         baseWeight: .normal(testCase.layer.weightShape, std: 0.5, using: &other), hasBias: true)
         for (name, tensor) in adapter.parameters.entries { adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random) }
         return AdapterModule(name: "lora_unet_block_\(testCase.algorithm.rawValue)", algorithm: adapter, options: testCase.options,
                              baseWeight: .normal(testCase.layer.weightShape, std: 0.5, using: &random),
@@ -159,7 +171,7 @@ struct RoundTripTests {
 
     /// A model with a conv1d and a conv3d weight (and biases), an adapter file on both: the
     /// merged weights give the adapted layers' outputs.
-    @Test("merge into conv1d (3-D) and conv3d (5-D) base weights", arguments: [Algorithm.locon, .loha, .lokr, .ia3])
+    @Test("merge into conv1d (3-D) and conv3d (5-D) base weights", arguments: [Algorithm.locon, .loha, .lokr, .ia3, .glora, .full])
     func mergeConv1dConv3d(_ algorithm: Algorithm) throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("merge-convnd-\(UUID())")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -207,11 +219,18 @@ struct RoundTripTests {
         }
     }
 
-    @Test("uncomputed algorithms are recognised and refused by name")
-    func uncomputed() throws {
-        let file = try AdapterFile(path: NetworkFixture.path("glora"))
+    @Test("DoRA files saved on input columns reload (LyCORIS 4.1.3 cannot: it reads dora_scale as (out, 1))")
+    func doraInputAxisReload() throws {
+        let file = try AdapterFile(path: NetworkFixture.path("dora_loha_input"))
+        let module = try #require(file.modules.first { $0.name == "lycoris_down_blocks_0_attentions_0_proj_in" })
+        #expect(module.tensors["dora_scale"]?.shape == [1, 16])
+        let adapter = try file.adapter(for: module, layer: .linear(inFeatures: 16, outFeatures: 24))
+        let dora = try #require(adapter as? DoRA<LoHa>)
+        #expect(!dora.onOutput)
+        var tensors = try file.tensors(of: module)
+        tensors["dora_scale"] = .zeros([16, 1])
         #expect {
-            _ = try file.adapter(for: file.modules[0], layer: .linear(inFeatures: 16, outFeatures: 24))
-        } throws: { error in "\(error)".contains("glora") }
+            _ = try Algorithm.loha.loadAdapter(layer: .linear(inFeatures: 16, outFeatures: 24), tensors: tensors, alpha: module.alpha)
+        } throws: { error in "\(error)".contains("dora_scale has shape [16, 1], expected [24, 1] (output axis) or [1, 16] (input axis)") }
     }
 }
