@@ -87,6 +87,8 @@ public protocol AdapterAlgorithm: Sendable {
     /// where the multiplier enters nonlinearly (DoRA), so bypass mode cannot apply and the
     /// module computes with the rebuilt weight.
     var multiplierIsLinear: Bool { get }
+    /// Whether ΔW reads the base weight W0 (``DeltaContext/baseWeight``): IA3, GLoRA, DoRA.
+    var needsBaseWeight: Bool { get }
     /// What a file stores for this module, key suffix → tensor (scalar folded in).
     func savedTensors() -> [SavedTensor]
 
@@ -108,6 +110,8 @@ extension AdapterAlgorithm {
     public var bypassCost: Int? { nil }
 
     public var multiplierIsLinear: Bool { true }
+
+    public var needsBaseWeight: Bool { false }
 
     public var adaptsBias: Bool { false }
 

@@ -29,17 +29,23 @@ extension Algorithm {
         }
         if self == .full { return try Full(layer: layer, options: options, hasBias: hasBias) }
         let adapter = try type.init(layer: layer, options: options, random: &random)
-        guard options.weightDecompose else { return adapter }
+        guard options.weightDecompose && decomposesWeight else { return adapter }
         guard let baseWeight else { throw AdapterError("\(rawValue) with weight_decompose (DoRA) needs the base layer's weight") }
         return try Self.decompose(adapter, baseWeight: baseWeight, onOutput: options.wdOnOutput)
     }
 
+    /// The algorithms DoRA decomposes; LyCORIS's other modules ignore `weight_decompose`, and
+    /// so does this.
+    public var decomposesWeight: Bool { [.locon, .loha, .lokr].contains(self) }
+
+    /// Whether an adapter of this algorithm with `options` reads the base weight W0.
+    public func needsBaseWeight(_ options: AdapterOptions) -> Bool {
+        self == .ia3 || self == .glora || (options.weightDecompose && decomposesWeight)
+    }
+
     /// DoRA around LoCon, LoHa or LoKr.
     private static func decompose(_ adapter: some AdapterAlgorithm, baseWeight: Tensor, onOutput: Bool) throws -> any AdapterAlgorithm {
-        guard [.locon, .loha, .lokr].contains(type(of: adapter).algorithm) else {
-            throw AdapterError("weight_decompose (DoRA) applies to locon, loha and lokr, not \(type(of: adapter).algorithm.rawValue)")
-        }
-        return try DoRA(base: adapter, baseWeight: baseWeight, onOutput: onOutput)
+        try DoRA(base: adapter, baseWeight: baseWeight, onOutput: onOutput)
     }
 
     /// A loaded `dora_scale` around the loaded base algorithm.

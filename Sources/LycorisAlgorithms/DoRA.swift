@@ -33,6 +33,7 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm {
     public var scale: Float { base.scale }
     public var rank: Int? { base.rank }
     public var multiplierIsLinear: Bool { false }
+    public var needsBaseWeight: Bool { true }
 
     public var parameters: ParameterSet {
         get {

@@ -25,6 +25,7 @@ public struct GLoRA: AdapterAlgorithm {
     public let scale: Float
     public let savedAlpha: Float
     public var rank: Int? { parameters.required("a2.weight").shape[0] }
+    public var needsBaseWeight: Bool { true }
 
     public init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws {
         try Self.checkLayer(layer)

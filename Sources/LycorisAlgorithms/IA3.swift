@@ -16,6 +16,7 @@ public struct IA3: AdapterAlgorithm {
     public let onInput: Bool
     public var scale: Float { 1 }
     public var rank: Int? { nil }
+    public var needsBaseWeight: Bool { true }
 
     public init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) throws {
         try self.init(layer: layer, onInput: options.trainOnInput, weight: nil)

@@ -296,7 +296,8 @@ struct OracleNetwork {
         var parameterSeed = seed &* 1000
         for layer in layers {
             var random = RandomSource(seed: 99)
-            let adapter = try config.algorithm.makeAdapter(layer: layer.spec, options: config.options, random: &random)
+            let adapter = try config.algorithm.makeAdapter(layer: layer.spec, options: config.options, random: &random,
+                                                           baseWeight: layer.weight, hasBias: layer.spec.normalization == nil)
             var module = AdapterModule(name: layer.name, algorithm: adapter, options: config.options,
                                        baseWeight: layer.weight, baseBias: layer.spec.normalization?.hasBias == false ? nil : layer.bias)
             for (name, tensor) in adapter.parameters.entries {
