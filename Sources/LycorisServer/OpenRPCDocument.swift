@@ -575,7 +575,7 @@ enum OpenRPCDocument {
     {
       "name": "delta_weight",
       "summary": "m * delta W per module (rebuild mode).",
-      "description": "For clients that apply W0 + m * delta W themselves. Output specs are checked before anything is computed. Modules that adapt the layer's bias (norm on a layer with a bias) also answer delta_bias = m * delta b. With tapes kept, each module's result has a tape for delta_weight_backward.",
+      "description": "For clients that apply W0 + m * delta W themselves. Output specs are checked before anything is computed. Modules that adapt the layer's bias (norm on a layer with a bias, full with diff_b) also answer delta_bias = m * delta b; a DoRA module answers W'(m) - W0 as its delta_weight. With tapes kept, each module's result has a tape for delta_weight_backward.",
       "paramStructure": "by-name",
       "params": [
         {
@@ -1306,9 +1306,9 @@ enum OpenRPCDocument {
         "pattern": "^[^.]+$"
       },
       "AlgorithmName": {
-        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, norm (also spelled norms; norm layers only, and the only algorithm for them). The names glora, full, diag-oft, boft and tlora are recognised but answered with -32008.",
+        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, glora, full, norm (also spelled norms; norm layers only, and the only algorithm for them). The names diag-oft, boft and tlora are recognised but answered with -32008. DoRA is the option weight_decompose on locon, loha and lokr.",
         "type": "string",
-        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Nn][Oo][Rr][Mm][Ss]?)$"
+        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Gg][Ll][Oo][Rr][Aa]|[Ff][Uu][Ll][Ll]|[Nn][Oo][Rr][Mm][Ss]?)$"
       },
       "Algorithm": {
         "description": "Algorithm as the server reports it (lora is reported as locon, norm as norms).",
@@ -1319,6 +1319,8 @@ enum OpenRPCDocument {
           "lokr",
           "ia3",
           "dylora",
+          "glora",
+          "full",
           "norms"
         ]
       },
@@ -1454,7 +1456,7 @@ enum OpenRPCDocument {
             "type": "boolean"
           },
           "bypass_mode": {
-            "description": "Compute the adapter output from the factors (true) or from delta W (false/null, rebuild). Default null.",
+            "description": "Compute the adapter output from the factors (true) or from delta W (false/null, rebuild). Default null. Not for full (true: -32008); DoRA modules always rebuild.",
             "type": [
               "boolean",
               "null"
@@ -1471,6 +1473,14 @@ enum OpenRPCDocument {
               "number",
               "null"
             ]
+          },
+          "weight_decompose": {
+            "description": "DoRA (kohya dora_wd) on locon, loha and lokr, ignored by the other algorithms as in LyCORIS: W' = V (m (dora_scale/|V| - 1) + 1) with V = W0 + delta W and a trained magnitude dora_scale. Needs the layer's weight (-32008). Default false.",
+            "type": "boolean"
+          },
+          "wd_on_out": {
+            "description": "DoRA's axis (kohya wd_on_output): dora_scale (out, 1, ...) per output row (true, default) or (1, in, ...) per input channel.",
+            "type": "boolean"
           }
         },
         "additionalProperties": false
@@ -1498,11 +1508,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "linear"
@@ -1540,11 +1554,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "conv1d"
@@ -1603,11 +1621,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "conv2d"
@@ -1666,11 +1688,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3 and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "conv3d"
@@ -2158,7 +2184,7 @@ enum OpenRPCDocument {
             "$ref": "#/components/schemas/Layer"
           },
           "rank": {
-            "description": "The rank, or null where there is none (ia3, norms; lokr when both Kronecker factors are full matrices).",
+            "description": "The rank, or null where there is none (ia3, norms, full; lokr when both Kronecker factors are full matrices).",
             "type": [
               "integer",
               "null"
@@ -2587,7 +2613,7 @@ enum OpenRPCDocument {
                 },
                 "delta_bias": {
                   "$ref": "#/components/schemas/TensorDescriptor",
-                  "description": "m * delta b, shaped like the base bias: present exactly for modules whose algorithm adapts the bias (norm on a layer with has_bias). Output spec from bias_outputs."
+                  "description": "m * delta b, shaped like the base bias: present exactly for modules whose algorithm adapts the bias (norm on a layer with has_bias, full with diff_b). Output spec from bias_outputs."
                 },
                 "tape": {
                   "$ref": "#/components/schemas/TapeId",
