@@ -11,7 +11,7 @@ this module picks the layers, hooks their forward into torch autograd, exposes t
 parameters as ``nn.Parameter`` for kohya's optimizer, and reads/writes kohya/LyCORIS files.
 
 **network_args** (every value arrives as a string), with lycoris.kohya 4.1.3's names and
-defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora are computed — glora, full,
+defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora, glora, full are computed —
 diag-oft, boft and tlora are refused with an error), ``preset`` (full; see
 :mod:`swift_lycoris.presets`, or a TOML file), ``conv_dim`` (= network_dim), ``conv_alpha``
 (= network_alpha), ``dropout``, ``rank_dropout``, ``module_dropout`` (0), ``use_tucker``
@@ -37,8 +37,12 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   ``norm`` adapter (``w_norm``, ``b_norm``) whatever ``algo`` is, as in LyCORIS; its
   ``rank_dropout`` drops elements with probability p (LyCORIS 4.1.3 keeps them with
   probability p).
-- ``dora_wd=True`` is refused (the server does not compute DoRA); ``constraint`` and
-  ``rescaled`` only concern diag-oft/boft, which are refused as algorithms.
+- ``dora_wd=True`` (with ``wd_on_output``) decomposes lora/locon/loha/lokr modules (DoRA);
+  their layers' weights go to the server once, as for IA3 and GLoRA. With ``bypass_mode``
+  DoRA modules still rebuild W' (LyCORIS's LoCon bypass drops DoRA silently).
+  ``constraint`` and ``rescaled`` only concern diag-oft/boft, which are refused as algorithms.
+- ``algo=full`` trains ``diff`` (and ``diff_b`` on layers with a bias) on the server; the
+  layer keeps its own weight (LyCORIS moves it into the module and keeps a second copy).
 - A layer matched twice (the default preset lists ``TimestepEmbedding`` and
   ``time_embedding.linear_1/2``) is adapted once instead of failing.
 - ``apply_max_norm_regularization`` takes ‖ΔW‖ from the server and, like LyCORIS, rescales
@@ -59,8 +63,8 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   network trained with; ``alpha`` is always stored as F32).
 - The saved file gets kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (computed as
   sd-scripts' ``train_util.precalculate_safetensors_hashes``), not LyCORIS's variant.
-- Files with DoRA modules (``dora_scale``) are refused when loading (the server would
-  drop ``dora_scale`` and compute plain LoRA); IA3 files load (LyCORIS 4.1.3 cannot).
+- IA3 files load (LyCORIS 4.1.3 cannot), and so do DoRA files saved with
+  ``wd_on_output=False`` (LyCORIS 4.1.3 reads every ``dora_scale`` as (out, 1, …)).
 - ``state_dict()`` keys are the file's keys (``<module>.lora_up.weight``, ``<module>.alpha``,
   IA3 ``<module>.on_input``), plus ``<module>.scalar`` with ``use_scalar`` (LyCORIS folds the
   scalar into a factor in its state dict as in its file; keeping it unfolded makes
@@ -102,20 +106,22 @@ log = logging.getLogger("swift_lycoris.kohya")
 LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
-COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora")
-NOT_COMPUTED_ALGORITHMS = ("glora", "full", "diag-oft", "boft", "tlora")
+COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "full")
+NOT_COMPUTED_ALGORITHMS = ("diag-oft", "boft", "tlora")
 
 # Adapter options the server takes per layer, by LyCORIS's keyword name.
 _SERVER_OPTIONS = (
     "use_tucker", "use_scalar", "rs_lora", "decompose_both", "factor", "full_matrix",
     "unbalanced_factorization", "train_on_input", "block_size", "dropout", "rank_dropout",
-    "module_dropout", "rank_dropout_scale", "bypass_mode",
+    "module_dropout", "rank_dropout_scale", "bypass_mode", "weight_decompose", "wd_on_out",
 )
 _BOOL_OPTIONS = {"use_tucker", "use_scalar", "rs_lora", "decompose_both", "full_matrix",
-                 "unbalanced_factorization", "train_on_input", "rank_dropout_scale", "bypass_mode"}
-_OPTION_ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker"}
-# Options of LyCORIS modules that only concern algorithms or features this server lacks.
-_IGNORED_OPTIONS = {"wd_on_output", "wd_on_out", "constraint", "constrain", "rescaled"}
+                 "unbalanced_factorization", "train_on_input", "rank_dropout_scale", "bypass_mode",
+                 "weight_decompose", "wd_on_out"}
+_OPTION_ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker", "dora_wd": "weight_decompose",
+                   "wd_on_output": "wd_on_out"}
+# Options of LyCORIS modules that only concern algorithms this server lacks.
+_IGNORED_OPTIONS = {"constraint", "constrain", "rescaled"}
 
 # Every network_arg of lycoris.kohya 4.1.3, plus this module's additions.
 KNOWN_NETWORK_ARGS = {
@@ -198,10 +204,6 @@ def _layer_options(config: dict, where: str) -> dict:
     for key, value in config.items():
         key = _OPTION_ALIASES.get(key, key)
         if key in ("algo", "dim", "alpha"):
-            continue
-        if key in ("weight_decompose", "dora_wd"):
-            if parse_bool(value, key):
-                raise ValueError(f"{where}: {key}=true (DoRA) is not computed by lycoris-server")
             continue
         if key in _IGNORED_OPTIONS:
             continue
@@ -298,8 +300,6 @@ class NetworkArgs:
         seed = _parse_int(kw.get("seed"), "seed", None)
         args.seed = (torch.initial_seed() if seed is None else seed) & ((1 << 63) - 1)
         args.server_threads = _parse_int(kw.get("server_threads"), "server_threads", None)
-        if args.dora_wd:
-            raise ValueError("network_args: dora_wd=True (DoRA weight decomposition) is not computed by lycoris-server")
         if args.constraint or args.rescaled:
             log.info("swift_lycoris.kohya: constraint/rescaled only concern diag-oft and boft; ignored for %s",
                      args.algo)
@@ -314,6 +314,8 @@ class NetworkArgs:
             "unbalanced_factorization": self.unbalanced_factorization, "block_size": self.block_size,
             "rank_dropout_scale": self.rank_dropout_scale,
         }
+        if self.dora_wd:
+            options.update(weight_decompose=True, wd_on_out=self.wd_on_output)
         if self.bypass_mode:
             # Unset means rebuild semantics (LyCORIS's bypass_mode=False), which the server may
             # compute through the factors when that is the same function and cheaper.
@@ -364,7 +366,7 @@ class _Selector:
             for key, config in table.items():
                 if "algo" in config:
                     _check_algorithm(config["algo"], f"preset {where}[{key!r}]")
-                _layer_options(config, f"preset {where}[{key!r}]")  # refuses DoRA early
+                _layer_options(config, f"preset {where}[{key!r}]")  # checks the options early
         self.targets: "OrderedDict[str, _Target]" = OrderedDict()
         self.skipped: list[str] = []
 
@@ -1026,28 +1028,15 @@ class LycorisNetworkKohya(nn.Module):
             self.__dict__["_core"] = None
 
 
-def _refuse_dora(keys: Iterable[str], what: str) -> None:
-    """lycoris-server's network.load ignores ``dora_scale`` (DoRA is not computed), which
-    would silently give other outputs: refuse such files."""
-    dora = [k for k in keys if k.endswith(".dora_scale")]
-    if dora:
-        raise ValueError(f"swift_lycoris.kohya: {what} has DoRA modules ({len(dora)} dora_scale tensors, e.g. "
-                         f"{dora[0]}); DoRA (dora_wd) is not computed by lycoris-server")
-
-
 def _as_safetensors_file(source, path: str) -> str:
     """`source` (a safetensors path, another torch file, or a state dict) as a safetensors path."""
     import safetensors.torch
-    from safetensors import safe_open
 
     if isinstance(source, (str, os.PathLike)):
         source = os.fspath(source)
         if os.path.splitext(source)[1] == ".safetensors":
-            with safe_open(source, framework="pt") as f:
-                _refuse_dora(f.keys(), source)
             return os.path.abspath(source)
         source = torch.load(source, map_location="cpu")
-    _refuse_dora(source.keys(), "the state dict")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items() if isinstance(v, torch.Tensor)}
     safetensors.torch.save_file(tensors, path)
     return path
@@ -1090,7 +1079,6 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
             source = weights_sd
     else:
         source = weights_sd
-    _refuse_dora(weights_sd.keys(), os.fspath(file) if file is not None else "weights_sd")
     kwargs.pop("warn_on_unmatched", None)
     args = NetworkArgs.parse(None, None, None, {k: v for k, v in kwargs.items() if k in KNOWN_NETWORK_ARGS})
     suffixes: dict[str, set[str]] = {}
@@ -1112,12 +1100,16 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
             if layer_description(name, module) is None:
                 skipped.append(f"{name} ({type(module).__name__})")
                 continue
-            # IA3 adapters need the layer's weight on the server; a norm layer takes the norm
-            # adapter; every other module starts as a placeholder LoRA that the file's module
-            # replaces.
+            # IA3, GLoRA and DoRA adapters need the layer's weight on the server (placeholders
+            # of their kind send it); a norm layer takes the norm adapter; every other module
+            # starts as a placeholder LoRA that the file's module replaces.
             is_ia3 = "on_input" in suffixes[name] or suffixes[name] == {"weight"}
-            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "lora"
-            targets[name] = _Target(name, module, group, algo, {"lora_dim": 1, "alpha": 1.0})
+            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "glora" if "a1.weight" in suffixes[name] \
+                else "lora"
+            options = {"lora_dim": 1, "alpha": 1.0}
+            if "dora_scale" in suffixes[name]:
+                options["weight_decompose"] = True
+            targets[name] = _Target(name, module, group, algo, options)
     if skipped:
         log.warning("swift_lycoris.kohya: file modules on layers lycoris-server does not adapt are ignored: %s",
                     ", ".join(skipped[:20]))

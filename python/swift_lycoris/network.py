@@ -74,6 +74,17 @@ def layer_description(name: str, module: nn.Module) -> dict | None:
     return None
 
 
+# File-key suffixes of modules whose ΔW reads the layer's base weight: IA3, GLoRA, DoRA.
+BASE_WEIGHT_SUFFIXES = ("on_input", "a1.weight", "dora_scale")
+
+
+def needs_base_weight(algo: str, options: dict) -> bool:
+    """Whether the server needs a layer's base weight for `algo` with `options`: IA3 and
+    GLoRA read W0, and so does DoRA (``weight_decompose`` on lora/locon/loha/lokr)."""
+    algo = str(algo).lower()
+    return algo in ("ia3", "glora") or (bool(options.get("weight_decompose")) and algo in ("lora", "locon", "loha", "lokr"))
+
+
 def is_norm_layer(module: nn.Module) -> bool:
     """LayerNorm and GroupNorm: the layers only the ``norm`` algorithm adapts."""
     return isinstance(module, _NORMS)
@@ -214,7 +225,8 @@ class LycorisNetwork(nn.Module):
         transfer: str = "auto",
     ):
         """`base_weights_for`: layers whose base weight and bias the server must hold
-        although their algorithm is not IA3 yet (a file loaded later may make them IA3)."""
+        although their algorithm does not read W0 yet (a file loaded later may make them
+        IA3, GLoRA or DoRA)."""
         super().__init__()
         self.server = server or Server(threads=threads)
         self.arena = Arena(self.server)
@@ -241,11 +253,17 @@ class LycorisNetwork(nn.Module):
             if is_norm_layer(layer):
                 # LyCORIS's train_norm: a norm layer's only algorithm, whatever the network's.
                 description["algo"] = "norm"
-            elif algo == "ia3" or (layer_options or {}).get(name, {}).get("algo") == "ia3" or name in (base_weights_for or ()):
-                # IA3 scales the base weight (and, in bypass mode, the bias too).
-                description["weight"] = self._inline(layer.weight)
-                if layer.bias is not None:
-                    description["bias"] = self._inline(layer.bias)
+            else:
+                own = (layer_options or {}).get(name, {})
+                layer_algo = own.get("algo", algo)
+                if needs_base_weight(layer_algo, {**(options or {}), **own.get("options", {})}) or name in (base_weights_for or ()):
+                    # IA3 scales the base weight (and, in bypass mode, the bias too); GLoRA and
+                    # DoRA read it.
+                    description["weight"] = self._inline(layer.weight)
+                    if layer.bias is not None:
+                        description["bias"] = self._inline(layer.bias)
+                if str(layer_algo).lower() == "full":
+                    description["has_bias"] = layer.bias is not None
             for key, value in (layer_options or {}).get(name, {}).items():
                 description[key] = value
             descriptions.append(description)
@@ -278,7 +296,8 @@ class LycorisNetwork(nn.Module):
         optimizer that holds it stays valid."""
         self.modules_info = {m["name"]: m for m in info["modules"]}
         self._bias_deltas = {m["name"] for m in info["modules"]
-                             if m["algorithm"] == "norms" and m["layer"].get("has_bias", False)}
+                             if (m["algorithm"] == "norms" and m["layer"].get("has_bias", False))
+                             or any(p["key"].endswith(".diff_b") for p in m["parameters"])}
         previous = {}
         if reuse_parameters:
             for name in self.adapters.keys():
@@ -391,8 +410,10 @@ class LycorisNetwork(nn.Module):
             delta_weight, *delta_bias = self.weight_delta(name)
             weight = layer.weight + delta_weight.to(layer.weight.device, layer.weight.dtype)
             bias = layer.bias
-            if delta_bias and bias is not None:
-                bias = bias + delta_bias[0].to(bias.device, bias.dtype)
+            if delta_bias:
+                # A Full file's diff_b on a layer without a bias is the bias (as in LyCORIS).
+                delta = delta_bias[0].to(weight.device, weight.dtype)
+                bias = delta if bias is None else bias + delta.to(bias.dtype)
             return _forward_with(layer, x, weight, bias)
         base = original(x, *args, **kwargs)
         return base + self.adapter_delta(name, x, base)
@@ -490,12 +511,14 @@ class LycorisNetwork(nn.Module):
         name → ((ΔW,) or (ΔW, Δb), tape or None)."""
         shapes = {n: list(self._targets[n].weight.shape) for n in names}
         biased = [n for n in names if n in self._bias_deltas]
+        # Δb: the norm's has W0's shape, Full's diff_b is (out,).
+        bias_shapes = {n: shapes[n] if is_norm_layer(self._targets[n]) else shapes[n][:1] for n in biased}
         self.arena.begin()
-        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shapes[n]) * 4 for n in biased])
+        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shape) * 4 for shape in bias_shapes.values()])
         params = {"modules": names, "grad": keep_tapes,
                   "outputs": {n: self.arena.reserve(shapes[n], torch.float32) for n in names}}
         if biased:
-            params["bias_outputs"] = {n: self.arena.reserve(shapes[n], torch.float32) for n in biased}
+            params["bias_outputs"] = {n: self.arena.reserve(bias_shapes[n], torch.float32) for n in biased}
         results = self.server.call("delta_weight", params)["results"]
         parts = [[item["delta_weight"]] + ([item["delta_bias"]] if "delta_bias" in item else []) for item in results]
         taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors],
