@@ -21,7 +21,7 @@ import LycorisCore
 /// then ∂ΔW = mask ⊙ ∂V into the base algorithm's backward.
 /// Files: the base algorithm's keys plus `dora_scale`; its shape says the axis.
 /// Bypass: none — the multiplier does not scale a factor path, so DoRA modules always
-/// compute with the rebuilt weight (LyCORIS's LoCon bypass drops DoRA silently instead).
+/// compute with the rebuilt weight (LyCORIS's bypass paths drop DoRA silently instead).
 public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm {
     public static var algorithm: Algorithm { Base.algorithm }
     public var base: Base

@@ -219,6 +219,20 @@ struct RoundTripTests {
         }
     }
 
+    @Test("GLoRA refuses a Tucker core (bm.weight) and grouped convolutions, naming them")
+    func gloraRefusals() throws {
+        var random = RandomSource(seed: 1)
+        let fresh = try Algorithm.glora.makeAdapter(layer: Self.linear, options: AdapterOptions(rank: 2, alpha: 1), random: &random)
+        var tensors = Dictionary(uniqueKeysWithValues: fresh.parameters.entries.map { ($0.name, $0.tensor) })
+        #expect(try Algorithm.glora.loadAdapter(layer: Self.linear, tensors: tensors, alpha: 1).rank == 2)
+        tensors["bm.weight"] = .zeros([2, 2, 3, 3])
+        #expect { _ = try Algorithm.glora.loadAdapter(layer: Self.linear, tensors: tensors, alpha: 1) } throws: { "\($0)".contains("bm.weight") }
+        let grouped = LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], groups: 2))
+        #expect { _ = try Algorithm.glora.makeAdapter(layer: grouped, options: AdapterOptions(), random: &random) } throws: {
+            "\($0)".contains("glora does not adapt grouped convolutions (groups 2)")
+        }
+    }
+
     @Test("DoRA files saved on input columns reload (LyCORIS 4.1.3 cannot: it reads dora_scale as (out, 1))")
     func doraInputAxisReload() throws {
         let file = try AdapterFile(path: NetworkFixture.path("dora_loha_input"))

@@ -39,7 +39,7 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   probability p).
 - ``dora_wd=True`` (with ``wd_on_output``) decomposes lora/locon/loha/lokr modules (DoRA);
   their layers' weights go to the server once, as for IA3 and GLoRA. With ``bypass_mode``
-  DoRA modules still rebuild W' (LyCORIS's LoCon bypass drops DoRA silently).
+  DoRA modules still rebuild W' (LyCORIS's bypass paths drop DoRA silently).
   ``constraint`` and ``rescaled`` only concern diag-oft/boft, which are refused as algorithms.
 - ``algo=full`` trains ``diff`` (and ``diff_b`` on layers with a bias) on the server; the
   layer keeps its own weight (LyCORIS moves it into the module and keeps a second copy).
