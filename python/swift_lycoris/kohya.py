@@ -890,28 +890,35 @@ class LycorisNetworkKohya(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value, device=None):
-        """LyCORIS's max-norm rule per LoCon/LoHa/LoKr module: n = ‖ΔW‖ (server, multiplier 1,
-        no dropout), n' = max(n, max_norm/2), ratio = min(n', max_norm)/n'; a module with
+        """LyCORIS's max-norm rule per LoCon/LoHa/LoKr module (with or without DoRA): n = ‖ΔW‖
+        (server, no dropout), n' = max(n, max_norm/2), ratio = min(n', max_norm)/n'; a module with
         ratio ≠ 1 is scaled. Returns ``(modules scaled, mean norm, max norm)`` of the norms
         after scaling, or ``(0, 0, 0)`` when nothing was scaled."""
         core = self.core
         if core is None:
             return 0, 0, 0
         names = [n for n, info in core.modules_info.items() if info["algorithm"] in ("locon", "loha", "lokr")]
+        # A DoRA module's W'(m) − W0 at m = 0 is its adapter's ΔW (the magnitude enters with
+        # the multiplier only), the norm LyCORIS bounds; the others give m·ΔW at m = 1.
+        dora = {n for n in names if "dora_scale" in core.parameter_suffixes(n)}
+        groups = [(1.0, [n for n in names if n not in dora]), (0.0, [n for n in names if n in dora])]
         max_norm = torch.tensor(float(max_norm_value), dtype=torch.float32)
         scaled_count, norms = 0, []
-        with core.server_evaluation(1.0):
-            # One group of ΔWs at a time (scaling a module's parameters changes the server's
-            # copy only at the next sync, after the loop).
-            for name, (delta, *_) in core.delta_weights(names):
-                original = torch.linalg.vector_norm(delta.float())
-                norm = torch.clamp(original, min=max_norm / 2)
-                desired = torch.clamp(norm, max=max_norm)
-                ratio = desired / norm
-                if bool(norm != desired):
-                    scaled_count += 1
-                    self._scale_module(name, float(ratio))
-                norms.append(float(original * ratio))
+        for multiplier, group in groups:
+            if not group:
+                continue
+            with core.server_evaluation(multiplier):
+                # One group of ΔWs at a time (scaling a module's parameters changes the server's
+                # copy only at the next sync, after the loop).
+                for name, (delta, *_) in core.delta_weights(group):
+                    original = torch.linalg.vector_norm(delta.float())
+                    norm = torch.clamp(original, min=max_norm / 2)
+                    desired = torch.clamp(norm, max=max_norm)
+                    ratio = desired / norm
+                    if bool(norm != desired):
+                        scaled_count += 1
+                        self._scale_module(name, float(ratio))
+                    norms.append(float(original * ratio))
         if scaled_count == 0:
             return 0, 0, 0
         return scaled_count, sum(norms) / len(norms), max(norms)

@@ -652,13 +652,15 @@ def test_dora_files_load_into_a_network_without_dora(tmp_path, closing):
 
 # MARK: max norm, merge, multiplier
 
-@pytest.mark.parametrize("algo,std", [("lora", 0.3), ("loha", 0.6), ("lokr", 0.4)])
-def test_max_norm_regularization_matches_lycoris(algo, std, tmp_path, closing):
+@pytest.mark.parametrize("algo,std,extra", [("lora", 0.3, {}), ("loha", 0.6, {}), ("lokr", 0.4, {}),
+                                            ("lora", 0.3, {"dora_wd": "True"})])
+def test_max_norm_regularization_matches_lycoris(algo, std, extra, tmp_path, closing):
+    """(With DoRA the bound is on the adapter's ΔW, as LyCORIS's.)"""
     models = Models()
     te_l, unet_l = models.copy()
-    lyco = lycoris_network(tmp_path, te_l, unet_l, 4, 2.0, "full", algo=algo)
+    lyco = lycoris_network(tmp_path, te_l, unet_l, 4, 2.0, "full", algo=algo, **extra)
     te_o, unet_o = models.copy()
-    ours = ours_network(closing, te_o, unet_o, 4, 2.0, "full", algo=algo)
+    ours = ours_network(closing, te_o, unet_o, 4, 2.0, "full", algo=algo, **extra)
     randomize(ours, lyco, algo, std)
     # A bound between the smallest and largest module norms, so some modules are scaled.
     with torch.no_grad():
@@ -679,7 +681,7 @@ def test_max_norm_regularization_matches_lycoris(algo, std, tmp_path, closing):
     assert ours.apply_max_norm_regularization(1e9, "cpu") == (0, 0, 0)
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "ia3"])
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "ia3", "glora", "full"])
 def test_merge_equals_adapted_forward(algo, closing):
     """merge_to adds m·ΔW into the weights: the merged model computes what the adapted one
     did (LyCORIS's LoHa/LoKr merge applies α/r twice, so this is not compared with it)."""

@@ -183,7 +183,8 @@ def test_frozen_network_still_gives_input_gradients():
 
 MERGE_CASES = [("lora", {}), ("lora", {"use_tucker": True}), ("loha", {}), ("lokr", {"linear_dim": 2}),
                ("ia3", {}), ("dylora", {"linear_dim": 4, "conv_dim": 4, "block_size": 4}),
-               ("lora", {"bypass_mode": True})]
+               ("lora", {"bypass_mode": True}), ("lora", {"dora_wd": True}), ("loha", {"dora_wd": True, "wd_on_output": False}),
+               ("glora", {})]
 
 
 @pytest.mark.parametrize("algo,options", MERGE_CASES, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in MERGE_CASES])
