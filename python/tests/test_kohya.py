@@ -427,16 +427,26 @@ def test_dylora_lycoris_file_means_locon(tmp_path, closing):
     lyco.save_weights(str(file), None, {})
     te_a, unet_a = models.copy()
     reference = lycoris_from_file(file, te_a, unet_a, "attn-mlp")
-    te_b, unet_b = models.copy()
-    loaded, _ = sk.create_network_from_weights(1.0, str(file), None, te_b, unet_b)
-    closing.append(loaded)
-    loaded.apply_to(te_b, unet_b, True, True)
     reference.eval()
+    assert_same_outputs(ours_from_file(closing, file, models), (te_a, unet_a), "dylora file")
+
+
+def ours_from_file(closing, file, models):
+    """Fresh copies of the models with our network from `file` applied, in eval mode."""
+    te, unet = models.copy()
+    loaded, _ = sk.create_network_from_weights(1.0, str(file), None, te, unet)
+    closing.append(loaded)
+    loaded.apply_to(te, unet, True, True)
     loaded.eval()
+    return te, unet
+
+
+def assert_same_outputs(actual_models, expected_models, what: str):
+    """The text-encoder and UNet outputs of two (te, unet) pairs agree."""
     with torch.no_grad():
-        expected, actual = run(te_a, unet_a, grad=False), run(te_b, unet_b, grad=False)
-    for what in ("te", "unet"):
-        assert_close(actual[what], expected[what], f"dylora file: {what}")
+        actual, expected = run(*actual_models, grad=False), run(*expected_models, grad=False)
+    for key in ("te", "unet"):
+        assert_close(actual[key], expected[key], f"{what}: {key}")
 
 
 # MARK: naming, presets, arguments
@@ -638,16 +648,8 @@ def test_dora_files_load_into_a_network_without_dora(tmp_path, closing):
     plain = ours_network(closing, te, unet, 4, 1.0, "attn-mlp")
     with pytest.raises(Exception, match="base weight"):
         plain.load_weights(str(file))
-    te_y, unet_y = models.copy()
-    loaded, _ = sk.create_network_from_weights(1.0, str(file), None, te_y, unet_y)
-    closing.append(loaded)
-    loaded.apply_to(te_y, unet_y, True, True)
-    loaded.eval()
     lyco.eval()
-    with torch.no_grad():
-        got, expected = run(te_y, unet_y, grad=False), run(te_l, unet_l, grad=False)
-    for what in ("te", "unet"):
-        assert_close(got[what], expected[what], f"DoRA file: {what}")
+    assert_same_outputs(ours_from_file(closing, file, models), (te_l, unet_l), "DoRA file")
 
 
 # MARK: max norm, merge, multiplier
