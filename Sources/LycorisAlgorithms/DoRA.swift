@@ -82,27 +82,49 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm {
         throw AdapterError("\(Self.algorithm.rawValue) with weight_decompose needs the base layer's weight")
     }
 
-    /// Which slice of the weight each element belongs to.
+    /// The slices of the weight the norms run over: blocks of contiguous elements, each in
+    /// one group — a whole output row (on output), or one (out, in) pair's kernel positions
+    /// (on input, group = the input channel).
     struct Groups {
         let count: Int
-        /// Elements per output row, and kernel elements per (out, in) pair.
-        let rowSize: Int, kernel: Int
+        /// Elements per block, and blocks.
+        let blockSize: Int, blocks: Int
         let onOutput: Bool
 
         init(shape: [Int], onOutput: Bool) {
             self.onOutput = onOutput
-            rowSize = shape.dropFirst().reduce(1, *)
-            kernel = shape.dropFirst(2).reduce(1, *)
+            blockSize = onOutput ? shape.dropFirst().reduce(1, *) : shape.dropFirst(2).reduce(1, *)
+            blocks = shape.reduce(1, *) / max(blockSize, 1)
             count = onOutput ? shape[0] : shape[1]
         }
 
-        func group(_ element: Int) -> Int { onOutput ? element / rowSize : (element / kernel) % count }
+        func group(ofBlock block: Int) -> Int { onOutput ? block : block % count }
 
         /// Σ_{e∈g} a_e·b_e per group, in Double.
         func sums(_ a: Tensor, _ b: Tensor) -> [Double] {
             var sums = [Double](repeating: 0, count: count)
-            for e in 0..<a.count { sums[group(e)] += Double(a.scalars[e]) * Double(b.scalars[e]) }
+            a.scalars.withUnsafeBufferPointer { x in
+                b.scalars.withUnsafeBufferPointer { y in
+                    for block in 0..<blocks {
+                        var sum = 0.0
+                        for e in (block * blockSize)..<((block + 1) * blockSize) { sum += Double(x[e]) * Double(y[e]) }
+                        sums[group(ofBlock: block)] += sum
+                    }
+                }
+            }
             return sums
+        }
+
+        /// f(e, g) for every element e of group g, as a tensor of `shape`.
+        func map(shape: [Int], _ f: (Int, Int) -> Float) -> Tensor {
+            var scalars = [Float](repeating: 0, count: blocks * blockSize)
+            scalars.withUnsafeMutableBufferPointer { out in
+                for block in 0..<blocks {
+                    let g = group(ofBlock: block)
+                    for e in (block * blockSize)..<((block + 1) * blockSize) { out[e] = f(e, g) }
+                }
+            }
+            return Tensor(shape: shape, scalars: scalars)
         }
     }
 
@@ -125,7 +147,7 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm {
         let (v, _, factors) = try decomposition(m, rowMask: rowMask, context)
         let groups = Groups(shape: v.shape, onOutput: onOutput)
         let w0 = try baseWeight(context)
-        return Tensor(shape: v.shape, scalars: (0..<v.count).map { v.scalars[$0] * factors[groups.group($0)] - w0.scalars[$0] })
+        return groups.map(shape: v.shape) { e, g in v.scalars[e] * factors[g] - w0.scalars[e] }
     }
 
     public func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
@@ -141,10 +163,9 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm {
             let n = norms[g] + eps
             return -Double(m) * Double(magnitude.scalars[g]) * s[g] / (n * n * norms[g])
         }
-        let gradV = Tensor(shape: v.shape, scalars: (0..<v.count).map { e in
-            let g = groups.group(e)
-            return Float(Double(gradient.scalars[e]) * Double(factors[g]) + normTerm[g] * Double(v.scalars[e]))
-        })
+        let gradV = groups.map(shape: v.shape) { e, g in
+            Float(Double(gradient.scalars[e]) * Double(factors[g]) + normTerm[g] * Double(v.scalars[e]))
+        }
         var grads = try base.multipliedDeltaWeightBackward(gradV, biasGradient: nil, multiplier: 1, rowMask: rowMask, context)
         grads["dora_scale"] = Tensor(shape: magnitude.shape, scalars: gradMagnitude)
         return grads
