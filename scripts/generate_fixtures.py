@@ -13,12 +13,13 @@ Outputs (all safetensors, every metadata value a string):
       nn.Conv3d.  Inputs and
       parameters are stored as F32 (drawn in float32), every expected value is
       F64 (LyCORIS run in float64 on exactly those float32 values).
-        base.weight, base.bias, input, grad_output      F32
+        base.weight, base.bias, input, grad_output      F32  (no base.bias on a bias-less layer)
         param.<name>                                     F32  (saved-key names)
         expected.output, expected.grad_input             F64
         expected.grad.<name>                             F64
         expected.delta_weight                            F64  (rebuild-semantics ΔW)
-        expected.delta_bias                              F64  (norm on a layer with a bias: m·Δb)
+        expected.delta_bias                              F64  (norm on a layer with a bias, full
+                                                              with diff_b: m·Δb)
         expected.saved.<key>                             F64 (ints keep their dtype)
       metadata: case, algo, layer, options, scale, saved_keys, description,
                 bypass (effective mode), [dylora_block], [lycoris: whether
@@ -28,7 +29,8 @@ Outputs (all safetensors, every metadata value a string):
       base.safetensors              state_dict of a tiny diffusers-like model
       <algo>.safetensors            LycorisNetwork.save_weights output (lycoris_ prefix)
       <algo>.expected.safetensors   per adapted layer K: x.K (F32) and y.K (F64)
-                                    (lora, loha, lokr, ia3, dylora and norms)
+                                    (lora, loha, lokr, ia3, dylora, norms, glora, full, dora and
+                                    dora_loha_input)
       kohya_lora.safetensors        lora.safetensors renamed lycoris_ -> lora_unet_
       convnd_base.safetensors, convnd_<algo>[.expected].safetensors
                                     the same for a model of Conv1d and Conv3d layers
