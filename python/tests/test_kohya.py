@@ -326,6 +326,9 @@ def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch):
     reference = oracle_parameters(lyco, algo)
     ours_params = dict(ours.named_parameters())
     assert {k: tuple(v.shape) for k, v in ours_params.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    for key, value in reference.items():
+        if key.endswith(".dora_scale"):  # DoRA's magnitude starts at the norms of W0 along its axis
+            assert_close(ours_params[key], value, f"{case}: initial {key}")
     lyco_sd, ours_sd = lyco.state_dict(), ours.state_dict()
     if algo not in ("dylora", "full"):  # (LyCORIS's Full state dict holds absolute weights)
         assert set(ours_sd) - {k for k in ours_sd if k.endswith(".scalar")} == set(lyco_sd)
