@@ -13,12 +13,13 @@ Outputs (all safetensors, every metadata value a string):
       nn.Conv3d.  Inputs and
       parameters are stored as F32 (drawn in float32), every expected value is
       F64 (LyCORIS run in float64 on exactly those float32 values).
-        base.weight, base.bias, input, grad_output      F32
+        base.weight, base.bias, input, grad_output      F32  (no base.bias on a bias-less layer)
         param.<name>                                     F32  (saved-key names)
         expected.output, expected.grad_input             F64
         expected.grad.<name>                             F64
         expected.delta_weight                            F64  (rebuild-semantics ΔW)
-        expected.delta_bias                              F64  (norm on a layer with a bias: m·Δb)
+        expected.delta_bias                              F64  (norm on a layer with a bias, full
+                                                              with diff_b: m·Δb)
         expected.saved.<key>                             F64 (ints keep their dtype)
       metadata: case, algo, layer, options, scale, saved_keys, description,
                 bypass (effective mode), [dylora_block], [lycoris: whether
@@ -28,7 +29,8 @@ Outputs (all safetensors, every metadata value a string):
       base.safetensors              state_dict of a tiny diffusers-like model
       <algo>.safetensors            LycorisNetwork.save_weights output (lycoris_ prefix)
       <algo>.expected.safetensors   per adapted layer K: x.K (F32) and y.K (F64)
-                                    (lora, loha, lokr, ia3, dylora and norms)
+                                    (lora, loha, lokr, ia3, dylora, norms, glora, full, dora and
+                                    dora_loha_input)
       kohya_lora.safetensors        lora.safetensors renamed lycoris_ -> lora_unet_
       convnd_base.safetensors, convnd_<algo>[.expected].safetensors
                                     the same for a model of Conv1d and Conv3d layers
@@ -70,6 +72,8 @@ from lycoris.modules import (
     TLoraModule,
 )
 from lycoris.modules.tlora import clear_timestep_mask, set_timestep_mask
+from lycoris.modules import FullModule, GLoRAModule
+from lycoris.functional.general import _weight_decompose
 from lycoris.wrapper import LycorisNetwork, create_lycoris, create_lycoris_from_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +96,7 @@ ALGO_CLASSES = {
     "tlora": TLoraModule,
 }
 OFT_ALGOS = ("diag-oft", "boft")
+ALGO_CLASSES.update(glora=GLoRAModule, full=FullModule)
 
 DTYPE_NAMES = {
     torch.float64: "F64",
@@ -364,6 +369,48 @@ case("tlora_conv1x1", "tlora", conv(8, 12, k=1), dict(lora_dim=3, alpha=1.0), "C
 case("tlora_conv1x1_stride2_bypass", "tlora", conv(8, 12, k=1, s=2), dict(lora_dim=3, alpha=1.0, bypass_mode=True), "Conv 1x1 stride 2, bypass_mode", timestep_mask=[1, 1, 0])
 case("tlora_conv1d_k1", "tlora", conv1(8, 12, k=1), dict(lora_dim=4, alpha=4.0, sig_type="last"), "Conv1d k=1, sig_type last")
 case("tlora_conv3d_k1_mask", "tlora", conv3(8, 12, k=1), dict(lora_dim=4, alpha=2.0), "Conv3d k=1, timestep mask", timestep_mask=[0, 1, 1, 0])
+# DoRA (weight_decompose) on LoCon, LoHa and LoKr: dora_scale randomised like every parameter
+L12_10 = lin(12, 10)
+DORA = dict(weight_decompose=True)
+DORA_IN = dict(weight_decompose=True, wd_on_out=False)
+case("dora_locon_linear", "locon", L12_10, dict(lora_dim=4, alpha=2.0, **DORA), "DoRA on LoRA Linear(12->10): dora_scale (10,1) per output row")
+case("dora_locon_linear_input", "locon", L12_10, dict(lora_dim=4, alpha=2.0, **DORA_IN), "DoRA wd_on_out=False: dora_scale (1,12) per input column")
+case("dora_locon_linear_mult0p6", "locon", L12_10, dict(multiplier=0.6, lora_dim=4, alpha=2.0, **DORA), "DoRA multiplier 0.6: W' = V*(0.6*(m/|V| - 1) + 1)")
+case("dora_locon_linear_input_mult1p5", "locon", L12_10, dict(multiplier=1.5, lora_dim=4, alpha=2.0, **DORA_IN), "DoRA on input columns, multiplier 1.5")
+case("dora_locon_linear_scalar_rslora", "locon", L12_10, dict(lora_dim=4, alpha=3.0, use_scalar=True, rs_lora=True, **DORA), "DoRA + use_scalar + rs_lora")
+case("dora_locon_conv3x3", "locon", conv(4, 6, p=1), dict(lora_dim=4, alpha=3.0, **DORA), "DoRA LoCon Conv 3x3: dora_scale (6,1,1,1)")
+case("dora_locon_conv3x3_input_tucker", "locon", conv(4, 6, s=2, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True, **DORA_IN), "DoRA LoCon Conv 3x3 Tucker stride 2 on input channels: dora_scale (1,4,1,1), norm over (out, k, k)")
+case("dora_locon_conv3x3_groups2_input", "locon", conv(4, 6, p=1, g=2), dict(lora_dim=4, alpha=3.0, **DORA_IN), "DoRA LoCon Conv groups 2 on input channels: dora_scale (1,2,1,1)")
+case("dora_locon_conv1d_k3", "locon", conv1(4, 6, p=1), dict(lora_dim=4, alpha=3.0, **DORA), "DoRA LoCon Conv1d: dora_scale (6,1,1)")
+case("dora_loha_linear", "loha", L12_10, dict(lora_dim=4, alpha=2.0, **DORA), "DoRA on LoHa Linear")
+case("dora_loha_linear_input_mult0p7", "loha", L12_10, dict(multiplier=0.7, lora_dim=4, alpha=2.0, **DORA_IN), "DoRA LoHa on input columns, multiplier 0.7")
+case("dora_loha_conv3x3_tucker", "loha", conv(4, 6, p=1), dict(lora_dim=4, alpha=2.0, use_tucker=True, **DORA), "DoRA LoHa Conv Tucker")
+case("dora_loha_conv3d_k3_input", "loha", conv3(4, 6, p=1), dict(lora_dim=4, alpha=2.0, **DORA_IN), "DoRA LoHa Conv3d on input channels: dora_scale (1,4,1,1,1)")
+case("dora_lokr_linear", "lokr", L12_10, dict(lora_dim=2, alpha=1.0, **DORA), "DoRA on LoKr Linear")
+case("dora_lokr_linear_input_full", "lokr", L12_10, dict(lora_dim=2, alpha=1.0, full_matrix=True, **DORA_IN), "DoRA LoKr full_matrix on input columns")
+case("dora_lokr_conv3x3_mult0p8", "lokr", conv(8, 12, p=1), dict(multiplier=0.8, lora_dim=1, alpha=1.0, **DORA), "DoRA LoKr Conv 3x3, multiplier 0.8")
+case("dora_lokr_conv3x3_tucker_input", "lokr", conv(8, 12, p=1), dict(lora_dim=1, alpha=1.0, use_tucker=True, **DORA_IN), "DoRA LoKr Conv Tucker on input channels")
+
+# GLoRA: dW = scale*(W0 a1 a2 + b1 b2)
+case("glora_linear", "glora", L12_10, dict(lora_dim=4, alpha=2.0), "GLoRA Linear(12->10) r=4 alpha=2: a1 (12,4), a2 (4,12), b1 (10,4), b2 (4,12)")
+case("glora_linear_scalar", "glora", L12_10, dict(lora_dim=4, alpha=2.0, use_scalar=True), "GLoRA use_scalar: scalar folded into a2 and b2 on save")
+case("glora_linear_rslora", "glora", L12_10, dict(lora_dim=4, alpha=3.0, rs_lora=True), "GLoRA rs_lora: scale alpha/sqrt(r); LyCORIS saves the raw alpha")
+case("glora_linear_mult0p6", "glora", L12_10, dict(multiplier=0.6, lora_dim=4, alpha=2.0), "GLoRA multiplier 0.6")
+case("glora_linear_bypass", "glora", L12_10, dict(lora_dim=4, alpha=2.0, bypass_mode=True), "GLoRA bypass_mode: W0(x + a1(a2(x))) + b1(b2(x)) - W0 x")
+case("glora_conv1x1", "glora", conv(4, 6, k=1), dict(lora_dim=4, alpha=3.0), "GLoRA Conv 1x1")
+case("glora_conv3x3_stride2", "glora", conv(4, 6, s=2, p=1), dict(lora_dim=4, alpha=3.0), "GLoRA Conv 3x3 stride 2: a1 (4,4,1,1), a2 (4,4,1,1), b2 (4,4,3,3); W0 a1 a2 on the input axis")
+case("glora_conv3x3_tucker", "glora", conv(4, 6, p=1), dict(lora_dim=4, alpha=3.0, use_tucker=True), "GLoRA use_tucker: never takes effect in LyCORIS 4.1.3 (no bm)")
+case("glora_conv1d_k3", "glora", conv1(4, 6, p=1), dict(lora_dim=4, alpha=3.0), "GLoRA Conv1d k=3")
+case("glora_conv3d_k3_scalar", "glora", conv3(4, 6, p=1), dict(lora_dim=4, alpha=3.0, use_scalar=True), "GLoRA Conv3d + use_scalar")
+
+# Full: diff, diff_b
+case("full_linear", "full", L12_10, dict(), "Full Linear(12->10): diff (10,12), diff_b (10,)")
+case("full_linear_no_bias", "full", lin(12, 10, bias=False), dict(), "Full Linear without bias: diff only")
+case("full_linear_mult0p6", "full", L12_10, dict(multiplier=0.6), "Full multiplier 0.6: W0 + 0.6 diff, b + 0.6 diff_b")
+case("full_conv3x3_stride2", "full", conv(4, 6, s=2, p=1), dict(), "Full Conv 3x3 stride 2")
+case("full_conv3x3_groups2", "full", conv(4, 6, p=1, g=2), dict(multiplier=1.3), "Full Conv groups 2, multiplier 1.3")
+case("full_conv1d_no_bias", "full", conv1(4, 6, p=1, bias=False), dict(), "Full Conv1d without bias")
+case("full_conv3d_k3", "full", conv3(4, 6, p=1), dict(), "Full Conv3d")
 
 
 # Norm (NormModule on LayerNorm / GroupNorm; make_norm_fixture)
@@ -409,6 +456,8 @@ def dylora_concat(module, spec, which):
 def module_params(module, algo, spec, which="param"):
     if algo == "dylora":
         return dylora_concat(module, spec, which)
+    if algo == "full":
+        return full_params(module, which)
     out = {}
     for name, p in module.named_parameters():
         if which == "grad":
@@ -418,10 +467,54 @@ def module_params(module, algo, spec, which="param"):
     return out
 
 
+def full_params(module, which):
+    """FullModule's trainable state as its saved names: diff = weight − W0, diff_b = bias − b0
+    (after apply_to the module holds the absolute weight)."""
+    if which == "grad":
+        out = {"diff": module.weight.grad}
+        if module.bias is not None:
+            out["diff_b"] = module.bias.grad
+        return {k: v.detach() for k, v in out.items()}
+    out = {"diff": module.weight.detach() - module.org_weight.to(module.weight)}
+    if module.bias is not None:
+        out["diff_b"] = module.bias.detach() - module.org_bias[0].to(module.bias)
+    return out
+
+
+@torch.no_grad()
+def exact_full_weights(module, params32):
+    """Float64 Full module whose diff is exactly the stored float32 diff."""
+    module.weight.copy_(module.org_weight.double() + params32["diff"].double())
+    if "diff_b" in params32:
+        module.bias.copy_(module.org_bias[0].double() + params32["diff_b"].double())
+
+
+@torch.no_grad()
+def dora_glora_full_delta(module, algo):
+    """W'(m) − W0 for DoRA, GLoRA and Full as LyCORIS's rebuild forward forms it; None for
+    the other cases."""
+    mult = module.multiplier
+    if algo == "glora":
+        return module.get_diff_weight(mult)[0]
+    if algo == "full":
+        return module.get_diff_weight(mult)[0]
+    if not getattr(module, "wd", False):
+        return None
+    org = module.org_weight.to(torch.float64)
+    if algo == "locon":
+        diff = module.make_weight() * module.scale
+    else:
+        diff = module.get_weight(module.shape) * module.scalar
+    return _weight_decompose(org + diff, module.dora_scale, mult, module.wd_on_out) - org
+
+
 @torch.no_grad()
 def rebuild_delta(module, algo, case_):
     """ΔW as the rebuild-mode forward forms it (shape of base.weight)."""
     mult = module.multiplier
+    special = dora_glora_full_delta(module, algo)
+    if special is not None:
+        return special
     if algo == "locon":
         return module.make_weight() * module.scale * mult
     if algo in ("loha", "lokr"):
@@ -570,7 +663,7 @@ def make_module_fixture(case_):
 
     layer = build_layer(spec, gen)
     w0 = layer.weight.detach().clone()
-    b0 = layer.bias.detach().clone()
+    b0 = layer.bias.detach().clone() if layer.bias is not None else None
 
     module = ALGO_CLASSES[algo]("", layer, **options)
     module.apply_to()
@@ -598,12 +691,14 @@ def make_module_fixture(case_):
         clear_timestep_mask()
         if case_["timestep_mask"] is not None:
             set_timestep_mask(torch.tensor([case_["timestep_mask"]], dtype=torch.float64))
+    if algo == "full":
+        exact_full_weights(module, params32)
     if algo == "dylora":
         b = case_["dylora_block"]
         module.get_random_rank_weight = lambda: module.get_weight(b * module.block_size)
 
     captured = []
-    if not module.bypass_mode:
+    if not module.bypass_mode and algo != "full":  # Full calls op with keyword weights
         orig_op = module.op
 
         def recording_op(x, w=None, *a, **kw):
@@ -624,6 +719,7 @@ def make_module_fixture(case_):
     params64 = {k: v.detach().clone() for k, v in module_params(module, algo, spec).items()}
     delta = rebuild_delta(module, algo, case_)
     assert delta.shape == w0.shape, (name, delta.shape, w0.shape)
+    delta_bias = module.get_diff_weight(module.multiplier)[1] if algo == "full" else None
 
     # ---- self-checks --------------------------------------------------
     if captured:
@@ -640,14 +736,17 @@ def make_module_fixture(case_):
         elif algo in OFT_ALGOS and module.bypass_mode:
             y_ref = oft_bypass_reference(module, op(x.detach(), w0.double(), b0.double()), spec)
         else:
-            y_ref = op(x.detach(), w0.double() + delta, b0.double())
+            b_ref = None if b0 is None else b0.double()
+            if delta_bias is not None:
+                b_ref = delta_bias if b_ref is None else b_ref + delta_bias
+            y_ref = op(x.detach(), w0.double() + delta, b_ref)
         # LyCORIS blends BOFT stages with a float32 identity: (1 - m) carries ~1e-8
         tol = 1e-7 if algo in OFT_ALGOS else 1e-10
         assert torch.allclose(y.detach(), y_ref, rtol=tol, atol=tol), (
             name,
             float((y.detach() - y_ref).abs().max()),
         )
-    if algo == "loha":
+    if algo == "loha" and not module.wd:
         issues = independent_loha_check(module, spec, params64, delta)
         if issues:
             SURPRISES.append(f"{name}: LoHa backward differs from plain autograd: {issues}")
@@ -659,10 +758,13 @@ def make_module_fixture(case_):
 
     tensors = {
         "base.weight": t_out(w0),
-        "base.bias": t_out(b0),
         "input": t_out(x32),
         "grad_output": t_out(g32),
     }
+    if b0 is not None:
+        tensors["base.bias"] = t_out(b0)
+    if delta_bias is not None:
+        tensors["expected.delta_bias"] = t_out(delta_bias.to(torch.float64))
     for k, v in params32.items():
         tensors[f"param.{k}"] = v
     tensors["expected.output"] = t_out(y.to(torch.float64))
@@ -890,6 +992,12 @@ NET_ALGOS = [
     ("norms", dict(algo="lora", train_norm=True), "algo=lora with train_norm=True: LoRA on Linear/Conv plus NormModule (w_norm/b_norm) on the LayerNorm"),
     ("tlora", dict(algo="tlora"), "TLoRA network"),
 ]
+NET_ALGOS += [
+    ("dora", dict(algo="lora", dora_wd=True), "DoRA network: LoRA with dora_wd=True (dora_scale per output row)"),
+    ("dora_loha_input", dict(algo="loha", dora_wd=True, wd_on_output=False), "DoRA network: LoHa with dora_wd=True, wd_on_output=False (dora_scale per input column)"),
+]
+# Networks with per-layer expected outputs besides CORE_NET and norms.
+EXPECTED_NET = ("glora", "full", "dora", "dora_loha_input")
 CORE_NET = ("lora", "loha", "lokr", "ia3", "dylora")
 NET_NOTES = {}
 NET_SKIPPED = {}
@@ -1027,7 +1135,7 @@ def network_fixtures(model0):
         path = NETWORKS_DIR / f"{stem}.safetensors"
         net.save_weights(str(path), torch.float32, meta)
         written.append(path)
-        if stem in CORE_NET or stem in ("norms",) + OFT_ALGOS:
+        if stem in CORE_NET or stem in ("norms",) + OFT_ALGOS or stem in EXPECTED_NET:
             written.append(network_expected(stem, model, net, path, call))
         if stem == "lora":
             written.append(kohya_copy(path, call))
@@ -1352,7 +1460,7 @@ def main():
         print(f"{f:<{w}}  {a:<8}  {s:>8}")
     total = sum(r[2] for r in rows)
     print(f"{'TOTAL':<{w}}  {len(rows):<8}  {total:>8}  ({total / 1024 / 1024:.2f} MiB)")
-    assert total < 4 * 1024 * 1024, "fixtures exceed 4 MB"
+    assert total < 6 * 1024 * 1024, "fixtures exceed 6 MB"
 
     if NET_SKIPPED:
         print("\nnetworks LyCORIS could not build (skipped):")

@@ -87,6 +87,10 @@ public protocol AdapterAlgorithm: Sendable {
     /// computes exactly op(x, ΔW); nil otherwise. With `bypass_mode` unset, the module takes
     /// that path when it is cheaper than op(x, ΔW) (out·in·K per position).
     var bypassCost: Int? { get }
+    /// Whether the module's change is m times the algorithm's (Δ(x) = m·bypass(x)); false
+    /// where the multiplier enters nonlinearly (DoRA), so bypass mode cannot apply and the
+    /// module computes with the rebuilt weight.
+    var multiplierIsLinear: Bool { get }
     /// What a file stores for this module, key suffix → tensor (scalar folded in).
     func savedTensors() -> [SavedTensor]
 
@@ -113,6 +117,8 @@ public protocol AdapterAlgorithm: Sendable {
 
 extension AdapterAlgorithm {
     public var bypassCost: Int? { nil }
+
+    public var multiplierIsLinear: Bool { true }
 
     public var adaptsBias: Bool { false }
 

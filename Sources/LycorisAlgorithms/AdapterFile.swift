@@ -39,6 +39,13 @@ public struct AdapterFile {
             }
         }
 
+        /// DoRA's axis, from the shape of `dora_scale`: "output" ((out, 1, …): LyCORIS's
+        /// default, what ComfyUI reads) or "input" ((1, in, …): what A1111 reads); nil without DoRA.
+        public var doraAxis: String? {
+            guard let shape = tensors["dora_scale"]?.shape else { return nil }
+            return shape.first == 1 && shape.dropFirst().contains { $0 != 1 } ? "input" : "output"
+        }
+
         /// The storage dtypes of the module's tensors (without `alpha` and `on_input`).
         public var dtypes: [DType] {
             Array(Set(tensors.filter { $0.key != "alpha" && $0.key != "on_input" }.values.map(\.dtype))).sorted { $0.rawValue < $1.rawValue }

@@ -44,6 +44,12 @@ public struct AdapterOptions: Sendable, Equatable, Codable {
     public var sigType = "principal"
     /// T-LoRA: start from the SVD of W0 (true) or of a random matrix (`use_data_init`).
     public var useDataInit = true
+    /// DoRA: decompose W0 + ΔW into direction and a trained magnitude `dora_scale`
+    /// (`dora_wd`; LyCORIS `weight_decompose`), on LoCon, LoHa and LoKr.
+    public var weightDecompose = false
+    /// DoRA: the magnitude runs along output rows (true) or input columns
+    /// (`wd_on_output`; LyCORIS `wd_on_out`).
+    public var wdOnOutput = true
 
     public init() {}
 
@@ -97,6 +103,7 @@ extension AdapterOptions {
         case rankDropoutScale = "rank_dropout_scale", bypassMode = "bypass_mode"
         case constraint, rescaled
         case sigType = "sig_type", useDataInit = "use_data_init"
+        case weightDecompose = "weight_decompose", wdOnOutput = "wd_on_out"
     }
 
     /// Every option's name as LyCORIS spells it (`lora_dim`, `alpha`, `use_tucker`, …).
@@ -126,5 +133,7 @@ extension AdapterOptions {
         rescaled = try c.decodeIfPresent(Bool.self, forKey: .rescaled) ?? rescaled
         sigType = try c.decodeIfPresent(String.self, forKey: .sigType) ?? sigType
         useDataInit = try c.decodeIfPresent(Bool.self, forKey: .useDataInit) ?? useDataInit
+        weightDecompose = try c.decodeIfPresent(Bool.self, forKey: .weightDecompose) ?? weightDecompose
+        wdOnOutput = try c.decodeIfPresent(Bool.self, forKey: .wdOnOutput) ?? wdOnOutput
     }
 }

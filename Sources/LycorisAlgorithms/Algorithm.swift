@@ -9,15 +9,7 @@ public enum Algorithm: String, Sendable, CaseIterable, Codable {
         case .locon, .loha, .lokr, .ia3, .dylora, .norms: true
         case .diagOFT, .boft: true
         case .tlora: true
-        default: false
-        }
-    }
-
-    /// Whether the algorithm's math needs the base layer's weight W0 (IA3 scales it;
-    /// Diag-OFT and BOFT rotate it; T-LoRA starts from its SVD).
-    public var needsBaseWeight: Bool {
-        switch self {
-        case .ia3, .diagOFT, .boft, .tlora: true
+        case .glora, .full: true
         default: false
         }
     }

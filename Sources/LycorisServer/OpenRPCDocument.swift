@@ -647,7 +647,7 @@ enum OpenRPCDocument {
     {
       "name": "delta_weight",
       "summary": "m * delta W per module (rebuild mode).",
-      "description": "For clients that apply W0 + m * delta W themselves. Output specs are checked before anything is computed. Modules that adapt the layer's bias (norm on a layer with a bias) also answer delta_bias = m * delta b. With tapes kept, each module's result has a tape for delta_weight_backward.",
+      "description": "For clients that apply W0 + m * delta W themselves. Output specs are checked before anything is computed. Modules that adapt the layer's bias (norm on a layer with a bias, full with diff_b) also answer delta_bias = m * delta b; a DoRA module answers W'(m) - W0 as its delta_weight. With tapes kept, each module's result has a tape for delta_weight_backward.",
       "paramStructure": "by-name",
       "params": [
         {
@@ -1378,9 +1378,9 @@ enum OpenRPCDocument {
         "pattern": "^[^.]+$"
       },
       "AlgorithmName": {
-        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, diag-oft, boft, norm (also spelled norms; norm layers only, and the only algorithm for them), tlora. The names glora and full are recognised but answered with -32008.",
+        "description": "Algorithm as requested (case-insensitive): lora (an alias of locon), locon, loha, lokr, ia3, dylora, glora, full, diag-oft, boft, norm (also spelled norms; norm layers only, and the only algorithm for them), tlora. DoRA is the option weight_decompose on locon, loha and lokr.",
         "type": "string",
-        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Dd][Ii][Aa][Gg]-[Oo][Ff][Tt]|[Bb][Oo][Ff][Tt]|[Nn][Oo][Rr][Mm][Ss]?|[Tt][Ll][Oo][Rr][Aa])$"
+        "pattern": "^(?:[Ll][Oo][Rr][Aa]|[Ll][Oo][Cc][Oo][Nn]|[Ll][Oo][Hh][Aa]|[Ll][Oo][Kk][Rr]|[Ii][Aa]3|[Dd][Yy][Ll][Oo][Rr][Aa]|[Gg][Ll][Oo][Rr][Aa]|[Ff][Uu][Ll][Ll]|[Dd][Ii][Aa][Gg]-[Oo][Ff][Tt]|[Bb][Oo][Ff][Tt]|[Nn][Oo][Rr][Mm][Ss]?|[Tt][Ll][Oo][Rr][Aa])$"
       },
       "Algorithm": {
         "description": "Algorithm as the server reports it (lora is reported as locon, norm as norms).",
@@ -1391,6 +1391,8 @@ enum OpenRPCDocument {
           "lokr",
           "ia3",
           "dylora",
+          "glora",
+          "full",
           "diag-oft",
           "boft",
           "norms",
@@ -1551,7 +1553,7 @@ enum OpenRPCDocument {
             "type": "boolean"
           },
           "bypass_mode": {
-            "description": "Compute the adapter output from the factors (true) or from delta W (false/null, rebuild). Default null.",
+            "description": "Compute the adapter output from the factors (true) or from delta W (false/null, rebuild). Default null. Not for full (true: -32008); DoRA modules always rebuild.",
             "type": [
               "boolean",
               "null"
@@ -1568,6 +1570,14 @@ enum OpenRPCDocument {
               "number",
               "null"
             ]
+          },
+          "weight_decompose": {
+            "description": "DoRA (kohya dora_wd) on locon, loha and lokr, ignored by the other algorithms as in LyCORIS: W' = V (m (dora_scale/|V| - 1) + 1) with V = W0 + delta W and a trained magnitude dora_scale. Needs the layer's weight (-32008). Default false.",
+            "type": "boolean"
+          },
+          "wd_on_out": {
+            "description": "DoRA's axis (kohya wd_on_output): dora_scale (out, 1, ...) per output row (true, default) or (1, in, ...) per input channel.",
+            "type": "boolean"
           }
         },
         "additionalProperties": false
@@ -1595,11 +1605,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, diag-oft, boft, tlora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "linear"
@@ -1637,11 +1651,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, diag-oft, boft, tlora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "conv1d"
@@ -1700,11 +1718,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, diag-oft, boft, tlora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "conv2d"
@@ -1763,11 +1785,15 @@ enum OpenRPCDocument {
           },
           "weight": {
             "$ref": "#/components/schemas/TensorInput",
-            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, diag-oft, boft and tlora and by forward with full=true."
+            "description": "The base layer's weight, (out, in) or (out, in/groups, k...) with one kernel extent per spatial axis. Needed by ia3, glora, diag-oft, boft, tlora, DoRA (weight_decompose) and by forward with full=true; held read-only, never copied per step."
           },
           "bias": {
             "$ref": "#/components/schemas/TensorInput",
             "description": "The base layer's bias (out,), used by forward with full=true."
+          },
+          "has_bias": {
+            "description": "Whether the layer has a bias; default: whether bias is given. The full algorithm trains diff_b only when true.",
+            "type": "boolean"
           },
           "kind": {
             "const": "conv3d"
@@ -2255,7 +2281,7 @@ enum OpenRPCDocument {
             "$ref": "#/components/schemas/Layer"
           },
           "rank": {
-            "description": "The rank, or null where there is none (ia3, norms; lokr when both Kronecker factors are full matrices).",
+            "description": "The rank, or null where there is none (ia3, norms, full; lokr when both Kronecker factors are full matrices).",
             "type": [
               "integer",
               "null"
@@ -2684,7 +2710,7 @@ enum OpenRPCDocument {
                 },
                 "delta_bias": {
                   "$ref": "#/components/schemas/TensorDescriptor",
-                  "description": "m * delta b, shaped like the base bias: present exactly for modules whose algorithm adapts the bias (norm on a layer with has_bias). Output spec from bias_outputs."
+                  "description": "m * delta b, shaped like the base bias: present exactly for modules whose algorithm adapts the bias (norm on a layer with has_bias, full with diff_b). Output spec from bias_outputs."
                 },
                 "tape": {
                   "$ref": "#/components/schemas/TapeId",

@@ -10,7 +10,7 @@ extension LycorisService {
         let normalized = name.lowercased()
         let algorithm: Algorithm? = normalized == "lora" ? .locon : normalized == "norm" ? .norms : Algorithm(rawValue: normalized)
         guard let algorithm else {
-            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, diag-oft, boft, norm, tlora", path: path)
+            throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, glora, full, diag-oft, boft, tlora, norm", path: path)
         }
         guard algorithm.isComputed else {
             throw RPCError.adapter("algorithm \(algorithm.rawValue) is recognised but not computed by this version", path: path)
@@ -133,12 +133,15 @@ extension LycorisService {
             if let bias, bias.shape != spec.biasShape {
                 throw RPCError.shapeMismatch("\(layer.at("bias")) has shape \(bias.shape), the layer needs \(spec.biasShape)", path: layer.at("bias"))
             }
-            if algorithm.needsBaseWeight && weight == nil {
-                throw RPCError.adapter("\(algorithm.rawValue) needs the base weight of \(name) (layer.weight)", path: layer.at("weight"))
+            if algorithm.needsBaseWeight(options) && weight == nil {
+                let user = !options.weightDecompose || !algorithm.decomposesWeight ? algorithm.rawValue : "\(algorithm.rawValue) with weight_decompose (DoRA)"
+                throw RPCError.adapter("\(user) needs the base weight of \(name) (layer.weight)", path: layer.at("weight"))
             }
+            // Full trains diff_b where the layer has a bias (has_bias; default: whether bias is sent).
+            let hasBias = spec.normalization == nil ? try layer.bool("has_bias", default: bias != nil) : false
             let adapter: any AdapterAlgorithm
             do {
-                adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random, baseWeight: weight)
+                adapter = try algorithm.makeAdapter(layer: spec, options: options, random: &random, baseWeight: weight, hasBias: hasBias)
             } catch let error as AdapterError {
                 throw RPCError.adapter("\(name): \(error.description)", path: layer.path)
             }
@@ -248,8 +251,10 @@ extension LycorisService {
                 continue
             }
             do {
-                if let algorithm = fileModule.algorithm, algorithm.needsBaseWeight && module.baseWeight == nil {
-                    throw AdapterError("\(algorithm.rawValue) needs the layer's base weight, which this network was created without (layers[].weight)")
+                let dora = fileModule.tensors["dora_scale"] != nil
+                if let algorithm = fileModule.algorithm, algorithm.needsBaseWeight(AdapterOptions()) || dora, module.baseWeight == nil {
+                    let what = dora ? "\(algorithm.rawValue) with dora_scale (DoRA)" : algorithm.rawValue
+                    throw AdapterError("\(what) needs the layer's base weight, which this network was created without (layers[].weight)")
                 }
                 module.algorithm = try file.adapter(for: fileModule, layer: module.layer, baseWeight: module.baseWeight)
             } catch let error as AdapterError {

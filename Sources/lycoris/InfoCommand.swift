@@ -29,11 +29,13 @@ struct InfoCommand: ParsableCommand {
 
     /// The algorithm shown for a module: detected from its keys, except that LoRA-keyed
     /// modules of a file whose kohya metadata declares DyLoRA (`ss_network_args` algo) are
-    /// shown as DyLoRA — DyLoRA files carry plain LoRA keys.
+    /// shown as DyLoRA — DyLoRA files carry plain LoRA keys. A module with `dora_scale` is
+    /// shown as `<algo>+dora`.
     static func algorithmName(_ module: AdapterFile.Module, in adapter: AdapterFile) -> String {
         guard let detected = module.algorithm else { return "unknown" }
-        if detected == .locon, declaredAlgorithm(adapter) == Algorithm.dylora.rawValue { return Algorithm.dylora.rawValue }
-        return detected.rawValue
+        let dora = module.doraAxis == nil ? "" : "+dora"
+        if detected == .locon, declaredAlgorithm(adapter) == Algorithm.dylora.rawValue { return Algorithm.dylora.rawValue + dora }
+        return detected.rawValue + dora
     }
 
     /// `algo` from the kohya `ss_network_args` JSON metadata, if present.
@@ -76,10 +78,10 @@ struct InfoCommand: ParsableCommand {
         let longest = max(6, adapter.modules.map(\.name.count).max() ?? 0)
         let nameWidth = wide ? longest : min(longest, nameColumnLimit)
         func pad(_ text: String, _ width: Int) -> String { text + String(repeating: " ", count: max(0, width - text.count)) }
-        lines.append([pad("module", nameWidth), pad("algo", 8), pad("rank", 5), pad("alpha", 9), pad("dtype", 9), pad("params", 9), "tensors"].joined(separator: " "))
+        lines.append([pad("module", nameWidth), pad("algo", 10), pad("rank", 5), pad("alpha", 9), pad("dtype", 9), pad("params", 9), "tensors"].joined(separator: " "))
         for module in adapter.modules {
             let row = [
-                pad(shortened(module.name, to: nameWidth), nameWidth), pad(algorithmName(module, in: adapter), 8),
+                pad(shortened(module.name, to: nameWidth), nameWidth), pad(algorithmName(module, in: adapter), 10),
                 pad(module.rank.map(String.init) ?? "-", 5), pad(module.alpha.map { "\($0)" } ?? "-", 9),
                 pad(module.dtypes.map(\.rawValue).joined(separator: ","), 9), pad(String(module.parameterCount), 9),
             ].joined(separator: " ")
@@ -126,6 +128,7 @@ struct InfoCommand: ParsableCommand {
             ]
             entry["rank"] = module.rank ?? NSNull()
             entry["alpha"] = module.alpha.map { Double($0) } ?? NSNull()
+            entry["dora_axis"] = module.doraAxis ?? NSNull()
             return entry
         }
         return [

@@ -50,7 +50,7 @@ struct DropoutTests {
         #expect(grads.parameters.entries.allSatisfy { $0.tensor.maxAbs == 0 })
     }
 
-    @Test("rank_dropout masks ΔW rows in rebuild mode", arguments: [Algorithm.locon, .loha, .lokr])
+    @Test("rank_dropout masks ΔW rows in rebuild mode", arguments: [Algorithm.locon, .loha, .lokr, .glora, .full])
     func rankDropoutRows(_ algorithm: Algorithm) throws {
         let m = try module({ $0.rankDropout = 0.25; $0.rank = 4 }, algorithm: algorithm)
         var random = RandomSource(seed: 3)

@@ -5,9 +5,10 @@ import Testing
 /// Gradients checked against central finite differences, independently of LyCORIS.
 ///
 /// L(θ, x) = Σ g ⊙ y(θ, x) is linear in each single parameter element for every algorithm
-/// here (products of distinct factors), and in each input element on linear and conv
-/// layers, so the central difference with a large step is exact up to rounding; it is
-/// taken in Float32 from the module's own forward. A norm layer's output is not linear in
+/// here (products of distinct factors) but DoRA, and in each input element on linear and
+/// conv layers, so the central difference with a large step is exact up to rounding; it is
+/// taken in Float32 from the module's own forward. DoRA divides by a norm of the
+/// parameters: its parameters use a small step. A norm layer's output is not linear in
 /// x (the statistics depend on it): its ∂x uses a small step, whose O(h²) error is far
 /// below the tolerance.
 @Suite("Finite-difference gradients")
@@ -94,6 +95,20 @@ struct FiniteDifferenceTests {
              options: options { _ in }, inputShape: [2, 6, 3, 2]),
         Case(label: "norm group_norm (N, C)", algorithm: .norms, layer: .norm(Normalization(kind: .group(groups: 3, channels: 12))),
              options: options { $0.bypassMode = true }, inputShape: [3, 12]),
+        Case(label: "dora locon linear", algorithm: .locon, layer: linear, options: options { $0.weightDecompose = true }),
+        Case(label: "dora locon conv input axis scalar", algorithm: .locon, layer: conv,
+             options: options { $0.weightDecompose = true; $0.wdOnOutput = false; $0.useScalar = true }),
+        Case(label: "dora loha conv tucker bypass", algorithm: .loha, layer: conv,
+             options: options { $0.weightDecompose = true; $0.useTucker = true; $0.bypassMode = true }),
+        Case(label: "dora lokr linear input axis", algorithm: .lokr, layer: linear,
+             options: options { $0.rank = 1; $0.weightDecompose = true; $0.wdOnOutput = false }),
+        Case(label: "dora lokr conv3d", algorithm: .lokr, layer: conv3d, options: options { $0.rank = 1; $0.weightDecompose = true }),
+        Case(label: "glora linear scalar", algorithm: .glora, layer: linear, options: options { $0.useScalar = true }),
+        Case(label: "glora conv", algorithm: .glora, layer: conv, options: options { _ in }),
+        Case(label: "glora conv1d bypass", algorithm: .glora, layer: conv1d, options: options { $0.bypassMode = true }),
+        Case(label: "glora conv3d", algorithm: .glora, layer: conv3d, options: options { _ in }),
+        Case(label: "full linear", algorithm: .full, layer: linear, options: options { _ in }),
+        Case(label: "full conv3d", algorithm: .full, layer: conv3d, options: options { _ in }),
     ]
 
     /// Linear (3, in); conv (2, C, spatial…) with spatial (7), (5, 4) or (3, 4, 3).
@@ -119,7 +134,7 @@ struct FiniteDifferenceTests {
         var baseRandom = RandomSource(seed: 8)
         let baseWeight = Tensor.normal(layer.weightShape, std: 0.5, using: &baseRandom)
         var adapter = try testCase.algorithm.makeAdapter(layer: layer, options: testCase.options, random: &random,
-                                                         baseWeight: baseWeight)
+                                                         baseWeight: baseWeight, hasBias: true)
         for (name, tensor) in adapter.parameters.entries {
             adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random)
         }
@@ -159,7 +174,8 @@ struct FiniteDifferenceTests {
         }
         for (name, tensor) in module.algorithm.parameters.entries {
             let grad = try #require(analytic.parameters[name])
-            try checkDifference("∂\(name)", count: tensor.count, analytic: grad, step: testCase.parameterStep,
+            let step = testCase.options.weightDecompose ? 1e-2 : testCase.parameterStep
+            try checkDifference("∂\(name)", count: tensor.count, analytic: grad, step: step,
                                 detached: detachedElements(module, tape, name, tensor.shape)) { i, h in
                 var shifted = module
                 var value = tensor

@@ -67,8 +67,9 @@ struct ModuleFixture {
     /// parameters then replaced by the fixture's values.
     func makeModule() throws -> AdapterModule {
         var random = RandomSource(seed: 1)
+        let baseBias = file.contains("base.bias") ? try tensor("base.bias") : nil
         var adapter = try algorithm.makeAdapter(layer: layer, options: options, random: &random,
-                                                baseWeight: try tensor("base.weight"))
+                                                baseWeight: try tensor("base.weight"), hasBias: baseBias != nil)
         let fresh = Dictionary(uniqueKeysWithValues: adapter.parameters.entries.map { ($0.name, $0.tensor.shape) })
         let given = Dictionary(uniqueKeysWithValues: try parameterNames.map { ($0, try tensor("param.\($0)").shape) })
         guard fresh == given else {
@@ -77,7 +78,7 @@ struct ModuleFixture {
         for parameter in parameterNames { adapter.parameters[parameter] = try tensor("param.\(parameter)") }
         var module = AdapterModule(name: "lycoris_fixture", algorithm: adapter, options: options,
                                    baseWeight: try tensor("base.weight"),
-                                   baseBias: file.contains("base.bias") ? try tensor("base.bias") : nil)
+                                   baseBias: baseBias)
         module.multiplier = multiplier
         if file.contains("timestep_mask") { module.timestepMask = try tensor("timestep_mask") }
         return module

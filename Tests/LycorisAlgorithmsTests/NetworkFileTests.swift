@@ -12,7 +12,7 @@ struct NetworkFileTests {
     @Test("detects the algorithm of every LyCORIS file", arguments: [
         ("lora", Algorithm.locon), ("loha", .loha), ("lokr", .lokr), ("ia3", .ia3), ("dylora", .locon),
         ("glora", .glora), ("full", .full), ("diag-oft", .diagOFT), ("boft", .boft), ("tlora", .tlora),
-        ("kohya_lora", .locon),
+        ("kohya_lora", .locon), ("dora", .locon), ("dora_loha_input", .loha),
     ])
     func detection(_ name: String, _ algorithm: Algorithm) throws {
         let file = try AdapterFile(path: NetworkFixture.path(name))
@@ -28,7 +28,7 @@ struct NetworkFileTests {
     }
 
     @Test("LyCORIS files load onto their layers and reproduce LyCORIS's outputs",
-          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft"])
+          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "glora", "full", "dora", "dora_loha_input", "diag-oft", "boft"])
     func loadAndForward(_ algo: String) throws {
         let base = try NetworkFixture.base
         let file = try AdapterFile(path: NetworkFixture.path(algo))
@@ -53,7 +53,7 @@ struct NetworkFileTests {
     }
 
     @Test("merge gives weights whose outputs equal LyCORIS's adapted outputs",
-          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "kohya_lora", "diag-oft", "boft"])
+          arguments: ["lora", "loha", "lokr", "ia3", "dylora", "kohya_lora", "glora", "full", "dora", "dora_loha_input", "diag-oft", "boft"])
     func merge(_ algo: String) throws {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-\(algo)-\(UUID()).safetensors").path
         defer { try? FileManager.default.removeItem(atPath: output) }

@@ -24,7 +24,7 @@ struct RoundTripTests {
         let algorithm: Algorithm
         let layer: LayerSpec
         let options: AdapterOptions
-        var testDescription: String { "\(algorithm.rawValue) \(layer.kind)" }
+        var testDescription: String { "\(algorithm.rawValue)\(options.weightDecompose ? " dora" : "") \(layer.kind)" }
     }
 
     static var cases: [Case] {
@@ -46,6 +46,11 @@ struct RoundTripTests {
         boft.rescaled = true
         var boftConv = AdapterOptions(rank: 6, alpha: 1)
         boftConv.constraint = 0.05
+        var dora = AdapterOptions(rank: 4, alpha: 2)
+        dora.weightDecompose = true
+        var doraInput = AdapterOptions(rank: 2, alpha: 3)
+        doraInput.weightDecompose = true
+        doraInput.wdOnOutput = false
         return [
             Case(algorithm: .locon, layer: linear, options: scalar), Case(algorithm: .locon, layer: conv, options: tucker),
             Case(algorithm: .loha, layer: linear, options: scalar), Case(algorithm: .loha, layer: conv, options: tucker),
@@ -61,6 +66,11 @@ struct RoundTripTests {
             Case(algorithm: .diagOFT, layer: conv3d, options: oft),
             Case(algorithm: .boft, layer: linear, options: boft), Case(algorithm: .boft, layer: conv, options: boftConv),
             Case(algorithm: .boft, layer: conv1d, options: boftConv),
+            Case(algorithm: .locon, layer: linear, options: dora), Case(algorithm: .loha, layer: conv, options: doraInput),
+            Case(algorithm: .lokr, layer: conv1d, options: doraInput), Case(algorithm: .locon, layer: conv3d, options: dora),
+            Case(algorithm: .glora, layer: linear, options: scalar), Case(algorithm: .glora, layer: conv, options: tucker),
+            Case(algorithm: .glora, layer: conv3d, options: dylora),
+            Case(algorithm: .full, layer: linear, options: AdapterOptions()), Case(algorithm: .full, layer: conv1d, options: AdapterOptions()),
         ]
     }
 
@@ -71,7 +81,9 @@ struct RoundTripTests {
     /// A module with every parameter random (σ too), on a random base layer.
     func randomModule(_ testCase: Case, seed: UInt64) throws -> AdapterModule {
         var random = RandomSource(seed: seed)
-        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random)
+        var other = RandomSource(seed: seed + 100)
+        var adapter = try testCase.algorithm.makeAdapter(layer: testCase.layer, options: testCase.options, random: &random,
+                                                         baseWeight: .normal(testCase.layer.weightShape, std: 0.5, using: &other), hasBias: true)
         for (name, tensor) in adapter.parameters.entries { adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random) }
         return AdapterModule(name: "lora_unet_block_\(testCase.algorithm.rawValue)", algorithm: adapter, options: testCase.options,
                              baseWeight: .normal(testCase.layer.weightShape, std: 0.5, using: &random),
@@ -170,7 +182,7 @@ struct RoundTripTests {
 
     /// A model with a conv1d and a conv3d weight (and biases), an adapter file on both: the
     /// merged weights give the adapted layers' outputs.
-    @Test("merge into conv1d (3-D) and conv3d (5-D) base weights", arguments: [Algorithm.locon, .loha, .lokr, .ia3])
+    @Test("merge into conv1d (3-D) and conv3d (5-D) base weights", arguments: [Algorithm.locon, .loha, .lokr, .ia3, .glora, .full])
     func mergeConv1dConv3d(_ algorithm: Algorithm) throws {
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("merge-convnd-\(UUID())")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
@@ -218,11 +230,32 @@ struct RoundTripTests {
         }
     }
 
-    @Test("uncomputed algorithms are recognised and refused by name")
-    func uncomputed() throws {
-        let file = try AdapterFile(path: NetworkFixture.path("glora"))
+    @Test("GLoRA refuses a Tucker core (bm.weight) and grouped convolutions, naming them")
+    func gloraRefusals() throws {
+        var random = RandomSource(seed: 1)
+        let fresh = try Algorithm.glora.makeAdapter(layer: Self.linear, options: AdapterOptions(rank: 2, alpha: 1), random: &random)
+        var tensors = Dictionary(uniqueKeysWithValues: fresh.parameters.entries.map { ($0.name, $0.tensor) })
+        #expect(try Algorithm.glora.loadAdapter(layer: Self.linear, tensors: tensors, alpha: 1).rank == 2)
+        tensors["bm.weight"] = .zeros([2, 2, 3, 3])
+        #expect { _ = try Algorithm.glora.loadAdapter(layer: Self.linear, tensors: tensors, alpha: 1) } throws: { "\($0)".contains("bm.weight") }
+        let grouped = LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], groups: 2))
+        #expect { _ = try Algorithm.glora.makeAdapter(layer: grouped, options: AdapterOptions(), random: &random) } throws: {
+            "\($0)".contains("glora does not adapt grouped convolutions (groups 2)")
+        }
+    }
+
+    @Test("DoRA files saved on input columns reload (LyCORIS 4.1.3 cannot: it reads dora_scale as (out, 1))")
+    func doraInputAxisReload() throws {
+        let file = try AdapterFile(path: NetworkFixture.path("dora_loha_input"))
+        let module = try #require(file.modules.first { $0.name == "lycoris_down_blocks_0_attentions_0_proj_in" })
+        #expect(module.tensors["dora_scale"]?.shape == [1, 16])
+        let adapter = try file.adapter(for: module, layer: .linear(inFeatures: 16, outFeatures: 24))
+        let dora = try #require(adapter as? DoRA<LoHa>)
+        #expect(!dora.onOutput)
+        var tensors = try file.tensors(of: module)
+        tensors["dora_scale"] = .zeros([16, 1])
         #expect {
-            _ = try file.adapter(for: file.modules[0], layer: .linear(inFeatures: 16, outFeatures: 24))
-        } throws: { error in "\(error)".contains("glora") }
+            _ = try Algorithm.loha.loadAdapter(layer: .linear(inFeatures: 16, outFeatures: 24), tensors: tensors, alpha: module.alpha)
+        } throws: { error in "\(error)".contains("dora_scale has shape [16, 1], expected [24, 1] (output axis) or [1, 16] (input axis)") }
     }
 }

@@ -42,6 +42,7 @@ struct CommandLineTests {
     @Test("info names each LyCORIS file's algorithm", arguments: [
         ("lora", "locon"), ("loha", "loha"), ("lokr", "lokr"), ("ia3", "ia3"), ("glora", "glora"), ("full", "full"),
         ("diag-oft", "diag-oft"), ("boft", "boft"), ("tlora", "tlora"), ("kohya_lora", "locon"),
+        ("dora", "locon+dora"), ("dora_loha_input", "loha+dora"),
     ])
     func infoJSON(_ file: String, _ algorithm: String) throws {
         let result = try Self.run(["info", Self.networkFile(file), "--json"])
@@ -50,6 +51,8 @@ struct CommandLineTests {
         let modules = try #require(json["modules"] as? [[String: Any]])
         #expect(modules.count == 5)
         #expect(modules.allSatisfy { $0["algorithm"] as? String == algorithm })
+        let axis = ["dora": "output", "dora_loha_input": "input"][file]
+        #expect(modules.allSatisfy { ($0["dora_axis"] as? String) == axis && $0["dora_axis"] != nil })
         let totals = try #require(json["totals"] as? [String: Any])
         #expect(totals["parameters"] as? Int == modules.reduce(0) { $0 + ($1["parameters"] as? Int ?? 0) })
         #expect((json["metadata"] as? [String: String])?["oracle"] == "lycoris-lora 4.1.3")
@@ -130,6 +133,13 @@ struct CommandLineTests {
         #expect(norms.status == 0, "\(norms.stderr)")
         #expect(norms.stdout.contains("merged 6 modules") && norms.stdout.contains("biases merged too: mid_block.norm.bias"))
         #expect(norms.stdout.contains("lycoris_mid_block_norm → mid_block.norm.weight (norms)"))
+        // DoRA, GLoRA and Full files merge (their values: NetworkFileTests); Full's diff_b into the biases.
+        for (file, algorithm) in [("dora", "locon"), ("glora", "glora"), ("full", "full")] {
+            let merged = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile(file), "--out", out, "--strict"])
+            #expect(merged.status == 0, "\(merged.stderr)")
+            #expect(merged.stdout.contains("merged 5 modules") && merged.stdout.contains("(\(algorithm))"), "\(merged.stdout)")
+            if file == "full" { #expect(merged.stdout.contains("biases merged too")) }
+        }
         // A state dict without the adapter's layers (here an adapter file's own keys): every
         // module is unmatched, which --strict refuses: exit 1 (a failed job, not bad usage),
         // nothing written, no usage text.

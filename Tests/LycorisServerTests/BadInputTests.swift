@@ -742,10 +742,12 @@ struct BadInputTests {
                       code: -32008, fragments: ["unknown algorithm \"lorax\""], path: "algo"),
         CreateProblem(label: "unknown algorithm in a layer", params: ["layers": [lin.json(extra: ["algo": "boft2"])]],
                       code: -32008, fragments: ["unknown algorithm \"boft2\""], path: "layers[0].algo"),
-        CreateProblem(label: "glora (not computed)", params: ["algo": "glora", "layers": [lin.json()]],
-                      code: -32008, fragments: ["algorithm glora is recognised but not computed"], path: "algo"),
-        CreateProblem(label: "full (not computed)", params: ["algo": "full", "layers": [lin.json()]],
-                      code: -32008, fragments: ["algorithm full is recognised but not computed"], path: "algo"),
+        CreateProblem(label: "glora without a base weight", params: ["algo": "glora", "layers": [lin.json(weight: false)]],
+                      code: -32008, fragments: ["glora needs the base weight of lin"], path: "layers[0].weight"),
+        CreateProblem(label: "dora without a base weight", params: ["algo": "loha", "options": ["weight_decompose": true], "layers": [lin.json(weight: false)]],
+                      code: -32008, fragments: ["loha with weight_decompose (DoRA) needs the base weight of lin"], path: "layers[0].weight"),
+        CreateProblem(label: "full in bypass mode", params: ["algo": "full", "options": ["bypass_mode": true], "layers": [lin.json()]],
+                      code: -32008, fragments: ["full has no bypass mode"], path: "layers[0]"),
         CreateProblem(label: "unknown option key", params: ["layers": [lin.json(extra: ["options": ["rank": 4]])]],
                       code: -32602, fragments: ["unknown option \"rank\"", "lora_dim"], path: "layers[0].options.rank"),
         CreateProblem(label: "rank 0", params: ["layers": [lin.json(extra: ["options": ["lora_dim": 0]])]],
@@ -898,7 +900,7 @@ struct BadInputTests {
         expectError(error, code: -32008, "lora_up.weight has shape [12, 4, 1, 1]")
         try harness.expectServes(oracle, module: "lycoris_down_blocks_0_attentions_0_proj_in")
         try harness.expectServes(oracle, module: "lycoris_mid_block_conv")
-        // A file of an algorithm that is not computed.
+        // A GLoRA file whose 1×1 conv module meets a linear layer.
         let glora = try harness.error("network.load", ["path": .string(networkFixture("glora"))])
         expectError(glora, code: -32008, "glora")
     }

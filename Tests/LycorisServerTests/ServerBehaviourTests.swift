@@ -53,6 +53,13 @@ let adapterConfigs: [AdapterConfig] = [
     .make("dylora r4 block 2", "dylora", ["lora_dim": 4, "alpha": 2.0, "block_size": 2]) { $0.rank = 4; $0.alpha = 2; $0.blockSize = 2 },
     // (Principal singular vectors: a file reloads its frozen term from those, see TLoRATests.)
     .make("tlora r3", "tlora", ["lora_dim": 3, "alpha": 2.0]) { $0.rank = 3; $0.alpha = 2 },
+    .make("dora lora", "lora", ["lora_dim": 2, "alpha": 1.0, "weight_decompose": true]) { $0.rank = 2; $0.alpha = 1; $0.weightDecompose = true },
+    .make("dora loha on input, bypass", "loha", ["lora_dim": 2, "weight_decompose": true, "wd_on_out": false, "bypass_mode": true]) {
+        $0.rank = 2; $0.weightDecompose = true; $0.wdOnOutput = false; $0.bypassMode = true
+    },
+    .make("dora lokr", "lokr", ["lora_dim": 1, "factor": 2, "weight_decompose": true]) { $0.rank = 1; $0.factor = 2; $0.weightDecompose = true },
+    .make("glora scalar", "glora", ["lora_dim": 2, "alpha": 1.0, "use_scalar": true]) { $0.rank = 2; $0.alpha = 1; $0.useScalar = true },
+    .make("full", "full", [:]) { _ in },
 ]
 
 // MARK: - Naive references
@@ -366,11 +373,14 @@ struct ComputeBehaviourTests {
                 expectClose(try #require(accumulated[key]), tensor, "accumulated \(key)")
             }
         }
-        // Consistency: Δ(x) = op(x, ΔW) for the rebuild path.
+        // Consistency: Δ(x) = op(x, ΔW) (+ Δb: full) for the rebuild path.
         let first = behaviourLayers[0]
         let x = randomTensor(first.inputShape, seed: 5)
         let dw = try Wire.decode(results[0]["delta_weight"])
-        expectClose(try harness.forward(first.name, x), naiveLayer(first.spec, x, weight: dw, bias: .zeros([first.spec.outFeatures])), "op(x, ΔW)")
+        var unused = RandomSource(seed: 0)
+        let firstModule = oracle[first.name]
+        let db = try firstModule.effectiveDeltaBias(firstModule.makeTape(inputShape: [], random: &unused)) ?? .zeros([first.spec.outFeatures])
+        expectClose(try harness.forward(first.name, x), naiveLayer(first.spec, x, weight: dw, bias: db), "op(x, ΔW)")
     }
 
     @Test("network.set_timestep_mask: T-LoRA's ΔW with the mask equals the library's; null restores every rank; bad masks are -32602")
@@ -1095,7 +1105,7 @@ struct ArenaBehaviourTests {
         #expect(result["server"]?["name"] == "lycoris-server")
         let capabilities = try #require(result["capabilities"])
         #expect(capabilities["algorithms"] == .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }))
-        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms", "tlora"])
+        #expect(capabilities["algorithms"] == ["locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft", "norms", "tlora"])
         #expect(capabilities["dtypes"] == ["F32", "F16", "BF16"])
         #expect(capabilities["layer_kinds"] == ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"])
         #expect(capabilities["framings"] == ["ndjson", "content-length"])

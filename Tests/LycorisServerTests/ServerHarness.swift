@@ -297,7 +297,7 @@ struct OracleNetwork {
         for layer in layers {
             var random = RandomSource(seed: 99)
             let adapter = try config.algorithm.makeAdapter(layer: layer.spec, options: config.options, random: &random,
-                                                           baseWeight: layer.weight)
+                                                           baseWeight: layer.weight, hasBias: layer.spec.normalization == nil)
             var module = AdapterModule(name: layer.name, algorithm: adapter, options: config.options,
                                        baseWeight: layer.weight, baseBias: layer.spec.normalization?.hasBias == false ? nil : layer.bias)
             for (name, tensor) in adapter.parameters.entries {

@@ -239,7 +239,7 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     info = server.call("initialize", {"protocol_version": "1.3", "client": "pytest"})
     assert info["protocol_version"] == "1.0"
     assert info["capabilities"]["dtypes"] == ["F32", "F16", "BF16"]
-    assert set(info["capabilities"]["algorithms"]) == {"locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "norms", "tlora"}
+    assert set(info["capabilities"]["algorithms"]) == {"locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft", "norms", "tlora"}
     assert server.call("network.seed", {"seed": 7}) is None
 
     W = rng.standard_normal((6, 8)).astype(np.float32)
@@ -434,6 +434,44 @@ def test_other_algorithms_and_options(start_server):
     backward = server.call("backward", {"calls": [
         {"tape": r["tape"], "grad_output": inline(np.ones(r["output"]["shape"]))} for r in forward]})
     assert len(backward["results"]) == len(forward)
+
+
+def test_dora_glora_full(start_server):
+    """DoRA (weight_decompose), GLoRA and Full on linear layers: ΔW (DoRA's W'(m) − W0), Full's
+    Δb and Δ(x), checked against numpy; the schemas check every result."""
+    rng = np.random.default_rng(9)
+    server = start_server()
+    w0 = rng.standard_normal((6, 8)).astype(np.float32)
+    b0 = rng.standard_normal(6).astype(np.float32)
+    layer = {"kind": "linear", "in_features": 8, "out_features": 6}
+    created = server.call("network.create", {"multiplier": 0.5, "layers": [
+        dict(layer, name="dora", algo="lora", weight=inline(w0), options={"lora_dim": 2, "alpha": 2.0, "weight_decompose": True}),
+        dict(layer, name="glora", algo="glora", weight=inline(w0), options={"lora_dim": 2, "alpha": 1.0}),
+        dict(layer, name="full", algo="full", has_bias=True),
+    ]})
+    modules = {m["name"]: m for m in created["modules"]}
+    assert modules["dora"]["algorithm"] == "locon"
+    assert [p["key"] for p in modules["dora"]["parameters"]] == ["dora.lora_down.weight", "dora.lora_up.weight", "dora.dora_scale"]
+    assert [p["shape"] for p in modules["glora"]["parameters"]] == [[8, 2], [2, 8], [6, 2], [2, 8]]
+    assert modules["full"]["parameters"] == [{"key": "full.diff", "shape": [6, 8]}, {"key": "full.diff_b", "shape": [6]}]
+    assert modules["full"]["rank"] is None
+    values = {p["key"]: rng.standard_normal(p["shape"]).astype(np.float32) for m in created["modules"] for p in m["parameters"]}
+    server.call("parameters.set", {"parameters": {k: inline(v) for k, v in values.items()}})
+    delta = {r["module"]: r for r in server.call("delta_weight", {})["results"]}
+    v = w0 + values["dora.lora_up.weight"] @ values["dora.lora_down.weight"]  # scale 2/2
+    norm = np.linalg.norm(v, axis=1, keepdims=True) + np.finfo(np.float32).eps
+    close(tensor(delta["dora"]["delta_weight"]), v * (0.5 * (values["dora.dora_scale"] / norm - 1) + 1) - w0)
+    g = values
+    close(tensor(delta["glora"]["delta_weight"]),
+          0.5 * 0.5 * (w0 @ g["glora.a1.weight"] @ g["glora.a2.weight"] + g["glora.b1.weight"] @ g["glora.b2.weight"]))
+    close(tensor(delta["full"]["delta_weight"]), 0.5 * values["full.diff"])
+    close(tensor(delta["full"]["delta_bias"]), 0.5 * values["full.diff_b"])
+    assert "delta_bias" not in delta["dora"] and "delta_bias" not in delta["glora"]
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    out = server.call("forward", {"calls": [{"module": "full", "input": inline(x)}]})["results"][0]
+    close(tensor(out["output"]), 0.5 * (x @ values["full.diff"].T + values["full.diff_b"]))
+    assert start_server().error("network.create", {"layers": [dict(layer, name="d", options={"weight_decompose": True})]},
+                        -32008)["data"] == {"path": "layers[0].weight"}
 
 
 def test_conv1d_and_conv3d_layers(start_server):
@@ -651,7 +689,7 @@ def test_every_error_code(start_server, tmp_path):
     server.error("optimizer.create", {"lr": 0.1}, -32007)
     # -32008: algorithms this version does not compute, algorithms a layer kind does not take.
     linear = {"name": "m", "kind": "linear", "in_features": 4, "out_features": 3}
-    assert server.error("network.create", {"algo": "glora", "layers": [linear]}, -32008)["data"] == {"path": "algo"}
+    assert server.error("network.create", {"algo": "glora", "layers": [linear]}, -32008)["data"] == {"path": "layers[0].weight"}
     server.error("network.create", {"algo": "nonsense", "layers": [linear]}, -32008)
     server.error("network.create", {"layers": [dict(linear, algo="norm")]}, -32008)
     server.error("network.create", {"layers": [dict(linear, algo="ia3")]}, -32008)

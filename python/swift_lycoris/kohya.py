@@ -11,8 +11,8 @@ this module picks the layers, hooks their forward into torch autograd, exposes t
 parameters as ``nn.Parameter`` for kohya's optimizer, and reads/writes kohya/LyCORIS files.
 
 **network_args** (every value arrives as a string), with lycoris.kohya 4.1.3's names and
-defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora, diag-oft, boft, tlora are computed
-— glora and full are refused with an error), ``preset`` (full; see
+defaults: ``algo`` (lora; locon, loha, lokr, ia3, dylora, glora, full, diag-oft, boft and
+tlora are computed), ``preset`` (full; see
 :mod:`swift_lycoris.presets`, or a TOML file), ``conv_dim`` (= network_dim), ``conv_alpha``
 (= network_alpha), ``dropout``, ``rank_dropout``, ``module_dropout`` (0), ``use_tucker``
 (aliases ``use_cp``, ``use_conv_cp``; ``disable_conv_cp``), ``use_scalar``,
@@ -45,8 +45,13 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   :func:`swift_lycoris.set_timestep_mask` (where it calls ``lycoris.set_timestep_mask``); a
   convolution with a kernel larger than 1 (on which LyCORIS 4.1.3 crashes) keeps the kernel
   in ``q_layer.weight`` (r, in/g, k…).
-- ``dora_wd=True`` is refused (the server does not compute DoRA); ``constraint`` and
-  ``rescaled`` only concern diag-oft/boft (ignored, with a note, for other algorithms).
+- ``dora_wd=True`` (with ``wd_on_output``) decomposes lora/locon/loha/lokr modules (DoRA);
+  their layers' weights go to the server once, as for IA3 and GLoRA. With ``bypass_mode``
+  DoRA modules still rebuild W' (LyCORIS's bypass paths drop DoRA silently).
+  ``constraint`` and ``rescaled`` only concern diag-oft/boft (ignored, with a note, for other
+  algorithms).
+- ``algo=full`` trains ``diff`` (and ``diff_b`` on layers with a bias) on the server; the
+  layer keeps its own weight (LyCORIS moves it into the module and keeps a second copy).
 - A layer matched twice (the default preset lists ``TimestepEmbedding`` and
   ``time_embedding.linear_1/2``) is adapted once instead of failing.
 - ``apply_max_norm_regularization`` takes ‖ΔW‖ from the server and, like LyCORIS, rescales
@@ -68,8 +73,8 @@ Differences from lycoris.kohya 4.1.3 (see also :mod:`swift_lycoris.presets`):
   network trained with; ``alpha`` is always stored as F32).
 - The saved file gets kohya's ``sshs_model_hash`` and ``sshs_legacy_hash`` (computed as
   sd-scripts' ``train_util.precalculate_safetensors_hashes``), not LyCORIS's variant.
-- Files with DoRA modules (``dora_scale``) are refused when loading (the server would
-  drop ``dora_scale`` and compute plain LoRA); IA3 files load (LyCORIS 4.1.3 cannot).
+- IA3 files load (LyCORIS 4.1.3 cannot), and so do DoRA files saved with
+  ``wd_on_output=False`` (LyCORIS 4.1.3 reads every ``dora_scale`` as (out, 1, …)).
 - ``state_dict()`` keys are the file's keys (``<module>.lora_up.weight``, ``<module>.alpha``,
   IA3 ``<module>.on_input``), plus ``<module>.scalar`` with ``use_scalar`` (LyCORIS folds the
   scalar into a factor in its state dict as in its file; keeping it unfolded makes
@@ -97,7 +102,7 @@ import re
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -112,8 +117,7 @@ log = logging.getLogger("swift_lycoris.kohya")
 LORA_PREFIX_UNET = "lora_unet"
 LORA_PREFIX_TEXT_ENCODER = "lora_te"
 
-COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "diag-oft", "boft", "tlora")
-NOT_COMPUTED_ALGORITHMS = ("glora", "full")
+COMPUTED_ALGORITHMS = ("lora", "locon", "loha", "lokr", "ia3", "dylora", "glora", "full", "diag-oft", "boft", "tlora")
 
 # Algorithms whose constraint/rescaled options the server takes.
 OFT_ALGORITHMS = ("diag-oft", "boft")
@@ -122,13 +126,13 @@ OFT_ALGORITHMS = ("diag-oft", "boft")
 _SERVER_OPTIONS = (
     "use_tucker", "use_scalar", "rs_lora", "decompose_both", "factor", "full_matrix",
     "unbalanced_factorization", "train_on_input", "block_size", "dropout", "rank_dropout",
-    "module_dropout", "rank_dropout_scale", "bypass_mode", "constraint", "rescaled",
+    "module_dropout", "rank_dropout_scale", "bypass_mode", "constraint", "rescaled", "weight_decompose", "wd_on_out",
 )
 _BOOL_OPTIONS = {"use_tucker", "use_scalar", "rs_lora", "decompose_both", "full_matrix",
-                 "unbalanced_factorization", "train_on_input", "rank_dropout_scale", "bypass_mode", "rescaled"}
-_OPTION_ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker", "constrain": "constraint"}
-# Options of LyCORIS modules that only concern algorithms or features this server lacks.
-_IGNORED_OPTIONS = {"wd_on_output", "wd_on_out"}
+                 "unbalanced_factorization", "train_on_input", "rank_dropout_scale", "bypass_mode", "rescaled",
+                 "weight_decompose", "wd_on_out"}
+_OPTION_ALIASES = {"use_cp": "use_tucker", "use_conv_cp": "use_tucker", "constrain": "constraint",
+                   "dora_wd": "weight_decompose", "wd_on_output": "wd_on_out"}
 
 # Every network_arg of lycoris.kohya 4.1.3, plus this module's additions.
 KNOWN_NETWORK_ARGS = {
@@ -197,11 +201,6 @@ def _check_algorithm(algo: str, where: str) -> str:
     if algo in ("norm", "norms"):
         raise ValueError(f"{where}: the norm adapter is for LayerNorm/GroupNorm layers only: keep your algo and "
                          "set train_norm=True")
-    if algo in NOT_COMPUTED_ALGORITHMS:
-        raise ValueError(
-            f"{where}: algorithm {algo!r} is not computed by lycoris-server "
-            f"(computed: {', '.join(COMPUTED_ALGORITHMS)}; not computed: {', '.join(NOT_COMPUTED_ALGORITHMS)})"
-        )
     raise ValueError(f"{where}: unknown algorithm {algo!r} (computed: {', '.join(COMPUTED_ALGORITHMS)})")
 
 
@@ -211,12 +210,6 @@ def _layer_options(config: dict, where: str) -> dict:
     for key, value in config.items():
         key = _OPTION_ALIASES.get(key, key)
         if key in ("algo", "dim", "alpha"):
-            continue
-        if key in ("weight_decompose", "dora_wd"):
-            if parse_bool(value, key):
-                raise ValueError(f"{where}: {key}=true (DoRA) is not computed by lycoris-server")
-            continue
-        if key in _IGNORED_OPTIONS:
             continue
         if key not in _SERVER_OPTIONS:
             log.warning("swift_lycoris.kohya: %s: option %r is not used by lycoris-server; ignored", where, key)
@@ -313,8 +306,6 @@ class NetworkArgs:
         args.seed = (torch.initial_seed() if seed is None else seed) & ((1 << 63) - 1)
         args.server_threads = _parse_int(kw.get("server_threads"), "server_threads", None)
         args.nan_policy = check_nan_policy(str(kw.get("nan_policy") or "error").strip().lower())
-        if args.dora_wd:
-            raise ValueError("network_args: dora_wd=True (DoRA weight decomposition) is not computed by lycoris-server")
         if (args.constraint or args.rescaled) and args.algo not in OFT_ALGORITHMS:
             log.info("swift_lycoris.kohya: constraint/rescaled only concern diag-oft and boft; ignored for %s",
                      args.algo)
@@ -331,6 +322,8 @@ class NetworkArgs:
         }
         if self.algo in OFT_ALGORITHMS:
             options.update(constraint=self.constraint, rescaled=self.rescaled)
+        if self.dora_wd:
+            options.update(weight_decompose=True, wd_on_out=self.wd_on_output)
         if self.bypass_mode:
             # Unset means rebuild semantics (LyCORIS's bypass_mode=False), which the server may
             # compute through the factors when that is the same function and cheaper.
@@ -381,7 +374,7 @@ class _Selector:
             for key, config in table.items():
                 if "algo" in config:
                     _check_algorithm(config["algo"], f"preset {where}[{key!r}]")
-                _layer_options(config, f"preset {where}[{key!r}]")  # refuses DoRA early
+                _layer_options(config, f"preset {where}[{key!r}]")  # checks the options early
         self.targets: "OrderedDict[str, _Target]" = OrderedDict()
         self.skipped: list[str] = []
 
@@ -906,28 +899,35 @@ class LycorisNetworkKohya(nn.Module):
 
     @torch.no_grad()
     def apply_max_norm_regularization(self, max_norm_value, device=None):
-        """LyCORIS's max-norm rule per LoCon/LoHa/LoKr module: n = ‖ΔW‖ (server, multiplier 1,
-        no dropout), n' = max(n, max_norm/2), ratio = min(n', max_norm)/n'; a module with
+        """LyCORIS's max-norm rule per LoCon/LoHa/LoKr module (with or without DoRA): n = ‖ΔW‖
+        (server, no dropout), n' = max(n, max_norm/2), ratio = min(n', max_norm)/n'; a module with
         ratio ≠ 1 is scaled. Returns ``(modules scaled, mean norm, max norm)`` of the norms
         after scaling, or ``(0, 0, 0)`` when nothing was scaled."""
         core = self.core
         if core is None:
             return 0, 0, 0
         names = [n for n, info in core.modules_info.items() if info["algorithm"] in ("locon", "loha", "lokr")]
+        # A DoRA module's W'(m) − W0 at m = 0 is its adapter's ΔW (the magnitude enters with
+        # the multiplier only), the norm LyCORIS bounds; the others give m·ΔW at m = 1.
+        dora = {n for n in names if "dora_scale" in core.parameter_suffixes(n)}
+        groups = [(1.0, [n for n in names if n not in dora]), (0.0, [n for n in names if n in dora])]
         max_norm = torch.tensor(float(max_norm_value), dtype=torch.float32)
         scaled_count, norms = 0, []
-        with core.server_evaluation(1.0):
-            # One group of ΔWs at a time (scaling a module's parameters changes the server's
-            # copy only at the next sync, after the loop).
-            for name, (delta, *_) in core.delta_weights(names):
-                original = torch.linalg.vector_norm(delta.float())
-                norm = torch.clamp(original, min=max_norm / 2)
-                desired = torch.clamp(norm, max=max_norm)
-                ratio = desired / norm
-                if bool(norm != desired):
-                    scaled_count += 1
-                    self._scale_module(name, float(ratio))
-                norms.append(float(original * ratio))
+        for multiplier, group in groups:
+            if not group:
+                continue
+            with core.server_evaluation(multiplier):
+                # One group of ΔWs at a time (scaling a module's parameters changes the server's
+                # copy only at the next sync, after the loop).
+                for name, (delta, *_) in core.delta_weights(group):
+                    original = torch.linalg.vector_norm(delta.float())
+                    norm = torch.clamp(original, min=max_norm / 2)
+                    desired = torch.clamp(norm, max=max_norm)
+                    ratio = desired / norm
+                    if bool(norm != desired):
+                        scaled_count += 1
+                        self._scale_module(name, float(ratio))
+                    norms.append(float(original * ratio))
         if scaled_count == 0:
             return 0, 0, 0
         return scaled_count, sum(norms) / len(norms), max(norms)
@@ -1063,15 +1063,6 @@ def _save_torch_atomically(state: dict, file: str) -> None:
         raise
 
 
-def _refuse_dora(keys: Iterable[str], what: str) -> None:
-    """lycoris-server's network.load ignores ``dora_scale`` (DoRA is not computed), which
-    would silently give other outputs: refuse such files."""
-    dora = [k for k in keys if k.endswith(".dora_scale")]
-    if dora:
-        raise ValueError(f"swift_lycoris.kohya: {what} has DoRA modules ({len(dora)} dora_scale tensors, e.g. "
-                         f"{dora[0]}); DoRA (dora_wd) is not computed by lycoris-server")
-
-
 def _as_safetensors_file(source, path: str, server) -> str:
     """`source` (a safetensors path, another torch file, or a state dict) as a safetensors path;
     a safetensors file is checked by `server`'s reader (:class:`AdapterFileError` naming the
@@ -1081,10 +1072,9 @@ def _as_safetensors_file(source, path: str, server) -> str:
     if isinstance(source, (str, os.PathLike)):
         source = os.fspath(source)
         if os.path.splitext(source)[1] == ".safetensors":
-            _refuse_dora([t["key"] for t in describe_file(source, server)["tensors"]], source)
+            describe_file(source, server)
             return os.path.abspath(source)
         source = torch.load(source, map_location="cpu", weights_only=True)
-    _refuse_dora(source.keys(), "the state dict")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items() if isinstance(v, torch.Tensor)}
     safetensors.torch.save_file(tensors, path)
     return path
@@ -1128,7 +1118,6 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
             source = weights_sd
     else:
         source = weights_sd
-    _refuse_dora(weights_sd.keys(), os.fspath(file) if file is not None else "weights_sd")
     kwargs.pop("warn_on_unmatched", None)
     args = NetworkArgs.parse(None, None, None, {k: v for k, v in kwargs.items() if k in KNOWN_NETWORK_ARGS})
     suffixes: dict[str, set[str]] = {}
@@ -1150,13 +1139,18 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
             if layer_description(name, module) is None:
                 skipped.append(f"{name} ({type(module).__name__})")
                 continue
-            # IA3 adapters need the layer's weight on the server; a norm layer takes the norm
-            # adapter; every other module starts as a placeholder LoRA that the file's module
-            # replaces (a Diag-OFT one, which holds the weight, for OFT and T-LoRA modules).
+            # IA3, GLoRA, DoRA, Diag-OFT/BOFT and T-LoRA adapters need the layer's weight on the
+            # server (placeholders of their kind send it); a norm layer takes the norm adapter;
+            # every other module starts as a placeholder LoRA that the file's module replaces (a
+            # Diag-OFT one, which holds the weight, for OFT and T-LoRA modules).
             is_ia3 = "on_input" in suffixes[name] or suffixes[name] == {"weight"}
-            needs_weight = "oft_blocks" in suffixes[name] or "lambda_layer" in suffixes[name]
-            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "diag-oft" if needs_weight else "lora"
-            targets[name] = _Target(name, module, group, algo, {"lora_dim": 1, "alpha": 1.0})
+            rotates = "oft_blocks" in suffixes[name] or "lambda_layer" in suffixes[name]
+            algo = "norm" if is_norm_layer(module) else "ia3" if is_ia3 else "glora" if "a1.weight" in suffixes[name] \
+                else "diag-oft" if rotates else "lora"
+            options = {"lora_dim": 1, "alpha": 1.0}
+            if "dora_scale" in suffixes[name]:
+                options["weight_decompose"] = True
+            targets[name] = _Target(name, module, group, algo, options)
     if skipped:
         log.warning("swift_lycoris.kohya: file modules on layers lycoris-server does not adapt are ignored: %s",
                     ", ".join(skipped[:20]))

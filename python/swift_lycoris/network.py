@@ -54,9 +54,6 @@ _DELTA_GROUP_BYTES = 256 << 20
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
 # Algorithms whose math needs the layer's base weight on the server.
-BASE_WEIGHT_ALGORITHMS = ("ia3", "diag-oft", "boft", "tlora")
-
-
 def layer_description(name: str, module: nn.Module) -> dict | None:
     """The server's description of a torch layer, or None for kinds it does not adapt:
     Linear, Conv1d/2d/3d with zero padding, and LayerNorm/GroupNorm with an affine weight."""
@@ -78,6 +75,18 @@ def layer_description(name: str, module: nn.Module) -> dict | None:
         return {"name": name, "kind": "group_norm", "num_groups": module.num_groups, "num_channels": module.num_channels,
                 "eps": float(module.eps), "has_bias": module.bias is not None}
     return None
+
+
+# File-key suffixes of modules whose ΔW reads the layer's base weight: IA3, GLoRA, DoRA.
+BASE_WEIGHT_SUFFIXES = ("on_input", "a1.weight", "dora_scale", "oft_blocks", "lambda_layer")
+
+
+def needs_base_weight(algo: str, options: dict) -> bool:
+    """Whether the server needs a layer's base weight for `algo` with `options`: IA3, GLoRA,
+    Diag-OFT, BOFT and T-LoRA read W0, and so does DoRA (``weight_decompose`` on
+    lora/locon/loha/lokr)."""
+    algo = str(algo).lower()
+    return algo in ("ia3", "glora", "diag-oft", "boft", "tlora") or (bool(options.get("weight_decompose")) and algo in ("lora", "locon", "loha", "lokr"))
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -246,7 +255,8 @@ class LycorisNetwork(nn.Module):
         nan_policy: str = "error",
     ):
         """`base_weights_for`: layers whose base weight and bias the server must hold
-        although their algorithm is not IA3 yet (a file loaded later may make them IA3).
+        although their algorithm does not read W0 yet (a file loaded later may make them
+        IA3, GLoRA or DoRA).
         `nan_policy`: ``"error"`` or ``"skip_step"`` (see :mod:`.nonfinite`)."""
         super().__init__()
         self.nan_policy = check_nan_policy(nan_policy)
@@ -278,13 +288,18 @@ class LycorisNetwork(nn.Module):
             if is_norm_layer(layer):
                 # LyCORIS's train_norm: a norm layer's only algorithm, whatever the network's.
                 description["algo"] = "norm"
-            elif (algo in BASE_WEIGHT_ALGORITHMS or (layer_options or {}).get(name, {}).get("algo") in BASE_WEIGHT_ALGORITHMS
-                  or name in (base_weights_for or ())):
-                # IA3 scales the base weight, Diag-OFT/BOFT rotate it (in bypass mode, the
-                # output with its bias).
-                description["weight"] = self._inline(layer.weight)
-                if layer.bias is not None:
-                    description["bias"] = self._inline(layer.bias)
+            else:
+                own = (layer_options or {}).get(name, {})
+                layer_algo = own.get("algo", algo)
+                if needs_base_weight(layer_algo, {**(options or {}), **own.get("options", {})}) or name in (base_weights_for or ()):
+                    # IA3 scales the base weight (and, in bypass mode, the bias too); GLoRA and
+                    # DoRA read it; Diag-OFT/BOFT rotate it (in bypass mode, the output with its
+                    # bias); T-LoRA starts from its SVD.
+                    description["weight"] = self._inline(layer.weight)
+                    if layer.bias is not None:
+                        description["bias"] = self._inline(layer.bias)
+                if str(layer_algo).lower() == "full":
+                    description["has_bias"] = layer.bias is not None
             for key, value in (layer_options or {}).get(name, {}).items():
                 description[key] = value
             descriptions.append(description)
@@ -318,7 +333,8 @@ class LycorisNetwork(nn.Module):
         self.modules_info = {m["name"]: m for m in info["modules"]}
         self._mask_version = -1  # (a loaded file may bring T-LoRA modules: send the mask again)
         self._bias_deltas = {m["name"] for m in info["modules"]
-                             if m["algorithm"] == "norms" and m["layer"].get("has_bias", False)}
+                             if (m["algorithm"] == "norms" and m["layer"].get("has_bias", False))
+                             or any(p["key"].endswith(".diff_b") for p in m["parameters"])}
         previous = {}
         if reuse_parameters:
             for name in self.adapters.keys():
@@ -454,8 +470,10 @@ class LycorisNetwork(nn.Module):
             delta_weight, *delta_bias = self.weight_delta(name)
             weight = layer.weight + delta_weight.to(layer.weight.device, layer.weight.dtype)
             bias = layer.bias
-            if delta_bias and bias is not None:
-                bias = bias + delta_bias[0].to(bias.device, bias.dtype)
+            if delta_bias:
+                # A Full file's diff_b on a layer without a bias is the bias (as in LyCORIS).
+                delta = delta_bias[0].to(weight.device, weight.dtype)
+                bias = delta if bias is None else bias + delta.to(bias.dtype)
             return _forward_with(layer, x, weight, bias)
         base = original(x, *args, **kwargs)
         return base + self.adapter_delta(name, x, base)
@@ -598,12 +616,14 @@ class LycorisNetwork(nn.Module):
         name → ((ΔW,) or (ΔW, Δb), tape or None)."""
         shapes = {n: list(self._targets[n].weight.shape) for n in names}
         biased = [n for n in names if n in self._bias_deltas]
+        # Δb: the norm's has W0's shape, Full's diff_b is (out,).
+        bias_shapes = {n: shapes[n] if is_norm_layer(self._targets[n]) else shapes[n][:1] for n in biased}
         self.arena.begin()
-        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shapes[n]) * 4 for n in biased])
+        self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shape) * 4 for shape in bias_shapes.values()])
         params = {"modules": names, "grad": keep_tapes,
                   "outputs": {n: self.arena.reserve(shapes[n], torch.float32) for n in names}}
         if biased:
-            params["bias_outputs"] = {n: self.arena.reserve(shapes[n], torch.float32) for n in biased}
+            params["bias_outputs"] = {n: self.arena.reserve(bias_shapes[n], torch.float32) for n in biased}
         results = self.server.call("delta_weight", params)["results"]
         parts = [[item["delta_weight"]] + ([item["delta_bias"]] if "delta_bias" in item else []) for item in results]
         taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors],

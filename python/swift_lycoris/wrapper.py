@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .network import LycorisNetwork, is_norm_layer, layer_description
+from .network import BASE_WEIGHT_SUFFIXES, LycorisNetwork, is_norm_layer, layer_description
 from .server import Server, describe_file
 
 PREFIX = "lycoris_"
@@ -33,7 +33,8 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     the linear ones) of `model`; with `train_norm=True` also LyCORIS's `norm` adapter
     (`w_norm`, `b_norm`) on every affine LayerNorm/GroupNorm. Other keyword arguments are
     LyCORIS's module options (use_tucker, use_scalar, factor, decompose_both, block_size,
-    dropout, rank_dropout, module_dropout, bypass_mode, …).
+    dropout, rank_dropout, module_dropout, bypass_mode, …); DoRA is ``weight_decompose=True``
+    (or LyCORIS's wrapper names ``dora_wd=True``, with ``wd_on_output`` for ``wd_on_out``).
     `transfer`: "auto" (per call, whichever of activations and ΔW costs less to move, a round
     trip counted), "activations" or "weights". `nan_policy`: "error" (a NaN or ±∞ in a layer's
     input, output gradient or parameters raises NonFiniteError naming the module and the
@@ -42,6 +43,9 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     train_norm = kwargs.pop("train_norm", False)
     if not isinstance(train_norm, bool):
         raise TypeError(f"train_norm must be a bool, not {train_norm!r}")
+    for alias, name in (("dora_wd", "weight_decompose"), ("wd_on_output", "wd_on_out")):
+        if alias in kwargs:
+            kwargs[name] = bool(kwargs.pop(alias))
     options = {"lora_dim": int(linear_dim), "alpha": float(linear_alpha), **kwargs}
     if conv_dim is not None:
         options["conv_dim"] = int(conv_dim)
@@ -56,8 +60,9 @@ def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module,
     """A network on `module`'s layers with the adapters of `file` (any LyCORIS algorithm
     this server computes, detected per module from the file's keys). A file that is
     missing, truncated, hostile or not safetensors raises :class:`AdapterFileError` naming
-    the file and the rule. Modules with IA3's `on_input` need their layers' base weights on
-    the server; modules with `w_norm` are norm adapters (their layers are included)."""
+    the file and the rule. Modules with IA3's `on_input`, GLoRA's `a1.weight` or DoRA's
+    `dora_scale` need their layers' base weights on the server; modules with `w_norm` are norm
+    adapters (their layers are included)."""
     server = Server(threads=threads)
     try:
         keys = [t["key"] for t in describe_file(file, server)["tensors"]]
@@ -66,6 +71,7 @@ def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module,
         raise
     network = LycorisNetwork(_targets(module, {k.split(".", 1)[0] for k in keys if k.endswith(".w_norm")}), algo=algo,
                              multiplier=multiplier, server=server,
-                             base_weights_for={k.split(".", 1)[0] for k in keys if k.endswith((".on_input", ".oft_blocks", ".lambda_layer"))})
+                             base_weights_for={k.split(".", 1)[0] for k in keys
+                                               if k.split(".", 1)[-1] in BASE_WEIGHT_SUFFIXES})
     network.load_weights(file)
     return network

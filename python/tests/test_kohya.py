@@ -1,8 +1,9 @@
 """swift_lycoris.kohya against LyCORIS 4.1.3's ``lycoris.kohya`` (the oracle), on a tiny
 diffusers UNet2DConditionModel and a tiny transformers CLIPTextModel built from configs.
 
-For each algorithm (LoRA/LoCon, LoHa, LoKr, IA3, DyLoRA; options such as Tucker, scalar,
-rs_lora, decompose_both) the same random values go into LyCORIS's network and ours; then:
+For each algorithm (LoRA/LoCon, LoHa, LoKr, IA3, DyLoRA, GLoRA, Full; DoRA on LoRA, LoHa and
+LoKr; options such as Tucker, scalar, rs_lora, decompose_both) the same random values go into
+LyCORIS's network and ours; then:
 the adapted module names and parameter shapes, the text-encoder and UNet outputs, the input
 gradients and every parameter gradient, the saved key sets and shapes, and files loaded
 both ways (ours into ``lycoris.kohya.create_network_from_weights``, LyCORIS's into ours)
@@ -198,8 +199,23 @@ def dylora_blocks(network) -> dict:
     return {m.lora_name: m for m in network.loras}
 
 
+def full_differences(lyco, grad: bool = False) -> dict[str, torch.Tensor]:
+    """LyCORIS's Full modules hold the absolute weight and bias after apply_to: their
+    differences from the originals (or those parameters' gradients) under our keys."""
+    result = {}
+    for m in lyco.loras:
+        pairs = [("diff", m.weight, m.org_weight)] + ([("diff_b", m.bias, m.org_bias[0])] if m.bias is not None else [])
+        for suffix, param, original in pairs:
+            value = (param.grad if param.grad is not None else torch.zeros_like(param)) if grad else param - original
+            result[f"{m.lora_name}.{suffix}"] = value.detach()
+    return result
+
+
 def oracle_parameters(lyco, algo: str) -> dict[str, torch.Tensor]:
-    """LyCORIS's parameters under our keys (DyLoRA blocks concatenated like its file)."""
+    """LyCORIS's parameters under our keys (DyLoRA blocks concatenated like its file; Full's
+    differences)."""
+    if algo == "full":
+        return full_differences(lyco)
     if algo != "dylora":
         return dict(lyco.named_parameters())
     result = {}
@@ -214,6 +230,8 @@ def oracle_gradients(lyco, algo: str) -> dict[str, torch.Tensor]:
     def grad(p):
         return p.grad if p.grad is not None else torch.zeros_like(p)
 
+    if algo == "full":
+        return full_differences(lyco, grad=True)
     if algo != "dylora":
         return {k: grad(p) for k, p in lyco.named_parameters()}
     result = {}
@@ -226,7 +244,8 @@ def oracle_gradients(lyco, algo: str) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def randomize(ours, lyco, algo: str, std: float, seed: int = 3) -> None:
-    """The same random values in every adapter parameter of both networks."""
+    """The same random values in every adapter parameter of both networks (DoRA's magnitudes:
+    their initial norms times 1 + noise; Full: W0 + diff in LyCORIS's absolute weights)."""
     g = torch.Generator().manual_seed(seed)
     ours_params = dict(ours.named_parameters())
     reference = oracle_parameters(lyco, algo)
@@ -237,8 +256,15 @@ def randomize(ours, lyco, algo: str, std: float, seed: int = 3) -> None:
         value = torch.randn(param.shape, generator=g) * std
         if key.endswith(".scalar"):
             value = 0.5 + value.abs()
+        if key.endswith(".dora_scale"):
+            value = param * (1 + value)
         param.copy_(value)
-        if algo != "dylora":
+        if algo == "full":
+            name, _, suffix = key.partition(".")
+            module = {m.lora_name: m for m in lyco.loras}[name]
+            target, original = (module.weight, module.org_weight) if suffix == "diff" else (module.bias, module.org_bias[0])
+            target.copy_(original + value)
+        elif algo != "dylora":
             dict(lyco.named_parameters())[key].copy_(value)
     if algo == "dylora":
         for name, module in dylora_blocks(lyco).items():
@@ -285,13 +311,20 @@ CASES = {
     # T-LoRA on linear and 1x1 conv layers (LyCORIS crashes on larger kernels), with the rank
     # mask of timestep 300 of 1000 (3 of 4 ranks).
     "tlora": ("tlora", "attn-mlp", 4, 2.0, {}, 0.3),
+    # DoRA (dora_wd) on LoRA, LoHa (on input columns) and LoKr; GLoRA; Full.
+    "lora-dora": ("lora", "full", 4, 2.0, {"conv_dim": "4", "conv_alpha": "1", "dora_wd": "True"}, 0.2),
+    "loha-dora-input": ("loha", "attn-mlp", 4, 2.0, {"dora_wd": "True", "wd_on_output": "False"}, 0.5),
+    "lokr-dora": ("lokr", "full", 4, 1.0, {"dora_wd": "True"}, 0.4),
+    "glora": ("glora", "full", 4, 2.0, {"conv_dim": "4", "conv_alpha": "1"}, 0.2),
+    "glora-scalar": ("glora", "attn-mlp", 4, 2.0, {"use_scalar": "True"}, 0.2),
+    "full": ("full", "attn-mlp", 4, 1.0, {}, 0.05),
 }
 
 
 def _lycoris_args(args: dict) -> dict:
     # LyCORIS counts any string but "false" as true and passes decompose_both unparsed, so
-    # only true values are given to it.
-    return {k: v for k, v in args.items() if str(v).lower() != "false"}
+    # only true values are given to it (wd_on_output defaults to true: it is always given).
+    return {k: v for k, v in args.items() if str(v).lower() != "false" or k == "wd_on_output"}
 
 
 @pytest.mark.parametrize("transfer", ["auto", "activations"])
@@ -323,8 +356,11 @@ def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch, tim
     reference = oracle_parameters(lyco, algo)
     ours_params = dict(ours.named_parameters())
     assert {k: tuple(v.shape) for k, v in ours_params.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    for key, value in reference.items():
+        if key.endswith(".dora_scale"):  # DoRA's magnitude starts at the norms of W0 along its axis
+            assert_close(ours_params[key], value, f"{case}: initial {key}")
     lyco_sd, ours_sd = lyco.state_dict(), ours.state_dict()
-    if algo != "dylora":
+    if algo not in ("dylora", "full"):  # (LyCORIS's Full state dict holds absolute weights)
         assert set(ours_sd) - {k for k in ours_sd if k.endswith(".scalar")} == set(lyco_sd)
         for key, value in lyco_sd.items():
             if key.endswith(".alpha") or key.endswith(".on_input"):
@@ -348,8 +384,14 @@ def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch, tim
     for what in ("te", "unet", "x.grad", "embeddings.grad"):
         assert_close(actual[what], expected[what], f"{case}: {what}")
     grads = oracle_gradients(lyco, algo)
+    bias_scale = max((float(g.abs().max()) for k, g in grads.items() if k.endswith(".diff_b")), default=0.0)
     for key, param in ours.named_parameters():
         assert param.grad is not None, f"{key} received no gradient"
+        if key.endswith("k_proj.diff_b"):
+            # A key projection's bias shifts every attention logit of a query equally: softmax
+            # ignores it, so its gradient is 0 (both sides hold rounding noise).
+            assert max(float(param.grad.abs().max()), float(grads[key].abs().max())) <= 1e-4 * bias_scale, key
+            continue
         assert_close(param.grad, grads[key], f"{case}: grad {key}")
     assert sum(float(g.abs().sum()) for g in grads.values()) > 0
 
@@ -380,6 +422,11 @@ def test_parity_with_lycoris(case, transfer, tmp_path, closing, monkeypatch, tim
         # LyCORIS 4.1.3 cannot load IA3 files at all (make_module_from_state_dict arity).
         te_x, unet_x = models.copy()
         with pytest.raises(TypeError):
+            lycoris_from_file(ours_file, te_x, unet_x, preset)
+    elif args.get("wd_on_output") == "False":
+        # LyCORIS 4.1.3 builds every loaded DoRA module on the output axis: (1, in) does not fit.
+        te_x, unet_x = models.copy()
+        with pytest.raises(RuntimeError):
             lycoris_from_file(ours_file, te_x, unet_x, preset)
     else:
         te_x, unet_x = models.copy()
@@ -421,16 +468,26 @@ def test_dylora_lycoris_file_means_locon(tmp_path, closing):
     lyco.save_weights(str(file), None, {})
     te_a, unet_a = models.copy()
     reference = lycoris_from_file(file, te_a, unet_a, "attn-mlp")
-    te_b, unet_b = models.copy()
-    loaded, _ = sk.create_network_from_weights(1.0, str(file), None, te_b, unet_b)
-    closing.append(loaded)
-    loaded.apply_to(te_b, unet_b, True, True)
     reference.eval()
+    assert_same_outputs(ours_from_file(closing, file, models), (te_a, unet_a), "dylora file")
+
+
+def ours_from_file(closing, file, models):
+    """Fresh copies of the models with our network from `file` applied, in eval mode."""
+    te, unet = models.copy()
+    loaded, _ = sk.create_network_from_weights(1.0, str(file), None, te, unet)
+    closing.append(loaded)
+    loaded.apply_to(te, unet, True, True)
     loaded.eval()
+    return te, unet
+
+
+def assert_same_outputs(actual_models, expected_models, what: str):
+    """The text-encoder and UNet outputs of two (te, unet) pairs agree."""
     with torch.no_grad():
-        expected, actual = run(te_a, unet_a, grad=False), run(te_b, unet_b, grad=False)
-    for what in ("te", "unet"):
-        assert_close(actual[what], expected[what], f"dylora file: {what}")
+        actual, expected = run(*actual_models, grad=False), run(*expected_models, grad=False)
+    for key in ("te", "unet"):
+        assert_close(actual[key], expected[key], f"{what}: {key}")
 
 
 # MARK: naming, presets, arguments
@@ -567,11 +624,12 @@ def test_network_args_parsing(caplog):
     for bad in ({"use_scalar": "maybe"}, {"dropout": "x"}, {"factor": "1.5"}):
         with pytest.raises(ValueError):
             parse(4, 1, None, bad)
-    for algo in ("glora", "full"):
+    for algo in ("bogus", "lycoris"):  # every LyCORIS algorithm is computed; unknown names are refused
         with pytest.raises(ValueError, match=algo):
             parse(4, 1, None, {"algo": algo})
-    with pytest.raises(ValueError, match="dora_wd"):
-        parse(4, 1, None, {"dora_wd": "True"})
+    dora = parse(4, 1, None, {"dora_wd": "True", "wd_on_output": "off"})
+    assert dora.server_options()["weight_decompose"] is True and dora.server_options()["wd_on_out"] is False
+    assert "weight_decompose" not in parse(4, 1, None, {}).server_options()
     assert parse(4, 1, None, {"train_norm": "True"}).train_norm is True
     for algo in ("norm", "norms"):  # the norm adapter comes with train_norm, not as the algorithm
         with pytest.raises(ValueError, match="train_norm=True"):
@@ -595,54 +653,57 @@ def test_unsupported_layers_and_algorithms_are_reported(tmp_path, caplog):
     assert network.target_names == ["lora_unet_block_proj", "lora_unet_block_conv1d", "lora_unet_block_norm"]
     messages = " ".join(r.message for r in caplog.records)
     assert "lora_unet_block_reflect (Conv2d)" in messages and "lora_unet_block_plain_norm (GroupNorm)" in messages
-    preset = tmp_path / "glora.toml"
+    preset = tmp_path / "boft.toml"
     preset.write_text(preset_to_toml({"unet_target_module": ["Transformer2DModel"],
-                                      "module_algo_map": {"Transformer2DModel": {"algo": "glora"}}}))
-    with pytest.raises(ValueError, match="glora"):
+                                      "module_algo_map": {"Transformer2DModel": {"algo": "boft"}}}))
+    with pytest.raises(ValueError, match="boft"):
         sk.create_network(1.0, 4, 1.0, None, None, root, preset=str(preset))
     with pytest.raises(ValueError, match="preset"):
         sk.create_network(1.0, 4, 1.0, None, None, root, preset="no-such-preset")
 
 
 def test_files_of_algorithms_the_server_does_not_compute_are_refused(tmp_path):
-    """A file with a module the server cannot compute (here LyCORIS's "full" diff) fails in
-    create_network_from_weights with the server's reason."""
+    """A file with a module the server cannot compute (here LyCORIS's diag-oft blocks) fails
+    in create_network_from_weights with the server's reason."""
     te, unet = Models().copy()
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
-    file = tmp_path / "full.safetensors"
-    safetensors.torch.save_file({f"{name}.diff": torch.zeros_like(layer.weight)}, str(file))
-    with pytest.raises(ValueError, match="full"):
+    file = tmp_path / "oft.safetensors"
+    safetensors.torch.save_file({f"{name}.oft_blocks": torch.zeros(4, 8, 8)}, str(file))
+    with pytest.raises(ValueError, match="diag-oft"):
         sk.create_network_from_weights(1.0, str(file), None, te, unet)
 
 
-def test_dora_files_are_refused(tmp_path, closing):
-    """The server ignores dora_scale when loading; a DoRA file (LyCORIS dora_wd) would load
-    as plain LoRA with other outputs, so it is refused with a clear error."""
+def test_dora_files_load_into_a_network_without_dora(tmp_path, closing):
+    """A LyCORIS DoRA file loaded into a network created without dora_wd (load_weights, as
+    kohya's --network_weights does): the server needs the layers' weights, which that
+    network did not send, and says so; create_network_from_weights sends them and
+    reproduces LyCORIS's outputs."""
     models = Models()
     te_l, unet_l = models.copy()
     lyco = lycoris_network(tmp_path, te_l, unet_l, 4, 1.0, "attn-mlp", dora_wd="True")
+    ours_seed = ours_network(closing, *models.copy(), 4, 1.0, "attn-mlp", dora_wd="True")
+    randomize(ours_seed, lyco, "lora", 0.2)
     file = tmp_path / "dora.safetensors"
     lyco.save_weights(str(file), None, {})
     te, unet = models.copy()
-    with pytest.raises(ValueError, match="DoRA"):
-        sk.create_network_from_weights(1.0, str(file), None, te, unet)
-    ours = ours_network(closing, te, unet, 4, 1.0, "attn-mlp")
-    with pytest.raises(ValueError, match="DoRA"):
-        ours.load_weights(str(file))
-    with pytest.raises(ValueError, match="DoRA"):
-        ours.load_state_dict(safetensors.torch.load_file(str(file)), False)
+    plain = ours_network(closing, te, unet, 4, 1.0, "attn-mlp")
+    with pytest.raises(Exception, match="base weight"):
+        plain.load_weights(str(file))
+    lyco.eval()
+    assert_same_outputs(ours_from_file(closing, file, models), (te_l, unet_l), "DoRA file")
 
 
 # MARK: max norm, merge, multiplier
 
-@pytest.mark.parametrize("algo,std", [("lora", 0.3), ("loha", 0.6), ("lokr", 0.4)])
-def test_max_norm_regularization_matches_lycoris(algo, std, tmp_path, closing):
+@pytest.mark.parametrize("algo,std,extra", [("lora", 0.3, {}), ("loha", 0.6, {}), ("lokr", 0.4, {}),
+                                            ("lora", 0.3, {"dora_wd": "True"})])
+def test_max_norm_regularization_matches_lycoris(algo, std, extra, tmp_path, closing):
+    """(With DoRA the bound is on the adapter's ΔW, as LyCORIS's.)"""
     models = Models()
     te_l, unet_l = models.copy()
-    lyco = lycoris_network(tmp_path, te_l, unet_l, 4, 2.0, "full", algo=algo)
+    lyco = lycoris_network(tmp_path, te_l, unet_l, 4, 2.0, "full", algo=algo, **extra)
     te_o, unet_o = models.copy()
-    ours = ours_network(closing, te_o, unet_o, 4, 2.0, "full", algo=algo)
+    ours = ours_network(closing, te_o, unet_o, 4, 2.0, "full", algo=algo, **extra)
     randomize(ours, lyco, algo, std)
     # A bound between the smallest and largest module norms, so some modules are scaled.
     with torch.no_grad():
@@ -663,7 +724,7 @@ def test_max_norm_regularization_matches_lycoris(algo, std, tmp_path, closing):
     assert ours.apply_max_norm_regularization(1e9, "cpu") == (0, 0, 0)
 
 
-@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "ia3"])
+@pytest.mark.parametrize("algo", ["lora", "loha", "lokr", "ia3", "glora", "full"])
 def test_merge_equals_adapted_forward(algo, closing):
     """merge_to adds m·ΔW into the weights: the merged model computes what the adapted one
     did (LyCORIS's LoHa/LoKr merge applies α/r twice, so this is not compared with it)."""

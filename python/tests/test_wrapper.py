@@ -70,6 +70,12 @@ PARITY_CASES = [
     ("diag-oft", {"constraint": 0.01, "rescaled": True}),
     ("boft", {"linear_dim": 6, "conv_dim": 6, "rescaled": True}),
     ("boft", {"linear_dim": 6, "conv_dim": 6, "bypass_mode": True}),
+    # DoRA under LyCORIS's wrapper names (dora_wd, wd_on_output), at multiplier 0.8
+    ("lora", {"dora_wd": True}),
+    ("loha", {"dora_wd": True, "wd_on_output": False}),
+    ("lokr", {"dora_wd": True, "linear_dim": 2}),
+    ("glora", {}),
+    ("glora", {"use_scalar": True, "conv_dim": 2}),
 ]
 
 
@@ -98,6 +104,69 @@ def test_parity_with_lycoris(algo, options, transfer):
         _close(ours)
 
 
+def test_full_is_the_trained_difference():
+    """algo=full: y = op(x, W0 + m·diff) + b + m·diff_b (plain torch), and ∂diff = m·∂W of
+    that layer."""
+    model = base_model(1234)
+    reference = copy.deepcopy(model)
+    ours = sl.create_lycoris(model, 0.8, algo="full", threads=1)
+    try:
+        g = torch.Generator().manual_seed(5)
+        params = our_parameters(ours)
+        layers = {"lycoris_" + name.replace(".", "_"): layer for name, layer in reference.named_modules()}
+        assert set(params) == MODULE_NAMES
+        with torch.no_grad():
+            for module, tensors in params.items():
+                assert set(tensors) == ({"diff", "diff_b"} if layers[module].bias is not None else {"diff"})
+                for suffix, param in tensors.items():
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+                    target = layers[module].weight if suffix == "diff" else layers[module].bias
+                    target.add_(0.8 * param)
+        ours.apply_to()
+        reference.requires_grad_(True)
+        x, upstream = inputs()
+        y_ref, gx_ref = run(reference, x, upstream)
+        y_our, gx_our = run(model, x, upstream)
+        significant_delta(y_ref, run(base_model(1234), x)[0])
+        assert_rel(y_our, y_ref, RTOL, "output")
+        assert_rel(gx_our, gx_ref, RTOL, "∂x")
+        for module, tensors in params.items():
+            assert_rel(tensors["diff"].grad, 0.8 * layers[module].weight.grad, RTOL, f"∂{module}.diff")
+            if "diff_b" in tensors:
+                assert_rel(tensors["diff_b"].grad, 0.8 * layers[module].bias.grad, RTOL, f"∂{module}.diff_b")
+    finally:
+        _close(ours)
+
+
+def test_dora_on_a_transformers_causal_lm_matches_lycoris():
+    """create_lycoris(..., dora_wd=True) on the Linear layers of a tiny random Llama: the
+    same logits and gradients as LyCORIS's create_lycoris with the same values."""
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
+    ref_model, our_model = copy.deepcopy(base), copy.deepcopy(base)
+    lyco = lycoris.create_lycoris(ref_model, 0.7, 4, 2.0, algo="lora", dora_wd=True)
+    ours = sl.create_lycoris(our_model, 0.7, 4, 2.0, algo="lora", dora_wd=True, threads=1)
+    try:
+        randomize_lycoris(lyco, seed=3, std=0.2)
+        copy_lycoris_into_ours(lyco, ours)
+        lyco.apply_to()
+        ours.apply_to()
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        logits = {}
+        for label, model in (("lycoris", ref_model), ("ours", our_model)):
+            out = model(ids).logits
+            (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+            logits[label] = out.detach()
+        significant_delta(logits["lycoris"], base(ids).logits)
+        assert_rel(logits["ours"], logits["lycoris"], RTOL, "logits")
+        assert_grads_match(lyco, ours, RTOL)
+    finally:
+        _close(ours)
+
+
 def test_frozen_network_still_gives_input_gradients():
     """Adapters frozen (requires_grad False), the input still needs its gradient: ∂x
     matches LyCORIS and no adapter parameter receives a gradient."""
@@ -119,7 +188,8 @@ def test_frozen_network_still_gives_input_gradients():
 
 MERGE_CASES = [("lora", {}), ("lora", {"use_tucker": True}), ("loha", {}), ("lokr", {"linear_dim": 2}),
                ("ia3", {}), ("dylora", {"linear_dim": 4, "conv_dim": 4, "block_size": 4}),
-               ("lora", {"bypass_mode": True})]
+               ("lora", {"bypass_mode": True}), ("lora", {"dora_wd": True}), ("loha", {"dora_wd": True, "wd_on_output": False}),
+               ("glora", {})]
 
 
 @pytest.mark.parametrize("algo,options", MERGE_CASES, ids=[f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in MERGE_CASES])
