@@ -38,9 +38,10 @@ public enum LeftoverFiles {
         defer { closedir(stream) }
         var removed: [String] = []
         while let entry = readdir(stream) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
-                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
+            // d_name is read in place: a dirent record can be shorter than the struct, so
+            // copying the whole 256-byte field may read past the end of readdir's buffer.
+            let nameOffset = MemoryLayout<dirent>.offset(of: \dirent.d_name)!
+            let name = String(cString: (UnsafeRawPointer(entry) + nameOffset).assumingMemoryBound(to: CChar.self))
             guard let pid = pidOf(name), pid > 0, pid != getpid(), kill(pid, 0) != 0, errno == ESRCH else { continue }
             let path = (directory.isEmpty ? "" : directory.hasSuffix("/") ? directory : directory + "/") + name
             if unlink(path) == 0 { removed.append(path) }
