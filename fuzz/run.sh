@@ -58,12 +58,13 @@ for target in "${targets[@]}"; do
         echo "fuzz/run.sh: fuzz-$target lacks coverage counters or ASan" >&2; exit 1
     fi
     work="$scratch/corpus/$target"
+    log="$scratch/$target.log"
     if [ $smoke -eq 1 ]; then
         work="$scratch/smoke-corpus/$target"
+        log="$scratch/$target-smoke.log"
         rm -rf "$work"
     fi
     mkdir -p "$work" "$scratch/artifacts/$target"
-    log="$scratch/$target$([ $smoke -eq 1 ] && echo -smoke).log"
     echo "== fuzz-$target: runs=$runs max_total_time=$seconds ($config)"
     status=0
     nice -n 15 "$bin/fuzz-$target" -runs="$runs" -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \

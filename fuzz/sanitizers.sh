@@ -8,7 +8,8 @@
 #
 # Every sanitized process logs its reports to .build-<san>/reports/<san>.<pid>, so reports of
 # the child processes the tests start are counted too, not only the test runner's. Runs under
-# `nice -n 15`; exits 1 when a test failed or any report was written.
+# `nice -n 15`; exits 1 when a test failed or any report was written. LeakSanitizer reports
+# judged not to be leaks of this project's code are suppressed by fuzz/lsan.supp.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SWIFT=${SWIFT:-swift}
@@ -38,6 +39,7 @@ for sanitizer in "${sanitizers[@]}"; do
     fi
     built=$(date +%s)
     echo "== $sanitizer: swift test"
+    LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp:print_suppressions=0" \
     ASAN_OPTIONS="log_path=$PWD/$reports/$short:detect_leaks=1:abort_on_error=0" \
     TSAN_OPTIONS="log_path=$PWD/$reports/$short:halt_on_error=0" \
         nice -n 15 "$SWIFT" test --skip-build --sanitize "$sanitizer" --scratch-path "$scratch" >"$log" 2>&1
