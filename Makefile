@@ -8,7 +8,7 @@ OUT ?= demo-adapter.safetensors
 PLOT ?= demo-loss.png
 ORACLE_VENV ?= .venv-oracle
 
-.PHONY: demo test build deps venv fixtures bench clean
+.PHONY: demo test build deps venv fixtures bench clean fuzz fuzz-smoke sanitizers
 
 ## The demo's algorithms: swift_lycoris.kohya's computed ones, read from its source so the two
 ## cannot differ. A bad ALGO stops make with one line naming them, before anything is built.
@@ -54,10 +54,24 @@ demo: build venv
 test: deps venv
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build
+	SWIFT=$(SWIFT) fuzz/run.sh --smoke
 	$(SWIFT) build -c release --product lycoris-server
 	$(SWIFT) build -c release --product lycoris
 	LYCORIS_SERVER=$(CURDIR)/.build/debug/lycoris-server $(VENV)/bin/python -m pytest -q protocol/tests examples/tests
 	LYCORIS_SERVER=$(CURDIR)/.build/release/lycoris-server $(VENV)/bin/python -m pytest -q python/tests
+
+## libFuzzer (-sanitize=fuzzer,address) on the safetensors reader, the message framing and
+## JSON-RPC decoder, network.create/network.load params and adapter-file loading: 1,000,000
+## inputs per target (fuzz/README.md); `fuzz-smoke` is the 5-seconds-per-target run of `test`.
+fuzz:
+	SWIFT=$(SWIFT) fuzz/run.sh
+
+fuzz-smoke:
+	SWIFT=$(SWIFT) fuzz/run.sh --smoke
+
+## The Swift test suite under AddressSanitizer and ThreadSanitizer; writes fuzz/SANITIZERS.md.
+sanitizers:
+	SWIFT=$(SWIFT) fuzz/sanitizers.sh
 
 ## Side-by-side benchmarks (release build; LyCORIS + torch from LYCORIS_BENCH_PYTHON if set).
 bench: deps

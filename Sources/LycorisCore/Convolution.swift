@@ -132,9 +132,13 @@ public enum Convolution {
         }
 
         /// Scratch for one patch matrix (empty when pointwise); not zero-filled, since
-        /// im2col and the GEMMs write every element before it is read.
+        /// im2col and the GEMMs write every element before it is read. The empty case is a
+        /// plain `[]`: `Array(unsafeUninitializedCapacity: 0)` stores its count into the
+        /// process-wide empty-array storage, a data race (ThreadSanitizer) when two threads
+        /// run pointwise convolutions.
         func patchBuffer() -> [Float] {
             let count = isPointwise ? 0 : patchLength * outPositions
+            if count == 0 { return [] }
             return [Float](unsafeUninitializedCapacity: count) { _, initialized in initialized = count }
         }
 
