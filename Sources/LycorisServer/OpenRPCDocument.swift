@@ -32,6 +32,23 @@ enum OpenRPCDocument {
           "schema": {
             "type": "string"
           }
+        },
+        {
+          "name": "cuda",
+          "description": "Asks the server to probe CUDA: load the driver (libcuda.so.1), cuBLAS and NVRTC with dlopen from library_dirs, then the system's search; the result is capabilities.cuda. Without it the server loads no CUDA library and capabilities has no cuda member.",
+          "schema": {
+            "type": "object",
+            "properties": {
+              "library_dirs": {
+                "type": "array",
+                "items": {
+                  "type": "string"
+                },
+                "description": "Directories searched first, in order (torch's site-packages/nvidia/*/lib)."
+              }
+            },
+            "additionalProperties": false
+          }
         }
       ],
       "result": {
@@ -2390,6 +2407,9 @@ enum OpenRPCDocument {
               "blas_threads": {
                 "type": "integer",
                 "minimum": 0
+              },
+              "cuda": {
+                "$ref": "#/components/schemas/CUDAReport"
               }
             },
             "additionalProperties": false
@@ -3006,6 +3026,107 @@ enum OpenRPCDocument {
             "type": "object"
           }
         }
+      },
+      "CUDAReport": {
+        "type": "object",
+        "description": "What the server found of CUDA when initialize asked (params.cuda). Reported only; no method computes on CUDA yet.",
+        "required": [
+          "state",
+          "library_dirs"
+        ],
+        "properties": {
+          "state": {
+            "enum": [
+              "available",
+              "unavailable"
+            ],
+            "description": "available: the driver lists a device and cuBLAS and NVRTC loaded."
+          },
+          "reason": {
+            "type": "string",
+            "description": "Present when unavailable: each library not found (its file names and the directories searched) or the call that failed."
+          },
+          "library_dirs": {
+            "type": "array",
+            "items": {
+              "type": "string"
+            },
+            "description": "The directories searched before the system's, as the client sent them."
+          },
+          "driver": {
+            "type": "object",
+            "required": [
+              "path",
+              "cuda_version"
+            ],
+            "properties": {
+              "path": {
+                "type": "string"
+              },
+              "cuda_version": {
+                "type": "string",
+                "description": "The CUDA version the driver supports, major.minor."
+              }
+            },
+            "additionalProperties": false
+          },
+          "devices": {
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "index",
+                "name",
+                "memory",
+                "compute_capability"
+              ],
+              "properties": {
+                "index": {
+                  "type": "integer",
+                  "minimum": 0
+                },
+                "name": {
+                  "type": "string"
+                },
+                "memory": {
+                  "type": "integer",
+                  "minimum": 0,
+                  "description": "Total device memory, bytes."
+                },
+                "compute_capability": {
+                  "type": "string",
+                  "description": "major.minor, e.g. 9.0"
+                }
+              },
+              "additionalProperties": false
+            }
+          },
+          "cublas": {
+            "$ref": "#/components/schemas/CUDALibrary"
+          },
+          "nvrtc": {
+            "$ref": "#/components/schemas/CUDALibrary"
+          }
+        },
+        "additionalProperties": false
+      },
+      "CUDALibrary": {
+        "type": "object",
+        "description": "A CUDA library the server loaded with dlopen.",
+        "required": [
+          "path",
+          "version"
+        ],
+        "properties": {
+          "path": {
+            "type": "string",
+            "description": "The file dlopen loaded (directory/name, or the bare name the system resolved)."
+          },
+          "version": {
+            "type": "string"
+          }
+        },
+        "additionalProperties": false
       }
     },
     "errors": {

@@ -1,0 +1,53 @@
+import LycorisCUDA
+import LycorisRPC
+
+/// `initialize {cuda: {library_dirs}}`: the CUDA probe and its report under
+/// `capabilities.cuda` (protocol/README.md §9, `initialize`). Nothing computes on CUDA yet.
+extension LycorisService {
+    /// Probes CUDA with the client's library directories (once per `initialize` that asks).
+    func probeCUDA(_ p: Params) throws -> JSONValue {
+        let request = try p.object("cuda")
+        let directories = request.has("library_dirs") ? try request.strings("library_dirs") : []
+        let environment = CUDAEnvironment(directories: directories)
+        cuda = environment
+        return Self.report(environment)
+    }
+
+    static func report(_ environment: CUDAEnvironment) -> JSONValue {
+        var report: JSONObject = [:]
+        if let reason = environment.unavailableReason {
+            report["state"] = "unavailable"
+            report["reason"] = .string(reason)
+        } else {
+            report["state"] = "available"
+        }
+        report["library_dirs"] = .array(environment.directories.map { .string($0) })
+        if case let .success(driver) = environment.driver {
+            report["driver"] = [
+                "path": .string(driver.library.path),
+                "cuda_version": .string("\(driver.version.major).\(driver.version.minor)"),
+            ]
+            report["devices"] = .array(driver.devices.map { device in
+                [
+                    "index": .integer(Int64(device.index)),
+                    "name": .string(device.name),
+                    "memory": .integer(Int64(device.memory)),
+                    "compute_capability": .string("\(device.computeCapability.major).\(device.computeCapability.minor)"),
+                ]
+            })
+        }
+        if case let .success(cublas) = environment.cublas {
+            report["cublas"] = [
+                "path": .string(cublas.library.path),
+                "version": .string("\(cublas.version.major).\(cublas.version.minor).\(cublas.version.patch)"),
+            ]
+        }
+        if case let .success(nvrtc) = environment.nvrtc {
+            report["nvrtc"] = [
+                "path": .string(nvrtc.library.path),
+                "version": .string("\(nvrtc.version.major).\(nvrtc.version.minor)"),
+            ]
+        }
+        return .object(report)
+    }
+}
