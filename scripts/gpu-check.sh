@@ -8,7 +8,8 @@
 #   1. unpacks the bundled lycoris-server and the Python wheels the host lacks (into a
 #      temporary folder; python/ and that folder go on PYTHONPATH)
 #   2. prints the GPU, torch and the server's `initialize` capabilities
-#   3. pytest: python/tests/test_cuda*.py (the CUDA staging path and the CUDA tests)
+#   3. pytest: python/tests/test_cuda*.py (the CUDA staging path, the server's CUDA probe, the
+#      backend's kernels compiled by NVRTC and launched with the driver API against torch)
 #   4. bench/train_step.py --device cuda: a kohya training step on an SD 1.5-shaped UNet + CLIP
 #      (random weights, 64x64 latents, batch 1 and 4; LoRA, LoHa, LoKr), swift_lycoris.kohya
 #      against lycoris.kohya on the same GPU, every figure printed
@@ -71,8 +72,12 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
       f"cuda available: {torch.cuda.is_available()}, swift_lycoris from {swift_lycoris.__file__}")
 if torch.cuda.is_available():
     print("device:", torch.cuda.get_device_name(0))
-server = Server()
-print("server initialize capabilities:", json.dumps(server.info["capabilities"]))
+from swift_lycoris.cuda_libraries import torch_library_dirs
+server = Server(cuda_library_dirs=torch_library_dirs())
+capabilities = dict(server.info["capabilities"])
+cuda = capabilities.pop("cuda")
+print("server initialize capabilities:", json.dumps(capabilities))
+print("server CUDA probe:", json.dumps(cuda, indent=1))
 server.close()
 EOF
 
