@@ -20,6 +20,13 @@ public final class CUDADriver: @unchecked Sendable {
         public let memory: Int
         public let computeCapability: (major: Int, minor: Int)
 
+        public init(index: Int, name: String, memory: Int, computeCapability: (major: Int, minor: Int)) {
+            self.index = index
+            self.name = name
+            self.memory = memory
+            self.computeCapability = computeCapability
+        }
+
         public static func == (a: Device, b: Device) -> Bool {
             a.index == b.index && a.name == b.name && a.memory == b.memory
                 && a.computeCapability == b.computeCapability

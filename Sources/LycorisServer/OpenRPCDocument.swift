@@ -226,6 +226,13 @@ enum OpenRPCDocument {
             "type": "integer",
             "minimum": 0
           }
+        },
+        {
+          "name": "device",
+          "description": "Where the network computes: \"cpu\" (default), \"cuda\" or \"cuda:N\". A CUDA device needs initialize with cuda, CUDA available, device N listed, and a server with a CUDA compute backend; this server has none yet, so every CUDA device is refused with -32009 naming the first reason that applies.",
+          "schema": {
+            "type": "string"
+          }
         }
       ],
       "result": {
@@ -255,6 +262,9 @@ enum OpenRPCDocument {
         },
         {
           "$ref": "#/components/errors/ArenaError"
+        },
+        {
+          "$ref": "#/components/errors/DeviceError"
         }
       ]
     },
@@ -2793,7 +2803,7 @@ enum OpenRPCDocument {
         "additionalProperties": false
       },
       "ErrorCode": {
-        "description": "JSON-RPC 2.0 codes and the server's own (-32000...-32008); see protocol/README.md.",
+        "description": "JSON-RPC 2.0 codes and the server's own (-32000...-32009); see protocol/README.md.",
         "type": "integer",
         "enum": [
           -32700,
@@ -2809,7 +2819,8 @@ enum OpenRPCDocument {
           -32005,
           -32006,
           -32007,
-          -32008
+          -32008,
+          -32009
         ]
       },
       "ErrorData": {
@@ -3169,6 +3180,10 @@ enum OpenRPCDocument {
       "AdapterError": {
         "code": -32008,
         "message": "Adapter error"
+      },
+      "DeviceError": {
+        "code": -32009,
+        "message": "Device error"
       }
     }
   }

@@ -2,8 +2,20 @@ import LycorisCUDA
 import LycorisRPC
 
 /// `initialize {cuda: {library_dirs}}`: the CUDA probe and its report under
-/// `capabilities.cuda` (protocol/README.md §9, `initialize`). Nothing computes on CUDA yet.
+/// `capabilities.cuda`; `network.create {device}`: the device choice against it
+/// (protocol/README.md §9). Nothing computes on CUDA yet.
 extension LycorisService {
+    /// The `device` of `network.create` (default `cpu`), checked against the probe; -32009 when
+    /// the server cannot compute there (every `cuda:N` until the CUDA backend exists).
+    func requestedDevice(_ p: Params) throws -> ComputeDevice {
+        do {
+            return try ComputeDevice(parsing: try p.string("device", default: "cpu"))
+                .checked(against: cuda.map(CUDAStatus.init))
+        } catch let error as DeviceError {
+            throw RPCError.device(error.message, path: "device")
+        }
+    }
+
     /// Probes CUDA with the client's library directories (once per `initialize` that asks).
     func probeCUDA(_ p: Params) throws -> JSONValue {
         let request = try p.object("cuda")

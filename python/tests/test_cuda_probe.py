@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from swift_lycoris.cuda_libraries import torch_library_dirs
-from swift_lycoris.server import Server
+from swift_lycoris.server import Server, ServerError
 
 DOCUMENT = pathlib.Path(__file__).resolve().parents[2] / "protocol" / "openrpc.json"
 VALIDATOR = jsonschema.Draft202012Validator(
@@ -80,5 +80,34 @@ def test_no_probe_without_the_request():
     server = Server()
     try:
         assert "cuda" not in server.info["capabilities"]
+    finally:
+        server.close()
+
+
+def test_network_create_refuses_cuda_devices_with_the_reason(report):
+    directories, cuda = report
+    layers = [{"name": "fc", "kind": "linear", "in_features": 4, "out_features": 3}]
+    server = Server(cuda_library_dirs=directories)
+    try:
+        with pytest.raises(ServerError) as refused:
+            server.call("network.create", {"layers": layers, "device": "cuda:0"})
+        assert refused.value.code == -32009 and refused.value.data == {"path": "device"}
+        if cuda["state"] == "unavailable":
+            assert f"cuda:0: CUDA is unavailable: {cuda['reason']}" in str(refused.value)
+        else:  # a GPU host: the probe sees it, but no compute backend is built in yet
+            assert "this server has no CUDA compute backend yet" in str(refused.value)
+        with pytest.raises(ServerError, match="is not a device") as malformed:
+            server.call("network.create", {"layers": layers, "device": "gpu0"})
+        assert malformed.value.code == -32009
+        assert server.call("network.create", {"layers": layers, "device": "cpu"})["modules"]
+    finally:
+        server.close()
+
+
+def test_network_create_on_cuda_without_a_probe_says_so():
+    server = Server()
+    try:
+        with pytest.raises(ServerError, match="needs CUDA, which was not probed"):
+            server.call("network.create", {"layers": [], "device": "cuda"})
     finally:
         server.close()
