@@ -11,6 +11,9 @@ public enum CUDAError: Error, Equatable, CustomStringConvertible {
     case callFailed(function: String, status: Int32, message: String)
     /// NVRTC rejected a kernel source; `log` is its compiler log.
     case compilationFailed(program: String, log: String)
+    /// A value from the client that cannot name device memory (an IPC handle of the wrong
+    /// length, a range outside its allocation); the message says which.
+    case invalidArgument(String)
 
     public var description: String {
         switch self {
@@ -25,6 +28,8 @@ public enum CUDAError: Error, Equatable, CustomStringConvertible {
             return "\(function) failed with status \(status): \(message)"
         case let .compilationFailed(program, log):
             return "NVRTC could not compile \(program): \(log)"
+        case let .invalidArgument(message):
+            return message
         }
     }
 }
