@@ -54,8 +54,13 @@ trap 'rm -rf "$WORK"' EXIT
 
 phase "unpack"
 cat "$BUNDLE/MANIFEST" 2>/dev/null | head -1
-tar -xJf "$BUNDLE/server.tar.xz" -C "$WORK" && tar -xJf "$BUNDLE/wheels.tar.xz" -C "$WORK" \
-    || { echo "gpu-check: the bundle does not unpack" >&2; exit 1; }
+# Python's tarfile rather than tar -J: the host may have no xz.
+"$PYTHON" - "$BUNDLE" "$WORK" <<'EOF' || { echo "gpu-check: the bundle does not unpack" >&2; exit 1; }
+import sys, tarfile
+for name in ("server.tar.xz", "wheels.tar.xz"):
+    with tarfile.open(f"{sys.argv[1]}/{name}") as archive:
+        archive.extractall(sys.argv[2], filter="tar")
+EOF
 "$PYTHON" "$ROOT/scripts/gpu_wheels.py" install "$WORK/wheels" "$WORK/site" || exit 1
 export PYTHONPATH=$WORK/site:$ROOT/python${PYTHONPATH:+:$PYTHONPATH}
 export LYCORIS_SERVER=$WORK/lycoris-server/bin/lycoris-server
