@@ -39,11 +39,13 @@ public final class CUDADriver: @unchecked Sendable {
     public let devices: [Device]
 
     typealias ErrorString = @convention(c) (Int32, UnsafeMutablePointer<UnsafePointer<CChar>?>) -> Int32
+    let errorString: ErrorString
 
     /// Loads the driver, initialises it and lists the devices.
     public init(directories: [String]) throws(CUDAError) {
         library = try DynamicLibrary.load("libcuda (the CUDA driver)", names: Self.libraryNames, directories: directories)
         let errorString = try library.function("cuGetErrorString", as: ErrorString.self)
+        self.errorString = errorString
         func check(_ function: String, _ status: Int32) throws(CUDAError) {
             try Self.check(function, status, errorString)
         }
@@ -79,6 +81,12 @@ public final class CUDADriver: @unchecked Sendable {
                                   computeCapability: (Int(major), Int(minor))))
         }
         self.devices = devices
+    }
+
+    /// Throws ``CUDAError/callFailed(function:status:message:)`` with the driver's text for a
+    /// non-zero `CUresult`.
+    func check(_ function: String, _ status: Int32) throws(CUDAError) {
+        try Self.check(function, status, errorString)
     }
 
     private static func check(_ function: String, _ status: Int32, _ errorString: ErrorString) throws(CUDAError) {

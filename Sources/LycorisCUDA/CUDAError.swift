@@ -14,6 +14,8 @@ public enum CUDAError: Error, Equatable, CustomStringConvertible {
     /// A value from the client that cannot name device memory (an IPC handle of the wrong
     /// length, a range outside its allocation); the message says which.
     case invalidArgument(String)
+    /// A device computation gave a result other than the one known in advance (a self-check).
+    case wrongResult(String)
 
     public var description: String {
         switch self {
@@ -28,7 +30,7 @@ public enum CUDAError: Error, Equatable, CustomStringConvertible {
             return "\(function) failed with status \(status): \(message)"
         case let .compilationFailed(program, log):
             return "NVRTC could not compile \(program): \(log)"
-        case let .invalidArgument(message):
+        case let .invalidArgument(message), let .wrongResult(message):
             return message
         }
     }

@@ -3117,6 +3117,28 @@ enum OpenRPCDocument {
           },
           "nvrtc": {
             "$ref": "#/components/schemas/CUDALibrary"
+          },
+          "kernels": {
+            "type": "object",
+            "description": "Present when state is available: the backend's kernels compiled by NVRTC for device 0, loaded by the driver, and lycoris_hadamard run on a known input. passed with a detail, or failed with the error; it does not change state.",
+            "required": [
+              "state"
+            ],
+            "properties": {
+              "state": {
+                "enum": [
+                  "passed",
+                  "failed"
+                ]
+              },
+              "detail": {
+                "type": "string"
+              },
+              "error": {
+                "type": "string"
+              }
+            },
+            "additionalProperties": false
           }
         },
         "additionalProperties": false

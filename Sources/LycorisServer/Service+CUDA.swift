@@ -59,6 +59,12 @@ extension LycorisService {
                 "path": .string(nvrtc.library.path),
                 "version": .string("\(nvrtc.version.major).\(nvrtc.version.minor)"),
             ]
+            if environment.unavailableReason == nil, case let .success(driver) = environment.driver {
+                switch CUDAKernelCheck.run(driver: driver, nvrtc: nvrtc, device: 0) {
+                case let .success(detail): report["kernels"] = ["state": "passed", "detail": .string(detail)]
+                case let .failure(error): report["kernels"] = ["state": "failed", "error": .string(error.description)]
+                }
+            }
         }
         return .object(report)
     }

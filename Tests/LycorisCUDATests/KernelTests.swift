@@ -26,6 +26,11 @@ import Testing
         return out
     }
 
+    @Test func theServerEmbedsTheKernelFileByteForByte() throws {
+        let file = try String(contentsOfFile: Self.sourcePath, encoding: .utf8)
+        #expect(KernelSource.text == file, "KernelSource.swift is stale: run python3 scripts/embed_kernels.py and rebuild")
+    }
+
     @Test func nvrtcCompilesEveryKernelForComputeCapability90() throws {
         try #require(!TorchLibraries.directories.isEmpty, Comment(rawValue: TorchLibraries.missing))
         let nvrtc = try NVRTC(directories: TorchLibraries.directories)

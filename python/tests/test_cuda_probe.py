@@ -70,10 +70,11 @@ def test_the_driver_decides_the_state(report):
         assert device["memory"] == properties.total_memory
         assert device["compute_capability"] == f"{properties.major}.{properties.minor}"
         assert len(cuda["devices"]) == torch.cuda.device_count()
+        assert cuda["kernels"]["state"] == "passed", cuda["kernels"]  # NVRTC → driver → a launch, exact result
     else:
         assert cuda["state"] == "unavailable"
         assert cuda["reason"].startswith("libcuda (the CUDA driver) not found: looked for libcuda.so.1, libcuda.so in ")
-        assert "driver" not in cuda and "devices" not in cuda
+        assert "driver" not in cuda and "devices" not in cuda and "kernels" not in cuda
 
 
 def test_no_probe_without_the_request():
