@@ -61,6 +61,7 @@ let package = Package(
         // CUDA through dlopen (no link-time dependency): driver, cuBLAS, NVRTC.
         .target(
             name: "LycorisCUDA",
+            dependencies: ["LycorisCore"],
             exclude: ["Kernels"],
             swiftSettings: strictSwift
         ),

@@ -110,6 +110,9 @@ public final class CUDAContext: @unchecked Sendable {
             launchKernel(function, grid, 1, 1, UInt32(block), 1, 1, 0, nil, $0.baseAddress, nil)
         }
         try driver.check("cuLaunchKernel", status)
-        try driver.check("cuCtxSynchronize", synchronizeCall())
+        try synchronize()
     }
+
+    /// Waits for every queued operation of the context.
+    public func synchronize() throws(CUDAError) { try driver.check("cuCtxSynchronize", synchronizeCall()) }
 }

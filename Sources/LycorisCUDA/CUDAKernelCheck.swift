@@ -1,12 +1,16 @@
+import LycorisCore
+
 /// The CUDA probe's end-to-end check of the kernel path on a device: ``KernelSource`` compiled
 /// by NVRTC for the device's compute capability, loaded by the driver, and
 /// `lycoris_hadamard` run on 4096 elements whose exact result is known
-/// (0.5 · i · 2 = i for i < 4096, exact in float32). Reported under `capabilities.cuda.kernels`.
+/// (0.5 · i · 2 = i for i < 4096, exact in float32); then a LoRA ΔW = 0.5 · up (320 × 8) ·
+/// down (8 × 768) by cuBLAS (default math, no TF32) against the CPU engine's GEMM, relative
+/// error ≤ 1e-5. Reported under `capabilities.cuda.kernels`.
 ///
 /// NOT YET RUN ON A GPU: it runs only where the probe finds a device.
 public enum CUDAKernelCheck {
     /// A description of what passed, or the error.
-    public static func run(driver: CUDADriver, nvrtc: NVRTC, device: Int) -> Result<String, CUDAError> {
+    public static func run(driver: CUDADriver, nvrtc: NVRTC, cublas: CUBLAS, device: Int) -> Result<String, CUDAError> {
         Result { () throws(CUDAError) -> String in
             let capability = driver.devices[device].computeCapability
             let ptx = try nvrtc.compile(KernelSource.text, name: "lycoris_kernels.cu",
@@ -23,7 +27,29 @@ public enum CUDAKernelCheck {
             if let wrong = result.indices.first(where: { result[$0] != Float($0) }) {
                 throw .wrongResult("lycoris_hadamard gave \(result[wrong]) at \(wrong), expected \(wrong)")
             }
-            return "NVRTC compute_\(capability.major)\(capability.minor), lycoris_hadamard on \(count) elements exact"
+            let error = try loraError(context, CUBLASHandle(cublas))
+            return "NVRTC compute_\(capability.major)\(capability.minor), lycoris_hadamard on \(count) elements exact; "
+                + "cuBLAS LoRA ΔW 320x8 · 8x768 vs the CPU engine: relative error \(error)"
         }
+    }
+
+    /// The relative error of cuBLAS's 0.5 · up · down against the CPU engine's (throws above 1e-5).
+    static func loraError(_ context: CUDAContext, _ blas: CUBLASHandle) throws(CUDAError) -> Float {
+        let (rows, rank, columns) = (320, 8, 768)
+        // Values in [-0.5, 0.5) from a fixed sequence; any would do.
+        let up = Tensor(shape: [rows, rank], scalars: (0..<(rows * rank)).map { Float($0 * 37 % 101) / 101 - 0.5 })
+        let down = Tensor(shape: [rank, columns], scalars: (0..<(rank * columns)).map { Float($0 * 53 % 97) / 97 - 0.5 })
+        let expected = Tensor.matmul(up, down, alpha: 0.5)
+        let a = try context.allocate(up.count, from: up.scalars)
+        let b = try context.allocate(down.count, from: down.scalars)
+        let c = try context.allocate(expected.count)
+        defer { for address in [a, b, c] { try? context.free(address) } }
+        try blas.gemm(m: rows, n: columns, k: rank, alpha: 0.5, a: a, b: b, c: c)
+        try context.synchronize()
+        let result = try context.read(c, count: expected.count)
+        let worst = zip(result, expected.scalars).map { abs($0 - $1) }.max() ?? 0
+        let error = worst / expected.maxAbs
+        guard error <= 1e-5 else { throw .wrongResult("cuBLAS LoRA ΔW differs from the CPU engine's by \(error) relative") }
+        return error
     }
 }

@@ -3120,7 +3120,7 @@ enum OpenRPCDocument {
           },
           "kernels": {
             "type": "object",
-            "description": "Present when state is available: the backend's kernels compiled by NVRTC for device 0, loaded by the driver, and lycoris_hadamard run on a known input. passed with a detail, or failed with the error; it does not change state.",
+            "description": "Present when state is available: the backend's kernels compiled by NVRTC for device 0, loaded by the driver, lycoris_hadamard run on a known input, and a LoRA ΔW by cuBLAS (no TF32) compared with the CPU engine's (relative error ≤ 1e-5). passed with a detail, or failed with the error; it does not change state.",
             "required": [
               "state"
             ],

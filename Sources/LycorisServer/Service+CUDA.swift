@@ -59,8 +59,9 @@ extension LycorisService {
                 "path": .string(nvrtc.library.path),
                 "version": .string("\(nvrtc.version.major).\(nvrtc.version.minor)"),
             ]
-            if environment.unavailableReason == nil, case let .success(driver) = environment.driver {
-                switch CUDAKernelCheck.run(driver: driver, nvrtc: nvrtc, device: 0) {
+            if environment.unavailableReason == nil, case let .success(driver) = environment.driver,
+               case let .success(cublas) = environment.cublas {
+                switch CUDAKernelCheck.run(driver: driver, nvrtc: nvrtc, cublas: cublas, device: 0) {
                 case let .success(detail): report["kernels"] = ["state": "passed", "detail": .string(detail)]
                 case let .failure(error): report["kernels"] = ["state": "failed", "error": .string(error.description)]
                 }

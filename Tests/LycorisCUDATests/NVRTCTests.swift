@@ -46,6 +46,19 @@ import Testing
         #expect(cublas.version.major >= 12)
     }
 
+    @Test func aCUBLASHandleWithoutADriverFailsWithCUBLASsStatus() throws {
+        try #require(!TorchLibraries.directories.isEmpty, Comment(rawValue: TorchLibraries.missing))
+        let environment = CUDAEnvironment(directories: TorchLibraries.directories)
+        let cublas = try environment.cublas.get()
+        if case .failure = environment.driver {  // no GPU driver: cuBLAS cannot initialise
+            #expect(throws: CUDAError.callFailed(function: "cublasCreate_v2", status: 1, message: "cublasStatus 1")) {
+                _ = try CUBLASHandle(cublas)
+            }
+        } else {
+            _ = try CUBLASHandle(cublas)
+        }
+    }
+
     @Test func theEnvironmentIsUnavailableOnlyForTheDriverWhenTheLibrariesLoad() throws {
         try #require(!TorchLibraries.directories.isEmpty, Comment(rawValue: TorchLibraries.missing))
         let environment = CUDAEnvironment(directories: TorchLibraries.directories)
