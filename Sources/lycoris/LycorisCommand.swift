@@ -1,4 +1,5 @@
 import ArgumentParser
+import LycorisCore
 
 /// `lycoris`: inspect, merge and demo LyCORIS adapter files.
 @main
@@ -6,6 +7,7 @@ struct LycorisCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lycoris",
         abstract: "LyCORIS adapters in Swift: inspect, merge, and a self-contained training demo.",
+        version: LycorisVersion.string,
         subcommands: [InfoCommand.self, MergeCommand.self, DemoCommand.self]
     )
 }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import LycorisAlgorithms
 
 /// `lycoris merge --base BASE --adapter ADAPTER --out OUT [--multiplier M]`.
@@ -13,9 +14,14 @@ struct MergeCommand: ParsableCommand {
     @Option(help: "The adapter's multiplier m.") var multiplier: Float = 1
     @Flag(help: "Fail when an adapter module matches no base weight or cannot be merged.") var strict = false
 
+    func validate() throws {
+        guard multiplier.isFinite else { throw ValidationError("--multiplier must be finite, got \(multiplier)") }
+    }
+
     func run() throws {
-        let report = try AdapterMerge.merge(basePath: base, adapterPath: adapter, outputPath: out, multiplier: multiplier)
-        print("merged \(report.merged.count) modules into \(out)")
+        let report = try AdapterMerge.merge(basePath: base, adapterPath: adapter, outputPath: out, multiplier: multiplier,
+                                            strict: strict)
+        print(report.written ? "merged \(report.merged.count) modules into \(out)" : "\(report.merged.count) modules merge; nothing written (--strict)")
         if !report.mergedBiases.isEmpty { print("biases merged too: \(report.mergedBiases.joined(separator: ", "))") }
         for (module, baseKey, algorithm) in report.merged { print("  \(module) → \(baseKey) (\(algorithm.rawValue))") }
         if !report.unmatched.isEmpty {
@@ -26,8 +32,10 @@ struct MergeCommand: ParsableCommand {
             print("modules that could not be merged: \(report.failed.count)")
             for (module, reason) in report.failed { print("  \(module): \(reason)") }
         }
-        if strict && (!report.unmatched.isEmpty || !report.failed.isEmpty) {
-            throw ValidationError("\(report.unmatched.count) unmatched and \(report.failed.count) failed modules (--strict)")
+        if !report.written {
+            // A failed job, not bad usage: exit 1, and --out was not touched.
+            FileHandle.standardError.write(Data("Error: \(report.unmatched.count) unmatched and \(report.failed.count) failed modules; --strict wrote nothing to \(out)\n".utf8))
+            throw ExitCode.failure
         }
     }
 }
