@@ -58,6 +58,19 @@ let package = Package(
             dependencies: ["LycorisCore", "LycorisFormats"],
             swiftSettings: strictSwift
         ),
+        // CUDA through dlopen (no link-time dependency): driver, cuBLAS, NVRTC.
+        .target(
+            name: "LycorisCUDA",
+            dependencies: ["LycorisCore"],
+            exclude: ["Kernels"],
+            swiftSettings: strictSwift
+        ),
+        // LycorisCUDA's kernel sources compiled as C with a CUDA emulation header, so tests
+        // check their index arithmetic on the CPU (not a product).
+        .target(
+            name: "CLycorisKernelsCPU",
+            cSettings: [.headerSearchPath(".")]
+        ),
         .target(
             name: "LycorisRPC",
             dependencies: ["CJansson"],
@@ -66,7 +79,7 @@ let package = Package(
         .target(
             name: "LycorisServer",
             dependencies: [
-                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC",
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
@@ -115,6 +128,11 @@ let package = Package(
         .testTarget(
             name: "LycorisServerTests",
             dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "LycorisCUDATests",
+            dependencies: ["LycorisCUDA", "CLycorisKernelsCPU", "LycorisCore", "LycorisTestSupport"],
             swiftSettings: strictSwift
         ),
         .testTarget(

@@ -5,7 +5,7 @@
 
     python bench/train_step.py [--server PATH] [--threads 1,2] [--algos lora,loha] [--batches 4,1]
                                [--steps 20] [--min-steps 10] [--case-seconds 10] [--warmup 3]
-                               [--dim 8] [--alpha 4] [--quick] [--profile STEPS]
+                               [--dim 8] [--alpha 4] [--quick] [--profile STEPS] [--device cuda]
 
 The models are swift_lycoris.demo's tiny diffusers UNet2DConditionModel + transformers
 CLIPTextModel (``tiny_models``) with its synthetic data (``synthetic_data``), or with
@@ -18,6 +18,13 @@ forward, UNet forward, MSE loss, backward, AdamW step, ``zero_grad(set_to_none=T
 ``torch.set_num_threads(N)`` for both sides and ``server_threads=N`` for ours. The two
 networks step alternately (ours, LyCORIS, ours, …) so both see the same machine load; the
 row is the median over the timed steps after the warm-up steps.
+
+With ``--device cuda`` both sides run on the GPU (models, data, adapters; LyCORIS computes
+its adapters there, ours through the server as swift_lycoris does for a CUDA model), a step
+ends with ``torch.cuda.synchronize()``, and each case adds the peak CUDA memory torch
+allocated during its timed steps per side and the server process's resident memory. This is
+what scripts/gpu-check.sh runs on a GPU host (``--model sd15 --latent 64``, LoRA, LoHa,
+LoKr, batch 1 and 4).
 
 For ours, ``swift_lycoris.server.Server.call`` / ``notify`` and ``swift_lycoris.arena.Arena.put``
 / ``take`` are wrapped *in this process only* (monkeypatching; the package is not edited) to
@@ -48,6 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SECTION = "5 step"
 GOAL = 1.15  # the project's goal for ours / LyCORIS (LoRA and LoHa)
+CUDA_GOAL = 1.10  # issue 8's goal on one GPU (LoRA, LoHa and LoKr)
 
 
 def progress(text):
@@ -193,7 +201,10 @@ class Side:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        value = loss.item()
+        if loss.is_cuda:
+            torch.cuda.synchronize()
+        return value
 
 
 def sd15_models(seed):
@@ -259,11 +270,25 @@ def measure_case(ours, lyco, data, batch, steps, min_steps, warmup, cap_s, meter
     """Warm-up, then timed steps of each side, alternating (ours, LyCORIS, ours, …): `steps`
     of them, or fewer when the case has run `cap_s` seconds (at least `min_steps` unless it
     has run 3 × `cap_s`: an overloaded machine). Returns per-side step times (ms) and, for
-    ours, per-step server-call time, copy time, and per-method call counts and times."""
+    ours, per-step server-call time, copy time, and per-method call counts and times; on
+    CUDA, each side's largest step working set (peak allocated during a timed step − allocated
+    before it, MB)."""
     import torch
 
     count = data[0].shape[0]
     ours_ms, lyco_ms, rpc_ms, copy_ms = [], [], [], []
+    working_mb = {"ours": 0.0, "lyco": 0.0}
+    cuda = data[0].is_cuda
+
+    def stepped(side, key, index, timed):
+        if not (cuda and timed):
+            return side.step(data, index)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = side.step(data, index)
+        working_mb[key] = max(working_mb[key], (torch.cuda.max_memory_allocated() - before) / 2**20)
+        return loss
+
     calls, method_ns, notifies = Counter(), Counter(), Counter()
     clock = time.perf_counter
     started = clock()
@@ -274,10 +299,10 @@ def measure_case(ours, lyco, data, batch, steps, min_steps, warmup, cap_s, meter
         meter.reset()
         meter.enabled = timed
         t0 = clock()
-        loss_ours = ours.step(data, index)
+        loss_ours = stepped(ours, "ours", index, timed)
         t1 = clock()
         meter.enabled = False
-        loss_lyco = lyco.step(data, index)
+        loss_lyco = stepped(lyco, "lyco", index, timed)
         t2 = clock()
         if first_loss is not None and i == 0:
             first_loss.append((loss_ours, loss_lyco))
@@ -297,7 +322,19 @@ def measure_case(ours, lyco, data, batch, steps, min_steps, warmup, cap_s, meter
     return {"ours": ours_ms, "lyco": lyco_ms, "rpc": rpc_ms, "copy": copy_ms,
             "calls": {k: v / n for k, v in calls.items()},
             "call_us": {k: method_ns[k] / calls[k] / 1e3 for k in calls},
-            "notifies": {k: v / n for k, v in notifies.items()}}
+            "notifies": {k: v / n for k, v in notifies.items()}, "working_mb": working_mb}
+
+
+def peak_rss_mb(pid):
+    """The peak resident memory of process `pid` (VmHWM), MB; NaN where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def null_call_us(network, count=300, warmup=50):
@@ -357,6 +394,15 @@ def git_state():
 # --------------------------------------------------------------------------- main
 
 
+def device_line(torch, device):
+    """The GPU (name, memory, driver-side CUDA version) or "CPU"."""
+    if device != "cuda":
+        return "CPU"
+    properties = torch.cuda.get_device_properties(0)
+    return (f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB, compute capability "
+            f"{properties.major}.{properties.minor}, torch CUDA {torch.version.cuda}")
+
+
 def machine_lines(extra):
     from bench import machine_summary
 
@@ -389,12 +435,14 @@ def main():
                              "UNet (320/640/1280/1280 channels) and CLIP ViT-L/14 text encoder, random weights, "
                              "built from their configs (~4 GB per side)")
     parser.add_argument("--latent", type=int, default=32, help="latent size for --model sd15 (64 is 512 px)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both sides' models, data and adapters live (cuda: the first GPU)")
     args = parser.parse_args()
     steps = args.steps or (4 if args.quick else 20)
     min_steps = min(steps, args.min_steps or (2 if args.quick else 10))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     title = ("5 step — kohya training step, swift_lycoris.kohya (lycoris-server) vs lycoris.kohya (LyCORIS, "
-             "in-process torch CPU); ratio = ours / LyCORIS (< 1: ours is faster)")
+             f"in-process torch {args.device.upper()}); ratio = ours / LyCORIS (< 1: ours is faster)")
     started = time.time()
 
     if args.server:
@@ -413,6 +461,8 @@ def main():
         from swift_lycoris import server as sl_server
         from swift_lycoris.demo import synthetic_data, tiny_models
         sl_server.find_server()
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: torch sees no CUDA device")
     except Exception as error:  # a missing package, or no server binary
         print_table([title] + machine_lines([f"UNAVAILABLE ({type(error).__name__}: {error}); section 5 skipped"]),
                     [])
@@ -446,6 +496,18 @@ def main():
         def models():
             unet, te = sd15_models(0)
             return te.requires_grad_(False), unet.requires_grad_(False)
+        if args.device == "cuda":  # build once (seconds of random init at this size), copy per side
+            base_te, base_unet = models()
+
+            def models():
+                return copy.deepcopy(base_te), copy.deepcopy(base_unet)
+    device = torch.device(args.device)
+    data = tuple(t.to(device) for t in data)
+    cpu_models = models
+
+    def models():
+        te, unet = cpu_models()
+        return te.to(device), unet.to(device)
     header = [title] + machine_lines([
         f"versions: torch {torch.__version__}, lycoris-lora {version('lycoris-lora')}, "
         f"diffusers {version('diffusers')}, transformers {version('transformers')}",
@@ -454,17 +516,18 @@ def main():
         f"preset full, dim {args.dim} alpha {args.alpha:g} (conv the same), AdamW lr {args.lr:g}; "
         f"median of {steps} steps (at least {min_steps}; a case stops early after {args.case_seconds:g} s) after "
         f"{warmup} warm-up, the two sides alternating step by step",
+        f"device: {device_line(torch, args.device)}",
         git_state(),
     ])
     footer = []
     loss_diffs = []
     ratios = []
-    std = {"lora": 0.05, "loha": 0.2}
+    std = {"lora": 0.05, "loha": 0.2, "lokr": 0.05}
 
     with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
         preset_path, preset = lycoris_preset_file(tmp)
         for algo in algos:
-            label = {"lora": "LoRA", "loha": "LoHa"}.get(algo, algo)
+            label = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(algo, algo)
             for threads in threads_list:
                 torch.set_num_threads(threads)
                 progress(f"section 5: {algo}, N={threads}")
@@ -473,6 +536,8 @@ def main():
                 ours_net = build_ours(te_o, unet_o, algo, args.dim, args.alpha, threads)
                 try:
                     lyco_net = build_lycoris(te_l, unet_l, algo, args.dim, args.alpha, preset_path, preset)
+                    ours_net.to(device)
+                    lyco_net.to(device)
                     if set(ours_net.lora_names) != {m.lora_name for m in lyco_net.loras}:
                         raise RuntimeError("the two networks adapt different layers")
                     modules, _ = same_values(ours_net, lyco_net, std.get(algo, 0.05))
@@ -500,6 +565,13 @@ def main():
                             f"Python {python:.1f} ms (arena put/take {copies:.1f})",
                             f"{100 * rpc / o:.0f}% rpc")
                         row(f"{case}: ours calls/step", per_method(result), "-", "-")
+                        if device.type == "cuda":
+                            adapters = sum(p.numel() * p.element_size() for p in ours_net.parameters()) / 2**20
+                            row(f"{case}: memory",
+                                f"ours step working set {result['working_mb']['ours']:.0f} MB CUDA, server peak RSS "
+                                f"{peak_rss_mb(ours_net.core.server._process.pid):.0f} MB",
+                                f"LyCORIS step working set {result['working_mb']['lyco']:.0f} MB CUDA",
+                                f"adapters {adapters:.0f} MB")
                         if first:
                             (lo, ll), = first
                             loss_diffs.append(abs(lo - ll) / max(abs(ll), 1e-12))
@@ -511,8 +583,9 @@ def main():
         footer.append(f"both networks: {modules} modules, the same parameter values at the start; first-step loss "
                       f"ours vs LyCORIS: max relative difference {max(loss_diffs, default=float('nan')):.1e} "
                       f"over {len(loss_diffs)} cases")
-    met = [name for name, ratio in ratios if ratio <= GOAL]
-    footer.append(f"goal (ours / LyCORIS <= {GOAL:.2f}x for LoRA and LoHa): met in {len(met)} of {len(ratios)} cases"
+    goal = CUDA_GOAL if device.type == "cuda" else GOAL
+    met = [name for name, ratio in ratios if ratio <= goal]
+    footer.append(f"goal (ours / LyCORIS <= {goal:.2f}x for {', '.join(algos)}): met in {len(met)} of {len(ratios)} cases"
                   + (f" ({', '.join(met)})" if met else "")
                   + (f"; worst {max(r for _, r in ratios):.2f}x" if ratios else ""))
     footer.append(f"section 5 wall time {time.time() - started:.0f} s")

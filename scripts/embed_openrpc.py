@@ -54,24 +54,29 @@ def render(text: str) -> str:
     )
 
 
-def main() -> int:
+def update(target: pathlib.Path, swift: str, command: str, what: str) -> int:
+    """Writes `swift` to `target` unless it is there already; with --check on the command
+    line only reports (exit status 1) that it is stale. `what` describes the embedded text."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the Swift file is up to date")
     args = parser.parse_args()
-    text = SOURCE.read_text(encoding="utf-8")
-    swift = render(text)
-    current = TARGET.read_text(encoding="utf-8") if TARGET.exists() else None
+    current = target.read_text(encoding="utf-8") if target.exists() else None
     if args.check:
         if current != swift:
-            print(f"{TARGET.relative_to(ROOT)} is stale: run {COMMAND}", file=sys.stderr)
+            print(f"{target.relative_to(ROOT)} is stale: run {command}", file=sys.stderr)
             return 1
         return 0
     if current != swift:
-        TARGET.write_text(swift, encoding="utf-8")
-        print(f"wrote {TARGET.relative_to(ROOT)} ({len(text.encode())} bytes of JSON)")
+        target.write_text(swift, encoding="utf-8")
+        print(f"wrote {target.relative_to(ROOT)} ({what})")
     else:
-        print(f"{TARGET.relative_to(ROOT)} is up to date")
+        print(f"{target.relative_to(ROOT)} is up to date")
     return 0
+
+
+def main() -> int:
+    text = SOURCE.read_text(encoding="utf-8")
+    return update(TARGET, render(text), COMMAND, f"{len(text.encode())} bytes of JSON")
 
 
 if __name__ == "__main__":

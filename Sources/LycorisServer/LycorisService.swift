@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import LycorisAlgorithms
 import LycorisCore
+import LycorisCUDA
 import LycorisRPC
 
 /// The server's state and its methods. One instance serves one client over one stream;
@@ -30,6 +31,8 @@ public final class LycorisService {
     /// Gradients accumulated by backward calls, by module then parameter.
     var gradients: [String: ParameterSet] = [:]
     var optimizer: OptimizerSettings?
+    /// The CUDA libraries found by the last `initialize {cuda: …}` (nil until one asks).
+    var cuda: CUDAEnvironment?
 
     /// The most forward calls awaiting backward at once.
     static let maximumPending = 1 << 16
@@ -111,21 +114,23 @@ public final class LycorisService {
             let client = try p.string("client")
             logger.info("client: \(client)")
         }
+        var capabilities: JSONObject = [
+            "algorithms": .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }),
+            "layer_kinds": ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"],
+            "dtypes": .array(TensorTransport.wireDTypes.map { .string($0.rawValue) }),
+            "save_dtypes": ["F32", "F16", "BF16"],
+            "framings": ["ndjson", "content-length"],
+            "arena": ["directory": .string(arenaDirectory), "maximum_size": .integer(Int64(Arena.maximumSize))],
+            "base64": true,
+            "optimizers": .array(Optimizer.Kind.allCases.map { .string($0.rawValue) }),
+            "blas_threads": .integer(Int64(BLASThreads.current)),
+        ]
+        if p.has("cuda") { capabilities["cuda"] = try probeCUDA(p) }
         initialized = true
         return [
             "server": ["name": "lycoris-server", "version": .string(Self.serverVersion)],
             "protocol_version": .string(Self.protocolVersion),
-            "capabilities": [
-                "algorithms": .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }),
-                "layer_kinds": ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"],
-                "dtypes": .array(TensorTransport.wireDTypes.map { .string($0.rawValue) }),
-                "save_dtypes": ["F32", "F16", "BF16"],
-                "framings": ["ndjson", "content-length"],
-                "arena": ["directory": .string(arenaDirectory), "maximum_size": .integer(Int64(Arena.maximumSize))],
-                "base64": true,
-                "optimizers": .array(Optimizer.Kind.allCases.map { .string($0.rawValue) }),
-                "blas_threads": .integer(Int64(BLASThreads.current)),
-            ],
+            "capabilities": .object(capabilities),
         ]
     }
 

@@ -32,6 +32,23 @@ enum OpenRPCDocument {
           "schema": {
             "type": "string"
           }
+        },
+        {
+          "name": "cuda",
+          "description": "Asks the server to probe CUDA: load the driver (libcuda.so.1), cuBLAS and NVRTC with dlopen from library_dirs, then the system's search; the result is capabilities.cuda. Without it the server loads no CUDA library and capabilities has no cuda member.",
+          "schema": {
+            "type": "object",
+            "properties": {
+              "library_dirs": {
+                "type": "array",
+                "items": {
+                  "type": "string"
+                },
+                "description": "Directories searched first, in order (torch's site-packages/nvidia/*/lib)."
+              }
+            },
+            "additionalProperties": false
+          }
         }
       ],
       "result": {
@@ -209,6 +226,13 @@ enum OpenRPCDocument {
             "type": "integer",
             "minimum": 0
           }
+        },
+        {
+          "name": "device",
+          "description": "Where the network computes: \"cpu\" (default), \"cuda\" or \"cuda:N\". A CUDA device needs initialize with cuda, CUDA available, device N listed, and a server with a CUDA compute backend; this server has none yet, so every CUDA device is refused with -32009 naming the first reason that applies.",
+          "schema": {
+            "type": "string"
+          }
         }
       ],
       "result": {
@@ -238,6 +262,9 @@ enum OpenRPCDocument {
         },
         {
           "$ref": "#/components/errors/ArenaError"
+        },
+        {
+          "$ref": "#/components/errors/DeviceError"
         }
       ]
     },
@@ -2513,6 +2540,9 @@ enum OpenRPCDocument {
               "blas_threads": {
                 "type": "integer",
                 "minimum": 0
+              },
+              "cuda": {
+                "$ref": "#/components/schemas/CUDAReport"
               }
             },
             "additionalProperties": false
@@ -2896,7 +2926,7 @@ enum OpenRPCDocument {
         "additionalProperties": false
       },
       "ErrorCode": {
-        "description": "JSON-RPC 2.0 codes and the server's own (-32000...-32008); see protocol/README.md.",
+        "description": "JSON-RPC 2.0 codes and the server's own (-32000...-32009); see protocol/README.md.",
         "type": "integer",
         "enum": [
           -32700,
@@ -2912,7 +2942,8 @@ enum OpenRPCDocument {
           -32005,
           -32006,
           -32007,
-          -32008
+          -32008,
+          -32009
         ]
       },
       "ErrorData": {
@@ -3211,6 +3242,129 @@ enum OpenRPCDocument {
           }
         },
         "additionalProperties": false
+      },
+      "CUDALibrary": {
+        "type": "object",
+        "description": "A CUDA library the server loaded with dlopen.",
+        "required": [
+          "path",
+          "version"
+        ],
+        "properties": {
+          "path": {
+            "type": "string",
+            "description": "The file dlopen loaded (directory/name, or the bare name the system resolved)."
+          },
+          "version": {
+            "type": "string"
+          }
+        },
+        "additionalProperties": false
+      },
+      "CUDAReport": {
+        "type": "object",
+        "description": "What the server found of CUDA when initialize asked (params.cuda). Reported only; no method computes on CUDA yet.",
+        "required": [
+          "state",
+          "library_dirs"
+        ],
+        "properties": {
+          "state": {
+            "enum": [
+              "available",
+              "unavailable"
+            ],
+            "description": "available: the driver lists a device and cuBLAS and NVRTC loaded."
+          },
+          "reason": {
+            "type": "string",
+            "description": "Present when unavailable: each library not found (its file names and the directories searched) or the call that failed."
+          },
+          "library_dirs": {
+            "type": "array",
+            "items": {
+              "type": "string"
+            },
+            "description": "The directories searched before the system's, as the client sent them."
+          },
+          "driver": {
+            "type": "object",
+            "required": [
+              "path",
+              "cuda_version"
+            ],
+            "properties": {
+              "path": {
+                "type": "string"
+              },
+              "cuda_version": {
+                "type": "string",
+                "description": "The CUDA version the driver supports, major.minor."
+              }
+            },
+            "additionalProperties": false
+          },
+          "devices": {
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "index",
+                "name",
+                "memory",
+                "compute_capability"
+              ],
+              "properties": {
+                "index": {
+                  "type": "integer",
+                  "minimum": 0
+                },
+                "name": {
+                  "type": "string"
+                },
+                "memory": {
+                  "type": "integer",
+                  "minimum": 0,
+                  "description": "Total device memory, bytes."
+                },
+                "compute_capability": {
+                  "type": "string",
+                  "description": "major.minor, e.g. 9.0"
+                }
+              },
+              "additionalProperties": false
+            }
+          },
+          "cublas": {
+            "$ref": "#/components/schemas/CUDALibrary"
+          },
+          "nvrtc": {
+            "$ref": "#/components/schemas/CUDALibrary"
+          },
+          "kernels": {
+            "type": "object",
+            "description": "Present when state is available: the backend's kernels compiled by NVRTC for device 0, loaded by the driver, lycoris_hadamard run on a known input, and a LoRA ΔW by cuBLAS (no TF32) compared with the CPU engine's (relative error ≤ 1e-5). passed with a detail, or failed with the error; it does not change state.",
+            "required": [
+              "state"
+            ],
+            "properties": {
+              "state": {
+                "enum": [
+                  "passed",
+                  "failed"
+                ]
+              },
+              "detail": {
+                "type": "string"
+              },
+              "error": {
+                "type": "string"
+              }
+            },
+            "additionalProperties": false
+          }
+        },
+        "additionalProperties": false
       }
     },
     "errors": {
@@ -3253,6 +3407,10 @@ enum OpenRPCDocument {
       "AdapterError": {
         "code": -32008,
         "message": "Adapter error"
+      },
+      "DeviceError": {
+        "code": -32009,
+        "message": "Device error"
       }
     }
   }

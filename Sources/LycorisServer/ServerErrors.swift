@@ -21,6 +21,8 @@ extension RPCError {
     public static let stateErrorCode = -32007
     /// An adapter description the algorithms reject (unknown algorithm, bad options…).
     public static let adapterErrorCode = -32008
+    /// A device the server cannot compute on (`network.create` `device`).
+    public static let deviceErrorCode = -32009
 
     static func notInitialized(_ method: String) -> RPCError {
         RPCError(code: notInitializedCode, message: "Not initialized: call initialize before \(method)", data: ["method": .string(method)])
@@ -71,5 +73,8 @@ extension RPCError {
     }
     static func adapter(_ message: String, path: String? = nil) -> RPCError {
         RPCError(code: adapterErrorCode, message: "Adapter error: \(message)", data: path.map { ["path": .string($0)] })
+    }
+    static func device(_ message: String, path: String) -> RPCError {
+        RPCError(code: deviceErrorCode, message: "Device error: \(message)", data: ["path": .string(path)])
     }
 }

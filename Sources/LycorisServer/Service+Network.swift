@@ -105,6 +105,7 @@ extension LycorisService {
 
     func networkCreate(_ p: Params) throws -> JSONValue {
         guard network == nil else { throw RPCError.state("a network exists already (one network per server)") }
+        _ = try requestedDevice(p)  // only "cpu" passes until the CUDA compute backend exists
         // A local generator: a call that fails leaves the server's random state untouched.
         var random = p.has("seed") ? RandomSource(seed: try Self.seed(p)) : self.random
         let defaultAlgorithm = try Self.algorithm(named: try p.string("algo", default: "lora"), path: "algo")

@@ -146,9 +146,9 @@ def test_document_is_openrpc_with_valid_json_schemas(document):
             pointer(document, node["$ref"])
     # The error components are the server's codes.
     codes = {e["code"] for e in document["components"]["errors"].values()}
-    assert codes == {-32602, *range(-32008, -32000 + 1)}
+    assert codes == {-32602, *range(-32009, -32000 + 1)}
     assert set(document["components"]["schemas"]["ErrorCode"]["enum"]) == {
-        -32700, -32600, -32601, -32602, -32603, *range(-32008, -32000 + 1)}
+        -32700, -32600, -32601, -32602, -32603, *range(-32009, -32000 + 1)}
 
 
 def test_schemas_are_strict_where_the_server_is(schemas):

@@ -110,7 +110,10 @@ def _forward_stderr(stream, tail: collections.deque) -> None:
 class Server:
     """One running lycoris-server, owned by this object (it ends with :meth:`close`)."""
 
-    def __init__(self, binary: str | None = None, threads: int | None = None, arena_dir: str | None = None):
+    def __init__(self, binary: str | None = None, threads: int | None = None, arena_dir: str | None = None,
+                 cuda_library_dirs: list[str] | None = None):
+        """``cuda_library_dirs``: ask the server to probe CUDA with these folders searched first
+        (``cuda_libraries.torch_library_dirs()``); the report is ``info["capabilities"]["cuda"]``."""
         self.binary = binary or find_server()
         args = [self.binary]
         if threads:
@@ -133,7 +136,10 @@ class Server:
             target=_forward_stderr, args=(self._process.stderr, self._stderr_tail), daemon=True, name="lycoris-server-stderr")
         self._stderr_thread.start()
         self._lock = threading.Lock()
-        self.info = self.call("initialize", {"client": "swift_lycoris", "protocol_version": "1.0"})
+        handshake = {"client": "swift_lycoris", "protocol_version": "1.0"}
+        if cuda_library_dirs is not None:
+            handshake["cuda"] = {"library_dirs": list(cuda_library_dirs)}
+        self.info = self.call("initialize", handshake)
 
     def _died(self) -> ServerDied:
         try:

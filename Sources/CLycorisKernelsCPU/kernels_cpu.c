@@ -1,0 +1,46 @@
+/* The CUDA kernels compiled as C (see cuda_emulation.h) and their CPU launches. */
+#include "lycoris_kernels_cpu.h"
+#include "../LycorisCUDA/Kernels/lycoris_kernels.cu"
+
+void lycoris_cpu_scale(unsigned grid, unsigned block, float *out, const float *x, float s, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_scale, grid, block, out, x, s, n);
+}
+
+void lycoris_cpu_hadamard(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
+                          uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_hadamard, grid, block, out, a, b, s, n);
+}
+
+void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
+                           uint64_t p, uint64_t q, uint64_t r, uint64_t t, uint64_t k) {
+    LYCORIS_LAUNCH(lycoris_kronecker, grid, block, out, a, b, s, p, q, r, t, k);
+}
+
+void lycoris_cpu_channel_scale(unsigned grid, unsigned block, float *out, const float *x, const float *w,
+                               float offset, uint64_t stride, uint64_t channels, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_channel_scale, grid, block, out, x, w, offset, stride, channels, n);
+}
+
+void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,
+                             uint64_t blocks, uint64_t length, uint64_t stride, uint64_t channels, double eps) {
+    LYCORIS_LAUNCH(lycoris_norm_affine, grid, block, out, x, w, blocks, length, stride, channels, eps);
+}
+
+void lycoris_cpu_transpose(unsigned grid, unsigned block, float *out, const float *in, uint64_t batch,
+                           uint64_t rows, uint64_t columns) {
+    LYCORIS_LAUNCH(lycoris_transpose, grid, block, out, in, batch, rows, columns);
+}
+
+void lycoris_cpu_column_slice(unsigned grid, unsigned block, float *out, const float *in, uint64_t rows,
+                              uint64_t columns, uint64_t first, uint64_t width) {
+    LYCORIS_LAUNCH(lycoris_column_slice, grid, block, out, in, rows, columns, first, width);
+}
+
+void lycoris_cpu_dropout_mask(unsigned grid, unsigned block, float *out, float p, uint64_t n, uint64_t seed,
+                              uint64_t offset) {
+    LYCORIS_LAUNCH(lycoris_dropout_mask, grid, block, out, p, n, seed, offset);
+}
+
+void lycoris_cpu_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+    lycoris_philox4x32_10(counter, key, out);
+}
