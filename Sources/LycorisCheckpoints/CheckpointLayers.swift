@@ -41,7 +41,8 @@ public struct CheckpointLayers: Sendable {
 
     /// The layers of `checkpoint`; `family` overrides the detected one (`--model-type`).
     public init(_ checkpoint: Checkpoint, family override: ModelFamily? = nil) throws {
-        let detected = checkpoint.parts.contains { $0.component == .textEncoder2 } ? .sdxl : ModelFamily.detect(checkpoint.shapes)
+        let detected = checkpoint.parts.contains { $0.component == .textEncoder2 } ? .sdxl
+            : ModelFamily.detect(checkpoint.shapes, prefixed: checkpoint.layout == .singleFile)
         let family = override ?? detected
         self.family = family
         var layers: [AdaptableLayer] = []

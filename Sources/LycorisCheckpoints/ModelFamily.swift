@@ -45,17 +45,14 @@ public enum ModelFamily: String, Sendable, CaseIterable {
         }
     }
 
-    /// The family a checkpoint's tensors show (keys and shapes, either layout): SDXL has a
-    /// second text encoder or the UNet's `label_emb`/`add_embedding`; SD2 an OpenCLIP text
-    /// encoder or linear (2-D) `proj_in` projections; SD1 otherwise. nil when there is no
-    /// UNet or text encoder at all.
-    public static func detect(_ shapes: [String: [Int]]) -> ModelFamily? {
+    /// The family a checkpoint's tensors show (keys and shapes): SDXL has a second text
+    /// encoder or the UNet's `label_emb`/`add_embedding`; SD2 an OpenCLIP text encoder or
+    /// linear (2-D) `proj_in` projections; SD1 otherwise. A single file is an SD checkpoint
+    /// only with LDM prefixes (`model.diffusion_model.`, …): bare keys are a plain state dict
+    /// (nil); a diffusers folder's keys are bare by nature (`prefixed` false).
+    public static func detect(_ shapes: [String: [Int]], prefixed: Bool = true) -> ModelFamily? {
         let keys = shapes.keys
-        let isSD = keys.contains { key in
-            CheckpointComponent.allCases.contains { component in
-                component.singleFilePrefixes.contains { key.hasPrefix($0) }
-            } || key.hasPrefix("down_blocks.") || key.hasPrefix("text_model.")
-        }
+        let isSD = !prefixed || keys.contains { CheckpointComponent.split(singleFileKey: $0) != nil }
         guard isSD else { return nil }
         if keys.contains(where: {
             $0.hasPrefix("conditioner.embedders.1.") || $0.contains("label_emb.0.0.") || $0.hasPrefix("add_embedding.")

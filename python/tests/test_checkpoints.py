@@ -9,26 +9,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from _checkpoints import gen, layers, lycoris_cli, run
-
-FAMILIES = ["sd1", "sd2", "sdxl"]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def model(request, tmp_path_factory):
-    """(family, unet, text encoders, diffusers folder, single LDM file)."""
-    family = request.param
-    unet, texts = gen.build_models(family, unet_width=16, text_width=32, seed=1)
-    root = tmp_path_factory.mktemp(family)
-    folder = root / "diffusers"
-    gen.save_diffusers(unet, texts, str(folder), shards=2 if family == "sdxl" else 1)
-    single = root / "model.safetensors"
-    save_file(gen.ldm_state_dict(str(folder), lycoris_cli()), str(single))
-    return family, unet, texts, folder, single
-
+from _checkpoints import layers, model, run  # noqa: F401 (model is a fixture)
 
 def tensor_of(root, layer):
     """The layer's weight as the report locates it (file, key, row block)."""
@@ -47,7 +30,7 @@ def kohya_names(module: nn.Module, prefix: str, path_prefix: str = "") -> set[st
 
 
 def test_family_and_layout_are_detected(model):
-    family, _, _, folder, single = model
+    family, _, _, folder, single, _ = model
     for path, layout in [(folder, "diffusers"), (single, "single-file")]:
         report = layers(path)
         assert (report["family"], report["layout"]) == (family, layout)
@@ -56,7 +39,7 @@ def test_family_and_layout_are_detected(model):
 def test_linear_and_conv_names_are_kohyas(model):
     """The Linear/Conv2d layers reported are exactly the ones kohya wraps, under its names
     (SD1/SD2 UNets: diffusers paths; SDXL: LDM paths, with the diffusers spelling as alias)."""
-    family, unet, texts, folder, _ = model
+    family, unet, texts, folder, _, _ = model
     report = layers(folder)
     matrices = [layer for layer in report["layers"] if len(layer["shape"]) in (2, 4)]
     unet_layers = [layer for layer in matrices if layer["component"] == "unet"]
@@ -79,7 +62,7 @@ def test_single_file_is_what_diffusers_converts_back(model):
     single-file converter, back into exactly the diffusers state dicts."""
     from diffusers.loaders import single_file_utils as sfu
 
-    family, unet, texts, _, single = model
+    family, unet, texts, _, single, _ = model
     with safe_open(str(single), "pt") as handle:
         checkpoint = {key: handle.get_tensor(key) for key in handle.keys()}
     converted = sfu.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
@@ -104,7 +87,7 @@ def test_single_file_is_what_diffusers_converts_back(model):
 def test_both_layouts_name_the_same_tensors(model):
     """Every kohya name resolves in both layouts to the same values (OpenCLIP's fused
     in_proj sliced into q, k, v)."""
-    family, _, _, folder, single = model
+    family, _, _, folder, single, _ = model
     by_folder = {layer["name"]: layer for layer in layers(folder)["layers"]}
     by_single = {layer["name"]: layer for layer in layers(single)["layers"]}
     assert set(by_folder) == set(by_single)
@@ -121,7 +104,7 @@ def test_both_layouts_name_the_same_tensors(model):
 def test_model_type_override(model):
     """--model-type decides the naming: an SDXL file read as SD1 names its UNet by diffusers
     paths and its first encoder lora_te_; an SD1/SD2 file read as SDXL the reverse."""
-    family, _, _, _, single = model
+    family, _, _, _, single, _ = model
     target = "sd1" if family == "sdxl" else "sdxl"
     report = json.loads(run("layers", str(single), "--json", "--model-type", target).stdout)
     assert report["family"] == target
