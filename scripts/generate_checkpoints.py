@@ -11,6 +11,8 @@ the real ones. Nothing is downloaded.
     python scripts/generate_checkpoints.py --family sdxl --out /tmp/x --shards 3  # sharded
     python scripts/generate_checkpoints.py --family sd2 --out /tmp/sd2.safetensors \
         --ldm-via .build/debug/lycoris                                           # single file
+    python scripts/generate_checkpoints.py --family sd1 --out /tmp/pair --pair 16 \
+        --unet-width 320 --text-width 768          # SD1.5-sized base/ and tuned/ folders
 
 A single (LDM) file is built from the diffusers folder with the key mapping
 `lycoris layers --json` reports (the thing under test; the tests check the result
@@ -81,6 +83,25 @@ def build_models(family, unet_width=32, text_width=32, seed=0):
             for parameter in model.parameters():
                 parameter.normal_(0, 0.05)
     return unet, texts
+
+
+def tune(models, rank, noise=0.002, seed=0):
+    """The models changed in place the way a fine-tune changes them: every Linear and Conv2d
+    weight W (out, in, ...) gets a rank-`rank` change U·V (entries of U·V of std ~0.01) plus
+    Gaussian noise of std `noise`; every other parameter is left alone."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in models:
+            for module in model.modules():
+                if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    continue
+                weight = module.weight
+                out, columns = weight.shape[0], weight[0].numel()
+                r = min(rank, out, columns)
+                u = torch.randn(out, r, generator=generator)
+                v = torch.randn(r, columns, generator=generator) * (0.01 / r ** 0.5)
+                change = u @ v + noise * torch.randn(out, columns, generator=generator)
+                weight += change.reshape(weight.shape)
 
 
 def save_component(state_dict, folder, stem, shards):
@@ -182,8 +203,15 @@ def main():
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ldm-via", metavar="LYCORIS", help="write a single LDM file, mapped by this lycoris executable")
+    parser.add_argument("--pair", type=int, metavar="RANK",
+                        help="write OUT/base and OUT/tuned: tuned = base + a rank-RANK change + noise per layer")
     args = parser.parse_args()
     unet, texts = build_models(args.family, args.unet_width, args.text_width, args.seed)
+    if args.pair:
+        save_diffusers(unet, texts, os.path.join(args.out, "base"), args.shards)
+        tune([unet] + texts, args.pair, seed=args.seed + 1)
+        save_diffusers(unet, texts, os.path.join(args.out, "tuned"), args.shards)
+        return
     if not args.ldm_via:
         save_diffusers(unet, texts, args.out, args.shards)
         return

@@ -1,15 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Foundation
 
 /// Progress of a long job on stderr (stdout keeps the summary and `--json`): on a terminal
 /// one redrawn line `title [#####-----] done/total unit  elapsed 0:05  ETA 0:12`, at most
 /// ten times a second; otherwise a plain line at every tenth of the work; nothing with
-/// `quiet`. ETA = elapsed · (total − done) / done.
-final class ProgressBar {
+/// `quiet`. ETA = elapsed · (total − done) / done. Updates may come from several threads.
+final class ProgressBar: @unchecked Sendable {
     let title: String
     let unit: String
     let total: Int
@@ -18,6 +13,7 @@ final class ProgressBar {
     private let start = Date()
     private var lastDraw = Date.distantPast
     private var lastTenth = 0
+    private let lock = NSLock()
 
     init(_ title: String, total: Int, unit: String = "layers", quiet: Bool, isTerminal: Bool = isatty(2) != 0) {
         self.title = title
@@ -32,6 +28,8 @@ final class ProgressBar {
 
     func update(_ done: Int) {
         guard !quiet, total > 0 else { return }
+        lock.lock()
+        defer { lock.unlock() }
         let now = Date()
         if isTerminal {
             guard done == total || now.timeIntervalSince(lastDraw) >= 0.1 else { return }

@@ -1,0 +1,107 @@
+import COpenBLAS
+
+/// A thin singular value decomposition A ≈ U · diag(S) · Vᵀ of a row-major (m, n) matrix:
+/// U (m, k) with orthonormal columns, S (k) descending, Vt (k, n) with orthonormal rows.
+/// k = min(m, n) for ``Tensor/singularValueDecomposition()``, the requested rank for
+/// ``Tensor/randomizedSingularValueDecomposition(rank:oversampling:powerIterations:seed:)``.
+public struct SingularValueDecomposition: Sendable {
+    public var u: Tensor
+    public var s: [Float]
+    public var vt: Tensor
+
+    /// U[:, :r] · diag(S[:r]) (m, r) — LyCORIS's `lora_up` — and Vt[:r] (r, n), its `lora_down`.
+    public func factors(rank r: Int) -> (up: Tensor, down: Tensor) {
+        let (m, n) = (u.shape[0], vt.shape[1])
+        var up = Tensor.zeros([m, r])
+        for row in 0..<m {
+            for column in 0..<r { up.scalars[row * r + column] = u.scalars[row * u.shape[1] + column] * s[column] }
+        }
+        return (up, Tensor(shape: [r, n], scalars: Array(vt.scalars[0..<(r * n)])))
+    }
+}
+
+/// LAPACK failed (`info` ≠ 0), e.g. on non-finite input.
+public struct LAPACKError: Error, CustomStringConvertible, Sendable {
+    public let routine: String
+    public let info: Int
+    public var description: String { "\(routine) failed with info \(info)\(info > 0 ? " (no convergence)" : " (bad argument)")" }
+}
+
+extension Tensor {
+    /// The exact thin SVD by LAPACK `sgesdd` (divide and conquer). LAPACK is column-major,
+    /// so the row-major (m, n) buffer is passed as the column-major (n, m) matrix Aᵀ =
+    /// V·S·Uᵀ: its left factor, read row-major, is Vt (k, n) and its right factor is U (m, k).
+    public func singularValueDecomposition() throws -> SingularValueDecomposition {
+        precondition(rank == 2, "an SVD needs a matrix, not shape \(shape)")
+        let (m, n) = (shape[0], shape[1]), k = Swift.min(m, n)
+        var a = scalars
+        var s = [Float](repeating: 0, count: k)
+        var left = [Float](repeating: 0, count: n * k)    // column-major (n, k): Vt row-major
+        var right = [Float](repeating: 0, count: k * m)   // column-major (k, m): U row-major
+        var (rows, columns, lda, ldu, ldvt) = (Int32(n), Int32(m), Int32(n), Int32(n), Int32(k))
+        var iwork = [Int32](repeating: 0, count: 8 * k)
+        var info: Int32 = 0
+        var query: Float = 0
+        var lwork: Int32 = -1
+        let job = "S"
+        job.withCString { jobz in
+            sgesdd_(jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &query, &lwork, &iwork, &info, 1)
+        }
+        guard info == 0 else { throw LAPACKError(routine: "sgesdd", info: Int(info)) }
+        lwork = Int32(query)
+        var work = [Float](repeating: 0, count: Int(lwork))
+        job.withCString { jobz in
+            sgesdd_(jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &work, &lwork, &iwork, &info, 1)
+        }
+        guard info == 0 else { throw LAPACKError(routine: "sgesdd", info: Int(info)) }
+        return SingularValueDecomposition(u: Tensor(shape: [m, k], scalars: right), s: s, vt: Tensor(shape: [k, n], scalars: left))
+    }
+
+    /// The leading `rank` singular triplets by a randomised range finder (Halko, Martinsson
+    /// & Tropp 2011, Alg. 4.4 + 5.1): Y = A·Ω with Ω (n, rank + oversampling) Gaussian,
+    /// `powerIterations` rounds of Y ← A·(Aᵀ·Q) re-orthonormalised in between, Q an
+    /// orthonormal basis of Y, then the exact SVD of the small B = Qᵀ·A = Ub·S·Vt and
+    /// U = Q·Ub. Cost O(m·n·l·(2q + 2)) for l = rank + oversampling, against O(m·n·min(m,n))
+    /// for the exact SVD. Falls back to the exact SVD when l reaches min(m, n).
+    public func randomizedSingularValueDecomposition(rank wanted: Int, oversampling: Int = 10, powerIterations: Int = 2,
+                                                     seed: UInt64 = 0) throws -> SingularValueDecomposition {
+        precondition(rank == 2 && wanted > 0, "a randomised SVD needs a matrix and a positive rank")
+        let (m, n) = (shape[0], shape[1])
+        let width = wanted + oversampling
+        guard width < Swift.min(m, n) else {
+            var exact = try singularValueDecomposition()
+            exact.truncate(to: Swift.min(wanted, exact.s.count))
+            return exact
+        }
+        var random = RandomSource(seed: seed)
+        var omega = Tensor.zeros([n, width])
+        for index in omega.scalars.indices { omega.scalars[index] = random.normal() }
+        var q = try Tensor.matmul(self, omega).orthonormalColumns()
+        for _ in 0..<powerIterations {
+            let z = try Tensor.matmul(self, transposeA: true, q).orthonormalColumns()   // (n, l)
+            q = try Tensor.matmul(self, z).orthonormalColumns()                         // (m, l)
+        }
+        let small = try Tensor.matmul(q, transposeA: true, self).singularValueDecomposition()   // B (l, n)
+        var result = SingularValueDecomposition(u: Tensor.matmul(q, small.u), s: small.s, vt: small.vt)
+        result.truncate(to: wanted)
+        return result
+    }
+
+    /// An orthonormal basis of the columns of a tall (m, l) matrix: the U of its thin SVD.
+    func orthonormalColumns() throws -> Tensor { try singularValueDecomposition().u }
+}
+
+extension SingularValueDecomposition {
+    /// Keeps the leading `r` triplets.
+    mutating func truncate(to r: Int) {
+        let (m, k, n) = (u.shape[0], u.shape[1], vt.shape[1])
+        guard r < k else { return }
+        var newU = Tensor.zeros([m, r])
+        for row in 0..<m {
+            for column in 0..<r { newU.scalars[row * r + column] = u.scalars[row * k + column] }
+        }
+        u = newU
+        s = Array(s[0..<r])
+        vt = Tensor(shape: [r, n], scalars: Array(vt.scalars[0..<(r * n)]))
+    }
+}
