@@ -121,10 +121,7 @@ public enum LowRankExtraction {
             let (innerUp, innerDown) = inner.factors(rank: rank2)          // (in, r₂), (r₂, r·kh·kw)
             let mid = innerDown.reshaped([rank2, rank] + kernel).permuted([1, 0, 2, 3])   // (r, r₂, kh, kw)
             let pointwise = innerUp.permuted([1, 0])                        // (r₂, in)
-            // Effective down (r, in·kh·kw): mid as (r·kh·kw, r₂) after moving r₂ last, times (r₂, in).
-            let midRows = mid.permuted([0, 2, 3, 1]).reshaped([rank * kernel.reduce(1, *), rank2])
-            effectiveDown = Tensor.matmul(midRows, pointwise).reshaped([rank] + kernel + [inChannels])
-                .permuted([0, 3, 1, 2]).reshaped([rank, inChannels * kernel.reduce(1, *)])
+            effectiveDown = tuckerDown(mid: mid, down: pointwise)
             result.tensors = [("lora_mid.weight", mid), ("lora_down.weight", pointwise.reshaped([rank2, inChannels, 1, 1])),
                               ("lora_up.weight", up.reshaped([out, rank, 1, 1])), ("alpha", Tensor(shape: [1], scalars: [Float(rank2)]))]
         } else {
@@ -143,6 +140,16 @@ public enum LowRankExtraction {
         let norm = matrix.norm
         result.relativeError = norm > 0 ? residual.norm / norm : 0
         return result
+    }
+
+    /// The (r, in·kh·kw) down factor a Tucker core mid (r, r₂, kh, kw) and a pointwise down
+    /// (r₂, in) make: A[i, c, k, l] = Σ_j mid[i, j, k, l]·down[j, c].
+    public static func tuckerDown(mid: Tensor, down: Tensor) -> Tensor {
+        let (rank, rank2, kernel, inChannels) = (mid.shape[0], mid.shape[1], Array(mid.shape.dropFirst(2)), down.shape[1])
+        // mid as (r·kh·kw, r₂) after moving r₂ last, times (r₂, in), back to (r, in, kh, kw).
+        let midRows = mid.permuted([0, 2, 3, 1]).reshaped([rank * kernel.reduce(1, *), rank2])
+        return Tensor.matmul(midRows, down).reshaped([rank] + kernel + [inChannels])
+            .permuted([0, 3, 1, 2]).reshaped([rank, inChannels * kernel.reduce(1, *)])
     }
 
     static func clamp(_ rank: Int, out: Int, in inChannels: Int) -> Int { min(out, inChannels, max(1, rank)) }

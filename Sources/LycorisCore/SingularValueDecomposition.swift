@@ -9,6 +9,12 @@ public struct SingularValueDecomposition: Sendable {
     public var s: [Float]
     public var vt: Tensor
 
+    public init(u: Tensor, s: [Float], vt: Tensor) {
+        self.u = u
+        self.s = s
+        self.vt = vt
+    }
+
     /// U[:, :r] · diag(S[:r]) (m, r) — LyCORIS's `lora_up` — and Vt[:r] (r, n), its `lora_down`.
     public func factors(rank r: Int) -> (up: Tensor, down: Tensor) {
         let (m, n) = (u.shape[0], vt.shape[1])
