@@ -152,3 +152,30 @@ def test_tucker_residual_is_against_the_change(pair, tmp_path):
             "--linear-dim", "4", "--conv-dim", "3").stdout)["layers"]}
     tucker = [n for n, p in modules(state).items() if "lora_mid.weight" in p]
     assert tucker and all(errors[n] < plain[n] for n in tucker)
+
+
+def test_lycoris_merges_the_file_to_the_reported_error(pair, tmp_path):
+    """LyCORIS's own merge (lycoris.utils.merge) of the extracted file onto the base models
+    gives, per layer, ‖W_merged − W_tuned‖ / ‖ΔW‖ equal to the relative error the report
+    states (Tucker cores and whole `diff` layers included)."""
+    from lycoris.utils import merge
+
+    _, (base_unet, base_te), (tuned_unet, tuned_te) = pair
+    state, report = ours(pair, tmp_path, "--linear-dim", "4", "--conv-dim", "3", "--dtype", "f32")
+    # LyCORIS names the transformers-5 CLIPTextModel's layers without `text_model`.
+    state = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in state.items()}
+    unet, te = copy.deepcopy(base_unet), copy.deepcopy(base_te)
+    merge([te], unet, state, 1.0)
+    errors = {layer["name"]: layer["relative_error"] for layer in report["layers"]}
+    checked = 0
+    for prefix, merged, base, tuned in [("lora_unet", unet, base_unet, tuned_unet), ("lora_te", te, base_te, tuned_te)]:
+        tuned_modules, base_modules = dict(tuned.named_modules()), dict(base.named_modules())
+        for path, module in merged.named_modules():
+            name = prefix + "_" + (path if prefix == "lora_unet" else "text_model." + path).replace(".", "_")
+            if name not in errors or not hasattr(module, "weight"):
+                continue
+            delta = tuned_modules[path].weight - base_modules[path].weight
+            error = ((module.weight - tuned_modules[path].weight).norm() / delta.norm()).item()
+            assert error == pytest.approx(errors[name], abs=1e-4), name
+            checked += 1
+    assert checked == len(errors)
