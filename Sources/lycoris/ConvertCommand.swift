@@ -1,0 +1,40 @@
+import ArgumentParser
+import LycorisCheckpoints
+import LycorisCore
+
+/// `lycoris convert IN OUT [--dtype f16] [--rename FROM=TO] [--keep REGEX] [--drop REGEX]`.
+struct ConvertCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "convert",
+        abstract: "Rewrite an adapter file: dtype, module-name prefixes, modules kept or dropped, DyLoRA conv lora_up repaired.")
+
+    @Argument(help: "The adapter file.") var input: String
+    @Argument(help: "Where to write the converted file.") var output: String
+    @Option(help: "Store float tensors as this dtype (f32, f16, bf16); alpha stays F32.") var dtype: DType?
+    @Option(help: ArgumentHelp("Rename a module-name prefix, e.g. lycoris_=lora_unet_ (repeatable).", valueName: "from=to"))
+    var rename: [String] = []
+    @Option(help: "Keep only modules whose name matches this regular expression (repeatable).") var keep: [String] = []
+    @Option(help: "Drop modules whose name matches this regular expression (repeatable).") var drop: [String] = []
+
+    func validate() throws {
+        for pair in rename where !pair.contains("=") { throw ValidationError("--rename takes FROM=TO, not '\(pair)'") }
+        for pattern in keep + drop where (try? Regex(pattern)) == nil {
+            throw ValidationError("'\(pattern)' is not a regular expression")
+        }
+    }
+
+    func run() throws {
+        var options = AdapterConvert.Options()
+        options.dtype = dtype
+        options.renames = rename.map { pair in
+            let parts = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            return (String(parts[0]), String(parts[1]))
+        }
+        options.keep = keep
+        options.drop = drop
+        let report = try AdapterConvert.convert(input: input, output: output, options: options)
+        print("wrote \(report.written.count) modules to \(output) (\(report.renamed) renamed, \(report.dropped.count) dropped)")
+        if !report.repaired.isEmpty { print("conv lora_up reshaped to N-D: \(report.repaired.joined(separator: ", "))") }
+        for name in report.dropped { print("  dropped \(name)") }
+    }
+}
