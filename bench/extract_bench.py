@@ -2,7 +2,8 @@
 """`lycoris extract` against LyCORIS 4.1.3's `extract_diff`, side by side on one generated
 SD1.5-shaped pair (scripts/generate_checkpoints.py --pair: random weights, tuned = base +
 a rank-16 change + noise on every Linear/Conv2d; written to a scratch folder, never
-committed), then `lycoris merge` of the extracted file into the base.
+committed), then `lycoris merge` of the extracted file into the base and `lycoris resize`
+of it to rank 16.
 
     bench/extract_bench.py [--unet-width 320] [--text-width 768] [--threads 2]
                            [--lycoris .build/release/lycoris] [--work /tmp/extract-bench]
@@ -126,6 +127,9 @@ def main():
     subprocess.run(["rm", "-rf", str(merged)], check=True)
     merge_time, merge_rss, _ = measured([args.lycoris, "merge", "--base", str(pair / "base"), "--adapter", str(ours),
                                          "--out", str(merged), "--quiet"])
+    print("lycoris resize", file=sys.stderr)
+    resize_time, resize_rss, _ = measured([args.lycoris, "resize", str(ours), str(work / "resized.safetensors"),
+                                           "--rank", "16", "--json"])
     per_layer = errors(pair, args.lycoris, ours, theirs)
     mean = lambda values: sum(values) / len(values)
     ours_mean, theirs_mean = mean([e[0] for e in per_layer.values()]), mean([e[1] for e in per_layer.values()])
@@ -138,6 +142,7 @@ def main():
     print(f"| LyCORIS 4.1.3 extract_diff (models built; process {total:.1f} s) | {their_time:.1f} | {their_rss:.0f} | {theirs_mean:.5f} |")
     print(f"| ratio | {their_time / our_time:.1f}x faster | {our_rss / their_rss:.2f} | worst layer {worst:.4f}x |")
     print(f"| lycoris merge (extracted file into base) | {merge_time:.1f} | {merge_rss:.0f} | |")
+    print(f"| lycoris resize (extracted file to rank 16) | {resize_time:.1f} | {resize_rss:.0f} | |")
 
 
 if __name__ == "__main__":

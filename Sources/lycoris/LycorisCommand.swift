@@ -6,6 +6,6 @@ struct LycorisCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "lycoris",
         abstract: "LyCORIS adapters in Swift: inspect, merge, and a self-contained training demo.",
-        subcommands: [InfoCommand.self, MergeCommand.self, DemoCommand.self, LayersCommand.self, ExtractCommand.self, ResizeCommand.self, ConvertCommand.self]
+        subcommands: [InfoCommand.self, MergeCommand.self, DemoCommand.self, LayersCommand.self, ExtractCommand.self, ResizeCommand.self, ConvertCommand.self, SuggestCommand.self]
     )
 }
