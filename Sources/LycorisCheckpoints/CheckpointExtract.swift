@@ -12,6 +12,8 @@ import LycorisFormats
 /// Both checkpoints are memory-mapped and may be in different layouts; a layer is matched by
 /// its kohya name. Only the layers being worked on are decoded: `workers` layers at a time,
 /// each taken by the next free worker (largest first, so the long ones do not come last).
+/// With more than one worker OpenBLAS is set to one thread for the process (the workers
+/// are the parallelism; nested BLAS threads would only contend).
 public enum CheckpointExtract {
     public struct Options: Sendable {
         public var extraction: LowRankExtraction.Options
