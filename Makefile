@@ -10,6 +10,15 @@ ORACLE_VENV ?= .venv-oracle
 
 .PHONY: demo test build deps venv fixtures bench clean
 
+## The demo's algorithms: swift_lycoris.kohya's computed ones, read from its source so the two
+## cannot differ. A bad ALGO stops make with one line naming them, before anything is built.
+DEMO_ALGOS := $(shell sed -n 's/^COMPUTED_ALGORITHMS = (\(.*\))$$/\1/p' python/swift_lycoris/kohya.py | tr -d '",')
+ifneq ($(filter demo,$(MAKECMDGOALS)),)
+ifeq ($(filter $(ALGO),$(DEMO_ALGOS)),)
+$(error ALGO=$(ALGO) is not an algorithm of the demo; choose one of: $(DEMO_ALGOS))
+endif
+endif
+
 VENV ?= .venv
 
 ## System packages: OpenBLAS (cblas + LAPACK), jansson, pkg-config, jq (the shell
@@ -24,7 +33,7 @@ deps:
 ## (torch, the LyCORIS 4.1.3 oracle, diffusers/transformers for tiny models built from
 ## configs) plus this repository's package, installed editable.
 venv:
-	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest, torch, lycoris, diffusers, transformers, peft, swift_lycoris" 2>/dev/null; then \
+	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest, torch, lycoris, diffusers, transformers, matplotlib, peft, swift_lycoris" 2>/dev/null; then \
 		echo "creating $(VENV) (python/requirements-test.txt)"; \
 		python3 -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
 		$(VENV)/bin/pip install -q -r python/requirements-test.txt && \

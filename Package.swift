@@ -81,7 +81,7 @@ let package = Package(
         .executableTarget(
             name: "lycoris-server",
             dependencies: [
-                "LycorisServer", "LycorisRPC", "LycorisCore", "CMalloc",
+                "LycorisServer", "LycorisRPC", "LycorisCore", "LycorisFormats", "CMalloc",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

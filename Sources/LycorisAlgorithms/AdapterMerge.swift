@@ -19,6 +19,8 @@ public enum AdapterMerge {
         public var failed: [(module: String, reason: String)] = []
         /// Base bias keys merged too (norm modules).
         public var mergedBiases: [String] = []
+        /// Whether the output was written (not with `strict` and a module unmatched or failed).
+        public var written = false
     }
 
     /// The base layer a weight of `shape` belongs to: 2-D linear, 3-D conv1d, 4-D conv2d,
@@ -33,8 +35,10 @@ public enum AdapterMerge {
     }
 
     /// Merges `adapter` into `base` and writes `output` atomically (every base tensor, in
-    /// order and dtype, merged where an adapter applies).
-    public static func merge(basePath: String, adapterPath: String, outputPath: String, multiplier: Float = 1) throws -> Report {
+    /// order and dtype, merged where an adapter applies). With `strict`, a module that is
+    /// unmatched or cannot be merged means nothing is written (``Report/written`` false).
+    public static func merge(basePath: String, adapterPath: String, outputPath: String, multiplier: Float = 1,
+                             strict: Bool = false) throws -> Report {
         guard multiplier.isFinite else { throw AdapterError("multiplier must be finite") }
         let base = try SafetensorsFile(path: basePath)
         let adapter = try AdapterFile(path: adapterPath)
@@ -67,6 +71,7 @@ public enum AdapterMerge {
                 report.failed.append((module.name, "\(error)"))
             }
         }
+        if strict && (!report.unmatched.isEmpty || !report.failed.isEmpty) { return report }
         var writer = SafetensorsWriter(metadata: base.metadata)
         for info in base.tensors {
             if let merged = mergedTensors[info.name] {
@@ -76,6 +81,7 @@ public enum AdapterMerge {
             }
         }
         try writer.write(toPath: outputPath)
+        report.written = true
         return report
     }
 

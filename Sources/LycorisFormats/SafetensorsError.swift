@@ -18,6 +18,9 @@ public enum SafetensorsError: Error, Equatable, CustomStringConvertible {
 
     // MARK: Validation (in the order the checks run)
 
+    /// Rules 2–3 failed and the first bytes show another kind of file (text, a ZIP archive, a
+    /// pickle, …): `content` says which (see `ForeignFileKind`).
+    case notSafetensors(path: String, content: String)
     /// Rule 1: the file is shorter than the 8-byte header length prefix.
     case headerTooSmall(path: String, fileSize: Int)
     /// Rule 2: the header length N exceeds ``SafetensorsHeader/maximumHeaderLength`` (100,000,000).
@@ -61,6 +64,7 @@ public enum SafetensorsError: Error, Equatable, CustomStringConvertible {
         case .cannotOpen: return "cannot open file"
         case .notARegularFile: return "not a regular file"
         case .mapFailed: return "cannot map file"
+        case .notSafetensors: return "not a safetensors file"
         case .headerTooSmall: return "header too small"
         case .headerTooLarge: return "header too large"
         case .invalidHeaderLength: return "invalid header length"
@@ -80,7 +84,7 @@ public enum SafetensorsError: Error, Equatable, CustomStringConvertible {
     public var path: String? {
         switch self {
         case .cannotOpen(let path, _), .notARegularFile(let path), .mapFailed(let path, _),
-             .headerTooSmall(let path, _), .headerTooLarge(let path, _),
+             .notSafetensors(let path, _), .headerTooSmall(let path, _), .headerTooLarge(let path, _),
              .invalidHeaderLength(let path, _, _), .invalidHeaderUTF8(let path, _),
              .invalidHeaderDeserialization(let path, _, _), .invalidOffset(let path, _, _, _, _),
              .shapeOverflow(let path, _, _, _), .tensorSizeMismatch(let path, _, _, _, _, _),
@@ -115,6 +119,8 @@ public enum SafetensorsError: Error, Equatable, CustomStringConvertible {
             details = "the path is not a regular file"
         case .mapFailed(_, let reason):
             details = "mmap of the file failed (\(reason))"
+        case .notSafetensors(_, let content):
+            details = "the file is \(content), not a safetensors header"
         case .headerTooSmall(_, let size):
             details = "the file is \(size) bytes long, shorter than the 8-byte header length prefix"
         case .headerTooLarge(_, let n):

@@ -34,6 +34,10 @@ import LycorisCore
 ///    equals the file size exactly: no trailing bytes, no truncated buffer.
 ///    → ``SafetensorsError/incompleteBuffer(path:expectedFileSize:fileSize:)``
 ///
+/// Where rule 2 or 3 fails and the first bytes show another kind of file (text, a ZIP archive
+/// such as `torch.save` writes, a pickle, a PNG, GGUF), the error is
+/// ``SafetensorsError/notSafetensors(path:content:)`` saying so.
+///
 /// One deliberate difference from the reference: a dimension larger than `Int.max` (possible only
 /// in a zero-element tensor, e.g. `[0, 2^63]`) is reported as ``SafetensorsError/shapeOverflow(path:tensor:shape:dtype:)``
 /// because ``TensorInfo/shape`` is `[Int]`. Also, dtypes this package does not know (`U16`, `U32`,
@@ -77,12 +81,14 @@ public struct SafetensorsHeader: Sendable, Equatable {
         // Rule 2.
         let n = UInt64(littleEndian: file.loadUnaligned(fromByteOffset: 0, as: UInt64.self))
         guard n <= UInt64(maximumHeaderLength) else {
+            if let content = ForeignFileKind.describe(file) { throw SafetensorsError.notSafetensors(path: path, content: content) }
             throw SafetensorsError.headerTooLarge(path: path, headerLength: n)
         }
         // Rule 3 (n ≤ 1e8, so the conversion and the sum cannot overflow; checked anyway).
         let headerLength = Int(n)
         let (stop, overflow) = headerLength.addingReportingOverflow(8)
         guard !overflow, stop <= fileSize else {
+            if let content = ForeignFileKind.describe(file) { throw SafetensorsError.notSafetensors(path: path, content: content) }
             throw SafetensorsError.invalidHeaderLength(path: path, headerLength: n, fileSize: fileSize)
         }
         let headerBytes = UnsafeRawBufferPointer(rebasing: file[8..<stop])

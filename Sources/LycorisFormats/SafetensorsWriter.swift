@@ -220,7 +220,8 @@ public struct SafetensorsWriter: Sendable {
     /// Writes the file to `path` atomically: the bytes go to a new, uniquely named temporary file in
     /// the same directory (`.<name>.tmp-<pid>-<random>`), which is `fsync`ed and then `rename`d over
     /// `path`; then the directory is `fsync`ed. Readers see either the old file or the complete new
-    /// one, never a partial file.
+    /// one, never a partial file. Temporary files in that directory left by saves whose process
+    /// has died are removed first.
     ///
     /// - Throws: ``SafetensorsError/writeFailed(path:reason:)`` naming `path` and the failing step
     ///   (e.g. an unwritable or missing directory). On any failure before the rename the temporary
@@ -242,6 +243,8 @@ public struct SafetensorsWriter: Sendable {
         guard !fileName.isEmpty, fileName != ".", fileName != ".." else {
             throw SafetensorsError.writeFailed(path: path, reason: "the path does not name a file")
         }
+        // Temporary files of saves whose process was killed go first (see ``LeftoverFiles``).
+        LeftoverFiles.removeDead(in: directory, pidOf: LeftoverFiles.temporaryFilePID)
         let suffix = String(UInt64.random(in: 0...UInt64.max), radix: 16)
         let temporaryPath = (directory == "" ? "" : directory + "/") + ".\(fileName).tmp-\(getpid())-\(suffix)"
 

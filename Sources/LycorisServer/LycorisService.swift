@@ -12,7 +12,7 @@ import LycorisRPC
 /// `shutdown` (or stdin EOF).
 public final class LycorisService {
     public static let protocolVersion = "1.0"
-    public static let serverVersion = "0.1.0"
+    public static let serverVersion = LycorisVersion.string
 
     let logger: Logger
     /// The directory new arenas are created in.
@@ -78,6 +78,7 @@ public final class LycorisService {
         "network.info": { $0.networkInfo },
         "network.save": { $0.networkSave },
         "network.load": { $0.networkLoad },
+        "file.describe": { $0.fileDescribe },
         "network.set_multiplier": { $0.networkSetMultiplier },
         "network.set_training": { $0.networkSetTraining },
         "network.seed": { $0.networkSeed },

@@ -362,6 +362,36 @@ enum OpenRPCDocument {
       ]
     },
     {
+      "name": "file.describe",
+      "summary": "Describe a safetensors file: its tensors' keys, dtypes and shapes, and its metadata.",
+      "description": "Reads the file's header through the validating reader (every rule of the safetensors reference implementation) without loading any tensor, so that clients never parse headers themselves. Needs no network. A file that cannot be opened or breaks a rule is -32005 whose message names the file and the rule and whose data carries {file, rule}; a file that is text, a ZIP archive (torch.save), a pickle, a PNG or GGUF breaks the rule \"not a safetensors file\".",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "path",
+          "description": "The file (server's file system).",
+          "required": true,
+          "schema": {
+            "type": "string"
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "$ref": "#/components/schemas/FileDescription"
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        },
+        {
+          "$ref": "#/components/errors/IOError"
+        }
+      ]
+    },
+    {
       "name": "network.set_multiplier",
       "summary": "Set every module's multiplier.",
       "description": "The output of every module becomes m * delta(x); affects later calls only.",
@@ -2822,9 +2852,30 @@ enum OpenRPCDocument {
                 "description": "Number of NaN or infinite elements.",
                 "type": "integer",
                 "minimum": 1
+              },
+              "module": {
+                "description": "The module whose call the tensor belongs to (with pass).",
+                "type": "string"
+              },
+              "pass": {
+                "description": "Which pass: forward (an input), backward (an output or \u0394W gradient), parameters (parameters.set), save (network.save).",
+                "enum": [
+                  "forward",
+                  "backward",
+                  "parameters",
+                  "save"
+                ]
               }
             },
-            "additionalProperties": false
+            "additionalProperties": false,
+            "dependentRequired": {
+              "module": [
+                "pass"
+              ],
+              "pass": [
+                "module"
+              ]
+            }
           },
           {
             "type": "object",
@@ -2882,6 +2933,10 @@ enum OpenRPCDocument {
             ],
             "properties": {
               "file": {
+                "type": "string"
+              },
+              "rule": {
+                "description": "The safetensors rule the file breaks (e.g. `not a safetensors file`, `metadata incomplete buffer`, `cannot open file`, `write failed`).",
                 "type": "string"
               }
             },
@@ -3006,6 +3061,63 @@ enum OpenRPCDocument {
             "type": "object"
           }
         }
+      },
+      "FileDescription": {
+        "type": "object",
+        "required": [
+          "path",
+          "bytes",
+          "tensors",
+          "metadata"
+        ],
+        "properties": {
+          "path": {
+            "description": "The path as given.",
+            "type": "string"
+          },
+          "bytes": {
+            "description": "The file's size.",
+            "type": "integer",
+            "minimum": 0
+          },
+          "tensors": {
+            "description": "Every tensor, in file (offset) order.",
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "key",
+                "dtype",
+                "shape"
+              ],
+              "additionalProperties": false,
+              "properties": {
+                "key": {
+                  "type": "string"
+                },
+                "dtype": {
+                  "description": "The stored dtype (any safetensors dtype this reader knows, e.g. F32, F16, BF16, I64).",
+                  "type": "string"
+                },
+                "shape": {
+                  "type": "array",
+                  "items": {
+                    "type": "integer",
+                    "minimum": 0
+                  }
+                }
+              }
+            }
+          },
+          "metadata": {
+            "description": "The file's __metadata__ (string to string; empty when absent).",
+            "type": "object",
+            "additionalProperties": {
+              "type": "string"
+            }
+          }
+        },
+        "additionalProperties": false
       }
     },
     "errors": {

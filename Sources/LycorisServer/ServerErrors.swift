@@ -34,12 +34,34 @@ extension RPCError {
     static func dtypeMismatch(_ message: String, path: String) -> RPCError {
         RPCError(code: dtypeMismatchCode, message: "Dtype error: \(message)", data: ["path": .string(path)])
     }
-    static func nonFinite(_ path: String, count: Int) -> RPCError {
-        RPCError(code: nonFiniteCode, message: "Non-finite values: \(path) has \(count) NaN or infinite elements",
-                 data: ["path": .string(path), "count": .integer(Int64(count))])
+    /// NaN or ±∞ in `path`; where the tensor belongs to a module's call, `module` and `pass`
+    /// (`forward`, `backward`, `parameters`) name it, in the message and in `data`.
+    static func nonFinite(_ path: String, count: Int, module: String? = nil, pass: String? = nil) -> RPCError {
+        var data: JSONObject = ["path": .string(path), "count": .integer(Int64(count))]
+        var place = path
+        if let module, let pass {
+            data["module"] = .string(module)
+            data["pass"] = .string(pass)
+            place = "\(path) (module \(module), \(pass))"
+        }
+        return RPCError(code: nonFiniteCode, message: "Non-finite values: \(place) has \(count) NaN or infinite elements", data: .object(data))
     }
-    static func io(_ message: String, path: String) -> RPCError {
-        RPCError(code: ioErrorCode, message: "I/O error: \(message)", data: ["file": .string(path)])
+
+    /// Runs `body`; a non-finite error it throws gets `module` and `pass` added.
+    static func naming<T>(module: String, pass: String, _ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch let error as RPCError where error.code == nonFiniteCode {
+            guard case let .object(data)? = error.data, let path = data["path"]?.stringValue,
+                  let count = data["count"]?.intValue else { throw error }
+            throw nonFinite(path, count: count, module: module, pass: pass)
+        }
+    }
+    /// `rule`: the safetensors rule a file breaks (``SafetensorsError/rule``), when that is the problem.
+    static func io(_ message: String, path: String, rule: String? = nil) -> RPCError {
+        var data: JSONObject = ["file": .string(path)]
+        if let rule { data["rule"] = .string(rule) }
+        return RPCError(code: ioErrorCode, message: "I/O error: \(message)", data: .object(data))
     }
     static func arena(_ message: String, path: String? = nil) -> RPCError {
         RPCError(code: arenaErrorCode, message: "Arena error: \(message)", data: path.map { ["path": .string($0)] })

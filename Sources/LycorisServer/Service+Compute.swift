@@ -14,7 +14,9 @@ extension LycorisService {
         for call in calls {
             let name = try call.string("module")
             guard let module = network[name] else { throw RPCError.unknownModule(name) }
-            let (x, dtype) = try transport.read(try call.value("input"), path: call.at("input"))
+            let (x, dtype) = try RPCError.naming(module: name, pass: "forward") {
+                try transport.read(try call.value("input"), path: call.at("input"))
+            }
             if let problem = module.layer.inputProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: call.at("input")) }
             let full = try call.bool("full", default: false)
             if full && module.baseWeight == nil {
@@ -118,7 +120,9 @@ extension LycorisService {
                 throw RPCError.state("tape \(id) belongs to \(record.kind == .deltaWeight ? "delta_weight" : "forward"); use \(record.kind == .deltaWeight ? "delta_weight_backward" : "backward")")
             }
             guard let module = network[record.module] else { throw RPCError.unknownModule(record.module) }
-            let (gradient, dtype) = try transport.read(try call.value(gradientKey), path: call.at(gradientKey))
+            let (gradient, dtype) = try RPCError.naming(module: module.name, pass: "backward") {
+                try transport.read(try call.value(gradientKey), path: call.at(gradientKey))
+            }
             let expected = expectDeltaWeight ? module.layer.weightShape : module.layer.outputShape(forInput: record.input.shape)
             guard gradient.shape == expected else {
                 throw RPCError.shapeMismatch("\(call.at(gradientKey)) has shape \(gradient.shape), expected \(expected)", path: call.at(gradientKey))
@@ -185,7 +189,9 @@ extension LycorisService {
         guard module.algorithm.adaptsBias else {
             throw RPCError.shapeMismatch("\(path) is given, but module \(module.name) has no bias delta (only norm modules on layers with a bias have one)", path: path)
         }
-        let gradient = try transport.read(try call.value("grad_bias"), path: path).tensor
+        let gradient = try RPCError.naming(module: module.name, pass: "backward") {
+            try transport.read(try call.value("grad_bias"), path: path).tensor
+        }
         guard gradient.shape == module.layer.biasShape else {
             throw RPCError.shapeMismatch("\(path) has shape \(gradient.shape), expected \(module.layer.biasShape)", path: path)
         }

@@ -217,13 +217,14 @@ extension LycorisService {
         }
         for module in network.modules {
             for (name, tensor) in module.algorithm.parameters.entries where !tensor.isFinite {
-                throw RPCError.nonFinite("\(module.name).\(name)", count: tensor.scalars.filter { !$0.isFinite }.count)
+                throw RPCError.nonFinite("\(module.name).\(name)", count: tensor.scalars.filter { !$0.isFinite }.count,
+                                         module: module.name, pass: "save")
             }
         }
         do {
             try network.save(toPath: path, dtype: dtype, metadata: metadata)
         } catch let error as SafetensorsError {
-            throw RPCError.io(error.description, path: path)
+            throw RPCError.io(error.description, path: path, rule: error.rule)
         }
         let size = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
         return ["path": .string(path), "bytes": JSONValue(size), "modules": JSONValue(network.modules.count)]
@@ -236,7 +237,7 @@ extension LycorisService {
         do {
             file = try AdapterFile(path: path)
         } catch let error as SafetensorsError {
-            throw RPCError.io(error.description, path: path)
+            throw RPCError.io(error.description, path: path, rule: error.rule)
         }
         var loaded: [JSONValue] = []
         var unmatched: [JSONValue] = []

@@ -107,7 +107,7 @@ extension LycorisService {
             }
             try writer.write(toPath: path)
         } catch let error as SafetensorsError {
-            throw RPCError.io(error.description, path: path)
+            throw RPCError.io(error.description, path: path, rule: error.rule)
         }
         return ["path": .string(path), "step": JSONValue(o.step)]
     }
@@ -116,7 +116,7 @@ extension LycorisService {
         _ = try requireNetwork()
         let path = try p.string("path")
         let file: SafetensorsFile
-        do { file = try SafetensorsFile(path: path) } catch let error as SafetensorsError { throw RPCError.io(error.description, path: path) }
+        do { file = try SafetensorsFile(path: path) } catch let error as SafetensorsError { throw RPCError.io(error.description, path: path, rule: error.rule) }
         let m = file.metadata
         func number(_ key: String) throws -> Float {
             guard let text = m[key], let value = Float(text) else { throw RPCError.io("optimizer file lacks \(key)", path: path) }

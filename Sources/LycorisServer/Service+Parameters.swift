@@ -52,7 +52,9 @@ extension LycorisService {
         var updates: [(module: String, parameter: String, value: Tensor)] = []
         for (key, value) in given.object.members {
             let (module, parameter) = try resolve(key, path: given.at(key))
-            let tensor = try transport.read(value, path: given.at(key)).tensor
+            let tensor = try RPCError.naming(module: module.name, pass: "parameters") {
+                try transport.read(value, path: given.at(key)).tensor
+            }
             let expected = module.algorithm.parameters.required(parameter).shape
             guard tensor.shape == expected else {
                 throw RPCError.shapeMismatch("\(key) has shape \(expected), got \(tensor.shape)", path: given.at(key))

@@ -3,6 +3,7 @@ import CMalloc
 import Foundation
 import Logging
 import LycorisCore
+import LycorisFormats
 import LycorisServer
 
 /// `lycoris-server`: JSON-RPC 2.0 on stdin/stdout (see protocol/README.md).
@@ -35,6 +36,9 @@ struct ServerCommand: ParsableCommand {
         mallopt(M_MMAP_MAX, 0)
         mallopt(M_TRIM_THRESHOLD, Int32.max)
         let logger = Logger(label: "lycoris-server")
+        for path in LeftoverFiles.removeDead(in: arenaDir, pidOf: LeftoverFiles.arenaFilePID) {
+            logger.info("removed \(path), the arena of a server that is gone")
+        }
         logger.info("lycoris-server \(LycorisService.serverVersion) ready (protocol \(LycorisService.protocolVersion), BLAS threads \(BLASThreads.current))")
         let status = StdioServer.run(LycorisService(arenaDirectory: arenaDir, logger: logger), output: protocolFD)
         throw ExitCode(status)

@@ -12,12 +12,53 @@ import LycorisCore
 struct DemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "demo", abstract: "Train an adapter on a built-in toy model and save it.")
 
-    @Option(help: "Algorithm: locon, loha, lokr, ia3 or dylora.") var algo: String = "loha"
+    @Option(help: "Algorithm: \(Self.algorithmNames.joined(separator: ", ")) (the names of `make demo ALGO=`, the kohya module and the server).")
+    var algo: String = "loha"
     @Option(help: "Training steps.") var steps: Int = 300
     @Option(help: "Learning rate.") var learningRate: Float = 1e-2
-    @Option(help: "Output file.") var out: String = "demo-adapter.safetensors"
+    @Option(help: "Output file (`make demo` writes demo-adapter.safetensors; this one differs so neither overwrites the other).")
+    var out: String = "lycoris-demo-adapter.safetensors"
     @Option(help: "Random seed.") var seed: UInt64 = 0
     @Option(help: "OpenBLAS threads.") var threads: Int = 2
+
+    /// The algorithm names accepted: the server's and the kohya module's (`lora` is LoCon,
+    /// `norm` the norm adapter).
+    static let algorithmNames = ["lora", "locon", "loha", "lokr", "ia3", "dylora", "norm"]
+
+    /// The algorithm `name` selects (case-insensitive), or nil.
+    static func algorithm(named name: String) -> Algorithm? {
+        switch name.lowercased() {
+        case "lora": .locon
+        case "norm", "norms": .norms
+        case let other: Algorithm(rawValue: other).flatMap { $0.isComputed ? $0 : nil }
+        }
+    }
+
+    func validate() throws {
+        guard Self.algorithm(named: algo) != nil else {
+            throw ValidationError("unknown algorithm '\(algo)'; choose one of \(Self.algorithmNames.joined(separator: ", "))")
+        }
+        guard steps > 0 else { throw ValidationError("--steps must be positive, got \(steps)") }
+    }
+
+    /// The toy model's norm layers, which only the norm algorithm adapts (as LyCORIS's
+    /// `train_norm` does): a LayerNorm and a GroupNorm, without bias.
+    static let normLayers: [(name: String, spec: LayerSpec)] = [
+        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_norm1",
+         .norm(Normalization(kind: .layer(normalizedShape: [64]), hasBias: false))),
+        ("lora_unet_down_blocks_0_resnets_0_norm1", .norm(Normalization(kind: .group(groups: 4, channels: 16), hasBias: false))),
+    ]
+
+    /// The input of one step: 16 rows of a linear layer or LayerNorm, a (2, C, 8, 8) batch
+    /// for a convolution or GroupNorm.
+    static func inputShape(_ spec: LayerSpec) -> [Int] {
+        switch spec {
+        case .linear: [16, spec.inputChannels]
+        case let .norm(normalization):
+            if case let .layer(normalizedShape) = normalization.kind { [16] + normalizedShape } else { [2, spec.inputChannels, 8, 8] }
+        case .convolution: [2, spec.inputChannels, 8, 8]
+        }
+    }
 
     /// The toy model: kohya-named layers with SD-like roles at small sizes.
     static let layers: [(name: String, spec: LayerSpec)] = [
@@ -28,17 +69,15 @@ struct DemoCommand: ParsableCommand {
     ]
 
     func run() throws {
-        guard let algorithm = Algorithm(rawValue: algo), algorithm.isComputed else {
-            throw ValidationError("unknown algorithm '\(algo)'; choose one of \(Algorithm.allCases.filter(\.isComputed).map(\.rawValue).joined(separator: ", "))")
-        }
-        guard steps > 0 else { throw ValidationError("--steps must be positive") }
+        let algorithm = Self.algorithm(named: algo)!  // validate() checked it
+        let layers = algorithm == .norms ? Self.normLayers : Self.layers
         BLASThreads.set(threads)
         var random = RandomSource(seed: seed)
         var options = AdapterOptions(rank: 8, alpha: 4)
         options.blockSize = 2
         var network = Network()
         var teachers: [String: Tensor] = [:]
-        for (name, spec) in Self.layers {
+        for (name, spec) in layers {
             let base = Tensor.normal(spec.weightShape, std: 0.2, using: &random)
             var hidden = try algorithm.makeAdapter(layer: spec, options: options, random: &random)
             for (parameter, value) in hidden.parameters.entries {
@@ -50,7 +89,7 @@ struct DemoCommand: ParsableCommand {
         }
         network.setTraining(true)
         var optimizer = Optimizer(kind: .adamw)
-        print("training \(algorithm.rawValue) on \(Self.layers.count) layers (\(network.parameterCount) parameters), \(steps) steps")
+        print("training \(algorithm.rawValue) on \(layers.count) layers (\(network.parameterCount) parameters), \(steps) steps")
         let start = Date()
         var losses: [Float] = []
         for step in 1...steps {
@@ -58,7 +97,7 @@ struct DemoCommand: ParsableCommand {
             var loss: Float = 0
             for var module in network.modules {
                 let spec = module.layer
-                let inputShape = spec.isConvolution ? [2, spec.inputChannels, 8, 8] : [16, spec.inputChannels]
+                let inputShape = Self.inputShape(spec)
                 let x = Tensor.normal(inputShape, std: 1, using: &random)
                 let tape = module.makeTape(inputShape: inputShape, random: &random)
                 let y = try module.forward(x, tape: tape)
@@ -74,7 +113,7 @@ struct DemoCommand: ParsableCommand {
                 }
                 network[module.name] = module
             }
-            losses.append(loss / Float(Self.layers.count))
+            losses.append(loss / Float(layers.count))
             if step == 1 || step % max(1, steps / 10) == 0 || step == steps {
                 let rate = Double(step) / max(Date().timeIntervalSince(start), 1e-9)
                 print(String(format: "step %4d/%d  loss %.5f  %.1f steps/s", step, steps, losses.last!, rate))

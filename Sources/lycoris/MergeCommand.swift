@@ -41,6 +41,10 @@ struct MergeCommand: ParsableCommand {
 
     func validate() throws {
         guard !adapter.isEmpty else { throw ValidationError("give at least one --adapter") }
+        guard multiplier.isFinite else { throw ValidationError("--multiplier must be finite, got \(multiplier)") }
+        for parsed in adapter.map({ Self.parse($0, default: multiplier) }) where !parsed.multiplier.isFinite {
+            throw ValidationError("the multiplier of \(parsed.path) must be finite, got \(parsed.multiplier)")
+        }
     }
 
     func run() throws {

@@ -2,8 +2,8 @@ import Foundation
 
 /// Progress of a long job on stderr (stdout keeps the summary and `--json`): on a terminal
 /// one redrawn line `title [#####-----] done/total unit  elapsed 0:05  ETA 0:12`, at most
-/// ten times a second; otherwise a plain line at every tenth of the work; nothing with
-/// `quiet`. ETA = elapsed · (total − done) / done. Updates may come from several threads.
+/// ten times a second; otherwise, once a second has passed, a plain line at every tenth of
+/// the work; nothing with `quiet`. ETA = elapsed · (total − done) / done. Updates may come from several threads.
 final class ProgressBar: @unchecked Sendable {
     let title: String
     let unit: String
@@ -38,8 +38,10 @@ final class ProgressBar: @unchecked Sendable {
             let bar = String(repeating: "#", count: filled) + String(repeating: "-", count: width - filled)
             write("\r\(title) [\(bar)] \(line(done))\u{1B}[K" + (done == total ? "\n" : ""))
         } else {
+            // Plain lines only for a job that lasts: a quick one (or one that fails at once)
+            // leaves stderr to its result.
             let tenth = 10 * done / total
-            guard tenth > lastTenth || done == total else { return }
+            guard elapsed >= 1, tenth > lastTenth || done == total else { return }
             lastTenth = tenth
             write("\(title): \(line(done))\n")
         }

@@ -84,10 +84,12 @@ struct CommandLineTests {
     func infoNorms() throws {
         let result = try Self.run(["info", Self.networkFile("norms")])
         #expect(result.status == 0, "\(result.stderr)")
-        let line = try #require(result.stdout.split(separator: "\n").first { $0.hasPrefix("lycoris_mid_block_norm ") })
-        let columns = line.split(separator: " ", omittingEmptySubsequences: true)
-        #expect(Array(columns[1...5]) == ["norms", "-", "-", "F32", "24"], "\(line)")
-        #expect(line.contains("w_norm [12]") && line.contains("b_norm [12]"))
+        let lines = result.stdout.split(separator: "\n")
+        let index = try #require(lines.firstIndex { $0.hasPrefix("lycoris_mid_block_norm ") })
+        let columns = lines[index].split(separator: " ", omittingEmptySubsequences: true)
+        #expect(Array(columns[1...5]) == ["norms", "-", "-", "F32", "24"], "\(lines[index])")
+        // The tensors do not fit the 100-column row: they follow on an indented line.
+        #expect(lines[index + 1] == "    b_norm [12], w_norm [12]")
         #expect(result.stdout.contains("algorithms: locon 5, norms 1"))
     }
 
@@ -129,12 +131,17 @@ struct CommandLineTests {
         #expect(norms.stdout.contains("merged 6 modules") && norms.stdout.contains("biases merged too: mid_block.norm.bias"))
         #expect(norms.stdout.contains("lycoris_mid_block_norm → mid_block.norm.weight (norms)"))
         // A state dict without the adapter's layers (here an adapter file's own keys): every
-        // module is unmatched, which --strict refuses.
+        // module is unmatched, which --strict refuses: exit 1 (a failed job, not bad usage),
+        // nothing written, no usage text.
+        let strictOut = directory.appendingPathComponent("strict.safetensors").path
         let partial = try Self.run(["merge", "--base", Self.networkFile("lora"), "--adapter", Self.networkFile("loha"),
-                                    "--out", out, "--strict"])
-        #expect(partial.status != 0)
+                                    "--out", strictOut, "--strict"])
+        #expect(partial.status == 1)
         #expect(partial.stdout.contains("unmatched adapter modules (no base weight with that path): 5"))
         #expect(partial.stdout.contains("lycoris_mid_block_conv"))
+        #expect(partial.stderr == "Error: 5 unmatched and 0 failed modules; --strict wrote nothing to \(strictOut)\n")
+        #expect(!FileManager.default.fileExists(atPath: strictOut))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: directory.path).sorted() == ["merged.safetensors"])
     }
 
     @Test("demo trains, the loss falls, and the file it writes is described")
@@ -151,10 +158,67 @@ struct CommandLineTests {
         #expect(result.stdout.contains("algorithms: lokr 4"))
     }
 
-    @Test("an unknown algorithm is refused by name")
+    @Test("an unknown algorithm: exit 64, one error line naming the valid choices, then demo's own usage")
     func unknownAlgorithm() throws {
         let result = try Self.run(["demo", "--algo", "lorax", "--steps", "1"])
-        #expect(result.status != 0)
-        #expect(result.stderr.contains("lorax"))
+        #expect(result.status == 64)
+        let lines = result.stderr.split(separator: "\n")
+        #expect(lines.first == "Error: unknown algorithm 'lorax'; choose one of lora, locon, loha, lokr, ia3, dylora, norm")
+        #expect(lines.dropFirst().first?.hasPrefix("Usage: lycoris demo [--algo <algo>]") == true, "\(result.stderr)")
+        let steps = try Self.run(["demo", "--steps", "0"])
+        #expect(steps.status == 64 && steps.stderr.contains("Error: --steps must be positive, got 0") && steps.stderr.contains("Usage: lycoris demo"))
+    }
+
+    @Test("demo takes the names of make demo ALGO=, the kohya module and the server: lora, norm", arguments: ["lora", "NORM", "dylora"])
+    func demoAlgorithmNames(_ name: String) throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("cli-demo-\(UUID())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let out = directory.appendingPathComponent("demo.safetensors").path
+        let result = try Self.run(["demo", "--algo", name, "--steps", "30", "--out", out])
+        #expect(result.status == 0, "\(result.stderr)")
+        let expected = ["lora": "locon 4", "NORM": "norms 2", "dylora": "dylora 4"][name]!
+        #expect(result.stdout.contains("algorithms: \(expected)"), "\(result.stdout)")
+        let summary = try #require(result.stdout.split(separator: "\n").first { $0.hasPrefix("loss ") })
+        let numbers = summary.split(separator: " ").compactMap { Float($0.trimmingCharacters(in: .punctuationCharacters)) }
+        #expect(numbers.count >= 2 && numbers[1] < numbers[0], "\(summary)")
+    }
+
+    @Test("demo's default file is not make demo's (neither overwrites the other)")
+    func demoDefaultFile() throws {
+        let help = try Self.run(["demo", "--help"])
+        let flattened = help.stdout.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        #expect(flattened.contains("(default: lycoris-demo-adapter.safetensors)"), "\(help.stdout)")
+        let makefile = try String(contentsOf: Self.testsDirectory.deletingLastPathComponent().appendingPathComponent("Makefile"), encoding: .utf8)
+        #expect(makefile.contains("OUT ?= demo-adapter.safetensors"))
+    }
+
+    @Test("--version prints the version of the tools (the server's too)")
+    func version() throws {
+        let result = try Self.run(["--version"])
+        #expect(result.status == 0 && result.stdout == "0.1.0\n", "\(result.stdout)\(result.stderr)")
+    }
+
+    @Test("a subcommand's usage error shows that subcommand's usage, exit 64")
+    func subcommandUsage() throws {
+        for (arguments, usage) in [(["merge", "--base", "x"], "Usage: lycoris merge --base <base>"), (["info"], "Usage: lycoris info <file>"),
+                                   (["info", "a", "--bogus"], "Usage: lycoris info <file> [--json] [--wide]")] {
+            let result = try Self.run(arguments)
+            #expect(result.status == 64 && result.stderr.hasPrefix("Error: ") && result.stderr.contains(usage), "\(arguments): \(result.stderr)")
+        }
+    }
+
+    @Test("info's table fits 100 columns: long names shortened in the middle, tensors wrapped; --wide shows them whole")
+    func infoWidth() throws {
+        let narrow = try Self.run(["info", Self.networkFile("norms")])
+        #expect(narrow.status == 0)
+        let lines = narrow.stdout.split(separator: "\n")
+        #expect(lines.allSatisfy { $0.count <= 100 }, "\(lines.filter { $0.count > 100 })")
+        #expect(narrow.stdout.contains("lycoris_down_blocks_0_…r_blocks_0_attn1_to_q locon"))
+        #expect(!narrow.stdout.contains("lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"))
+        let wide = try Self.run(["info", Self.networkFile("norms"), "--wide"])
+        #expect(wide.stdout.contains("lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q locon"))
+        #expect(wide.stdout.split(separator: "\n").contains { $0.count > 100 })
+        #expect(wide.stdout.contains("lora_down.weight [4, 24], lora_up.weight [24, 4]"))
     }
 }

@@ -504,7 +504,7 @@ struct BadInputTests {
 
     // MARK: - Non-finite values
 
-    @Test("NaN or ±inf in an input: -32004 with the path and the count", arguments: [DType.f32, .f16, .bf16])
+    @Test("NaN or ±inf in an input: -32004 with the path, the count, the module and the pass", arguments: [DType.f32, .f16, .bf16])
     func nonFiniteInput(_ dtype: DType) throws {
         let (harness, oracle) = try standardServer()
         var x = Self.linInput
@@ -512,8 +512,8 @@ struct BadInputTests {
         x.scalars[17] = .infinity
         x.scalars[40] = -.infinity
         let error = try harness.error("forward", ["calls": [["module": "lin", "input": Wire.tensor(x, dtype: dtype)]], "grad": true])
-        expectError(error, code: -32004, "Non-finite values: calls[0].input has 3 NaN or infinite elements")
-        #expect(error.data == ["path": "calls[0].input", "count": 3])
+        expectError(error, code: -32004, "Non-finite values: calls[0].input (module lin, forward) has 3 NaN or infinite elements")
+        #expect(error.data == ["path": "calls[0].input", "count": 3, "module": "lin", "pass": "forward"])
         #expect(try harness.forwardTape("lin", Self.linInput).tape == 1)
         try harness.expectServes(oracle)
     }
@@ -528,7 +528,7 @@ struct BadInputTests {
         // 0x7C00 is +inf in F16.
         let bits = Data([0x00, 0x7C] + [UInt8](repeating: 0, count: 30)).base64EncodedString()
         let error = try harness.error("forward", ["calls": [["module": "lin", "input": Wire.raw(dtype: "F16", shape: [1, 16], base64: bits)]]])
-        expectError(error, code: -32004, "calls[0].input has 1 NaN or infinite elements")
+        expectError(error, code: -32004, "calls[0].input (module lin, forward) has 1 NaN or infinite elements")
     }
 
     @Test("+inf in grad_output: -32004, and the tape survives for a valid backward")
@@ -539,8 +539,8 @@ struct BadInputTests {
         var g = randomTensor([2, 3, 24], seed: 9)
         g.scalars[5] = .infinity
         let error = try harness.error("backward", ["calls": [["tape": .integer(tape), "grad_output": Wire.tensor(g)]]])
-        expectError(error, code: -32004, "calls[0].grad_output has 1 NaN or infinite elements")
-        #expect(error.data == ["path": "calls[0].grad_output", "count": 1])
+        expectError(error, code: -32004, "calls[0].grad_output (module lin, backward) has 1 NaN or infinite elements")
+        #expect(error.data == ["path": "calls[0].grad_output", "count": 1, "module": "lin", "pass": "backward"])
         // No gradient was accumulated by the failed call.
         #expect(try harness.parameters(gradients: true).values.allSatisfy { $0.maxAbs == 0 })
         g.scalars[5] = 0.5
@@ -558,7 +558,9 @@ struct BadInputTests {
             "lin.lora_up.weight": Wire.tensor(Tensor.zeros([24, 4])),
             "lin.lora_down.weight": Wire.tensor(bad),
         ]])
-        expectError(error, code: -32004, "parameters.lin.lora_down.weight has 1 NaN or infinite elements", path: "parameters.lin.lora_down.weight")
+        expectError(error, code: -32004, "parameters.lin.lora_down.weight (module lin, parameters) has 1 NaN or infinite elements",
+                    path: "parameters.lin.lora_down.weight")
+        #expect(error.data?["module"] == "lin" && error.data?["pass"] == "parameters")
         #expect(try harness.parameters() == before)
         try harness.expectServes(oracle)
     }
@@ -839,7 +841,7 @@ struct BadInputTests {
         let path = target.hasPrefix("/") ? target : harness.path(target)
         let error = try harness.error("network.save", ["path": .string(path)])
         expectError(error, code: -32005, "I/O error")
-        #expect(error.data == ["file": .string(path)])
+        #expect(error.data == ["file": .string(path), "rule": "write failed"])
         #expect(fileBytes(saved) == savedBytes, "the earlier file changed")
         // No temporary file is left in the directory.
         let entries = try FileManager.default.contentsOfDirectory(atPath: harness.directory.path).sorted()
@@ -867,7 +869,8 @@ struct BadInputTests {
         let path = formatsFixture(name)
         let error = try harness.error("network.load", ["path": .string(path)])
         expectError(error, code: -32005, "I/O error", name, rule)
-        #expect(error.data == ["file": .string(path)])
+        let broken = rule == "unknown dtype" ? "invalid header deserialization" : rule
+        #expect(error.data == ["file": .string(path), "rule": .string(broken)])
         try harness.expectServes(oracle)
         try harness.expectServes(oracle, module: "conv")
     }
@@ -878,7 +881,7 @@ struct BadInputTests {
         let path = harness.path("does-not-exist.safetensors")
         let error = try harness.error("network.load", ["path": .string(path)])
         expectError(error, code: -32005, "does-not-exist.safetensors")
-        #expect(error.data == ["file": .string(path)])
+        #expect(error.data == ["file": .string(path), "rule": "cannot open file"])
         let optimizer = try harness.error("optimizer.load", ["path": .string(path)])
         expectError(optimizer, code: -32005, "does-not-exist.safetensors")
         try harness.expectServes(oracle)

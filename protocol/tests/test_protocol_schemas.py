@@ -384,6 +384,12 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     saved = server.call("network.save", {"path": str(adapter), "dtype": "F32", "metadata": {"ss_network_module": "lycoris.kohya"}})
     assert saved == {"path": str(adapter), "bytes": adapter.stat().st_size, "modules": 3}
     server.call("network.save", {"path": str(tmp_path / "adapter-bf16.safetensors"), "dtype": "BF16"})
+    described = server.call("file.describe", {"path": str(adapter)})
+    assert described["bytes"] == adapter.stat().st_size and described["metadata"] == {"ss_network_module": "lycoris.kohya"}
+    assert {t["key"]: (t["dtype"], t["shape"]) for t in described["tensors"]}["lora_unet_q.lora_up.weight"] == ("F32", [6, 2])
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not an adapter\n")
+    assert server.error("file.describe", {"path": str(text)}, -32005)["data"] == {"file": str(text), "rule": "not a safetensors file"}
     server.call("parameters.set", {"parameters": {"lora_unet_q.lora_up.weight": inline(np.zeros((6, 2)))}})
     loaded = server.call("network.load", {"path": str(adapter), "strict": True}, framing="content-length")
     assert loaded == {"loaded": ["lora_unet_conv", "lora_unet_k", "lora_unet_q"], "unmatched_file_modules": [],
@@ -671,7 +677,7 @@ def test_every_error_code(start_server, tmp_path):
     assert server.error("forward", {"calls": [{"module": "m", "input": inline(np.ones((2, 5)))}]}, -32002)["data"] == {"path": "calls[0].input"}
     server.error("forward", {"calls": [{"module": "m", "input": dict(x, dtype="I8")}]}, -32003)
     nan = server.error("forward", {"calls": [{"module": "m", "input": inline([[np.nan, 1, np.inf, 0]])}]}, -32004)
-    assert nan["data"] == {"path": "calls[0].input", "count": 2}
+    assert nan["data"] == {"path": "calls[0].input", "count": 2, "module": "m", "pass": "forward"}
     server.error("forward", {"calls": [{"module": "m", "input": dict(x, data="AAAA")}]}, -32002)
     server.error("forward", {"calls": [{"module": "m", "input": dict(x, data="not base64!")}]}, -32602)
     server.error("forward", {"calls": [{"module": "m", "input": {"dtype": "F32", "shape": [2, 4]}}]}, -32602)
@@ -693,7 +699,7 @@ def test_every_error_code(start_server, tmp_path):
     server.error("network.save", {"path": str(tmp_path / "a.safetensors"), "dtype": "I64"}, -32003)
     server.error("network.save", {"path": str(tmp_path / "a.safetensors"), "metadata": {"n": 1}}, -32602)
     assert server.error("network.save", {"path": str(tmp_path / "missing" / "a.safetensors")}, -32005)["data"] == {
-        "file": str(tmp_path / "missing" / "a.safetensors")}
+        "file": str(tmp_path / "missing" / "a.safetensors"), "rule": "write failed"}
     server.error("network.load", {"path": str(tmp_path / "missing.safetensors")}, -32005)
     server.error("optimizer.step", {}, -32007)
     server.error("optimizer.save", {"path": str(tmp_path / "o.safetensors")}, -32007)

@@ -5,10 +5,13 @@
 """
 
 from .network import AdapterFunction, DeltaWeightFunction, LycorisNetwork
-from .server import Server, ServerDied, ServerError, ServerNotFound, find_server
+from .nonfinite import NonFiniteError
+from .server import AdapterFileError, Server, ServerDied, ServerError, ServerNotFound, describe_file, find_server
 from .wrapper import create_lycoris, create_lycoris_from_weights
 
 __all__ = [
-    "AdapterFunction", "DeltaWeightFunction", "LycorisNetwork", "Server", "ServerDied", "ServerError", "ServerNotFound", "find_server",
+    "AdapterFileError", "AdapterFunction", "DeltaWeightFunction", "LycorisNetwork", "NonFiniteError", "Server",
+    "ServerDied", "ServerError",
+    "ServerNotFound", "describe_file", "find_server",
     "create_lycoris", "create_lycoris_from_weights",
 ]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def synthetic_data(count: int, seed: int):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--algo", default=os.environ.get("ALGO", "loha"))
+    parser.add_argument("--algo", default=os.environ.get("ALGO", "loha"), help=f"one of {', '.join(kohya.COMPUTED_ALGORITHMS)}")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--dim", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=4.0)
@@ -63,6 +64,10 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default="demo-loss.png")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.algo not in kohya.COMPUTED_ALGORITHMS:
+        print(f"swift_lycoris.demo: unknown algorithm {args.algo!r}; choose one of {', '.join(kohya.COMPUTED_ALGORITHMS)}",
+              file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     unet, text_encoder = tiny_models(args.seed)
@@ -105,10 +110,10 @@ def main(argv=None) -> int:
         "ss_training_comment": "swift_lycoris demo: tiny UNet + CLIP, synthetic data",
     }
     network.save_weights(args.out, torch.float32, metadata)
-    write_loss_plot(args.plot, losses)
+    scale = write_loss_plot(args.plot, losses, args.algo)
     first, last = sum(losses[:5]) / min(5, len(losses)), sum(losses[-5:]) / min(5, len(losses))
     print(f"loss {first:.4f} → {last:.4f} (mean of the first / last 5 steps), {args.steps / elapsed:.1f} steps/s")
-    print(f"saved {args.out}; loss curve {args.plot}")
+    print(f"saved {args.out}; loss curve {args.plot} (matplotlib, {scale} scale)")
     beside_server = Path(network.core.server.binary).parent / "lycoris"
     lycoris = str(beside_server) if beside_server.exists() else shutil.which("lycoris")
     if lycoris:

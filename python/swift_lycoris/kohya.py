@@ -22,7 +22,11 @@ diag-oft, boft and tlora are refused with an error), ``preset`` (full; see
 ``train_llm_adapter``, ``loraplus_lr_ratio``, ``loraplus_unet_lr_ratio``,
 ``loraplus_text_encoder_lr_ratio``. Additions: ``rank_dropout_scale`` (a LyCORIS module
 option lycoris.kohya does not pass on), ``seed`` (initialisation seed of the server; default
-``torch.initial_seed()``, i.e. kohya's ``--seed``), ``server_threads`` (OpenBLAS threads).
+``torch.initial_seed()``, i.e. kohya's ``--seed``), ``server_threads`` (OpenBLAS threads),
+``nan_policy`` (``error``, the default: a NaN or ±∞ in a layer's input, output gradient or
+parameters raises :class:`~swift_lycoris.nonfinite.NonFiniteError` naming the module and the
+pass; ``skip_step``: a warning, and the step leaves the adapters unchanged — see
+:mod:`swift_lycoris.nonfinite`).
 
 **Booleans are parsed** (``true/false``, ``1/0``, ``yes/no``, ``on/off``, any case; anything
 else is an error). LyCORIS counts every string but ``"false"`` as true (``"0"`` is true) and
@@ -94,8 +98,9 @@ import torch
 from torch import nn
 
 from .network import LycorisNetwork, is_norm_layer, layer_description
+from .nonfinite import check_nan_policy
 from .presets import resolve_preset
-from .server import ServerError
+from .server import ServerError, describe_file
 
 log = logging.getLogger("swift_lycoris.kohya")
 
@@ -125,7 +130,7 @@ KNOWN_NETWORK_ARGS = {
     "bypass_mode", "rs_lora", "unbalanced_factorization", "factor", "decompose_both",
     "train_t5xxl", "train_llm_adapter", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
     "loraplus_text_encoder_lr_ratio", "warn_on_unmatched",
-    "rank_dropout_scale", "seed", "server_threads",
+    "rank_dropout_scale", "seed", "server_threads", "nan_policy",
 }
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
@@ -252,6 +257,7 @@ class NetworkArgs:
     loraplus_text_encoder_lr_ratio: float | None = None
     seed: int = 0
     server_threads: int | None = None
+    nan_policy: str = "error"
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -298,6 +304,7 @@ class NetworkArgs:
         seed = _parse_int(kw.get("seed"), "seed", None)
         args.seed = (torch.initial_seed() if seed is None else seed) & ((1 << 63) - 1)
         args.server_threads = _parse_int(kw.get("server_threads"), "server_threads", None)
+        args.nan_policy = check_nan_policy(str(kw.get("nan_policy") or "error").strip().lower())
         if args.dora_wd:
             raise ValueError("network_args: dora_wd=True (DoRA weight decomposition) is not computed by lycoris-server")
         if args.constraint or args.rescaled:
@@ -566,7 +573,8 @@ class LycorisNetworkKohya(nn.Module):
             layer_options[n] = entry
         try:
             core = LycorisNetwork(layers, algo=self.algo, options=self.server_options, layer_options=layer_options,
-                                  multiplier=self.multiplier, seed=self.args.seed, threads=self.args.server_threads)
+                                  multiplier=self.multiplier, seed=self.args.seed, threads=self.args.server_threads,
+                                  nan_policy=self.args.nan_policy)
         except ServerError as error:
             raise ValueError(f"swift_lycoris.kohya: lycoris-server refused the network: {error}") from error
         self.__dict__["_core"] = core
@@ -653,7 +661,7 @@ class LycorisNetworkKohya(nn.Module):
         updated in place."""
         core = self.core
         with tempfile.TemporaryDirectory(prefix="swift_lycoris_") as tmp:
-            path = _as_safetensors_file(source, os.path.join(tmp, "load.safetensors"))
+            path = _as_safetensors_file(source, os.path.join(tmp, "load.safetensors"), core.server)
             try:
                 result = core.load_weights(path, reuse_parameters=True)
             except ServerError as error:
@@ -757,7 +765,7 @@ class LycorisNetworkKohya(nn.Module):
                 core.save_weights(file, dtype, text)
             else:
                 core.save_weights(staged, dtype)
-                torch.save(safetensors.torch.load_file(staged), file)
+                _save_torch_atomically(safetensors.torch.load_file(staged), file)
 
     def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=1e-4, learning_rate=None):
         """``(param_groups, descriptions)``: text-encoder groups (``text_encoder_lr``, else
@@ -1026,6 +1034,25 @@ class LycorisNetworkKohya(nn.Module):
             self.__dict__["_core"] = None
 
 
+def _save_torch_atomically(state: dict, file: str) -> None:
+    """``torch.save`` as the server saves: into ``.<name>.tmp-<pid>-<hex>`` beside `file`,
+    flushed to disk, then renamed over it, so a reader (or a crash) never meets half a file;
+    on failure the temporary file is removed (and a later save removes one whose process
+    was killed)."""
+    directory, name = os.path.split(file)
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}-{os.urandom(8).hex()}")
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, file)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
 def _refuse_dora(keys: Iterable[str], what: str) -> None:
     """lycoris-server's network.load ignores ``dora_scale`` (DoRA is not computed), which
     would silently give other outputs: refuse such files."""
@@ -1035,18 +1062,18 @@ def _refuse_dora(keys: Iterable[str], what: str) -> None:
                          f"{dora[0]}); DoRA (dora_wd) is not computed by lycoris-server")
 
 
-def _as_safetensors_file(source, path: str) -> str:
-    """`source` (a safetensors path, another torch file, or a state dict) as a safetensors path."""
+def _as_safetensors_file(source, path: str, server) -> str:
+    """`source` (a safetensors path, another torch file, or a state dict) as a safetensors path;
+    a safetensors file is checked by `server`'s reader (:class:`AdapterFileError` naming the
+    file and the rule), a torch file is loaded with ``weights_only`` (tensors, no code)."""
     import safetensors.torch
-    from safetensors import safe_open
 
     if isinstance(source, (str, os.PathLike)):
         source = os.fspath(source)
         if os.path.splitext(source)[1] == ".safetensors":
-            with safe_open(source, framework="pt") as f:
-                _refuse_dora(f.keys(), source)
+            _refuse_dora([t["key"] for t in describe_file(source, server)["tensors"]], source)
             return os.path.abspath(source)
-        source = torch.load(source, map_location="cpu")
+        source = torch.load(source, map_location="cpu", weights_only=True)
     _refuse_dora(source.keys(), "the state dict")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items() if isinstance(v, torch.Tensor)}
     safetensors.torch.save_file(tensors, path)
@@ -1083,10 +1110,11 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         if file is None:
             raise ValueError("create_network_from_weights needs a file or weights_sd")
         if os.path.splitext(os.fspath(file))[1] == ".safetensors":
+            describe_file(file)  # the checked reader first: AdapterFileError naming the file and the rule
             weights_sd = safetensors.torch.load_file(os.fspath(file))
             source = os.fspath(file)
         else:
-            weights_sd = torch.load(os.fspath(file), map_location="cpu")
+            weights_sd = torch.load(os.fspath(file), map_location="cpu", weights_only=True)
             source = weights_sd
     else:
         source = weights_sd

@@ -12,13 +12,15 @@ adapted layer's forward takes, per call, the cheaper of two transfers:
   server through :class:`DeltaWeightFunction`, which in a training step carries a whole
   group of weight-path modules (one call each way per group, see ``weight_delta``).
 
-Parameter values reach the server only when their version counter changed.
+Parameter values reach the server only when their version counter changed. NaN and ±∞
+are named by module and pass, and handled by ``nan_policy`` (see :mod:`.nonfinite`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import weakref
 from typing import Iterable, Iterator
 
@@ -26,7 +28,8 @@ import torch
 from torch import nn
 
 from .arena import Arena, wire_dtype
-from .server import Server
+from .nonfinite import NonFiniteError, SkipCall, check_nan_policy, count_non_finite, describe_server_error
+from .server import AdapterFileError, Server, ServerError
 
 log = logging.getLogger("swift_lycoris")
 
@@ -134,6 +137,7 @@ class AdapterFunction(torch.autograd.Function):
     def forward(ctx, network: "LycorisNetwork", name: str, output_shape: torch.Size, x: torch.Tensor, *params):
         delta, tape = network._server_forward(name, x, output_shape, True)
         ctx.network, ctx.name, ctx.tape = network, name, tape
+        ctx.parameter_count = len(params)
         ctx.input_meta = (x.shape, x.dtype, x.device)
         ctx.param_meta = [(p.dtype, p.device) for p in params]
         weakref.finalize(ctx, network._orphaned_tapes.append, tape)
@@ -141,7 +145,10 @@ class AdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
+        try:
+            grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
+        except SkipCall:
+            return (None, None, None, None) + (None,) * ctx.parameter_count
         param_grads = [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
         return (None, None, None, grad_input, *param_grads)
 
@@ -178,7 +185,10 @@ class DeltaWeightFunction(torch.autograd.Function):
                 grad_weight = torch.zeros(network._targets[name].weight.shape)
             used.append(index)
             entries.append((name, ctx.tapes[index], grad_weight, grad_bias[0] if grad_bias else None))
-        module_grads = network._server_delta_weight_backward(entries)
+        try:
+            module_grads = network._server_delta_weight_backward(entries)
+        except SkipCall:
+            used, module_grads = [], []
         if ctx.step_group:
             # The step is being back-propagated: the next forward (gradient accumulation's
             # next micro-batch) fetches groups of its own.
@@ -190,6 +200,22 @@ class DeltaWeightFunction(torch.autograd.Function):
                 dtype, device = ctx.param_meta[position]
                 param_grads[position] = grad.to(dtype=dtype, device=device)
         return (None, None, None, *param_grads)
+
+
+class SkippedCall(torch.autograd.Function):
+    """The zero contribution of a call that ``nan_policy="skip_step"`` skipped, tied to the
+    module's parameters so that its backward runs: that backward drops the step's adapter
+    gradients when the backward pass ends (:meth:`LycorisNetwork.skip_step_gradients`)."""
+
+    @staticmethod
+    def forward(ctx, network: "LycorisNetwork", like: torch.Tensor, *params):
+        ctx.network, ctx.parameter_count = network, len(params)
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.network.skip_step_gradients()
+        return (None, None) + (None,) * ctx.parameter_count
 
 
 class LycorisNetwork(nn.Module):
@@ -212,10 +238,14 @@ class LycorisNetwork(nn.Module):
         server: Server | None = None,
         base_weights_for: Iterable[str] | None = None,
         transfer: str = "auto",
+        nan_policy: str = "error",
     ):
         """`base_weights_for`: layers whose base weight and bias the server must hold
-        although their algorithm is not IA3 yet (a file loaded later may make them IA3)."""
+        although their algorithm is not IA3 yet (a file loaded later may make them IA3).
+        `nan_policy`: ``"error"`` or ``"skip_step"`` (see :mod:`.nonfinite`)."""
         super().__init__()
+        self.nan_policy = check_nan_policy(nan_policy)
+        self._gradient_drop_queued = False
         self.server = server or Server(threads=threads)
         self.arena = Arena(self.server)
         self.multiplier = float(multiplier)
@@ -361,7 +391,16 @@ class LycorisNetwork(nn.Module):
         self.arena.begin()
         self.arena.plan([4 * sum(self._by_key[k].numel() for k in changed)])
         params = dict(zip(changed, self.arena.put_many([self._by_key[k] for k in changed])))
-        self.server.call("parameters.set", {"parameters": params})
+        try:
+            self.server.call("parameters.set", {"parameters": params})
+        except ServerError as error:
+            if error.code != -32004:
+                raise
+            self._non_finite_from(error)  # raises under nan_policy="error"
+            # skip_step: nothing was set; the Parameters go back to the server's (finite) values.
+            with torch.no_grad():
+                for key, value in self._fetch("parameters.get", changed).items():
+                    self._by_key[key].copy_(value)
         for key in changed:
             self._synced_versions[key] = self._state(self._parameter(key))
         self.drop_prefetched()
@@ -386,7 +425,20 @@ class LycorisNetwork(nn.Module):
         when moving ΔW is cheaper (and the layer's own forward is the plain one), else the
         layer's forward plus the server's m·Δ(x)."""
         layer = self._targets[name]
+        try:
+            return self._adapted_forward(name, layer, original, x, *args, **kwargs)
+        except SkipCall:
+            base = original(x, *args, **kwargs)
+            if torch.is_grad_enabled():
+                return base + SkippedCall.apply(self, base, *self._module_parameters(name))
+            return base
+
+    def _adapted_forward(self, name: str, layer: nn.Module, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not args and not kwargs and self._moves_weights(name, layer, original, x):
+            # The server never sees x on this path: check it here, as the server does.
+            count = count_non_finite(x)
+            if count:
+                self._non_finite(name, "forward", f"its input has {count} NaN or infinite elements")
             self.release_orphaned_tapes()
             delta_weight, *delta_bias = self.weight_delta(name)
             weight = layer.weight + delta_weight.to(layer.weight.device, layer.weight.dtype)
@@ -448,7 +500,7 @@ class LycorisNetwork(nn.Module):
         self.arena.begin()
         self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]])
         call = {"module": name, "input": self.arena.put(x.to(dtype)), "output": self.arena.reserve(output_shape, dtype)}
-        result = self.server.call("forward", {"calls": [call], "grad": keep_tape})["results"][0]
+        result = self._checked_call("forward", {"calls": [call], "grad": keep_tape})["results"][0]
         delta = self.arena.take(result["output"], x.device)
         return delta, result.get("tape")
 
@@ -467,11 +519,55 @@ class LycorisNetwork(nn.Module):
             "grad_input": self.arena.reserve(shape, dtype),
             "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(keys, shapes)},
         }
-        result = self.server.call("backward", {"calls": [call], "return_parameter_grads": True, "accumulate": False})["results"][0]
+        result = self._checked_call("backward", {"calls": [call], "return_parameter_grads": True, "accumulate": False})["results"][0]
         grad_input = self.arena.take(result["grad_input"], device)
         grads = self.arena.take_many([result["parameter_grads"][key] for key in keys],
                                      _common_device(self._module_parameters(name)))
         return grad_input, grads
+
+    # MARK: non-finite values
+
+    def _checked_call(self, method: str, params: dict):
+        """A compute call whose -32004 (a non-finite input or gradient) becomes
+        :class:`NonFiniteError` or, under skip_step, :class:`SkipCall`."""
+        try:
+            return self.server.call(method, params)
+        except ServerError as error:
+            if error.code != -32004:
+                raise
+            self._non_finite_from(error)
+
+    def _non_finite_from(self, error: ServerError) -> None:
+        self._non_finite(*describe_server_error(error.data or {}))
+
+    def _non_finite(self, module: str, stage: str, what: str) -> None:
+        """Raises :class:`NonFiniteError`; under skip_step logs it and, for a forward
+        input or an output gradient, raises :class:`SkipCall` (a parameter is put back by
+        :meth:`sync`, which calls this with ``what`` naming it)."""
+        error = NonFiniteError(module, stage, what)
+        if self.nan_policy == "error":
+            raise error
+        log.warning("%s — skipping this step (nan_policy=skip_step)", str(error).split(" (nan_policy=")[0])
+        if stage == "backward":
+            self.skip_step_gradients()
+        if not what.startswith("parameter "):
+            raise SkipCall()
+
+    def skip_step_gradients(self) -> None:
+        """Drops every adapter parameter's ``.grad`` when the running backward pass ends
+        (at once outside one), so that the optimizer step leaves the adapters unchanged."""
+        if self._gradient_drop_queued:
+            return
+        self._gradient_drop_queued = True
+        if torch._C._current_graph_task_id() != -1:
+            torch.autograd.Variable._execution_engine.queue_callback(self._drop_gradients)
+        else:
+            self._drop_gradients()
+
+    def _drop_gradients(self) -> None:
+        self._gradient_drop_queued = False
+        for parameter in self.parameters():
+            parameter.grad = None
 
     def drop_prefetched(self) -> None:
         """Drops prefetched and evaluation ΔWs (parameters, multiplier or mode changed); the
@@ -597,7 +693,7 @@ class LycorisNetwork(nn.Module):
             if grad_bias is not None:
                 call["grad_bias"] = next(put)
             calls.append(call)
-        results = self.server.call("delta_weight_backward", {"calls": calls, "return_parameter_grads": True,
+        results = self._checked_call("delta_weight_backward", {"calls": calls, "return_parameter_grads": True,
                                                              "accumulate": False})["results"]
         device = _common_device([p for name, *_ in entries for p in self._module_parameters(name)])
         taken = iter(self.arena.take_many([result["parameter_grads"][key] for result, group_keys in zip(results, keys)
@@ -740,9 +836,16 @@ class LycorisNetwork(nn.Module):
     def load_weights(self, file: str, reuse_parameters: bool = True) -> dict:
         """Loads a LyCORIS/kohya file's modules onto this network's layers. With
         `reuse_parameters`, Parameters whose shape is unchanged are updated in place
-        instead of replaced (see :meth:`_rebuild_parameters`)."""
+        instead of replaced (see :meth:`_rebuild_parameters`). A file the checked reader
+        refuses raises :class:`AdapterFileError` naming the file and the rule."""
         self.drop_prefetched()
-        result = self.server.call("network.load", {"path": str(file)})
+        path = os.path.abspath(os.fspath(file))
+        try:
+            result = self.server.call("network.load", {"path": path})
+        except ServerError as error:
+            if error.code == -32005:
+                raise AdapterFileError.from_server_error(path, error) from None
+            raise
         self._rebuild_parameters(self.server.call("network.info"), reuse_parameters=reuse_parameters)
         return result
 

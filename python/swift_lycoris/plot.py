@@ -1,42 +1,43 @@
-"""A loss-curve PNG without plotting libraries: numpy draws, zlib encodes."""
+"""The demo's loss curve, drawn with matplotlib (optional dependency: ``pip install
+swift-lycoris[plot]``): step on x, loss on y, ticks and labels on both axes, a title naming
+the algorithm, and the y scale stated in the title and the axis label."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 
-import numpy as np
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    height, width, _ = pixels.shape
-    raw = b"".join(b"\x00" + pixels[row].astype(np.uint8).tobytes() for row in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+def loss_scale(losses: list[float]) -> str:
+    """"log" when every loss is positive and they span more than a decade, else "linear"."""
+    return "log" if min(losses) > 0 and max(losses) / min(losses) > 10 else "linear"
 
 
-def write_loss_plot(path: str, losses: list[float], width: int = 640, height: int = 360) -> None:
-    """Writes the loss per step as a line on a white canvas with axes (log-scaled y when
-    the values span more than a decade)."""
-    image = np.full((height, width, 3), 255, dtype=np.uint8)
-    margin = 40
-    values = np.asarray(losses, dtype=np.float64)
-    use_log = values.min() > 0 and values.max() / values.min() > 10
-    y = np.log10(values) if use_log else values
-    low, high = float(y.min()), float(y.max())
-    span = high - low or 1.0
-    xs = margin + (np.arange(len(y)) / max(1, len(y) - 1)) * (width - 2 * margin)
-    ys = height - margin - (y - low) / span * (height - 2 * margin)
-    image[height - margin, margin:width - margin] = 0  # x axis
-    image[margin:height - margin + 1, margin] = 0      # y axis
-    for (x0, y0), (x1, y1) in zip(zip(xs[:-1], ys[:-1]), zip(xs[1:], ys[1:])):
-        steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-        for t in np.linspace(0, 1, steps):
-            px, py = int(round(x0 + (x1 - x0) * t)), int(round(y0 + (y1 - y0) * t))
-            image[max(0, py - 1):py + 2, max(0, px - 1):px + 2] = (200, 40, 40)
-    with open(path, "wb") as handle:
-        handle.write(_png(image))
+def loss_figure(losses: list[float], algorithm: str):
+    """The figure of the loss per step (steps numbered from 1); the caller closes it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("the loss plot needs matplotlib: pip install matplotlib (or swift-lycoris[plot])") from error
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot
+
+    scale = loss_scale(losses)
+    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
+    axes.plot(range(1, len(losses) + 1), losses, color="tab:red", linewidth=1.5)
+    axes.set_yscale(scale)
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"loss ({scale} scale)")
+    axes.set_title(f"{algorithm} adapter: training loss per step ({scale} scale)")
+    axes.grid(True, which="major", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def write_loss_plot(path: str, losses: list[float], algorithm: str) -> str:
+    """Writes :func:`loss_figure` as a PNG at `path`; returns the y scale used."""
+    from matplotlib import pyplot
+
+    figure = loss_figure(losses, algorithm)
+    try:
+        figure.savefig(path, format="png")
+    finally:
+        pyplot.close(figure)
+    return loss_scale(losses)

@@ -43,6 +43,41 @@ class ServerNotFound(FileNotFoundError):
     pass
 
 
+class AdapterFileError(ValueError):
+    """A file that cannot be opened or breaks a safetensors rule, as the server's checked
+    reader reports it: the message names the file and the rule (``safetensors file
+    '<path>': <rule>: <details>``); ``path`` and ``rule`` carry them."""
+
+    def __init__(self, path: str, rule: str | None, message: str):
+        self.path, self.rule = path, rule
+        super().__init__(message)
+
+    @classmethod
+    def from_server_error(cls, path: str, error: ServerError) -> "AdapterFileError":
+        data = error.data or {}
+        message = str(error).split(": I/O error: ", 1)[-1].rsplit(" (code ", 1)[0]
+        return cls(data.get("file", path), data.get("rule"), message)
+
+
+def describe_file(path, server: "Server | None" = None) -> dict:
+    """What the checked reader says of safetensors file `path` (header only):
+    ``{"path", "bytes", "tensors": [{"key", "dtype", "shape"}, …] in file order, "metadata"}``.
+    Raises :class:`AdapterFileError` naming the file and the rule for a file that is missing,
+    truncated, hostile or not safetensors at all. Uses `server`, or a short-lived one."""
+    path = os.path.abspath(os.fspath(path))
+    owned = server is None
+    server = server or Server()
+    try:
+        return server.call("file.describe", {"path": path})
+    except ServerError as error:
+        if error.code == -32005:
+            raise AdapterFileError.from_server_error(path, error) from None
+        raise
+    finally:
+        if owned:
+            server.close()
+
+
 def find_server() -> str:
     """The server binary: ``$LYCORIS_SERVER``, then this repository's release (then debug)
     build, then ``lycoris-server`` on ``PATH``."""

@@ -4,12 +4,10 @@ Conv1d/2d/3d, and with ``train_norm`` every LayerNorm/GroupNorm (names
 
 from __future__ import annotations
 
-import json
-import struct
-
 from torch import nn
 
 from .network import LycorisNetwork, is_norm_layer, layer_description
+from .server import Server, describe_file
 
 PREFIX = "lycoris_"
 
@@ -28,7 +26,8 @@ def _targets(model: nn.Module, norms, prefix: str = PREFIX) -> dict[str, nn.Modu
 
 def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 4, linear_alpha: float = 1.0,
                    algo: str = "lora", conv_dim: int | None = None, conv_alpha: float | None = None,
-                   seed: int = 0, threads: int | None = None, transfer: str = "auto", **kwargs) -> LycorisNetwork:
+                   seed: int = 0, threads: int | None = None, transfer: str = "auto", nan_policy: str = "error",
+                   **kwargs) -> LycorisNetwork:
     """Adapters of `algo` on every Linear (rank `linear_dim`, alpha `linear_alpha`) and
     Conv1d/2d/3d (kernels whose first extent is not 1: `conv_dim`/`conv_alpha`, defaulting to
     the linear ones) of `model`; with `train_norm=True` also LyCORIS's `norm` adapter
@@ -36,7 +35,10 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     LyCORIS's module options (use_tucker, use_scalar, factor, decompose_both, block_size,
     dropout, rank_dropout, module_dropout, bypass_mode, …).
     `transfer`: "auto" (per call, whichever of activations and ΔW costs less to move, a round
-    trip counted), "activations" or "weights"."""
+    trip counted), "activations" or "weights". `nan_policy`: "error" (a NaN or ±∞ in a layer's
+    input, output gradient or parameters raises NonFiniteError naming the module and the
+    pass) or "skip_step" (a warning, and the step leaves the adapters unchanged; see
+    :mod:`swift_lycoris.nonfinite`)."""
     train_norm = kwargs.pop("train_norm", False)
     if not isinstance(train_norm, bool):
         raise TypeError(f"train_norm must be a bool, not {train_norm!r}")
@@ -46,26 +48,24 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     if conv_alpha is not None:
         options["conv_alpha"] = float(conv_alpha)
     return LycorisNetwork(_targets(model, train_norm), algo=algo, options=options, multiplier=multiplier, seed=seed,
-                          threads=threads, transfer=transfer)
+                          threads=threads, transfer=transfer, nan_policy=nan_policy)
 
 
 def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module, algo: str = "lora",
                                 threads: int | None = None) -> LycorisNetwork:
     """A network on `module`'s layers with the adapters of `file` (any LyCORIS algorithm
-    this server computes, detected per module from the file's keys)."""
-    keys = _file_keys(file)
+    this server computes, detected per module from the file's keys). A file that is
+    missing, truncated, hostile or not safetensors raises :class:`AdapterFileError` naming
+    the file and the rule. Modules with IA3's `on_input` need their layers' base weights on
+    the server; modules with `w_norm` are norm adapters (their layers are included)."""
+    server = Server(threads=threads)
+    try:
+        keys = [t["key"] for t in describe_file(file, server)["tensors"]]
+    except BaseException:
+        server.close()
+        raise
     network = LycorisNetwork(_targets(module, {k.split(".", 1)[0] for k in keys if k.endswith(".w_norm")}), algo=algo,
-                             multiplier=multiplier, threads=threads,
+                             multiplier=multiplier, server=server,
                              base_weights_for={k.split(".", 1)[0] for k in keys if k.endswith(".on_input")})
     network.load_weights(file)
     return network
-
-
-def _file_keys(file: str) -> list[str]:
-    """The tensor keys of a safetensors file, from its header only. Modules with IA3's
-    `on_input` need their layers' base weights on the server; modules with `w_norm` are
-    norm adapters (their layers are included)."""
-    with open(file, "rb") as handle:
-        length = struct.unpack("<Q", handle.read(8))[0]
-        header = json.loads(handle.read(length))
-    return [key for key in header if key != "__metadata__"]

@@ -239,6 +239,23 @@ def test_sigterm_unlinks_the_arena_and_next_call_raises():
     network.close()
 
 
+def test_a_killed_servers_arena_is_removed_by_the_next_client_start(tmp_path):
+    """SIGKILL leaves the arena file (no handler runs) and here the client dies too (it
+    never calls close()); the next client's server start removes it, and only it."""
+    first = sl.Server(threads=1, arena_dir=str(tmp_path))
+    arena = first.call("arena.create", {"size": 4096})["path"]
+    first._process.kill()
+    first._process.wait()
+    live = tmp_path / f"lycoris-arena-{os.getpid()}-1-abc"  # a live pid: kept
+    live.write_bytes(b"")
+    assert os.path.exists(arena)
+    second = sl.Server(threads=1, arena_dir=str(tmp_path))
+    try:
+        assert not os.path.exists(arena) and live.exists()
+    finally:
+        second.close()
+
+
 def test_dropping_the_network_ends_its_server():
     """A network that goes out of scope without close() must not leave its server process
     (and arena file) behind for the life of the Python process."""
