@@ -33,7 +33,7 @@ deps:
 ## (torch, the LyCORIS 4.1.3 oracle, diffusers/transformers for tiny models built from
 ## configs) plus this repository's package, installed editable.
 venv:
-	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest, torch, lycoris, diffusers, transformers, matplotlib, swift_lycoris" 2>/dev/null; then \
+	@if ! $(VENV)/bin/python -c "import numpy, jsonschema, pytest, torch, lycoris, diffusers, transformers, matplotlib, peft, swift_lycoris" 2>/dev/null; then \
 		echo "creating $(VENV) (python/requirements-test.txt)"; \
 		python3 -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
 		$(VENV)/bin/pip install -q -r python/requirements-test.txt && \

@@ -30,6 +30,7 @@ let package = Package(
         .library(name: "LycorisCore", targets: ["LycorisCore"]),
         .library(name: "LycorisFormats", targets: ["LycorisFormats"]),
         .library(name: "LycorisAlgorithms", targets: ["LycorisAlgorithms"]),
+        .library(name: "LycorisCheckpoints", targets: ["LycorisCheckpoints"]),
         .executable(name: "lycoris", targets: ["lycoris"]),
         .executable(name: "lycoris-server", targets: ["lycoris-server"]),
         .library(name: "LycorisRPC", targets: ["LycorisRPC"]),
@@ -71,6 +72,12 @@ let package = Package(
             name: "CLycorisKernelsCPU",
             cSettings: [.headerSearchPath(".")]
         ),
+        // Stable Diffusion checkpoints (single files, diffusers folders) and their kohya names.
+        .target(
+            name: "LycorisCheckpoints",
+            dependencies: ["LycorisCore", "LycorisFormats", "LycorisAlgorithms"],
+            swiftSettings: strictSwift
+        ),
         .target(
             name: "LycorisRPC",
             dependencies: ["CJansson"],
@@ -96,7 +103,7 @@ let package = Package(
         .executableTarget(
             name: "lycoris",
             dependencies: [
-                "LycorisCore", "LycorisFormats", "LycorisAlgorithms",
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisCheckpoints",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: strictSwift
@@ -133,6 +140,11 @@ let package = Package(
         .testTarget(
             name: "LycorisCUDATests",
             dependencies: ["LycorisCUDA", "CLycorisKernelsCPU", "LycorisCore", "LycorisTestSupport"],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "LycorisCheckpointsTests",
+            dependencies: ["LycorisCheckpoints", "LycorisAlgorithms", "LycorisFormats", "LycorisCore", "LycorisTestSupport"],
             swiftSettings: strictSwift
         ),
         .testTarget(

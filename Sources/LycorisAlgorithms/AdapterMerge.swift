@@ -59,19 +59,8 @@ public enum AdapterMerge {
                 guard let algorithm = module.algorithm else { throw AdapterError("no known algorithm has the keys \(module.tensors.keys.sorted())") }
                 let biasKey = String(baseKey.dropLast("weight".count)) + "bias"
                 let biasInfo = base.info(biasKey).flatMap { $0.dtype.isFloatingPoint ? $0 : nil }
-                // A norm's ΔW is its weight reshaped: the normalisation kind does not enter it.
-                let normalization = Normalization(kind: .layer(normalizedShape: info.shape), hasBias: biasInfo != nil)
-                guard let layer = algorithm == .norms ? .norm(normalization) : layer(forWeightShape: info.shape) else {
-                    throw AdapterError("base weight \(baseKey) has shape \(info.shape); only linear, conv1d/conv2d/conv3d and norm weights are merged")
-                }
-                let baseWeight = try base.tensor(baseKey)
-                var merged = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer, baseWeight: baseWeight),
-                                           options: AdapterOptions(), baseWeight: baseWeight,
-                                           baseBias: try biasInfo.map { try base.tensor($0.name) })
-                merged.multiplier = multiplier
-                let result = try merged.mergedWeight()
-                let bias = try merged.mergedBias()
-                guard result.isFinite, bias?.isFinite ?? true else { throw AdapterError("the merged weight has non-finite values") }
+                let (result, bias) = try mergedLayer(module, of: adapter, baseWeight: try base.tensor(baseKey), weightKey: baseKey,
+                                                     baseBias: try biasInfo.map { try base.tensor($0.name) }, multiplier: multiplier)
                 mergedTensors[baseKey] = result
                 if let bias {
                     mergedTensors[biasKey] = bias
@@ -94,5 +83,25 @@ public enum AdapterMerge {
         try writer.write(toPath: outputPath)
         report.written = true
         return report
+    }
+
+    /// One module merged into one base layer: (W0 + m·ΔW, b0 + m·Δb or nil when the algorithm
+    /// does not adapt the bias). The layer is read from the weight's shape (``layer(forWeightShape:)``),
+    /// or is a norm for norm modules; `weightKey` only names the weight in errors.
+    public static func mergedLayer(_ module: AdapterFile.Module, of adapter: AdapterFile, baseWeight: Tensor, weightKey: String,
+                                   baseBias: Tensor?, multiplier: Float) throws -> (weight: Tensor, bias: Tensor?) {
+        guard let algorithm = module.algorithm else { throw AdapterError("no known algorithm has the keys \(module.tensors.keys.sorted())") }
+        // A norm's ΔW is its weight reshaped: the normalisation kind does not enter it.
+        let normalization = Normalization(kind: .layer(normalizedShape: baseWeight.shape), hasBias: baseBias != nil)
+        guard let layer = algorithm == .norms ? .norm(normalization) : layer(forWeightShape: baseWeight.shape) else {
+            throw AdapterError("base weight \(weightKey) has shape \(baseWeight.shape); only linear, conv1d/conv2d/conv3d and norm weights are merged")
+        }
+        var merged = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer, baseWeight: baseWeight),
+                                   options: AdapterOptions(), baseWeight: baseWeight, baseBias: baseBias)
+        merged.multiplier = multiplier
+        let result = try merged.mergedWeight()
+        let bias = try merged.mergedBias()
+        guard result.isFinite, bias?.isFinite ?? true else { throw AdapterError("the merged weight has non-finite values") }
+        return (result, bias)
     }
 }

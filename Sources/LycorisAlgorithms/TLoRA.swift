@@ -99,10 +99,10 @@ public struct TLoRA: AdapterAlgorithm {
 
     /// P, λ, Q from the thin SVD of `matrix` (out, in·K), padded to rank r.
     static func singularFactors(_ matrix: Tensor, rank r: Int, selection: Selection) throws -> Factors {
-        guard let svd = SingularValueDecomposition(matrix) else {
+        guard matrix.isFinite, let svd = try? matrix.doublePrecisionSingularValueDecomposition() else {
             throw AdapterError("tlora: the SVD of the base weight failed (is it finite?)")
         }
-        let k = svd.singularValues.count
+        let k = svd.s.count
         let start: Int
         switch selection {
         case .principal: start = 0
@@ -120,7 +120,7 @@ public struct TLoRA: AdapterAlgorithm {
             for i in 0..<out { p.scalars[i * r + j] = svd.u.scalars[i * k + component] }
             q.scalars.replaceSubrange((j * columns)..<((j + 1) * columns),
                                       with: svd.vt.scalars[(component * columns)..<((component + 1) * columns)])
-            lambda.scalars[j] = svd.singularValues.scalars[component]
+            lambda.scalars[j] = svd.s[component]
         }
         return Factors(p: p, lambda: lambda, q: q)
     }

@@ -8,6 +8,7 @@ struct LycorisCommand: ParsableCommand {
         commandName: "lycoris",
         abstract: "LyCORIS adapters in Swift: inspect, merge, and a self-contained training demo.",
         version: LycorisVersion.string,
-        subcommands: [InfoCommand.self, MergeCommand.self, DemoCommand.self]
+        subcommands: [InfoCommand.self, MergeCommand.self, DemoCommand.self, LayersCommand.self, ExtractCommand.self, ResizeCommand.self,
+                      ConvertCommand.self, SuggestCommand.self]
     )
 }

@@ -349,10 +349,10 @@ CLI_CASES = [
      f"Error: safetensors file '{FIXTURES / 'bad_truncated_buffer.safetensors'}': metadata incomplete buffer: the header describes "
      "a 80-byte file but the file is 72 bytes (tensor data truncated)", None),
     ("merge without --out", LYCORIS, ["merge", "--base", BASE, "--adapter", NETWORK], 64, "Error: Missing expected argument '--out <out>'",
-     "Usage: lycoris merge --base <base> --adapter <adapter> --out <out> [--multiplier <multiplier>] [--strict]"),
+     "Usage: lycoris merge --base <base> --adapter <file[:multiplier]> ... --out <out> [--multiplier <multiplier>]"),
     ("merge with a NaN multiplier", LYCORIS, ["merge", "--base", BASE, "--adapter", NETWORK, "--out", "{out}", "--multiplier", "nan"], 64,
-     "Error: --multiplier must be finite, got nan", "Usage: lycoris merge --base <base> --adapter <adapter> --out <out> "
-     "[--multiplier <multiplier>] [--strict]"),
+     "Error: --multiplier must be finite, got nan", "Usage: lycoris merge --base <base> --adapter <file[:multiplier]> ... "
+     "--out <out> [--multiplier <multiplier>]"),
     ("merge of a text base", LYCORIS, ["merge", "--base", "{text}", "--adapter", NETWORK, "--out", "{out}"], 1,
      "Error: safetensors file '{text}': not a safetensors file: the file is text (it begins \"these ar\"), not a safetensors header", None),
     ("merge into a missing directory", LYCORIS, ["merge", "--base", BASE, "--adapter", NETWORK, "--out", "/nonexistent/o.safetensors"], 1,

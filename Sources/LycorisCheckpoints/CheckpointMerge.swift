@@ -1,0 +1,220 @@
+import Foundation
+import LycorisAlgorithms
+import LycorisCore
+import LycorisFormats
+
+/// Merges adapters into a checkpoint and writes it in the input's layout (a single file, or
+/// a diffusers folder with the same files and shards):
+///
+///     W' = W0 + Σ_i (merged_i(W0) − W0),   merged_i(W0) = W0 + m_i·ΔW_i   (forward semantics)
+///
+/// — every adapter is taken against the *original* weight (for the additive algorithms this
+/// is W0 + Σ m_i·ΔW_i; for ones whose ΔW depends on W0, such as DoRA or OFT, none sees
+/// another's change), and the same for biases of algorithms that adapt them (norm). Modules
+/// are found by their kohya names in the ``CheckpointLayers`` table (an OpenCLIP `q_proj`
+/// merges into its third of the fused `in_proj`). Each merged or re-typed tensor is read
+/// memory-mapped and converted one at a time; a file's output is assembled and written
+/// atomically, a folder's output goes to a temporary folder renamed into place at the end.
+public enum CheckpointMerge {
+    /// An adapter file and its multiplier m.
+    public struct Adapter: Sendable {
+        public var path: String
+        public var multiplier: Float
+        public init(path: String, multiplier: Float) {
+            self.path = path
+            self.multiplier = multiplier
+        }
+    }
+
+    public struct Report: Sendable {
+        public struct Merged: Sendable {
+            public var adapter: String, module: String, key: String, rows: Range<Int>?, algorithm: Algorithm
+        }
+        public var family: ModelFamily?
+        public var layout: Checkpoint.Layout
+        public var merged: [Merged] = []
+        /// Bias keys merged too (norm modules).
+        public var mergedBiases: [String] = []
+        /// (adapter, module) of modules naming no layer of the checkpoint.
+        public var unmatched: [(adapter: String, module: String)] = []
+        public var failed: [(adapter: String, module: String, reason: String)] = []
+        /// How names were looked for (``CheckpointLayers/namingDescription``).
+        public var lookedFor: String
+        /// False when `strict` refused to write.
+        public var written = false
+        /// Tensors written, and the files they went to.
+        public var tensorCount = 0
+        public var files: [String] = []
+    }
+
+    /// One planned application: this adapter's module on this layer.
+    struct Application {
+        var adapter: Int
+        var module: AdapterFile.Module
+        var layer: AdaptableLayer
+    }
+
+    /// Merges and writes `output`; with `strict`, unmatched or failed modules mean nothing is
+    /// written (``Report/written`` false). `progress(done, total)` follows the merged tensors.
+    public static func merge(checkpoint path: String, adapters: [Adapter], output: String, dtype: DType? = nil,
+                             family: ModelFamily? = nil, strict: Bool = false,
+                             progress: (Int, Int) -> Void = { _, _ in }) throws -> Report {
+        guard !adapters.isEmpty else { throw CheckpointError("no adapter to merge") }
+        for adapter in adapters where !adapter.multiplier.isFinite {
+            throw CheckpointError("\(adapter.path): the multiplier must be finite")
+        }
+        if let dtype, !dtype.isEncodable { throw CheckpointError("output dtype \(dtype.rawValue) is not a float type (F32, F16, BF16, F64)") }
+        let checkpoint = try Checkpoint(path: path)
+        let table = try CheckpointLayers(checkpoint, family: family)
+        let files = try adapters.map { try AdapterFile(path: $0.path) }
+        var report = Report(family: table.family, layout: checkpoint.layout, lookedFor: table.namingDescription)
+
+        // Plan: which modules apply to which weight (part, key).
+        var byWeight: [String: [Application]] = [:]
+        for (index, file) in files.enumerated() {
+            for module in file.modules {
+                guard let layer = table.layer(named: module.name) else {
+                    report.unmatched.append((adapters[index].path, module.name))
+                    continue
+                }
+                byWeight[location(layer.part, layer.weightKey), default: []].append(Application(adapter: index, module: module, layer: layer))
+            }
+        }
+        if strict && !report.unmatched.isEmpty { return report }
+
+        // Compute every merged weight and bias (biases may live in another shard).
+        var mergedTensors: [String: Tensor] = [:]
+        var done = 0
+        for (weightLocation, applications) in byWeight.sorted(by: { $0.key < $1.key }) {
+            let layer = applications[0].layer
+            let baseFile = checkpoint.parts[layer.part].file
+            let original = try baseFile.tensor(layer.weightKey)
+            let biasLocation = layer.biasPart.flatMap { part in layer.biasKey.map { location(part, $0) } }
+            let originalBias = try layer.biasPart.flatMap { part in try layer.biasKey.map { try checkpoint.parts[part].file.tensor($0) } }
+            var (weight, bias) = (original, originalBias)
+            var biasMerged = false
+            for application in applications {
+                let rows = application.layer.rows
+                let adapterName = adapters[application.adapter].path
+                do {
+                    guard baseFile.info(layer.weightKey)?.dtype.isFloatingPoint == true else {
+                        throw CheckpointError("base weight \(layer.weightKey) is not a float tensor")
+                    }
+                    guard let algorithm = application.module.algorithm else {
+                        throw AdapterError("no known algorithm has the keys \(application.module.tensors.keys.sorted())")
+                    }
+                    let baseWeight = rows.map { original.rows($0) } ?? original
+                    let baseBias = rows.flatMap { r in originalBias.map { $0.rows(r) } } ?? originalBias
+                    let (result, newBias) = try AdapterMerge.mergedLayer(
+                        application.module, of: files[application.adapter], baseWeight: baseWeight, weightKey: layer.weightKey,
+                        baseBias: baseBias, multiplier: adapters[application.adapter].multiplier)
+                    if newBias != nil && baseBias == nil {
+                        throw CheckpointError("the adapter changes a bias, but \(layer.weightKey) has none in the checkpoint")
+                    }
+                    weight.addRows(rows, result - baseWeight)
+                    if let newBias, let baseBias {
+                        bias?.addRows(rows, newBias - baseBias)
+                        biasMerged = true
+                    }
+                    report.merged.append(.init(adapter: adapterName, module: application.module.name, key: layer.weightKey,
+                                               rows: rows, algorithm: algorithm))
+                } catch {
+                    report.failed.append((adapterName, application.module.name, "\(error)"))
+                }
+            }
+            mergedTensors[weightLocation] = weight
+            if biasMerged, let biasLocation, let bias, let key = layer.biasKey {
+                mergedTensors[biasLocation] = bias
+                report.mergedBiases.append(key)
+            }
+            done += 1
+            progress(done, byWeight.count)
+        }
+        if strict && !report.failed.isEmpty { return report }
+
+        try write(checkpoint, mergedTensors, dtype: dtype, to: output, report: &report)
+        report.written = true
+        return report
+    }
+
+    static func location(_ part: Int, _ key: String) -> String { "\(part)/\(key)" }
+
+    /// Writes every part with the merged tensors in place (others byte for byte, or converted
+    /// to `dtype`), in the checkpoint's layout.
+    static func write(_ checkpoint: Checkpoint, _ merged: [String: Tensor], dtype: DType?, to output: String,
+                      report: inout Report) throws {
+        func writePart(_ index: Int, to path: String) throws {
+            let file = checkpoint.parts[index].file
+            var writer = SafetensorsWriter(metadata: file.metadata)
+            for info in file.tensors {
+                let target = info.dtype.isFloatingPoint ? dtype ?? info.dtype : info.dtype
+                if let tensor = merged[location(index, info.name)] {
+                    try writer.add(info.name, tensor, as: target)
+                } else if target != info.dtype {
+                    try writer.add(info.name, try file.tensor(info.name), as: target)
+                } else {
+                    try writer.addRaw(info.name, dtype: info.dtype, shape: info.shape, bytes: file.rawBytes(info.name))
+                }
+            }
+            try writer.write(toPath: path)
+            report.tensorCount += file.tensors.count
+        }
+        switch checkpoint.layout {
+        case .singleFile:
+            try writePart(0, to: output)
+            report.files = [output]
+        case .diffusersFolder:
+            let manager = FileManager.default
+            guard !manager.fileExists(atPath: output) else {
+                throw CheckpointError("\(output) exists; a merged diffusers folder is written to a new path")
+            }
+            let parent = (output as NSString).deletingLastPathComponent
+            let temporary = (parent.isEmpty ? "." : parent) + "/." + (output as NSString).lastPathComponent + ".tmp-\(getpid())"
+            try? manager.removeItem(atPath: temporary)
+            do {
+                try copyTree(checkpoint.path, to: temporary, skipping: Set(checkpoint.parts.map(\.relativePath)))
+                for (index, part) in checkpoint.parts.enumerated() {
+                    try writePart(index, to: temporary + "/" + part.relativePath)
+                    report.files.append(output + "/" + part.relativePath)
+                }
+                try manager.moveItem(atPath: temporary, toPath: output)
+            } catch {
+                try? manager.removeItem(atPath: temporary)
+                throw error
+            }
+        }
+    }
+
+    /// Copies the folder `source` to `destination`, leaving out the relative paths in `skipping`.
+    static func copyTree(_ source: String, to destination: String, skipping: Set<String>, relative: String = "") throws {
+        let manager = FileManager.default
+        try manager.createDirectory(atPath: destination, withIntermediateDirectories: false)
+        for name in try manager.contentsOfDirectory(atPath: source) {
+            let path = relative.isEmpty ? name : relative + "/" + name
+            var isDirectory: ObjCBool = false
+            _ = manager.fileExists(atPath: source + "/" + name, isDirectory: &isDirectory)
+            if isDirectory.boolValue {
+                try copyTree(source + "/" + name, to: destination + "/" + name, skipping: skipping, relative: path)
+            } else if !skipping.contains(path) {
+                try manager.copyItem(atPath: source + "/" + name, toPath: destination + "/" + name)
+            }
+        }
+    }
+}
+
+extension Tensor {
+    /// The rows `range` of the first axis.
+    func rows(_ range: Range<Int>) -> Tensor {
+        let stride = Array(shape.dropFirst()).product
+        var newShape = shape
+        newShape[0] = range.count
+        return Tensor(shape: newShape, scalars: Array(scalars[range.lowerBound * stride..<range.upperBound * stride]))
+    }
+
+    /// Adds `delta` to the rows `range` (all rows when nil).
+    mutating func addRows(_ range: Range<Int>?, _ delta: Tensor) {
+        let stride = Array(shape.dropFirst()).product
+        let start = (range?.lowerBound ?? 0) * stride
+        for index in 0..<delta.count { scalars[start + index] += delta.scalars[index] }
+    }
+}
