@@ -2,7 +2,7 @@ import LycorisCore
 
 /// The one place that maps an ``Algorithm`` to the type computing it.
 extension Algorithm {
-    private var computingType: (any AdapterAlgorithm.Type)? {
+    private var computingType: any AdapterAlgorithm.Type {
         switch self {
         case .locon: LoCon.self
         case .loha: LoHa.self
@@ -15,7 +15,6 @@ extension Algorithm {
         case .tlora: TLoRA.self
         case .glora: GLoRA.self
         case .full: Full.self
-        default: nil
         }
     }
 
@@ -27,12 +26,9 @@ extension Algorithm {
         if let problem = layer.invalidReason { throw AdapterError("invalid layer: \(problem)") }
         if let problem = options.invalidReason { throw AdapterError("invalid options: \(problem)") }
         try checkAdapts(layer)
-        guard let type = computingType else {
-            throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
-        }
         if self == .full { return try Full(layer: layer, options: options, hasBias: hasBias) }
         if self == .tlora, let baseWeight { return try TLoRA(layer: layer, options: options, baseWeight: baseWeight, random: &random) }
-        let adapter = try type.init(layer: layer, options: options, random: &random)
+        let adapter = try computingType.init(layer: layer, options: options, random: &random)
         guard options.weightDecompose && decomposesWeight else { return adapter }
         guard let baseWeight else { throw AdapterError("\(rawValue) with weight_decompose (DoRA) needs the base layer's weight") }
         return try Self.decompose(adapter, baseWeight: baseWeight, onOutput: options.wdOnOutput)
@@ -78,7 +74,6 @@ extension Algorithm {
             return try TLoRA(layer: layer, tensors: tensors, alpha: alpha, baseWeight: baseWeight)
         case .glora: return try GLoRA(layer: layer, tensors: tensors, alpha: alpha)
         case .full: return try Full(layer: layer, tensors: tensors, alpha: alpha)
-        default: throw AdapterError("algorithm \(rawValue) is recognised but not computed by this version")
         }
         guard let magnitude = tensors["dora_scale"] else { return adapter }
         return try Self.decompose(adapter, magnitude: magnitude)

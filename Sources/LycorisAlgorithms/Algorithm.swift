@@ -2,18 +2,6 @@
 public enum Algorithm: String, Sendable, CaseIterable, Codable {
     case locon, loha, lokr, ia3, dylora, glora, full, diagOFT = "diag-oft", boft, norms, tlora
 
-    /// Whether this project computes the algorithm (forward, backward, ΔW, save, load);
-    /// the others are recognised in files but not computed yet.
-    public var isComputed: Bool {
-        switch self {
-        case .locon, .loha, .lokr, .ia3, .dylora, .norms: true
-        case .diagOFT, .boft: true
-        case .tlora: true
-        case .glora, .full: true
-        default: false
-        }
-    }
-
     /// Detects a module's algorithm from the key suffixes it has in a file, in LyCORIS's
     /// detection order (LoCon, LoHa, IA3, LoKr, Full, Norms, OFT, BOFT, GLoRA, T-LoRA).
     /// `oftBlocksRank` tells diag-OFT (3-D `oft_blocks`) from BOFT (4-D).

@@ -115,7 +115,7 @@ public final class LycorisService {
             logger.info("client: \(client)")
         }
         var capabilities: JSONObject = [
-            "algorithms": .array(Algorithm.allCases.filter(\.isComputed).map { .string($0.rawValue) }),
+            "algorithms": .array(Algorithm.allCases.map { .string($0.rawValue) }),
             "layer_kinds": ["linear", "conv1d", "conv2d", "conv3d", "layer_norm", "group_norm"],
             "dtypes": .array(TensorTransport.wireDTypes.map { .string($0.rawValue) }),
             "save_dtypes": ["F32", "F16", "BF16"],

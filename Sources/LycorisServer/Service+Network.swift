@@ -12,9 +12,6 @@ extension LycorisService {
         guard let algorithm else {
             throw RPCError.adapter("unknown algorithm \"\(name)\"; known: lora, locon, loha, lokr, ia3, dylora, glora, full, diag-oft, boft, tlora, norm", path: path)
         }
-        guard algorithm.isComputed else {
-            throw RPCError.adapter("algorithm \(algorithm.rawValue) is recognised but not computed by this version", path: path)
-        }
         return algorithm
     }
 

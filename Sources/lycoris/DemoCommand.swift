@@ -30,7 +30,7 @@ struct DemoCommand: ParsableCommand {
         switch name.lowercased() {
         case "lora": .locon
         case "norm", "norms": .norms
-        case let other: Algorithm(rawValue: other).flatMap { $0.isComputed ? $0 : nil }
+        case let other: Algorithm(rawValue: other)
         }
     }
 

@@ -173,7 +173,7 @@ def test_schemas_are_strict_where_the_server_is(schemas):
     assert not valid({"name": "m", "kind": "conv1d", "in_channels": 4, "out_channels": 3, "kernel_size": [3, 3]}, "LayerInput")
     assert not valid({"name": "m", "kind": "conv3d", "in_channels": 4, "out_channels": 3, "padding": [1, 1]}, "LayerInput")
     assert not valid({"name": "m", "kind": "norm", "in_channels": 4, "out_channels": 3}, "LayerInput")
-    assert not valid({"name": "m", "kind": "linear", "in_features": 4, "out_features": 3, "algo": "glora"}, "LayerInput")
+    assert not valid({"name": "m", "kind": "linear", "in_features": 4, "out_features": 3, "algo": "bogus"}, "LayerInput")
     assert not valid({"code": -32099, "message": "x"}, "ErrorObject")
     assert not valid({"code": -32001, "message": "x", "data": {"module": "m", "extra": 1}}, "ErrorObject")
     assert not valid({"jsonrpc": "2.0", "id": 1, "result": None, "error": {"code": -32601, "message": "x"}}, "Response")
