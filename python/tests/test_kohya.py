@@ -653,22 +653,23 @@ def test_unsupported_layers_and_algorithms_are_reported(tmp_path, caplog):
     assert network.target_names == ["lora_unet_block_proj", "lora_unet_block_conv1d", "lora_unet_block_norm"]
     messages = " ".join(r.message for r in caplog.records)
     assert "lora_unet_block_reflect (Conv2d)" in messages and "lora_unet_block_plain_norm (GroupNorm)" in messages
-    preset = tmp_path / "boft.toml"
+    preset = tmp_path / "bogus.toml"
     preset.write_text(preset_to_toml({"unet_target_module": ["Transformer2DModel"],
-                                      "module_algo_map": {"Transformer2DModel": {"algo": "boft"}}}))
-    with pytest.raises(ValueError, match="boft"):
+                                      "module_algo_map": {"Transformer2DModel": {"algo": "bogus"}}}))
+    with pytest.raises(ValueError, match="bogus"):
         sk.create_network(1.0, 4, 1.0, None, None, root, preset=str(preset))
     with pytest.raises(ValueError, match="preset"):
         sk.create_network(1.0, 4, 1.0, None, None, root, preset="no-such-preset")
 
 
-def test_files_of_algorithms_the_server_does_not_compute_are_refused(tmp_path):
-    """A file with a module the server cannot compute (here LyCORIS's diag-oft blocks) fails
-    in create_network_from_weights with the server's reason."""
+def test_files_whose_modules_do_not_fit_their_layers_are_refused(tmp_path):
+    """A file with a module that cannot be built on its layer (here diag-oft blocks covering
+    24 of the layer's 32 outputs) fails in create_network_from_weights with the server's
+    reason, naming the algorithm."""
     te, unet = Models().copy()
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     file = tmp_path / "oft.safetensors"
-    safetensors.torch.save_file({f"{name}.oft_blocks": torch.zeros(4, 8, 8)}, str(file))
+    safetensors.torch.save_file({f"{name}.oft_blocks": torch.zeros(3, 8, 8)}, str(file))
     with pytest.raises(ValueError, match="diag-oft"):
         sk.create_network_from_weights(1.0, str(file), None, te, unet)
 
