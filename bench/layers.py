@@ -121,11 +121,6 @@ def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, opti
                                                lora_dim=options["linear_dim"], alpha=options["linear_alpha"],
                                                bypass_mode=(mode == "bypass"), **extra)
         module.train()
-        try:
-            module(x).backward(g)
-        except RuntimeError as error:  # LyCORIS 4.1.3's DyLoRA bypass multiplies mismatched shapes
-            progress(f"layers: {label}: LyCORIS {mode} mode fails ({str(error).splitlines()[0]}); not timed")
-            continue
         lyc[mode] = module
     holder = torch.nn.Sequential(base_layer(torch, layer))
     holder[0].load_state_dict(base.state_dict())
@@ -137,13 +132,21 @@ def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, opti
     try:
         for _ in range(args.rounds):
             columns["base"] += timer(torch, base, x, g, [], args.iters)
-            for mode, module in lyc.items():
-                columns[mode] += timer(torch, module, x, g, list(module.parameters()), args.iters)
+            for mode, module in list(lyc.items()):
+                try:
+                    columns[mode] += timer(torch, module, x, g, list(module.parameters()), args.iters)
+                except RuntimeError as error:
+                    # LyCORIS 4.1.3's DyLoRA bypass multiplies mismatched shapes for some of
+                    # the rank blocks it draws: that mode is left out of the row.
+                    progress(f"layers: {label}: LyCORIS {mode} mode fails ({str(error).splitlines()[0]}); left out")
+                    del lyc[mode], columns[mode]
             columns["a"] += engine.time(label, algo, layer, shape, options, args.iters)
             columns["b"] += timer(torch, holder, x, g, params, args.iters)
+        (info,) = network.modules_info.values()
+        via = info.get("transfer", transfer)
     finally:
         network.close()
-    return columns
+    return columns, via
 
 
 def summarize(columns):
@@ -172,16 +175,17 @@ def fmt_ratio(r):
 def print_table(rows, threads, loaded):
     print(f"section 6 layers — adapter share of one layer's forward+backward, ms (best of each), "
           f"{threads} threads{'; loaded machine' if loaded else ''}")
-    print("goals: (a) engine in-process <= 0.8x LyC, (b) delegated <= 1.0x LyC; "
-          "LyC = LyCORIS 4.1.3 better mode; '-': LyC share ~0")
+    print("goals: (a) engine in-process <= 0.8x LyC, (b) delegated <= 1.0x LyC; LyC = LyCORIS 4.1.3 better mode")
+    print("'-': LyC share ~0 (ok when ours is too); via: (b)'s transfer (acti/weig/elem)")
     header = f"{'layer':<20} {'algo':<10} {'base':>6} {'LyC':>7} {'mode':<7} {'(a)':>7} {'a/LyC':>5} {'':<4} " \
-             f"{'(b)':>7} {'b/LyC':>5} {'':<4}"
+             f"{'(b)':>7} {'b/LyC':>5} {'':<4} {'via':<4}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['layer']:<20} {r['algo']:<10} {r['base']:6.2f} {r['lyc']:7.2f} {r['mode']:<7} {r['a']:7.2f} "
               f"{fmt_ratio(r['ratio_a'])} {verdict(r['ratio_a'], GOAL_A, r['lyc_zero'], r['a']):<4} "
-              f"{r['b']:7.2f} {fmt_ratio(r['ratio_b'])} {verdict(r['ratio_b'], GOAL_B, r['lyc_zero'], r['b']):<4}")
+              f"{r['b']:7.2f} {fmt_ratio(r['ratio_b'])} {verdict(r['ratio_b'], GOAL_B, r['lyc_zero'], r['b']):<4} "
+              f"{r['via']:<4}")
     held_a = sum(verdict(r["ratio_a"], GOAL_A, r["lyc_zero"], r["a"]) == "ok" for r in rows)
     held_b = sum(verdict(r["ratio_b"], GOAL_B, r["lyc_zero"], r["b"]) == "ok" for r in rows)
     print(f"goal (a) holds on {held_a} of {len(rows)} rows, goal (b) on {held_b} of {len(rows)}")
@@ -222,6 +226,7 @@ def main():
     parser.add_argument("--chart", default="", help="write a matplotlib PNG of the table there")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 iteration")
     parser.add_argument("--loaded", action="store_true", help="say in the header that other work shares the machine")
+    parser.add_argument("--transfer", default="auto", help="transfer of (b) (auto, activations, weights)")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.iters = 2, 1
@@ -239,7 +244,7 @@ def main():
     engine = Engine(args.layer_bench, args.threads)
     rows = []
     try:
-        plan = [(layer_label, label, algo, cls, options, layer, shape, "auto")
+        plan = [(layer_label, label, algo, cls, options, layer, shape, args.transfer)
                 for layer_label, layer, shape in LAYERS
                 for label, algo, cls, options in ALGOS]
         plan.append((OVERHEAD_LAYER[0], "LoRA r1", "lora", "LoConModule", {"linear_dim": 1, "linear_alpha": 1},
@@ -248,9 +253,9 @@ def main():
             if args.only and args.only not in f"{layer_label} {label}":
                 continue
             progress(f"layers: {layer_label} {label}")
-            columns = measure_row(torch, lycoris_modules, sl, engine, args, f"{layer_label} {label}", algo, cls,
+            columns, via = measure_row(torch, lycoris_modules, sl, engine, args, f"{layer_label} {label}", algo, cls,
                                   options, layer, shape, transfer)
-            rows.append({"layer": layer_label, "algo": label, **summarize(columns)})
+            rows.append({"layer": layer_label, "algo": label, "via": via[:4], **summarize(columns)})
     finally:
         engine.close()
     print_table(rows, args.threads, args.loaded)

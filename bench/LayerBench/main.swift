@@ -10,8 +10,10 @@
 //      "iters": K, "warmup": W}
 // and answers each with one line {"key": "...", "ms": [K timings]}. One iteration is what the
 // server computes for an adapted layer on the activation transfer: m·Δ(x) = forwardDelta(x)
-// (training mode, tape drawn) and backwardDelta(x, ∂y) → (∂x, ∂parameters); x and ∂y are
-// made once, outside the timed region. A bad case answers {"key", "error"} and the loop goes on.
+// (training mode, tape drawn) and backwardDelta(x, ∂y) → (∂x, ∂parameters) — or, for a module
+// with an elementwise transfer (IA3), forwardElementwise/backwardElementwise of the tensor it
+// scales; x, y and ∂y are made once, outside the timed region. A bad case answers
+// {"key", "error"} and the loop goes on.
 import Foundation
 import LycorisAlgorithms
 import LycorisCore
@@ -57,15 +59,28 @@ func measure(_ bench: BenchCase) throws -> [Double] {
     module.isTraining = true
     let x = Tensor.normal(bench.input, std: 1, using: &random)
     let gradOutput = Tensor.normal(spec.outputShape(forInput: bench.input), std: 1, using: &random)
+    // The elementwise transfer (IA3) scales the base output y (or x); y is made once here.
+    let base = module.elementwiseSide == .output ? Tensor.normal(gradOutput.shape, std: 1, using: &random) : gradOutput
     var timings: [Double] = []
     for iteration in 0..<(bench.warmup ?? 1) + bench.iters {
         let start = DispatchTime.now().uptimeNanoseconds
         let tape = module.makeTape(inputShape: x.shape, random: &random)
-        let y = try module.forwardDelta(x, tape: tape)
-        let (gradInput, gradients) = try module.backwardDelta(x, gradOutput: gradOutput, tape: tape)
+        let y: Tensor
+        let gradInput: Tensor, gradients: ParameterSet
+        switch module.elementwiseSide {
+        case .output?:
+            y = try module.forwardElementwise(base, tape: tape)
+            (gradInput, gradients) = try module.backwardElementwise(base, gradOutput: gradOutput, tape: tape)
+        case .input?:
+            y = try module.forwardElementwise(x, tape: tape)
+            (gradInput, gradients) = try module.backwardElementwise(x, gradOutput: x, tape: tape)
+        case nil:
+            y = try module.forwardDelta(x, tape: tape)
+            (gradInput, gradients) = try module.backwardDelta(x, gradOutput: gradOutput, tape: tape)
+        }
         let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e6
         // Keep the results alive to the end of the timed region.
-        precondition(y.shape.count == gradOutput.shape.count && gradInput.shape == x.shape && gradients.count > 0)
+        precondition(!y.shape.isEmpty && !gradInput.shape.isEmpty && gradients.count > 0)
         if iteration >= bench.warmup ?? 1 { timings.append(elapsed) }
     }
     return timings
