@@ -108,6 +108,13 @@ let package = Package(
             ],
             swiftSettings: strictSwift
         ),
+        // bench/layers.py's in-process engine timings (goal (a)); not a product, built by bench/run.sh.
+        .executableTarget(
+            name: "layer-bench",
+            dependencies: ["LycorisAlgorithms", "LycorisCore"],
+            path: "bench/LayerBench",
+            swiftSettings: strictSwift
+        ),
         // Tensor comparisons shared by the test targets (not a product).
         .target(
             name: "LycorisTestSupport",

@@ -220,7 +220,7 @@ public struct AdapterModule: Sendable {
         return baseWeight
     }
 
-    private func zeroGradients() -> ParameterSet {
+    func zeroGradients() -> ParameterSet {
         ParameterSet(algorithm.parameters.entries.map { ($0.name, Tensor.zeros($0.tensor.shape)) })
     }
 }

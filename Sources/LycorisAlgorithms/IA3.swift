@@ -114,6 +114,40 @@ public struct IA3: AdapterAlgorithm {
         return (gradInput, ParameterSet([("weight", activationReduce(gradOutput * y))]))
     }
 
+    // MARK: Elementwise transfer: the scaled tensor itself
+
+    /// The adapted tensor of the elementwise transfer, one pass over `t` with scales 1 + m·w
+    /// along its channel axis (last for linear, 1 for conv):
+    /// - on output, t = y = op(x, W0) + b (N, …, out): y' = y ⊙ (1 + m·w) − m·w ⊙ b, i.e.
+    ///   op(x, W0 ⊙ (1 + m·w)) + b, with `bias` the part the forward leaves unscaled (the
+    ///   layer's bias in rebuild mode; nil in bypass mode, which scales it too);
+    /// - on input, t = x (N, …, in): x' = x ⊙ (1 + m·w), so that op(x', W0) + b is the
+    ///   adapted output (the client applies the base layer).
+    public func elementwise(_ t: Tensor, multiplier m: Float, bias: Tensor?) -> Tensor {
+        var out = activationChannels(t, elementwiseScales(m))
+        if !onInput, let bias {
+            let w = channelScale.scalars
+            layer.addBias(&out, bias: Tensor(shape: [w.count], scalars: zip(w, bias.scalars).map { -m * $0 * $1 }))
+        }
+        return out
+    }
+
+    /// (∂t, ∂w) of ``elementwise(_:multiplier:bias:)`` given ∂t':
+    /// ∂t = ∂t' ⊙ (1 + m·w), ∂w = m·Σ ∂t' ⊙ (t − b) over every axis but the channel axis.
+    public func elementwiseBackward(_ t: Tensor, gradOutput: Tensor, multiplier m: Float, bias: Tensor?) -> (input: Tensor, parameters: ParameterSet) {
+        let gradInput = activationChannels(gradOutput, elementwiseScales(m))
+        var sums = activationReduce(gradOutput * t).scalars
+        if !onInput, let bias {
+            let gradSums = layer.biasGradient(gradOutput).scalars
+            for c in sums.indices { sums[c] -= bias.scalars[c] * gradSums[c] }
+        }
+        return (gradInput, ParameterSet([("weight", Tensor(shape: channelScale.shape, scalars: sums.map { m * $0 }))]))
+    }
+
+    private func elementwiseScales(_ m: Float) -> Tensor {
+        Tensor(shape: [channelScale.count], scalars: channelScale.scalars.map { 1 + m * $0 })
+    }
+
     public func savedTensors() -> [SavedTensor] {
         [SavedTensor("weight", channelScale), SavedTensor("on_input", Tensor(scalar: onInput ? 1 : 0), storage: .int64)]
     }

@@ -38,12 +38,13 @@ public final class LycorisService {
     static let maximumPending = 1 << 16
 
     struct PendingCall {
-        enum Kind { case delta, full, deltaWeight }
+        enum Kind { case delta, full, deltaWeight, elementwise }
         let module: String
-        /// The forward's input (empty for ΔW calls).
+        /// The forward's input (empty for ΔW calls; the scaled tensor for elementwise calls).
         let input: Tensor
         let tape: AdapterModule.Tape
-        /// What the call returned: Δ(x), the whole output, or ΔW — which backward applies.
+        /// What the call returned: Δ(x), the whole output, ΔW, or the elementwise transfer's
+        /// adapted tensor — which backward applies.
         let kind: Kind
     }
 

@@ -2295,6 +2295,7 @@ enum OpenRPCDocument {
           "scale",
           "multiplier",
           "factor_path",
+          "elementwise",
           "parameters"
         ],
         "properties": {
@@ -2325,6 +2326,14 @@ enum OpenRPCDocument {
           "factor_path": {
             "description": "Whether forward computes delta(x) through the adapter's factors, with fewer multiply-adds than op(x, delta W) (the default path when bypass_mode is unset and no training dropout is active). false: a forward costs the server a whole op(x, delta W) and its backward two more, so a client that can apply W0 + m*delta W itself may prefer delta_weight.",
             "type": "boolean"
+          },
+          "elementwise": {
+            "description": "The module's elementwise transfer (forward calls with elementwise true): output (it scales the base layer's output), input (it scales the layer's input: ia3 with train_on_input), or null where it has none (every algorithm but ia3; ia3 with dropout or rank_dropout).",
+            "enum": [
+              "output",
+              "input",
+              null
+            ]
           },
           "parameters": {
             "description": "Trainable parameters in the server's order.",
@@ -2574,6 +2583,10 @@ enum OpenRPCDocument {
           },
           "full": {
             "description": "Return the whole adapted output op(x, W0) + b + m*delta(x) instead of m*delta(x); needs the layer's weight. Default false.",
+            "type": "boolean"
+          },
+          "elementwise": {
+            "description": "The elementwise transfer (modules whose network.info elementwise is not null: ia3 without dropout and rank_dropout): input is the tensor the module scales, the base layer's output y = op(x, W0) + b (side output) or the layer's input x (side input), and output receives the adapted tensor in one elementwise pass: y * (1 + m*w) - m*w*b (b: the layer's bias in rebuild mode, 0 in bypass mode) or x * (1 + m*w). Its backward takes the gradient of that tensor and returns the gradient of the one sent. Excludes full. Default false.",
             "type": "boolean"
           }
         }

@@ -4,37 +4,54 @@ import LycorisRPC
 
 extension LycorisService {
     /// `forward`: m·Δ(x) (or, with `"full": true`, the whole adapted output, which needs
-    /// the layer's weight) for each call; in training mode (or with `"grad": true`) each
-    /// call leaves a tape for its backward.
+    /// the layer's weight; with `"elementwise": true`, the elementwise transfer's adapted
+    /// tensor, see ``AdapterModule/forwardElementwise(_:tape:)``) for each call; in training
+    /// mode (or with `"grad": true`) each call leaves a tape for its backward.
     func forward(_ p: Params) throws -> JSONValue {
         let network = try requireNetwork()
         let calls = try p.objects("calls")
         // Validate every call before computing any, so a bad call changes nothing.
-        var prepared: [(call: Params, module: AdapterModule, x: Tensor, full: Bool, destination: TensorTransport.Destination)] = []
+        var prepared: [(call: Params, module: AdapterModule, x: Tensor, kind: PendingCall.Kind, destination: TensorTransport.Destination)] = []
         for call in calls {
             let name = try call.string("module")
             guard let module = network[name] else { throw RPCError.unknownModule(name) }
             let (x, dtype) = try RPCError.naming(module: name, pass: "forward") {
                 try transport.read(try call.value("input"), path: call.at("input"))
             }
-            if let problem = module.layer.inputProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: call.at("input")) }
             let full = try call.bool("full", default: false)
+            let elementwise = try call.bool("elementwise", default: false)
+            if full && elementwise {
+                throw RPCError.invalidParams("\(call.at("full")) and \(call.at("elementwise")) exclude each other", path: call.at("elementwise"))
+            }
+            if elementwise {
+                if module.elementwiseSide == nil {
+                    throw RPCError.state("\(name) has no elementwise transfer (only ia3 without dropout and rank_dropout has one)")
+                }
+                if let problem = module.elementwiseProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: call.at("input")) }
+            } else if let problem = module.layer.inputProblem(x.shape) {
+                throw RPCError.shapeMismatch(problem, path: call.at("input"))
+            }
             if full && module.baseWeight == nil {
                 throw RPCError.state("\(name) has no base weight, so \"full\" output is not available (send layers[].weight at network.create)")
             }
             let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
-            try transport.validate(destination, count: module.layer.outputShape(forInput: x.shape).product, path: call.at("output"))
-            prepared.append((call, module, x, full, destination))
+            let count = elementwise ? x.count : module.layer.outputShape(forInput: x.shape).product
+            try transport.validate(destination, count: count, path: call.at("output"))
+            prepared.append((call, module, x, elementwise ? .elementwise : full ? .full : .delta, destination))
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         if keepTapes { try reserveTapes(prepared.count) }
         var results: [JSONValue] = []
-        for (call, module, x, full, destination) in prepared {
+        for (call, module, x, kind, destination) in prepared {
             let tape = module.makeTape(inputShape: x.shape, random: &random)
-            let y = full ? try module.forward(x, tape: tape) : try module.forwardDelta(x, tape: tape)
+            let y = switch kind {
+            case .full: try module.forward(x, tape: tape)
+            case .elementwise: try module.forwardElementwise(x, tape: tape)
+            case .delta, .deltaWeight: try module.forwardDelta(x, tape: tape)
+            }
             var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
             if keepTapes {
-                result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: full ? .full : .delta)))
+                result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: kind)))
             }
             results.append(.object(result))
         }
@@ -123,7 +140,11 @@ extension LycorisService {
             let (gradient, dtype) = try RPCError.naming(module: module.name, pass: "backward") {
                 try transport.read(try call.value(gradientKey), path: call.at(gradientKey))
             }
-            let expected = expectDeltaWeight ? module.layer.weightShape : module.layer.outputShape(forInput: record.input.shape)
+            let expected = switch record.kind {
+            case .deltaWeight: module.layer.weightShape
+            case .elementwise: record.input.shape
+            case .delta, .full: module.layer.outputShape(forInput: record.input.shape)
+            }
             guard gradient.shape == expected else {
                 throw RPCError.shapeMismatch("\(call.at(gradientKey)) has shape \(gradient.shape), expected \(expected)", path: call.at(gradientKey))
             }
@@ -157,10 +178,12 @@ extension LycorisService {
             switch record.kind {
             case .deltaWeight:
                 parameterGrads = try module.effectiveDeltaWeightBackward(gradient, biasGradient: biasGradient, record.tape)
-            case .delta, .full:
-                let grads = record.kind == .full
-                    ? try module.backward(record.input, gradOutput: gradient, tape: record.tape)
-                    : try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
+            case .delta, .full, .elementwise:
+                let grads = switch record.kind {
+                case .full: try module.backward(record.input, gradOutput: gradient, tape: record.tape)
+                case .elementwise: try module.backwardElementwise(record.input, gradOutput: gradient, tape: record.tape)
+                case .delta, .deltaWeight: try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
+                }
                 parameterGrads = grads.parameters
                 result["grad_input"] = try transport.write(grads.input, to: inputDestination, path: inputPath)
             }

@@ -10,7 +10,10 @@ adapted layer's forward takes, per call, the cheaper of two transfers:
   m·Δ(x); its backward returns ∂x and the parameters' gradients;
 - weights: ``op(x, W0 + m·ΔW, b + m·Δb)`` in torch with m·ΔW (and a norm's m·Δb) from the
   server through :class:`DeltaWeightFunction`, which in a training step carries a whole
-  group of weight-path modules (one call each way per group, see ``weight_delta``).
+  group of weight-path modules (one call each way per group, see ``weight_delta``);
+- elementwise (IA3 in training, with ``transfer="auto"``): the server scales the base output
+  y = org_forward(x) (or, for ``train_on_input``, x before org_forward) in one elementwise
+  pass and returns the adapted tensor, through the same autograd Function.
 
 Parameter values reach the server only when their version counter changed. NaN and ±∞
 are named by module and pass, and handled by ``nan_policy`` (see :mod:`.nonfinite`).
@@ -27,7 +30,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from . import timestep
+from . import calibration, timestep
 from .arena import Arena, wire_dtype
 from .nonfinite import NonFiniteError, SkipCall, check_nan_policy, count_non_finite, describe_server_error
 from .server import AdapterFileError, Server, ServerError
@@ -35,16 +38,6 @@ from .server import AdapterFileError, Server, ServerError
 log = logging.getLogger("swift_lycoris")
 
 _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-
-# What one server round trip costs, in tensor elements copied through the arena (~150 µs of
-# pipe, JSON and wake-up ≈ 2·10⁵ float copies): the activation path pays two per call (forward
-# and backward), the weight path none of its own (its ΔWs and ∂ΔWs travel with a whole group
-# of modules), so a layer moves ΔW unless that costs more than its activations plus this.
-_ROUND_TRIP_ELEMENTS = 1 << 17
-
-# Multiply-adds that cost about as much as copying one tensor element through the arena
-# (BLAS at ~10 GFLOP/s per core against ~1 GB/s of float copies in and out).
-_MULTIPLY_ADDS_PER_COPY = 8
 
 # ΔWs are fetched in groups of at most this many bytes (training steps, merging, max-norm):
 # bounded arena and host memory at any model size, a handful of round trips per step.
@@ -137,7 +130,8 @@ class _ParameterHolder(nn.Module):
 
 
 class AdapterFunction(torch.autograd.Function):
-    """m·Δ(x) of one adapter, computed by the server; backward returns ∂x and ∂params.
+    """m·Δ(x) of one adapter (with `elementwise`, the elementwise transfer's adapted tensor),
+    computed by the server; backward returns ∂x (∂ of the tensor sent) and ∂params.
 
     The server keeps a tape (the step's input and random choices) for as long as the autograd
     graph holding this call lives: backward uses it without consuming it (so
@@ -146,8 +140,9 @@ class AdapterFunction(torch.autograd.Function):
     recomputes) — a finalizer queues the id, released with the next server call."""
 
     @staticmethod
-    def forward(ctx, network: "LycorisNetwork", name: str, output_shape: torch.Size, x: torch.Tensor, *params):
-        delta, tape = network._server_forward(name, x, output_shape, True)
+    def forward(ctx, network: "LycorisNetwork", name: str, output_shape: torch.Size, elementwise: bool, x: torch.Tensor,
+                *params):
+        delta, tape = network._server_forward(name, x, output_shape, True, elementwise)
         ctx.network, ctx.name, ctx.tape = network, name, tape
         ctx.parameter_count = len(params)
         ctx.input_meta = (x.shape, x.dtype, x.device)
@@ -160,9 +155,9 @@ class AdapterFunction(torch.autograd.Function):
         try:
             grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
         except SkipCall:
-            return (None, None, None, None) + (None,) * ctx.parameter_count
+            return (None, None, None, None, None) + (None,) * ctx.parameter_count
         param_grads = [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
-        return (None, None, None, grad_input, *param_grads)
+        return (None, None, None, None, grad_input, *param_grads)
 
 
 class DeltaWeightFunction(torch.autograd.Function):
@@ -269,6 +264,9 @@ class LycorisNetwork(nn.Module):
         self.transfer = transfer
         self._bypass_layers = {name for name in layers
                                if {**(options or {}), **(layer_options or {}).get(name, {})}.get("bypass_mode") is True}
+        # What each transfer costs here (calibration.TransferCosts), measured at the first
+        # choice transfer="auto" makes; assign one to override the measurement.
+        self.transfer_costs: calibration.TransferCosts | None = None
         self._orphaned_tapes: list[int] = []
         # Weight-path modules in the order of their first use; the ΔWs fetched with tapes for
         # this step, not used yet; the modules fetched this step (see weight_delta).
@@ -461,6 +459,13 @@ class LycorisNetwork(nn.Module):
 
     def _adapted_forward(self, name: str, layer: nn.Module, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._sync_timestep_mask()
+        side = None if args or kwargs else self._elementwise_side(name, layer, original)
+        if side is not None:
+            self._chose(name, "elementwise")
+        if side == "input":
+            return original(self._server_elementwise(name, x))
+        if side == "output":
+            return self._server_elementwise(name, original(x))
         if not args and not kwargs and self._moves_weights(name, layer, original, x):
             # The server never sees x on this path: check it here, as the server does.
             count = count_non_finite(x)
@@ -478,11 +483,53 @@ class LycorisNetwork(nn.Module):
         base = original(x, *args, **kwargs)
         return base + self.adapter_delta(name, x, base)
 
+    def _elementwise_side(self, name: str, layer: nn.Module, original) -> str | None:
+        """"output" or "input" when this call takes the elementwise transfer: with transfer
+        "auto", a module that has one (the server's ``elementwise``: IA3 without dropout and
+        rank_dropout), the layer's own forward, and a graph to build (without one, the kept
+        evaluation ΔW costs less)."""
+        side = self.modules_info[name].get("elementwise")
+        if side is None or self.transfer != "auto" or getattr(original, "__func__", None) is not type(layer).forward:
+            return None
+        return side if self.training or torch.is_grad_enabled() else None
+
+    def _server_elementwise(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise transfer's adapted tensor for `t` (the base output, or the input
+        on the input side); unbatched conv tensors (C, …) are accepted."""
+        self.release_orphaned_tapes()
+        params = self._module_parameters(name)
+        layer = self.modules_info[name]["layer"]
+        unbatched = layer["kind"].startswith("conv") and t.dim() == len(layer["kernel_size"]) + 1
+        if unbatched:
+            t = t.unsqueeze(0)
+        if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in params)):
+            adapted = AdapterFunction.apply(self, name, t.shape, True, t, *params)
+        else:
+            adapted, _ = self._server_forward(name, t, t.shape, False, True)
+        if unbatched:
+            adapted = adapted.squeeze(0)
+        return adapted if adapted.dtype == t.dtype else adapted.to(t.dtype)
+
     def _moves_weights(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
-        """Whether this call takes the weight path, by what each path costs in element copies:
-        activations 2·(|x| + |y|) and a round trip each way, plus — for a module without a
-        cheaper factor path (``factor_path`` false) — the two op(x, ΔW) more that the server
-        computes than the weight path's one extra ∂W in torch; weights 2·|W|."""
+        """Whether this call takes the weight path; records the choice in
+        ``modules_info[name]["transfer"]`` (see :meth:`_chose`)."""
+        moves = self._weights_cheaper(name, layer, original, x)
+        self._chose(name, "weights" if moves else "activations")
+        return moves
+
+    def _chose(self, name: str, transfer: str) -> None:
+        """Records `transfer` as module `name`'s current choice, logged (debug) when it changes."""
+        info = self.modules_info[name]
+        if info.get("transfer") != transfer:
+            log.debug("swift_lycoris: %s takes the %s transfer (%s)", name, transfer,
+                      ", ".join(f"{k} {v:.3g}" for k, v in info.get("transfer_costs_ms", {}).items()) or self.transfer)
+            info["transfer"] = transfer
+
+    def _weights_cheaper(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
+        """Whether moving ΔW costs less than moving activations, by the costs measured on this
+        machine (:mod:`.calibration`): activations two round trips and 4·(|x| + |y|) element
+        copies, plus — for a module without a cheaper factor path (``factor_path`` false) —
+        the two op(x, ΔW) more that the server computes; weights 4·|W| copies."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -490,18 +537,21 @@ class LycorisNetwork(nn.Module):
             return True
         if not self.training and not torch.is_grad_enabled():
             return True  # inference: the evaluation ΔW is kept (weight_delta), one fetch per module
+        if self.transfer_costs is None:
+            self.transfer_costs = calibration.measure(self.server, self.arena)
+            log.debug("swift_lycoris: transfer costs measured: %s", self.transfer_costs.describe())
         if isinstance(layer, nn.Linear):
             inputs, outputs = layer.in_features, layer.out_features
         elif is_norm_layer(layer):
             inputs = outputs = layer.weight.numel()
         else:
             inputs, outputs = layer.in_channels, layer.out_channels
-        activation_cost = x.numel() * (1 + outputs / inputs) + _ROUND_TRIP_ELEMENTS
-        if not self.modules_info[name]["factor_path"]:
-            # op(x, W) costs |W| multiply-adds per position (per row of a Linear's input).
-            positions = x.numel() / inputs
-            activation_cost += 2 * positions * layer.weight.numel() / _MULTIPLY_ADDS_PER_COPY
-        return layer.weight.numel() < activation_cost
+        # op(x, W) costs |W| multiply-adds per position (per row of a Linear's input).
+        server_multiply_adds = 0 if self.modules_info[name]["factor_path"] else 2 * x.numel() / inputs * layer.weight.numel()
+        activations = self.transfer_costs.activations(x.numel(), x.numel() * outputs / inputs, server_multiply_adds)
+        weights = self.transfer_costs.weights(layer.weight.numel())
+        self.modules_info[name]["transfer_costs_ms"] = {"activations": activations * 1e3, "weights": weights * 1e3}
+        return weights < activations
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the
@@ -517,19 +567,21 @@ class LycorisNetwork(nn.Module):
         else:
             output_shape = base.shape
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            delta = AdapterFunction.apply(self, name, output_shape, x, *params)
+            delta = AdapterFunction.apply(self, name, output_shape, False, x, *params)
         else:
             delta, _ = self._server_forward(name, x, output_shape, False)
         if unbatched:
             delta = delta.squeeze(0)
         return delta if delta.dtype == base.dtype else delta.to(base.dtype)
 
-    def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool):
+    def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool, elementwise: bool = False):
         self.sync(module=name)
         dtype = x.dtype if x.dtype in _ITEMSIZE else torch.float32
         self.arena.begin()
         self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]])
         call = {"module": name, "input": self.arena.put(x.to(dtype)), "output": self.arena.reserve(output_shape, dtype)}
+        if elementwise:
+            call["elementwise"] = True
         result = self._checked_call("forward", {"calls": [call], "grad": keep_tape})["results"][0]
         delta = self.arena.take(result["output"], x.device)
         return delta, result.get("tape")

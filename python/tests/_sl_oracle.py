@@ -237,3 +237,14 @@ def significant_delta(adapted: torch.Tensor, base: torch.Tensor, low: float = 1e
     comparison of base models)."""
     ratio = (adapted - base).abs().max().item() / base.abs().max().item()
     assert ratio > low, f"the adapter barely changes the output (max |Δy| / max |y0| = {ratio:.2e})"
+
+
+def sgd_step(*networks, lr: float = 0.05) -> None:
+    """p ← p − lr·∂p on every parameter of each network that has a gradient (in place:
+    version counters move); gradients set to None."""
+    with torch.no_grad():
+        for network in networks:
+            for p in network.parameters():
+                if p.grad is not None:
+                    p.sub_(lr * p.grad)
+                    p.grad = None

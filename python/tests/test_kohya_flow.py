@@ -172,8 +172,8 @@ def record_tapes(core) -> list[int]:
     tapes: list[int] = []
     forward, fetch = core._server_forward, core._fetch_delta_weights
 
-    def forward_spy(name, x, output_shape, keep_tape):
-        delta, tape = forward(name, x, output_shape, keep_tape)
+    def forward_spy(name, x, output_shape, keep_tape, *elementwise):
+        delta, tape = forward(name, x, output_shape, keep_tape, *elementwise)
         tapes.extend([tape] if tape is not None else [])
         return delta, tape
 
@@ -195,9 +195,9 @@ def test_no_grad_forwards_keep_no_tapes_and_dropped_graphs_release_theirs():
     flags = []  # per server request for activations or ΔWs: whether it kept tapes
     forward, fetch = core._server_forward, core._fetch_delta_weights
 
-    def forward_spy(name, x, output_shape, keep_tape):
+    def forward_spy(name, x, output_shape, keep_tape, *elementwise):
         flags.append(keep_tape)
-        return forward(name, x, output_shape, keep_tape)
+        return forward(name, x, output_shape, keep_tape, *elementwise)
 
     def fetch_spy(names, keep_tapes):
         flags.append(keep_tapes)

@@ -17,7 +17,7 @@ import copy
 
 import lycoris
 from _sl_oracle import (assert_grads_match, assert_rel, copy_lycoris_into_ours, inputs, lycoris_gradients, make_pair,
-                        our_parameters, randomize_lycoris)
+                        our_parameters, randomize_lycoris, sgd_step)
 
 import swift_lycoris as sl
 
@@ -43,13 +43,7 @@ class _MethodCounter:
 
 
 def _sgd_step(*networks) -> None:
-    """p ← p − lr·∂p on every parameter of each network (in place: version counters move)."""
-    with torch.no_grad():
-        for network in networks:
-            for p in network.parameters():
-                if p.grad is not None:
-                    p.sub_(LR * p.grad)
-                    p.grad = None
+    sgd_step(*networks, lr=LR)
 
 
 def _pending(network) -> int:
@@ -261,9 +255,13 @@ def test_load_state_dict_with_assign_reaches_the_server():
 def test_auto_transfer_counts_the_servers_work(algo, path):
     """A wide Linear (|W| = 2^20) on 16 rows: LoRA's factor path makes the activations the
     cheaper transfer; LoHa has none (factor_path false: the server would compute three
-    op(x, ΔW)), so ΔW crosses instead."""
+    op(x, ΔW)), so ΔW crosses instead. The costs are injected (a multiply-add as dear as a
+    copy; test_transfer_choice.py covers the measured ones)."""
+    from swift_lycoris.calibration import TransferCosts
+
     model = nn.Sequential(nn.Linear(1024, 1024))
     network = sl.create_lycoris(model, 1.0, 4, 1.0, algo=algo, threads=1)
+    network.transfer_costs = TransferCosts(round_trip=150e-6, copy=1e-9, multiply_add=1e-9)
     counter = _MethodCounter(network)
     try:
         assert network.modules_info["lycoris_0"]["factor_path"] is (algo == "lora")

@@ -1,0 +1,77 @@
+"""What each transfer of an adapted layer costs on this machine, measured once when a network
+is created (a few milliseconds); ``transfer="auto"`` chooses per call by these numbers (see
+``LycorisNetwork._moves_weights``).
+
+Per forward + backward of one layer with input x (|x| elements), output y, weight W:
+
+- activations: 2 round trips; x, y, ∂y and ∂x cross the arena, each copied twice (client and
+  server), 4·(|x| + |y|) copies; for a module without a cheaper factor path the server also
+  computes two op(x, ΔW) more than the weight path does (2·positions·|W| multiply-adds);
+- weights: ΔW out and ∂ΔW in, 4·|W| copies; their round trips are shared by a whole group of
+  modules, so none is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Elements of the copy and sides of the GEMM that calibration times: large enough to leave the
+# caches and the call overhead behind, small enough to take a few milliseconds.
+_COPY_ELEMENTS = 1 << 20
+_GEMM_SIDE = 256
+_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class TransferCosts:
+    """Seconds per unit of each kind of work."""
+
+    round_trip: float
+    """one empty server call (pipe, JSON, wake-up)"""
+    copy: float
+    """one float32 element copied once (into or out of the arena)"""
+    multiply_add: float
+    """one float32 multiply-add of a GEMM on this process's threads"""
+
+    def activations(self, inputs: int, outputs: int, server_multiply_adds: float) -> float:
+        """Seconds of the activation transfer for a call with `inputs` elements of x,
+        `outputs` of y, and `server_multiply_adds` the server computes beyond the weight path."""
+        return 2 * self.round_trip + 4 * (inputs + outputs) * self.copy + server_multiply_adds * self.multiply_add
+
+    def weights(self, weight_elements: int) -> float:
+        """Seconds of the weight transfer for a layer whose ΔW has `weight_elements`."""
+        return 4 * weight_elements * self.copy
+
+    def describe(self) -> dict:
+        return {"round_trip_us": self.round_trip * 1e6, "copy_ns_per_element": self.copy * 1e9,
+                "multiply_add_ps": self.multiply_add * 1e12}
+
+
+def _best(run, repeats: int = _REPEATS) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(server, arena) -> TransferCosts:
+    """The costs on this machine: the fastest of a few empty calls (`parameters.get` of no
+    keys), of a copy of 2²⁰ floats into the arena and back, and of a 256³ GEMM in torch (the
+    same BLAS work the server does on the same cores)."""
+    round_trip = _best(lambda: server.call("parameters.get", {"keys": []}), repeats=10)
+    source = torch.rand(_COPY_ELEMENTS)
+
+    def copy_through_arena():
+        arena.begin()
+        arena.plan([4 * _COPY_ELEMENTS])
+        arena.take(arena.put(source))
+
+    copy = _best(copy_through_arena) / (2 * _COPY_ELEMENTS)
+    a, b = torch.rand(_GEMM_SIDE, _GEMM_SIDE), torch.rand(_GEMM_SIDE, _GEMM_SIDE)
+    multiply_add = _best(lambda: torch.mm(a, b)) / _GEMM_SIDE ** 3
+    return TransferCosts(round_trip=round_trip, copy=copy, multiply_add=multiply_add)

@@ -1,0 +1,102 @@
+"""transfer="auto" chooses activations or weights per call from the costs measured on this
+machine (swift_lycoris.calibration), shows the choice in modules_info[name]["transfer"] and a
+debug log line. Oracle: injected costs whose choice is worked out by hand below, and the
+calls the client actually made."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from _sl_oracle import sl
+from swift_lycoris import calibration
+
+# Linear 64→64 (|W| = 4096) on x (1, 2, 64): |x| + |y| = 256 elements.
+IN, OUT, TOKENS = 64, 64, 2
+
+
+def _network(algo="lora"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(IN, OUT))
+    network = sl.create_lycoris(model, 1.0, 4, 1.0, algo=algo, threads=1)
+    network.apply_to()
+    return model, network
+
+
+def _step(model, network):
+    """One training step's forward + backward; the methods the client called."""
+    methods = []
+    checked = network._checked_call
+    network._checked_call = lambda method, params: (methods.append(method), checked(method, params))[1]
+    server_call = network.server.call
+    network.server.call = lambda method, params=None: (methods.append(method), server_call(method, params))[1]
+    try:
+        model(torch.randn(1, TOKENS, IN)).sum().backward()
+    finally:
+        network._checked_call = checked
+        network.server.call = server_call
+    return methods
+
+
+def test_the_choice_follows_injected_costs(caplog):
+    model, network = _network()
+    (name,) = network.modules_info
+    try:
+        # Free round trips: activations cost 4·256 copies, weights 4·4096 → activations.
+        network.transfer_costs = calibration.TransferCosts(round_trip=0.0, copy=1e-9, multiply_add=1e-12)
+        with caplog.at_level(logging.DEBUG, logger="swift_lycoris"):
+            methods = _step(model, network)
+        assert "forward" in methods and "delta_weight" not in methods
+        assert network.modules_info[name]["transfer"] == "activations"
+        costs = network.modules_info[name]["transfer_costs_ms"]
+        assert math.isclose(costs["activations"], 4 * 256 * 1e-9 * 1e3)
+        assert math.isclose(costs["weights"], 4 * 4096 * 1e-9 * 1e3)
+        assert any(f"{name} takes the activations transfer" in r.getMessage() for r in caplog.records)
+        # A round trip of 1 ms outweighs 4·(4096 − 256) ns of copies → weights.
+        network.transfer_costs = calibration.TransferCosts(round_trip=1e-3, copy=1e-9, multiply_add=1e-12)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="swift_lycoris"):
+            methods = _step(model, network)
+        assert "delta_weight" in methods and "forward" not in methods
+        assert network.modules_info[name]["transfer"] == "weights"
+        assert any(f"{name} takes the weights transfer" in r.getMessage() for r in caplog.records)
+    finally:
+        network.close()
+
+
+def test_the_server_multiply_adds_count_without_a_factor_path():
+    """LoHa has no cheaper factor path: the server's two op(x, ΔW) (2·2·4096 multiply-adds)
+    tip a choice that copies alone would make for activations."""
+    model, network = _network("loha")
+    (name,) = network.modules_info
+    try:
+        assert network.modules_info[name]["factor_path"] is False
+        network.transfer_costs = calibration.TransferCosts(round_trip=0.0, copy=1e-9, multiply_add=0.0)
+        _step(model, network)
+        assert network.modules_info[name]["transfer"] == "activations"
+        network.transfer_costs = calibration.TransferCosts(round_trip=0.0, copy=1e-9, multiply_add=1e-9)
+        _step(model, network)
+        assert network.modules_info[name]["transfer"] == "weights"
+        assert math.isclose(network.modules_info[name]["transfer_costs_ms"]["activations"],
+                            (4 * 256 * 1e-9 + 2 * TOKENS * 4096 * 1e-9) * 1e3)
+    finally:
+        network.close()
+
+
+def test_costs_are_measured_at_the_first_choice():
+    model, network = _network()
+    try:
+        assert network.transfer_costs is None
+        _step(model, network)
+        costs = network.transfer_costs
+        assert isinstance(costs, calibration.TransferCosts)
+        for value in (costs.round_trip, costs.copy, costs.multiply_add):
+            assert 0 < value < 1, costs
+        # A round trip (pipe, JSON, two wake-ups) costs more than copying one float.
+        assert costs.round_trip > costs.copy
+        (name,) = network.modules_info
+        assert network.modules_info[name]["transfer"] in ("activations", "weights")
+    finally:
+        network.close()
