@@ -43,8 +43,14 @@ scratch=.build-fuzz
 # `--sanitize fuzzer --sanitize address` passes two in no fixed order, so a build may silently
 # lose the coverage counters or ASan. `--sanitize fuzzer` is still given so that SwiftPM links
 # libFuzzer's main instead of the targets' (they have none).
+# (The linker's "Cannot export local symbol" notes are dropped; a failed build stops the script,
+# never falling back on binaries of an earlier build.)
+build_status=0
+mkdir -p "$scratch"
 nice -n 15 "$SWIFT" build --package-path fuzz --scratch-path "$scratch" -c "$config" \
-    --sanitize fuzzer -Xswiftc -sanitize=fuzzer,address 2>&1 | grep -v "Cannot export local symbol" || true
+    --sanitize fuzzer -Xswiftc -sanitize=fuzzer,address > "$scratch/build.log" 2>&1 || build_status=$?
+grep -v "Cannot export local symbol" "$scratch/build.log" || true
+[ "$build_status" -eq 0 ] || { echo "fuzz/run.sh: the build of the fuzz targets failed (status $build_status)" >&2; exit 1; }
 bin="$scratch/$config"
 
 summary=()
