@@ -39,6 +39,14 @@ public final class DynamicLibrary: @unchecked Sendable {
         throw .libraryNotFound(library: library, names: names, directories: directories, failures: failures)
     }
 
+    /// Loads the file at `path`, if there is one, for a library that later opens it itself by
+    /// its bare name: the loader then finds it already loaded (by its soname) instead of
+    /// searching. Returns whether it loaded; the handle stays open.
+    @discardableResult
+    public static func preload(_ path: String) -> Bool {
+        access(path, F_OK) == 0 && dlopen(path, RTLD_NOW | RTLD_LOCAL) != nil
+    }
+
     /// The C function `symbol`, typed as `T` (a `@convention(c)` function type).
     public func function<T>(_ symbol: String, as type: T.Type) throws(CUDAError) -> T {
         guard let address = dlsym(handle, symbol) else { throw .symbolMissing(symbol: symbol, path: path) }

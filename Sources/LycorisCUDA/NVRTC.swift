@@ -57,6 +57,12 @@ public final class NVRTC: @unchecked Sendable {
             throw .callFailed(function: "nvrtcVersion", status: status, message: "NVRTC status \(status)")
         }
         version = (Int(major), Int(minor))
+        // NVRTC opens libnvrtc-builtins.so.MAJOR.MINOR by bare name through its own RUNPATH
+        // ($ORIGIN); a dlopen interceptor (AddressSanitizer's) loses that, and compiling then
+        // fails. The builtins beside the loaded NVRTC are loaded first, by path.
+        if let slash = library.path.lastIndex(of: "/") {
+            DynamicLibrary.preload(String(library.path[..<slash]) + "/libnvrtc-builtins.so.\(major).\(minor)")
+        }
     }
 
     /// The PTX of `source` compiled with `options` (e.g. `--gpu-architecture=compute_90`);
