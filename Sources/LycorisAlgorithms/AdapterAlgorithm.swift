@@ -87,10 +87,11 @@ public protocol AdapterAlgorithm: Sendable {
     /// computes exactly op(x, ΔW); nil otherwise. With `bypass_mode` unset, the module takes
     /// that path when it is cheaper than op(x, ΔW) (out·in·K per position).
     var bypassCost: Int? { get }
-    /// Whether the module's change is m times the algorithm's (Δ(x) = m·bypass(x)); false
-    /// where the multiplier enters nonlinearly (DoRA), so bypass mode cannot apply and the
-    /// module computes with the rebuilt weight.
-    var multiplierIsLinear: Bool { get }
+    /// Whether the algorithm has a bypass path of its own; false for DoRA, whose weight
+    /// decomposition needs the whole rebuilt W', so bypass mode computes with that weight.
+    /// (A multiplier that enters nonlinearly is ``multipliedBypassForward(_:multiplier:_:)``'s
+    /// concern, not this.)
+    var hasBypass: Bool { get }
     /// What a file stores for this module, key suffix → tensor (scalar folded in).
     func savedTensors() -> [SavedTensor]
 
@@ -118,7 +119,7 @@ public protocol AdapterAlgorithm: Sendable {
 extension AdapterAlgorithm {
     public var bypassCost: Int? { nil }
 
-    public var multiplierIsLinear: Bool { true }
+    public var hasBypass: Bool { true }
 
     public var adaptsBias: Bool { false }
 

@@ -63,8 +63,8 @@ public struct AdapterModule: Sendable {
         case true?:
             // LoCon masks the rank axis in bypass; every other case masks ΔW's rows, which
             // the factor paths cannot express, so those fall back to rebuild.
-            // DoRA's multiplier is not a scale of a factor path: it always rebuilds.
-            tape.bypass = algorithm.multiplierIsLinear && (!rankDropout || algorithm is LoCon)
+            // DoRA has no bypass path: it always rebuilds.
+            tape.bypass = algorithm.hasBypass && (!rankDropout || algorithm is LoCon)
         case false?:
             tape.bypass = false
         case nil:

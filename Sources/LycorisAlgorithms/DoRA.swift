@@ -32,7 +32,7 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm {
     public var layer: LayerSpec { base.layer }
     public var scale: Float { base.scale }
     public var rank: Int? { base.rank }
-    public var multiplierIsLinear: Bool { false }
+    public var hasBypass: Bool { false }
 
     public var parameters: ParameterSet {
         get {
