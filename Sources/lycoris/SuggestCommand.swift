@@ -37,7 +37,7 @@ struct SuggestCommand: ParsableCommand {
         let table = try CheckpointLayers(checkpoint, family: modelType)
         let layers = table.layers.compactMap { layer -> AlgorithmSuggestion.Layer? in
             guard textEncoder || layer.component == .unet || layer.component == nil else { return nil }
-            let shape = LayersCommand.shape(of: layer, in: checkpoint)
+            let shape = checkpoint.weightShape(of: layer)
             return shape.count == 2 || shape.count == 4 ? .init(name: layer.name, shape: shape) : nil
         }
         let plan = try AlgorithmSuggestion.plan(layers, budget: Self.parameters(budget, dtype: dtype)!)
