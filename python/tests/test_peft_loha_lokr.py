@@ -172,3 +172,44 @@ def test_mixed_folder_types_and_misfit_lokr_reported(tmp_path):
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LOHA"
     for name in lokr_names:
         assert f"  {name}: a PEFT folder has one type: this one is LOHA" in printed, printed
+
+
+@pytest.mark.parametrize("config", [
+    peft.LoHaConfig(r=2, alpha=5, target_modules=["to_q", "to_v", "conv1"], rank_pattern={"conv1": 3},
+                    alpha_pattern={"to_v": 1.5}, init_weights=False),
+    # r=1: W2 decomposed (scale alpha/r); conv1's r=4 keeps both halves whole, where
+    # LyCORIS scales by 1, so PEFT's alpha/r = 0.75 must land in lokr_w1.
+    peft.LoKrConfig(r=1, alpha=3, target_modules=["to_q", "to_v", "conv1"], rank_pattern={"conv1": 4},
+                    init_weights=False),
+], ids=["loha", "lokr"])
+def test_peft_folder_into_lycoris(config, tmp_path):
+    """A folder `peft` itself saves (random factors, alpha ≠ r, per-module patterns) converted to
+    a kohya file: LyCORIS 4.1.3 loads it and every layer's output equals PEFT's."""
+    unet, texts = gen.build_models("sd1", unet_width=16, text_width=32, seed=5)
+    folder = tmp_path / "model"
+    gen.save_diffusers(unet, texts, str(folder))
+    torch.manual_seed(11)
+    adapted = peft.inject_adapter_in_model(config, copy.deepcopy(unet))
+    out = tmp_path / "peft"
+    out.mkdir()
+    config.save_pretrained(str(out))
+    from safetensors.torch import save_file
+    save_file(peft.get_peft_model_state_dict(adapted), str(out / "adapter_model.safetensors"))
+    back = tmp_path / "back.safetensors"
+    printed = run("convert", str(out), str(back), "--to", "kohya", "--model", str(folder)).stdout
+    paths = [n for n, m in adapted.named_modules() if isinstance(m, peft.tuners.lycoris_utils.LycorisLayer)]
+    assert f"converted {len(paths)} " in printed and "skipped" not in printed, printed
+    fresh = copy.deepcopy(unet)
+    reset_lycoris_class(PRESET)
+    reloaded, weights = lycoris_kohya.create_network_from_weights(1.0, str(back), None, None, fresh)
+    reloaded.apply_to(None, fresh, apply_text_encoder=False, apply_unet=True)
+    reloaded.load_state_dict(weights, strict=False)
+    assert len(reloaded.unet_loras) == len(paths)
+    ours, theirs = dict(fresh.named_modules()), dict(adapted.named_modules())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for path in paths:
+            x = _inputs(theirs[path].base_layer, g)
+            expected = theirs[path](x)
+            assert not torch.allclose(expected, theirs[path].base_layer(x), atol=1e-3), path
+            torch.testing.assert_close(ours[path](x), expected, rtol=1e-4, atol=1e-4, msg=path)
