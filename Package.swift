@@ -86,7 +86,7 @@ let package = Package(
         .target(
             name: "LycorisServer",
             dependencies: [
-                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA",
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA", "LycorisCheckpoints",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
