@@ -112,3 +112,34 @@ def test_kohya_auto_trains_saves_and_reloads(tmp_path, capsys):
         network.close()
         if loaded is not None:
             loaded.close()
+
+
+def test_auto_lokr_square_factors_reload_in_lycoris(tmp_path):
+    """At a generous budget every layer is a full-rank LoKr; on these convolutions the plan
+    picks square first factors (f, f) from LyCORIS's `factor` f ≠ −1 — and LyCORIS 4.1.3's
+    loader rebuilds exactly those factors from the file."""
+    torch.manual_seed(2)
+    base = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.Conv2d(16, 48, 3, padding=1),
+                               torch.nn.Conv2d(48, 24, 3, padding=1), torch.nn.Conv2d(24, 12, 1))
+    plan = suggestion.plan(_targets(base, False), 10**6)
+    factors = {e["name"]: (e["algo"], e["options"].get("factor"), e["w1_shape"]) for e in plan["layers"]}
+    assert factors["lycoris_0"] == ("lokr", 2, [2, 2]) and factors["lycoris_1"] == ("lokr", 4, [4, 4]), factors
+    model = copy.deepcopy(base)
+    ours = sl.create_lycoris(model, 1.0, algo="auto", budget=10**6, threads=1)
+    try:
+        assert _size(ours) == plan["parameters"]
+        randomize_ours(ours)
+        ours.apply_to()
+        ours.eval()
+        x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            y_ours = model(x)
+        path = tmp_path / "auto.safetensors"
+        ours.save_weights(str(path))
+        theirs = copy.deepcopy(base)
+        loaded, _ = lycoris.create_lycoris_from_weights(1.0, str(path), theirs)
+        loaded.apply_to()
+        with torch.no_grad():
+            assert_rel(theirs(x), y_ours, 1e-4, "LyCORIS 4.1.3 on square LoKr factors")
+    finally:
+        ours.close()
