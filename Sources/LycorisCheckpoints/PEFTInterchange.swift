@@ -55,11 +55,13 @@ public enum PEFTInterchange {
         var alphaKey: String { self == .lora ? "lora_alpha" : "alpha" }
     }
 
-    /// The module path PEFT uses for a layer (its key in the component, without `.weight`).
+    /// The module path PEFT uses for a layer (its key in the diffusers/transformers model,
+    /// without `.weight`): a single file's layers through their other-layout key, which for
+    /// a third of OpenCLIP's fused `in_proj` is the transformers `q_proj`/`k_proj`/`v_proj`.
     static func modulePath(_ layer: AdaptableLayer, in checkpoint: Checkpoint) -> String? {
-        guard layer.rows == nil else { return nil }
         let key = checkpoint.layout == .diffusersFolder ? layer.weightKey : layer.otherLayoutKey ?? layer.weightKey
-        return key.hasSuffix(".weight") ? String(key.dropLast(".weight".count)) : nil
+        guard layer.rows == nil || key != layer.weightKey, key.hasSuffix(".weight") else { return nil }
+        return String(key.dropLast(".weight".count))
     }
 
     /// One module ready for the folder: its PEFT r, alpha and tensors by PEFT name.

@@ -213,3 +213,42 @@ def test_peft_folder_into_lycoris(config, tmp_path):
             expected = theirs[path](x)
             assert not torch.allclose(expected, theirs[path].base_layer(x), atol=1e-3), path
             torch.testing.assert_close(ours[path](x), expected, rtol=1e-4, atol=1e-4, msg=path)
+
+
+def test_sdxl_single_file_second_text_encoder_fused_in_proj(tmp_path):
+    """SDXL's second text encoder in a single LDM file keeps q/k/v fused in OpenCLIP's
+    `in_proj_weight`; kohya's q_proj/k_proj/v_proj modules map to the transformers modules
+    PEFT adapts (`text_model.encoder.layers.N.self_attn.q_proj`), and back."""
+    from _checkpoints import make_checkpoints
+    from safetensors.torch import save_file
+
+    unet, texts, _, single = make_checkpoints("sdxl", tmp_path, seed=2)
+    text = texts[1]
+    g = torch.Generator().manual_seed(9)
+    source, delta = {}, {}
+    for index, part in enumerate(("q_proj", "k_proj", "v_proj", "out_proj")):
+        name = f"lora_te2_text_model_encoder_layers_0_self_attn_{part}"
+        width, rank, alpha = 32, 2 + index % 2, 3.0
+        w = {k: torch.randn(shape, generator=g) for k, shape in
+             (("hada_w1_a", (width, rank)), ("hada_w1_b", (rank, width)), ("hada_w2_a", (width, rank)), ("hada_w2_b", (rank, width)))}
+        source.update({f"{name}.{k}": v for k, v in w.items()})
+        source[f"{name}.alpha"] = torch.tensor(alpha)
+        delta[f"text_model.encoder.layers.0.self_attn.{part}"] = (w["hada_w1_a"] @ w["hada_w1_b"]) * (w["hada_w2_a"] @ w["hada_w2_b"]) * alpha / rank
+    kohya = tmp_path / "te2.safetensors"
+    save_file(source, str(kohya))
+    out = tmp_path / "peft"
+    printed = run("convert", str(kohya), str(out), "--to", "peft", "--model", str(single), "--component", "text_encoder_2").stdout
+    assert "converted 4 modules" in printed and "skipped" not in printed, printed
+    adapted, config = _peft_model(out, text)
+    assert sorted(config["target_modules"]) == sorted(delta)
+    modules = dict(adapted.named_modules())
+    x = torch.randn(3, 32, generator=g)
+    with torch.no_grad():
+        for path, dw in delta.items():
+            torch.testing.assert_close(modules[path](x), modules[path].base_layer(x) + x @ dw.T, rtol=1e-4, atol=1e-4, msg=path)
+    back = tmp_path / "back.safetensors"
+    run("convert", str(out), str(back), "--to", "kohya", "--model", str(single), "--component", "text_encoder_2")
+    restored = load_file(str(back))
+    assert set(restored) == set(source)
+    for key, value in source.items():
+        torch.testing.assert_close(restored[key], value, msg=key)
