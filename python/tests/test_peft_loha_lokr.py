@@ -115,17 +115,20 @@ def test_peft_lycoris_round_trip(algo, args, component, skipped, tmp_path, closi
     reference = dict(adapted_reference.named_modules())
     prefix = "lora_unet_" if component == "unet" else "lora_te_"
     g = torch.Generator().manual_seed(3)
-    checked = 0
+    assert all(isinstance(modules[path], peft.tuners.lycoris_utils.LycorisLayer) for path in config["target_modules"])
+    # Outputs of every conv and every third other layer (each module is converted alike;
+    # checking all 280 UNet layers through both libraries costs minutes on two cores).
+    checked = [path for index, path in enumerate(config["target_modules"])
+               if index % 3 == 0 or isinstance(modules[path].base_layer, nn.Conv2d)]
+    outputs = {}  # path: (x, LyCORIS's output)
     with torch.no_grad():
-        for path in config["target_modules"]:
+        for path in checked:
             layer = modules[path]
-            assert isinstance(layer, peft.tuners.lycoris_utils.LycorisLayer), path
             x = _inputs(layer.base_layer, g)
-            expected = reference[path](x)
-            assert not torch.allclose(expected, layer.base_layer(x), atol=1e-3), f"{path}: the adapter changes nothing"
-            torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4, msg=path)
-            checked += 1
-    assert checked == len(own) - skipped
+            outputs[path] = (x, reference[path](x))
+            assert not torch.allclose(outputs[path][1], layer.base_layer(x), atol=1e-3), f"{path}: the adapter changes nothing"
+            torch.testing.assert_close(layer(x), outputs[path][1], rtol=1e-4, atol=1e-4, msg=path)
+    assert len(config["target_modules"]) == len(own) - skipped
     assert {prefix + p.replace(".", "_") for p in config["target_modules"]} <= {m.lora_name for m in own}
 
     back = tmp_path / "back.safetensors"
@@ -147,9 +150,8 @@ def test_peft_lycoris_round_trip(algo, args, component, skipped, tmp_path, closi
         reloaded.load_state_dict(weights, strict=False)
     again = dict(fresh[component].named_modules())
     with torch.no_grad():
-        for path in config["target_modules"]:
-            x = _inputs(modules[path].base_layer, g)
-            torch.testing.assert_close(again[path](x), reference[path](x), rtol=1e-4, atol=1e-4, msg=path)
+        for path, (x, expected) in outputs.items():
+            torch.testing.assert_close(again[path](x), expected, rtol=1e-4, atol=1e-4, msg=path)
 
 
 def test_mixed_folder_types_and_misfit_lokr_reported(tmp_path):
