@@ -141,7 +141,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LycorisServerTests",
-            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
+            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCheckpoints", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
             swiftSettings: strictSwift
         ),
         .testTarget(
