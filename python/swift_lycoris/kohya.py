@@ -289,8 +289,6 @@ class NetworkArgs:
         args.algo = "auto" if algo == "auto" else _check_algorithm(algo, "network_args algo")
         args.budget = None if _is_unset(kw.get("budget")) else str(kw["budget"]).strip()
         args.budget_dtype = str(kw.get("budget_dtype") or "f16").strip().lower()
-        if args.algo == "auto" and args.budget is None:
-            raise ValueError("network_args algo=auto needs budget=… (a size such as 10MB, or a parameter count)")
         args.preset = kw.get("preset") or "full"
         dropout = _parse_float(kw.get("dropout"), "dropout", None)
         if dropout is None:

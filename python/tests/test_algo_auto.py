@@ -70,7 +70,7 @@ def test_auto_needs_a_budget_that_fits():
         sl.create_lycoris(base, algo="auto", budget=100)
     with pytest.raises(ValueError, match="budget must be"):
         sl.create_lycoris(base, algo="auto", budget="12 parsecs")
-    with pytest.raises(ValueError, match="algo=auto needs budget"):
+    with pytest.raises(ValueError, match="algo=auto needs a budget"):
         sk.create_network(1.0, 4, 1, None, None, torch.nn.Linear(4, 4), algo="auto")
 
 
