@@ -104,7 +104,8 @@ def test_kohya_auto_trains_saves_and_reloads(tmp_path, capsys):
         theirs = run_sd(te_l, unet_l, grad=False)
         assert_close(theirs["unet"], expected["unet"], "LyCORIS 4.1.3 on the trained algo=auto file", rtol=1e-4)
         te_o, unet_o = fresh
-        loaded, _ = sk.create_network_from_weights(1.0, str(path), None, te_o, unet_o)
+        # kohya passes the same network_args; the file decides, no budget needed.
+        loaded, _ = sk.create_network_from_weights(1.0, str(path), None, te_o, unet_o, algo="auto")
         loaded.apply_to(te_o, unet_o, True, True)
         loaded.eval()
         assert_close(run_sd(te_o, unet_o, grad=False)["unet"], expected["unet"], "reloaded here", rtol=1e-5)
