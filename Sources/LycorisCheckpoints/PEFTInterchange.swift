@@ -104,7 +104,7 @@ public enum PEFTInterchange {
                 continue
             }
             let tensors = try adapter.tensors(of: module)
-            let known = Set(["alpha", "lora_down.weight", "lora_up.weight"] + PEFTType.loha.suffixes + PEFTType.lokr.suffixes)
+            let known = Set(["alpha", "lora_down.weight", "lora_up.weight", "lora_mid.weight"] + PEFTType.loha.suffixes + PEFTType.lokr.suffixes)
             if let extra = tensors.keys.sorted().first(where: { !known.contains($0) }) {
                 report.skipped.append((module.name, "\(extra) has no place in a PEFT \(type.rawValue) adapter"))
                 continue
