@@ -86,7 +86,7 @@ let package = Package(
         .target(
             name: "LycorisServer",
             dependencies: [
-                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA",
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA", "LycorisCheckpoints",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
@@ -141,7 +141,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LycorisServerTests",
-            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
+            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCheckpoints", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
             swiftSettings: strictSwift
         ),
         .testTarget(

@@ -83,6 +83,7 @@ public final class LycorisService {
         "network.save": { $0.networkSave },
         "network.load": { $0.networkLoad },
         "file.describe": { $0.fileDescribe },
+        "network.suggest": { $0.networkSuggest },
         "network.set_multiplier": { $0.networkSetMultiplier },
         "network.set_training": { $0.networkSetTraining },
         "network.set_timestep_mask": { $0.networkSetTimestepMask },

@@ -419,6 +419,68 @@ enum OpenRPCDocument {
       ]
     },
     {
+      "name": "network.suggest",
+      "summary": "Plan per layer the LoRA, LoHa or LoKr configuration with the highest attainable rank of delta W under a size budget (what lycoris suggest prints; clients' algo=auto).",
+      "description": "For the linear and conv layers described as for network.create (norm layers: -32602), the plan of lycoris suggest: every layer attains at least a fraction `target` of its full rank min(out, in*k), `target` as high as the budget allows; per layer the cheapest of LoRA (rank r, r*(out+n) parameters), LoHa (rank up to r^2, 2r(out+n)) and LoKr with both Kronecker halves full (LyCORIS's factor -1, or a common divisor f of out and in with f^2 <= min(out, in); rank min(a1,b1)*min(out/a1, n/b1)). Each layer's algo and options build exactly the planned module when sent back as network.create's layers[].algo and layers[].options. Needs no network and changes no state. A budget too small for rank 1 everywhere is -32602 naming what rank 1 needs.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "layers",
+          "description": "The layers to plan (linear, conv1d, conv2d, conv3d), in network order; names unique.",
+          "required": true,
+          "schema": {
+            "type": "array",
+            "items": {
+              "$ref": "#/components/schemas/LayerInput"
+            }
+          }
+        },
+        {
+          "name": "budget",
+          "description": "A parameter count, or a size with a decimal unit (\"10MB\", \"500KB\", \"1GB\", \"800B\") counted at dtype.",
+          "required": true,
+          "schema": {
+            "oneOf": [
+              {
+                "type": "integer",
+                "minimum": 1
+              },
+              {
+                "type": "string"
+              }
+            ]
+          }
+        },
+        {
+          "name": "dtype",
+          "description": "The dtype the adapter is stored in, for a budget in bytes: f16 (default), bf16 or f32.",
+          "required": false,
+          "schema": {
+            "type": "string",
+            "enum": [
+              "f16",
+              "bf16",
+              "f32",
+              "F16",
+              "BF16",
+              "F32"
+            ]
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "$ref": "#/components/schemas/NetworkSuggestion"
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        }
+      ]
+    },
+    {
       "name": "network.set_multiplier",
       "summary": "Set every module's multiplier.",
       "description": "The output of every module becomes m * delta(x); affects later calls only.",
@@ -3196,6 +3258,160 @@ enum OpenRPCDocument {
           },
           "components": {
             "type": "object"
+          }
+        }
+      },
+      "NetworkSuggestion": {
+        "type": "object",
+        "required": [
+          "layers",
+          "blocks",
+          "parameters",
+          "bytes",
+          "budget",
+          "target"
+        ],
+        "additionalProperties": false,
+        "properties": {
+          "layers": {
+            "description": "Every layer, in the order given.",
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "name",
+                "algo",
+                "options",
+                "rank",
+                "w1_shape",
+                "attainable_rank",
+                "full_rank",
+                "parameters"
+              ],
+              "additionalProperties": false,
+              "properties": {
+                "name": {
+                  "type": "string"
+                },
+                "algo": {
+                  "description": "locon, loha or lokr.",
+                  "type": "string",
+                  "enum": [
+                    "locon",
+                    "loha",
+                    "lokr"
+                  ]
+                },
+                "options": {
+                  "description": "network.create layer options that build the planned module: lora_dim and conv_dim = rank and use_tucker false (locon, loha); factor, full_matrix true, decompose_both false, use_tucker false, unbalanced_factorization false, lora_dim and conv_dim 1 (lokr).",
+                  "$ref": "#/components/schemas/AdapterOptions"
+                },
+                "rank": {
+                  "description": "LoRA/LoHa dimension; for LoKr min(a1, b1).",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "w1_shape": {
+                  "description": "LoKr: the first Kronecker factor's shape (a1, b1); null otherwise.",
+                  "oneOf": [
+                    {
+                      "type": "array",
+                      "items": {
+                        "type": "integer",
+                        "minimum": 1
+                      },
+                      "minItems": 2,
+                      "maxItems": 2
+                    },
+                    {
+                      "type": "null"
+                    }
+                  ]
+                },
+                "attainable_rank": {
+                  "description": "The highest rank of delta W the module can reach.",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "full_rank": {
+                  "description": "min(out, in/groups * prod(kernel)).",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "parameters": {
+                  "description": "The module's trained elements (alpha not counted).",
+                  "type": "integer",
+                  "minimum": 1
+                }
+              }
+            }
+          },
+          "blocks": {
+            "description": "The layers grouped by block (the name up to its first number), in order of first appearance.",
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "name",
+                "layers",
+                "algorithms",
+                "min_rank",
+                "max_rank",
+                "parameters"
+              ],
+              "additionalProperties": false,
+              "properties": {
+                "name": {
+                  "type": "string"
+                },
+                "layers": {
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "algorithms": {
+                  "description": "Algorithm name to layer count.",
+                  "type": "object",
+                  "additionalProperties": {
+                    "type": "integer",
+                    "minimum": 1
+                  }
+                },
+                "min_rank": {
+                  "description": "The lowest attainable rank in the block.",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "max_rank": {
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "parameters": {
+                  "type": "integer",
+                  "minimum": 1
+                }
+              }
+            }
+          },
+          "parameters": {
+            "description": "The plan's total, at most budget.",
+            "type": "integer",
+            "minimum": 0
+          },
+          "bytes": {
+            "description": "parameters times the dtype's size.",
+            "type": "integer",
+            "minimum": 0
+          },
+          "budget": {
+            "description": "The budget in parameters.",
+            "type": "integer",
+            "minimum": 1
+          },
+          "target": {
+            "description": "The fraction of its full rank every layer attains at least (0 to 1).",
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1
           }
         }
       },

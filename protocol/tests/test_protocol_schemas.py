@@ -405,6 +405,43 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     assert server.process.wait(timeout=30) == 0
 
 
+def test_network_suggest_plans_within_the_budget_and_builds_it(start_server):
+    """network.suggest: the plan fits the budget, every layer reaches ⌈target·full rank⌉, and
+    the planned algo/options given to network.create build modules of the planned size."""
+    server = start_server()
+    layers = [{"name": "lora_unet_down_blocks_0_attn_to_q", "kind": "linear", "in_features": 64, "out_features": 64},
+              {"name": "lora_unet_down_blocks_0_ff", "kind": "linear", "in_features": 64, "out_features": 256},
+              {"name": "lora_unet_down_blocks_1_conv", "kind": "conv2d", "in_channels": 32, "out_channels": 48,
+               "kernel_size": 3, "padding": 1},
+              {"name": "lora_te_layers_0_fc", "kind": "linear", "in_features": 30, "out_features": 7}]
+    full = {"lora_unet_down_blocks_0_attn_to_q": 64, "lora_unet_down_blocks_0_ff": 64,
+            "lora_unet_down_blocks_1_conv": 48, "lora_te_layers_0_fc": 7}
+    previous = -1.0
+    for budget in (1200, 4000, 9000, "30KB"):
+        plan = server.call("network.suggest", {"layers": layers, "budget": budget})
+        limit = budget if isinstance(budget, int) else 30_000 // 2
+        assert plan["budget"] == limit and plan["parameters"] <= limit and plan["bytes"] == 2 * plan["parameters"]
+        assert plan["parameters"] == sum(entry["parameters"] for entry in plan["layers"])
+        assert [entry["name"] for entry in plan["layers"]] == [layer["name"] for layer in layers]
+        for entry in plan["layers"]:
+            assert entry["full_rank"] == full[entry["name"]]
+            assert entry["attainable_rank"] >= min(full[entry["name"]], max(1, math.ceil(plan["target"] * entry["full_rank"])))
+        assert [b["name"] for b in plan["blocks"]] == ["lora_unet_down_blocks_0", "lora_unet_down_blocks_1", "lora_te_layers_0"]
+        assert plan["target"] >= previous
+        previous = plan["target"]
+    assert {entry["algo"] for entry in plan["layers"]} <= {"locon", "loha", "lokr"}
+    created = server.call("network.create", {"layers": [
+        {**layer, "algo": entry["algo"], "options": entry["options"]} for layer, entry in zip(layers, plan["layers"])]})
+    for module, entry in zip(created["modules"], plan["layers"]):
+        assert module["algorithm"] == entry["algo"]
+        assert sum(math.prod(p["shape"]) for p in module["parameters"]) == entry["parameters"], module
+    assert "too small" in server.error("network.suggest", {"layers": layers, "budget": 10}, -32602)["message"]
+    for bad in ({"layers": layers, "budget": "12 parsecs"}, {"layers": layers, "budget": 0},
+                {"layers": layers, "budget": 100, "dtype": "f8"},
+                {"layers": [{"name": "n", "kind": "layer_norm", "normalized_shape": 8}], "budget": 100}):
+        server.error("network.suggest", bad, -32602)
+
+
 def test_other_algorithms_and_options(start_server):
     server = start_server()
     weight = np.ones((6, 8), dtype=np.float32)

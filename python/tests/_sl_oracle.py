@@ -136,6 +136,14 @@ def randomize_lycoris(lyco_net, seed: int = 99, std: float = 0.3) -> None:
 
 
 @torch.no_grad()
+def randomize_ours(network, seed: int = 5, std: float = 0.3) -> None:
+    """Every adapter parameter of one of our networks random, N(0, std²)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in network.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
 def copy_lycoris_into_ours(lyco_net, network) -> None:
     """Copies LyCORIS's parameter values into ours, name by name (in place, through torch,
     so the version counters move and the values reach the server)."""
