@@ -1,3 +1,4 @@
+import Foundation
 import LycorisAlgorithms
 import LycorisCore
 
@@ -183,5 +184,36 @@ public enum DeviceSelfCheck {
             for address in addresses { try? runtime.free(address) }
             addresses = []
         }
+    }
+}
+
+extension DeviceSelfCheck {
+    /// Runs every case on `runtime`, writing one line per case (name, the worst comparison,
+    /// its relative error, ok/FAILED; ≤ 100 columns) and a summary; true when all passed.
+    public static func report(on runtime: DeviceRuntime, write: (String) -> Void) -> Bool {
+        write("device check on \(runtime.description): \(cases.count) cases, m·ΔW and ∂parameters against the host engine, "
+            + "tolerance \(tolerance) relative")
+        var failed = 0
+        let clock = ContinuousClock()
+        let started = clock.now
+        for check in cases {
+            let line = check.name.padding(toLength: 40, withPad: " ", startingAt: 0)
+            do {
+                let comparisons = try run(check, on: runtime)
+                // NaN (an element never written, or a non-finite result) counts as the worst.
+                let worst = comparisons.max { $0.error < $1.error || ($1.error.isNaN && !$0.error.isNaN) }!
+                let passed = comparisons.allSatisfy { $0.error <= tolerance }
+                if !passed { failed += 1 }
+                write(line + " worst " + worst.what.padding(toLength: 20, withPad: " ", startingAt: 0)
+                    + " \(String(format: "%.2e", Double(worst.error)))  " + (passed ? "ok" : "FAILED"))
+            } catch {
+                failed += 1
+                write(line + " FAILED: \(error)")
+            }
+        }
+        let elapsed = (clock.now - started).components
+        let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) * 1e-18
+        write("device check: \(cases.count - failed) of \(cases.count) cases passed in \(String(format: "%.2f", seconds)) s")
+        return failed == 0
     }
 }
