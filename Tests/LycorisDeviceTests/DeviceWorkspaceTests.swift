@@ -40,3 +40,17 @@ import Testing
         #expect(device.liveAllocations.count == inputs, "the workspace was not given back")
     }
 }
+
+/// The timing report's code path on the emulated device, with one small layer (its figures
+/// mean nothing here; the GPU run prints SD 1.5's rows).
+@Suite struct DeviceTimingTests {
+    @Test func aRowIsTimedAndReported() throws {
+        let device = EmulatedDevice()
+        let row = DeviceTiming.Row("lokr linear 24x20", .lokr, .linear(inFeatures: 24, outFeatures: 20)) { $0.factor = 4 }
+        var lines: [String] = []
+        #expect(DeviceTiming.report([row], on: device, repeats: 2) { lines.append($0) })
+        #expect(lines.count == 2 && lines[1].hasPrefix("lokr linear 24x20") && lines[1].contains(" ms   workspace "), "\(lines)")
+        #expect(device.liveAllocations.isEmpty)
+        #expect(DeviceTiming.sd15.count == 15)
+    }
+}
