@@ -119,8 +119,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             // ∂w = m · Σ ∂(m·ΔW) ⊙ W0 over every axis but w's.
             let axis = IA3Axis(a, module.layer)
             let weight = gradients["weight"]!
-            try runtime.launch(.channelDot(out: weight.address, a: g.address, b: baseWeight!.address, s: m, stride: axis.stride,
-                                           channels: axis.channels, count: g.count))
+            try algebra.channelDot(into: weight, g, baseWeight!, scale: m, stride: axis.stride, channels: axis.channels)
             results = []
         case .full:
             results = [("diff", algebra.scaled(g, by: m))]
