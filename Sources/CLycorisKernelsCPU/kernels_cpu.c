@@ -11,6 +11,10 @@ void lycoris_cpu_hadamard(unsigned grid, unsigned block, float *out, const float
     LYCORIS_LAUNCH(lycoris_hadamard, grid, block, out, a, b, s, n);
 }
 
+void lycoris_cpu_add(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_add, grid, block, out, a, b, s, n);
+}
+
 void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                            uint64_t p, uint64_t q, uint64_t r, uint64_t t, uint64_t k) {
     LYCORIS_LAUNCH(lycoris_kronecker, grid, block, out, a, b, s, p, q, r, t, k);

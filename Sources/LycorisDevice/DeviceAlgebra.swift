@@ -79,6 +79,11 @@ final class DeviceAlgebra: WeightAlgebra {
         }
     }
 
+    func adding(_ a: DeviceTensor, _ b: DeviceTensor) -> DeviceTensor {
+        guard a.count == b.count else { return fail("device add: \(a.shape) and \(b.shape) differ", shape: a.shape) }
+        return output(b.shape) { out in try runtime.launch(.add(out: out.address, a: a.address, b: b.address, s: 1, count: a.count)) }
+    }
+
     func kronecker(_ a: DeviceTensor, _ b: DeviceTensor, scale s: Float) -> DeviceTensor {
         let (p, q, r, t) = (a.shape[0], a.shape[1], b.shape[0], b.shape[1])
         let kernel = Array(b.shape.dropFirst(2))

@@ -12,6 +12,8 @@ public enum DeviceKernel: Sendable, Equatable {
     case scale(out: UInt64, x: UInt64, s: Float, count: Int)
     /// out = s · (a ⊙ b).
     case hadamard(out: UInt64, a: UInt64, b: UInt64, s: Float, count: Int)
+    /// out = a + s · b.
+    case add(out: UInt64, a: UInt64, b: UInt64, s: Float, count: Int)
     /// out = s · kron(A (p, q), B (r, t, k)) → (p·r, q·t, k).
     case kronecker(out: UInt64, a: UInt64, b: UInt64, s: Float, p: Int, q: Int, r: Int, t: Int, k: Int)
     /// out[e] = x[e] · (offset + s · w[⌊e / stride⌋ mod channels]).
@@ -28,13 +30,14 @@ public enum DeviceKernel: Sendable, Equatable {
                     inFirst: Int)
 
     /// Every kernel a ``DeviceKernel`` launches (the functions ``CUDADevice`` loads).
-    public static let names = ["lycoris_scale", "lycoris_hadamard", "lycoris_kronecker", "lycoris_channel_scale",
+    public static let names = ["lycoris_scale", "lycoris_hadamard", "lycoris_add", "lycoris_kronecker", "lycoris_channel_scale",
                                "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_transpose", "lycoris_column_copy"]
 
     public var name: String {
         switch self {
         case .scale: "lycoris_scale"
         case .hadamard: "lycoris_hadamard"
+        case .add: "lycoris_add"
         case .kronecker: "lycoris_kronecker"
         case .channelScale: "lycoris_channel_scale"
         case .channelDotParts: "lycoris_channel_dot_parts"
@@ -47,7 +50,8 @@ public enum DeviceKernel: Sendable, Equatable {
     /// The launch's thread count (the kernel's 1-D index range).
     public var threads: Int {
         switch self {
-        case let .scale(_, _, _, count), let .hadamard(_, _, _, _, count), let .channelScale(_, _, _, _, _, _, _, count):
+        case let .scale(_, _, _, count), let .hadamard(_, _, _, _, count), let .add(_, _, _, _, count),
+             let .channelScale(_, _, _, _, _, _, _, count):
             count
         case let .kronecker(_, _, _, _, p, q, r, t, k): p * q * r * t * k
         case let .channelDotParts(_, _, _, _, channels, _, parts): channels * parts
@@ -63,7 +67,7 @@ public enum DeviceKernel: Sendable, Equatable {
         switch self {
         case let .scale(out, x, s, count):
             return [.pointer(out), .pointer(x), .float(s), size(count)]
-        case let .hadamard(out, a, b, s, count):
+        case let .hadamard(out, a, b, s, count), let .add(out, a, b, s, count):
             return [.pointer(out), .pointer(a), .pointer(b), .float(s), size(count)]
         case let .kronecker(out, a, b, s, p, q, r, t, k):
             return [.pointer(out), .pointer(a), .pointer(b), .float(s), size(p), size(q), size(r), size(t), size(k)]

@@ -72,6 +72,8 @@ public final class EmulatedDevice: DeviceRuntime, @unchecked Sendable {
             lycoris_cpu_scale(grid, block, try p(out), try p(x), s, u(n))
         case let .hadamard(out, a, b, s, n):
             lycoris_cpu_hadamard(grid, block, try p(out), try p(a), try p(b), s, u(n))
+        case let .add(out, a, b, s, n):
+            lycoris_cpu_add(grid, block, try p(out), try p(a), try p(b), s, u(n))
         case let .kronecker(out, a, b, s, pp, q, r, t, k):
             lycoris_cpu_kronecker(grid, block, try p(out), try p(a), try p(b), s, u(pp), u(q), u(r), u(t), u(k))
         case let .channelScale(out, x, w, offset, s, stride, channels, n):

@@ -12,7 +12,7 @@ import Testing
 @Suite struct KernelTests {
     static let sourcePath = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("Sources/LycorisCUDA/Kernels/lycoris_kernels.cu").path
-    static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_kronecker", "lycoris_channel_scale",
+    static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_add", "lycoris_kronecker", "lycoris_channel_scale",
                           "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_norm_affine", "lycoris_transpose", "lycoris_column_copy",
                           "lycoris_dropout_mask"]
 
@@ -41,12 +41,14 @@ import Testing
         for kernel in Self.kernels { #expect(ptx.contains(".entry \(kernel)("), "\(kernel) is not in the PTX") }
     }
 
-    @Test func scaleAndHadamardAreTheEnginesProducts() {
+    @Test func scaleHadamardAndAddAreTheEnginesOperations() {
         let a = randomTensor([5, 9], seed: 1), b = randomTensor([5, 9], seed: 2)
         let scaled = Self.launched(a.count) { lycoris_cpu_scale($0, $1, $2, a.scalars, 0.75, UInt64(a.count)) }
         expectClose(Tensor(shape: a.shape, scalars: scaled), a * 0.75, tolerance: 1e-7, "scale")
         let product = Self.launched(a.count) { lycoris_cpu_hadamard($0, $1, $2, a.scalars, b.scalars, 0.5, UInt64(a.count)) }
         expectClose(Tensor(shape: a.shape, scalars: product), a * b * 0.5, tolerance: 1e-7, "hadamard")
+        let sum = Self.launched(a.count) { lycoris_cpu_add($0, $1, $2, a.scalars, b.scalars, -2, UInt64(a.count)) }
+        expectClose(Tensor(shape: a.shape, scalars: sum), a - b * 2, tolerance: 1e-7, "add")
     }
 
     @Test(arguments: [[4, 5, 3, 3], [4, 5]])

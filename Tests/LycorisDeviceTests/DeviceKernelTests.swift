@@ -13,6 +13,7 @@ import Testing
     static let samples: [DeviceKernel] = [
         .scale(out: 1, x: 2, s: 0.5, count: 3),
         .hadamard(out: 1, a: 2, b: 3, s: 0.5, count: 3),
+        .add(out: 1, a: 2, b: 3, s: 0.5, count: 4),
         .kronecker(out: 1, a: 2, b: 3, s: 0.5, p: 1, q: 2, r: 3, t: 4, k: 5),
         .channelScale(out: 1, x: 2, w: 3, offset: 0, s: 1, stride: 4, channels: 5, count: 6),
         .channelDotParts(partials: 1, a: 2, b: 3, stride: 4, channels: 5, count: 6, parts: 7),
@@ -55,7 +56,7 @@ import Testing
     }
 
     @Test func threadCountsAreTheKernelsIndexRanges() {
-        #expect(Self.samples.map(\.threads) == [3, 3, 1 * 2 * 3 * 4 * 5, 6, 5 * 7, 3, 3 * 4 * 5 * 6, 3 * 4])
+        #expect(Self.samples.map(\.threads) == [3, 3, 4, 1 * 2 * 3 * 4 * 5, 6, 5 * 7, 3, 3 * 4 * 5 * 6, 3 * 4])
     }
 
     @Test func nvrtcEmitsEveryKernelTheBackendLaunches() throws {

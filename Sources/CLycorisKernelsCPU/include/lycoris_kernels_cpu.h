@@ -10,6 +10,7 @@
 void lycoris_cpu_scale(unsigned grid, unsigned block, float *out, const float *x, float s, uint64_t n);
 void lycoris_cpu_hadamard(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                           uint64_t n);
+void lycoris_cpu_add(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s, uint64_t n);
 void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                            uint64_t p, uint64_t q, uint64_t r, uint64_t t, uint64_t k);
 void lycoris_cpu_channel_scale(unsigned grid, unsigned block, float *out, const float *x, const float *w,

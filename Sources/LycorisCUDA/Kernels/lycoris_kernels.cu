@@ -39,6 +39,12 @@ LYCORIS_KERNEL void lycoris_hadamard(float *out, const float *a, const float *b,
     if (i < n) out[i] = s * a[i] * b[i];
 }
 
+/* out = a + s · b   (GLoRA: ΔW = W0·A + B, the two terms added) */
+LYCORIS_KERNEL void lycoris_add(float *out, const float *a, const float *b, float s, u64 n) {
+    u64 i = LYCORIS_INDEX();
+    if (i < n) out[i] = a[i] + s * b[i];
+}
+
 /* out = s · kron(A, B): A (p, q), B (r, t, k) → out (p·r, q·t, k) with
  * out[i·r + j, l·t + m, κ] = s · A[i, l] · B[j, m, κ]   (LoKr's ΔW; k = Π kernel axes, 1 for
  * linear) */
