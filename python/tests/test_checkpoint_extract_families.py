@@ -1,4 +1,4 @@
-"""`lycoris extract` against LyCORIS 4.1.3's `extract_diff` on small SD2- and SDXL-shaped
+"""`lycoris extract` against LyCORIS 4.1.3's `extract_diff` on small SD1-, SD2- and SDXL-shaped
 pairs (tuned = base + a rank-4 change + noise on every Linear/Conv2d), from each layout
 (diffusers folders, SDXL's sharded; single LDM files, where SD2's and SDXL-TE2's OpenCLIP
 q/k/v are thirds of a fused in_proj): the same modules (LyCORIS's names mapped to kohya's
@@ -18,7 +18,7 @@ from _checkpoints import gen, layers, lycoris_cli, run
 from test_checkpoint_extract import modules, ours, reconstruction
 
 
-@pytest.fixture(scope="module", params=["sd2", "sdxl"])
+@pytest.fixture(scope="module", params=["sd1", "sd2", "sdxl"])
 def family_pair(request, tmp_path_factory):
     """(root, base models, tuned models, family, LyCORIS's modules) with both layouts under root."""
     from lycoris.utils import extract_diff
