@@ -60,7 +60,8 @@ public enum CheckpointMerge {
     }
 
     /// Merges and writes `output`; with `strict`, unmatched or failed modules mean nothing is
-    /// written (``Report/written`` false). `progress(done, total)` follows the merged tensors.
+    /// written (``Report/written`` false). `progress(done, total)` follows the tensors written
+    /// (copied ones too: on a real checkpoint the copying is most of the time).
     public static func merge(checkpoint path: String, adapters: [Adapter], output: String, dtype: DType? = nil,
                              family: ModelFamily? = nil, strict: Bool = false,
                              progress: @escaping (Int, Int) -> Void = { _, _ in }) throws -> Report {
@@ -87,10 +88,9 @@ public enum CheckpointMerge {
         }
         if strict && !report.unmatched.isEmpty { return report }
 
-        let layers = MergedLayers(checkpoint: checkpoint, adapters: adapters, files: files, byWeight: byWeight,
-                                  strict: strict, progress: progress)
+        let layers = MergedLayers(checkpoint: checkpoint, adapters: adapters, files: files, byWeight: byWeight, strict: strict)
         do {
-            try write(checkpoint, layers, dtype: dtype, to: output, report: &report)
+            try write(checkpoint, layers, dtype: dtype, to: output, report: &report, progress: progress)
         } catch is MergedLayers.StrictFailure {
             layers.finish(into: &report)
             return report
@@ -116,23 +116,19 @@ public enum CheckpointMerge {
         /// Bias location → its layer's weight location.
         let weightOfBias: [String: String]
         let strict: Bool
-        let progress: (Int, Int) -> Void
         /// Results not yet written (nil: that bias is unchanged and written as it is).
         private var pending: [String: Tensor?] = [:]
-        private var done = 0
         /// Report lines by weight location, put in location order by ``finish(into:)``.
         private var merged: [String: [Report.Merged]] = [:]
         private var failed: [String: [(adapter: String, module: String, reason: String)]] = [:]
         private var mergedBiases: [String: String] = [:]
 
-        init(checkpoint: Checkpoint, adapters: [Adapter], files: [AdapterFile], byWeight: [String: [Application]],
-             strict: Bool, progress: @escaping (Int, Int) -> Void) {
+        init(checkpoint: Checkpoint, adapters: [Adapter], files: [AdapterFile], byWeight: [String: [Application]], strict: Bool) {
             self.checkpoint = checkpoint
             self.adapters = adapters
             self.files = files
             self.byWeight = byWeight
             self.strict = strict
-            self.progress = progress
             var weightOfBias: [String: String] = [:]
             for (weightLocation, applications) in byWeight {
                 let layer = applications[0].layer
@@ -203,8 +199,6 @@ public enum CheckpointMerge {
                     pending[biasLocation] = .some(nil)
                 }
             }
-            done += 1
-            progress(done, byWeight.count)
         }
 
         /// Puts the report lines into `report` in weight-location order.
@@ -220,7 +214,15 @@ public enum CheckpointMerge {
     /// Streams every part with the merged tensors in place (others byte for byte, or converted
     /// to `dtype`), in the checkpoint's layout.
     static func write(_ checkpoint: Checkpoint, _ layers: MergedLayers, dtype: DType?, to output: String,
-                      report: inout Report) throws {
+                      report: inout Report, progress: @escaping (Int, Int) -> Void) throws {
+        /// Tensors written so far, reported through `progress` (one writer, one thread).
+        final class Progress: @unchecked Sendable {
+            var done = 0
+            let total: Int, report: (Int, Int) -> Void
+            init(total: Int, report: @escaping (Int, Int) -> Void) { (self.total, self.report) = (total, report) }
+            func step() { done += 1; report(done, total) }
+        }
+        let count = Progress(total: checkpoint.parts.reduce(0) { $0 + $1.file.tensors.count }, report: progress)
         func writePart(_ index: Int, to path: String) throws {
             let file = checkpoint.parts[index].file
             var writer = SafetensorsWriter(metadata: file.metadata)
@@ -237,6 +239,7 @@ public enum CheckpointMerge {
                         try file.withRawBytes(info.name, sink)
                     }
                     file.releasePages(info.name)
+                    count.step()
                 }
             }
             try writer.write(toPath: path)
