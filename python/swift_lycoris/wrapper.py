@@ -27,7 +27,7 @@ def _targets(model: nn.Module, norms, prefix: str = PREFIX) -> dict[str, nn.Modu
 def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 4, linear_alpha: float = 1.0,
                    algo: str = "lora", conv_dim: int | None = None, conv_alpha: float | None = None,
                    seed: int = 0, threads: int | None = None, transfer: str = "auto", nan_policy: str = "error",
-                   **kwargs) -> LycorisNetwork:
+                   device: str = "auto", **kwargs) -> LycorisNetwork:
     """Adapters of `algo` on every Linear (rank `linear_dim`, alpha `linear_alpha`) and
     Conv1d/2d/3d (kernels whose first extent is not 1: `conv_dim`/`conv_alpha`, defaulting to
     the linear ones) of `model`; with `train_norm=True` also LyCORIS's `norm` adapter
@@ -42,7 +42,9 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     (debug, logger ``swift_lycoris``) when it changes. `nan_policy`: "error" (a NaN or ±∞ in a layer's
     input, output gradient or parameters raises NonFiniteError naming the module and the
     pass) or "skip_step" (a warning, and the step leaves the adapters unchanged; see
-    :mod:`swift_lycoris.nonfinite`)."""
+    :mod:`swift_lycoris.nonfinite`). `device`: "auto" (layers on a CUDA device compute there
+    through the device path when the server can, see :mod:`swift_lycoris.device`), "cpu",
+    "cuda", "cuda:N" or the test device "emulated"; ``$SWIFT_LYCORIS_DEVICE`` overrides it."""
     train_norm = kwargs.pop("train_norm", False)
     if not isinstance(train_norm, bool):
         raise TypeError(f"train_norm must be a bool, not {train_norm!r}")
@@ -55,7 +57,7 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     if conv_alpha is not None:
         options["conv_alpha"] = float(conv_alpha)
     return LycorisNetwork(_targets(model, train_norm), algo=algo, options=options, multiplier=multiplier, seed=seed,
-                          threads=threads, transfer=transfer, nan_policy=nan_policy)
+                          threads=threads, transfer=transfer, nan_policy=nan_policy, device=device)
 
 
 def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module, algo: str = "lora",
