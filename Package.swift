@@ -35,6 +35,7 @@ let package = Package(
         .executable(name: "lycoris-server", targets: ["lycoris-server"]),
         .library(name: "LycorisRPC", targets: ["LycorisRPC"]),
         .library(name: "LycorisServer", targets: ["LycorisServer"]),
+        .library(name: "LycorisDevice", targets: ["LycorisDevice"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -67,10 +68,18 @@ let package = Package(
             swiftSettings: strictSwift
         ),
         // LycorisCUDA's kernel sources compiled as C with a CUDA emulation header, so tests
-        // check their index arithmetic on the CPU (not a product).
+        // check their index arithmetic on the CPU and LycorisDevice's emulated device runs
+        // them (not a product).
         .target(
             name: "CLycorisKernelsCPU",
             cSettings: [.headerSearchPath(".")]
+        ),
+        // The device backend: adapters' ΔW and its backward in device memory (CUDA, or the
+        // emulated device for tests), from the algorithms' generic weight-path math.
+        .target(
+            name: "LycorisDevice",
+            dependencies: ["LycorisCore", "LycorisAlgorithms", "LycorisCUDA", "CLycorisKernelsCPU", "COpenBLAS"],
+            swiftSettings: strictSwift
         ),
         // Stable Diffusion checkpoints (single files, diffusers folders) and their kohya names.
         .target(
@@ -147,6 +156,11 @@ let package = Package(
         .testTarget(
             name: "LycorisCUDATests",
             dependencies: ["LycorisCUDA", "CLycorisKernelsCPU", "LycorisCore", "LycorisTestSupport"],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "LycorisDeviceTests",
+            dependencies: ["LycorisDevice", "LycorisAlgorithms", "LycorisCUDA", "LycorisCore", "LycorisTestSupport"],
             swiftSettings: strictSwift
         ),
         .testTarget(

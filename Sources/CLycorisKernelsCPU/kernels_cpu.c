@@ -17,8 +17,13 @@ void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const floa
 }
 
 void lycoris_cpu_channel_scale(unsigned grid, unsigned block, float *out, const float *x, const float *w,
-                               float offset, uint64_t stride, uint64_t channels, uint64_t n) {
-    LYCORIS_LAUNCH(lycoris_channel_scale, grid, block, out, x, w, offset, stride, channels, n);
+                               float offset, float s, uint64_t stride, uint64_t channels, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_channel_scale, grid, block, out, x, w, offset, s, stride, channels, n);
+}
+
+void lycoris_cpu_channel_dot(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
+                             uint64_t stride, uint64_t channels, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_channel_dot, grid, block, out, a, b, s, stride, channels, n);
 }
 
 void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,
@@ -27,13 +32,14 @@ void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const fl
 }
 
 void lycoris_cpu_transpose(unsigned grid, unsigned block, float *out, const float *in, uint64_t batch,
-                           uint64_t rows, uint64_t columns) {
-    LYCORIS_LAUNCH(lycoris_transpose, grid, block, out, in, batch, rows, columns);
+                           uint64_t rows, uint64_t columns, uint64_t inner) {
+    LYCORIS_LAUNCH(lycoris_transpose, grid, block, out, in, batch, rows, columns, inner);
 }
 
-void lycoris_cpu_column_slice(unsigned grid, unsigned block, float *out, const float *in, uint64_t rows,
-                              uint64_t columns, uint64_t first, uint64_t width) {
-    LYCORIS_LAUNCH(lycoris_column_slice, grid, block, out, in, rows, columns, first, width);
+void lycoris_cpu_column_copy(unsigned grid, unsigned block, float *out, const float *in, uint64_t rows,
+                             uint64_t width, uint64_t out_columns, uint64_t out_first, uint64_t in_columns,
+                             uint64_t in_first) {
+    LYCORIS_LAUNCH(lycoris_column_copy, grid, block, out, in, rows, width, out_columns, out_first, in_columns, in_first);
 }
 
 void lycoris_cpu_dropout_mask(unsigned grid, unsigned block, float *out, float p, uint64_t n, uint64_t seed,
