@@ -3,16 +3,15 @@ import LycorisRPC
 
 /// `initialize {cuda: {library_dirs}}`: the CUDA probe and its report under
 /// `capabilities.cuda`; `network.create {device}`: the device choice against it
-/// (protocol/README.md §9). Nothing computes on CUDA yet.
+/// (protocol/README.md §9; computing there: Service+Device.swift).
 extension LycorisService {
-    /// The `device` of `network.create` (default `cpu`), checked against the probe; -32009 when
-    /// the server cannot compute there (every `cuda:N` until the CUDA backend exists).
-    func requestedDevice(_ p: Params) throws -> ComputeDevice {
-        do {
-            return try ComputeDevice(parsing: try p.string("device", default: "cpu"))
-                .checked(against: cuda.map(CUDAStatus.init))
-        } catch let error as DeviceError {
-            throw RPCError.device(error.message, path: "device")
+    /// A `device` of `network.create`/`network.bind` other than `emulated`, checked against
+    /// the probe; -32009 when the server cannot compute there.
+    func checkedDevice(_ text: String) throws -> ComputeDevice {
+        let status = cuda.map(CUDAStatus.init)
+        switch Result(catching: { () throws(DeviceError) in try ComputeDevice(parsing: text).checked(against: status) }) {
+        case let .success(device): return device
+        case let .failure(error): throw RPCError.device(error.message, path: "device")
         }
     }
 

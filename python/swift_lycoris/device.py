@@ -177,6 +177,8 @@ class DevicePath:
         self.grads = _views(self._grad_flat, [tuple(p.shape) for p in self.parameters])
         self.counts = [len(network._keys_of[name]) for name in self.names]
         self._bound: list[int] | None = None
+        # The Function's outputs of this step (None once a backward consumed them), and the
+        # Parameters' versions the ΔW buffer was computed from (None: stale).
         self.outputs: tuple[torch.Tensor, ...] | None = None
         self._versions: list[int] | None = None
         self.index = {name: i for i, name in enumerate(self.names)}
@@ -196,30 +198,34 @@ class DevicePath:
             "gradients": {key: self.memory.reference(g, f"gradient buffer of {key}") for key, g in zip(self.keys, self.grads)},
         })
         self._bound = [p.data_ptr() for p in self.parameters]
-        self.outputs = None
+        self.invalidate()
 
     def invalidate(self) -> None:
-        """The next request computes the ΔWs again (multiplier, mode or values changed)."""
+        """The next request computes the ΔWs again (multiplier or values changed)."""
         self.outputs = None
+        self._versions = None
 
     def delta(self, name: str) -> torch.Tensor:
         """m·ΔW of module `name` for this call: one output of the network's
         :class:`DeviceDeltaFunction` when a graph will be built, else a plain computation;
         either is shared by every module until the parameters change or a backward
         consumed it."""
-        versions = [p._version for p in self.parameters]
         if self._bound != [p.data_ptr() for p in self.parameters]:
             self.bind()
-        graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters)
-        current = self.outputs is not None and versions == self._versions and (not graph or self.outputs[0].grad_fn is not None)
-        if not current:
-            self._versions = versions
-            if graph:
+        versions = [p._version for p in self.parameters]
+        if versions != self._versions:
+            self.invalidate()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters):
+            if self.outputs is None:
                 self.outputs = DeviceDeltaFunction.apply(self, *self.parameters)
-            else:
-                self.compute()
-                self.outputs = tuple(self.deltas)
-        return self.outputs[self.index[name]]
+                self._versions = versions
+            return self.outputs[self.index[name]]
+        # No graph (evaluation, or a gradient-checkpointed segment's first pass): the
+        # buffer's values, computed once for these parameter values.
+        if self._versions is None:
+            self.compute()
+            self._versions = versions
+        return self.deltas[self.index[name]]
 
     def compute(self) -> None:
         """Every module's m·ΔW into the ΔW buffer (one call)."""
@@ -262,7 +268,8 @@ class DeviceDeltaFunction(torch.autograd.Function):
         path.compute()
         ctx.path = path
         ctx.set_materialize_grads(False)
-        return tuple(path.deltas)
+        # Fresh view objects: autograd attaches this node to the outputs it is given.
+        return tuple(d.view(d.shape) for d in path.deltas)
 
     @staticmethod
     def backward(ctx, *grad_deltas):
