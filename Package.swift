@@ -105,7 +105,7 @@ let package = Package(
         .executableTarget(
             name: "lycoris-server",
             dependencies: [
-                "LycorisServer", "LycorisRPC", "LycorisCore", "LycorisFormats", "CMalloc",
+                "LycorisServer", "LycorisRPC", "LycorisCore", "LycorisFormats", "CMalloc", "LycorisDevice", "LycorisCUDA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

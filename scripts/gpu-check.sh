@@ -8,6 +8,8 @@
 #   1. unpacks the bundled lycoris-server and the Python wheels the host lacks (into a
 #      temporary folder; python/ and that folder go on PYTHONPATH)
 #   2. prints the GPU, torch and the server's `initialize` capabilities
+#   2b. lycoris-server --device-check cuda:0: the device backend's m·ΔW and ∂parameters
+#      against the host engine, every ported algorithm, one line per case
 #   3. pytest: python/tests/test_cuda*.py (the CUDA staging path, the server's CUDA probe, the
 #      backend's kernels compiled by NVRTC and launched with the driver API against torch, and
 #      test_cuda_device.py: the device path — torch's tensors shared by CUDA IPC, two server
@@ -89,6 +91,14 @@ print("server initialize capabilities:", json.dumps(capabilities))
 print("server CUDA probe:", json.dumps(cuda, indent=1))
 server.close()
 EOF
+
+phase "device check (lycoris-server --device-check)"
+# The dry run checks the emulated device (no driver here); the GPU run checks cuda:0.
+DEVICE=cuda:0
+[ "$DRY" = 1 ] && DEVICE=emulated
+mapfile -t LIBRARY_DIRS < <("$PYTHON" -c 'from swift_lycoris.cuda_libraries import torch_library_dirs
+for d in torch_library_dirs(): print("--cuda-library-dir"); print(d)')
+run "device check" 60 "$LYCORIS_SERVER" --device-check "$DEVICE" "${LIBRARY_DIRS[@]}"
 
 phase "tests (python/tests/test_cuda*.py)"
 run "pytest" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs "$ROOT"/python/tests/test_cuda*.py
