@@ -3,6 +3,7 @@ import Logging
 import LycorisAlgorithms
 import LycorisCore
 import LycorisCUDA
+import LycorisDevice
 import LycorisRPC
 
 /// The server's state and its methods. One instance serves one client over one stream;
@@ -33,6 +34,8 @@ public final class LycorisService {
     var optimizer: OptimizerSettings?
     /// The CUDA libraries found by the last `initialize {cuda: …}` (nil until one asks).
     var cuda: CUDAEnvironment?
+    /// The CUDA compute backend over that probe (each device's math made on first use).
+    var cudaBackend: CUDABackend?
     /// The device network's session (`network.create`/`network.bind` with a device); nil on the CPU.
     var deviceSession: DeviceSession?
     /// Whether the test device `emulated` is accepted (`LYCORIS_EMULATED_DEVICE=1`).

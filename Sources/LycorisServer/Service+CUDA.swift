@@ -1,4 +1,5 @@
 import LycorisCUDA
+import LycorisDevice
 import LycorisRPC
 
 /// `initialize {cuda: {library_dirs}}`: the CUDA probe and its report under
@@ -8,9 +9,19 @@ extension LycorisService {
     /// A `device` of `network.create`/`network.bind` other than `emulated`, checked against
     /// the probe; -32009 when the server cannot compute there.
     func checkedDevice(_ text: String) throws -> ComputeDevice {
-        let status = cuda.map(CUDAStatus.init)
+        let status = cudaBackend?.status
         switch Result(catching: { () throws(DeviceError) in try ComputeDevice(parsing: text).checked(against: status) }) {
         case let .success(device): return device
+        case let .failure(error): throw RPCError.device(error.message, path: "device")
+        }
+    }
+
+    /// The CUDA backend's math for `device` (made on first use and kept); -32009 when it
+    /// cannot start there.
+    func cudaMath(_ device: ComputeDevice) throws -> DeviceAdapterMath {
+        guard let cudaBackend else { throw RPCError.device("\(device) needs CUDA, which was not probed", path: "device") }
+        switch Result(catching: { () throws(DeviceError) in try cudaBackend.math(for: device) }) {
+        case let .success(math): return math
         case let .failure(error): throw RPCError.device(error.message, path: "device")
         }
     }
@@ -21,6 +32,7 @@ extension LycorisService {
         let directories = request.has("library_dirs") ? try request.strings("library_dirs") : []
         let environment = CUDAEnvironment(directories: directories)
         cuda = environment
+        cudaBackend = CUDABackend(environment: environment)
         return Self.report(environment)
     }
 

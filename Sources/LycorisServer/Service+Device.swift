@@ -19,13 +19,15 @@ extension LycorisService {
                                     math: DeviceAdapterMath(runtime: EmulatedDevice()))
         } else {
             let chosen = try checkedDevice(device)
-            guard case let .cuda(index) = chosen, let cuda, case let .success(driver) = cuda.driver else { return nil }
+            guard case .cuda = chosen, let cuda, case let .success(driver) = cuda.driver else { return nil }
+            // The math first: creating its runtime makes the device's primary context current,
+            // which the IPC calls act in.
+            let math = try cudaMath(chosen)
             do {
-                let runtime = try CUDADevice(environment: cuda, device: index)
                 session = DeviceSession(name: chosen.description, resolver: IPCHandleCache(memory: try DriverIPCMemory(driver: driver)),
-                                        math: DeviceAdapterMath(runtime: runtime))
+                                        math: math)
             } catch {
-                throw RPCError.device("\(chosen): the CUDA compute backend did not start: \(error)", path: "device")
+                throw RPCError.device("\(chosen): CUDA IPC is not available: \(error)", path: "device")
             }
         }
         try Self.checkModules(network, on: session.name)
