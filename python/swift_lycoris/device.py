@@ -25,6 +25,10 @@ computes there, and otherwise keeps the arena path — with one INFO line saying
 CUDA device was refused. ``SWIFT_LYCORIS_DEVICE`` (``cpu``, ``auto``, ``cuda``,
 ``cuda:N``, ``emulated``) overrides the argument.
 
+On the device path the server does not look for NaN or ±∞ (that would cost a pass over
+every buffer); ``nan_policy`` applies to the arena path only. DDP: each rank's network has
+its own server and takes the device its layers are on (``cuda:<rank's index>``).
+
 NOT YET RUN ON A GPU: the CUDA half (:class:`CUDAIPCMemory`) follows torch's and NVIDIA's
 documentation; the emulated device runs everything else in CI
 (python/tests/test_device_emulated.py).
@@ -312,8 +316,10 @@ def choose(network, layer: torch.nn.Module) -> DevicePath | None:
     try:
         path = DevicePath(network, memory)
         path.bind()
-    except (ServerError, ValueError) as error:
-        message = error.args[0] if isinstance(error, ValueError) else str(error).split(": ", 1)[-1]
+    except (ServerError, ValueError, RuntimeError) as error:
+        # RuntimeError: torch could not share a storage by CUDA IPC (e.g. memory from
+        # expandable segments, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
+        message = str(error).split(": ", 1)[-1] if isinstance(error, ServerError) else str(error)
         log.info("swift_lycoris: the adapters stay on the arena path: %s", message)
         try:
             memory.release(network.server)
