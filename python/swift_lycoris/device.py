@@ -167,25 +167,37 @@ class EmulatedMemory:
 
 
 class DevicePath:
-    """One network's device state: the buffers, the binding and the step's ΔWs."""
+    """One network's device state: the buffers, the binding and the step's ΔWs.
+
+    Per adapted call only the called module's Parameters are looked at (their version
+    counters and storages: a handful of attributes, not the whole network's), so the
+    bookkeeping of a step stays O(parameters); an optimizer step changes every Parameter,
+    and the first module called after it notices. The references of the fixed buffers are
+    built once, at bind."""
 
     def __init__(self, network, memory):
         self.network, self.memory = network, memory
         self.names = list(network.modules_info)
         self.parameters = [p for name in self.names for p in network._module_parameters(name)]
         self.keys = [key for name in self.names for key in network._keys_of[name]]
+        counts = [len(network._keys_of[name]) for name in self.names]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        # Per module: its position among the outputs, and its Parameters' positions.
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.positions = {name: range(start, start + count) for name, start, count in zip(self.names, starts, counts)}
         shapes = [tuple(network._targets[name].weight.shape) for name in self.names]
         self.deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes)), shapes)
         self.grad_deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes)), shapes)
         self._grad_flat = memory.allocate(sum(p.numel() for p in self.parameters))
-        self.grads = _views(self._grad_flat, [tuple(p.shape) for p in self.parameters])
-        self.counts = [len(network._keys_of[name]) for name in self.names]
+        self._parameter_shapes = [tuple(p.shape) for p in self.parameters]
+        self.grads = _views(self._grad_flat, self._parameter_shapes)
+        self._delta_refs = {name: memory.reference(d, f"ΔW of {name}") for name, d in zip(self.names, self.deltas)}
+        self._grad_delta_refs = [memory.reference(g, f"∂ΔW of {name}") for name, g in zip(self.names, self.grad_deltas)]
         self._bound: list[int] | None = None
         # The Function's outputs of this step (None once a backward consumed them), and the
         # Parameters' versions the ΔW buffer was computed from (None: stale).
         self.outputs: tuple[torch.Tensor, ...] | None = None
         self._versions: list[int] | None = None
-        self.index = {name: i for i, name in enumerate(self.names)}
 
     def bind(self) -> None:
         """Binds every Parameter and gradient buffer (again when a Parameter's storage
@@ -193,7 +205,7 @@ class DevicePath:
         Parameters move into its memory first, as ``.to("cuda")`` would move them."""
         if isinstance(self.memory, EmulatedMemory) and not all(self.memory.contains(p) for p in self.parameters):
             flat = self.memory.allocate(sum(p.numel() for p in self.parameters))
-            for parameter, view in zip(self.parameters, _views(flat, [tuple(p.shape) for p in self.parameters])):
+            for parameter, view in zip(self.parameters, _views(flat, self._parameter_shapes)):
                 view.copy_(parameter.detach())
                 parameter.data = view
         self.network.server.call("network.bind", {
@@ -214,47 +226,45 @@ class DevicePath:
         :class:`DeviceDeltaFunction` when a graph will be built, else a plain computation;
         either is shared by every module until the parameters change or a backward
         consumed it."""
-        if self._bound != [p.data_ptr() for p in self.parameters]:
+        own = self.positions[name]
+        parameters = self.parameters
+        if any(parameters[i].data_ptr() != self._bound[i] for i in own):
             self.bind()
-        versions = [p._version for p in self.parameters]
-        if versions != self._versions:
+        if self._versions is not None and any(parameters[i]._version != self._versions[i] for i in own):
             self.invalidate()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters):
+        if torch.is_grad_enabled() and any(parameters[i].requires_grad for i in own):
             if self.outputs is None:
-                self.outputs = DeviceDeltaFunction.apply(self, *self.parameters)
-                self._versions = versions
+                self.outputs = DeviceDeltaFunction.apply(self, *parameters)
+                self._versions = [p._version for p in parameters]
             return self.outputs[self.index[name]]
         # No graph (evaluation, or a gradient-checkpointed segment's first pass): the
         # buffer's values, computed once for these parameter values.
         if self._versions is None:
             self.compute()
-            self._versions = versions
+            self._versions = [p._version for p in parameters]
         return self.deltas[self.index[name]]
 
     def compute(self) -> None:
         """Every module's m·ΔW into the ΔW buffer (one call)."""
         self.memory.synchronize()
-        self.network.server.call("network.delta_weights", {
-            "outputs": {name: self.memory.reference(d, f"ΔW of {name}") for name, d in zip(self.names, self.deltas)}})
+        self.network.server.call("network.delta_weights", {"outputs": self._delta_refs})
 
     def backward(self, grad_deltas: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
         """Every ∂parameter from the ∂ΔWs that arrived (one call); None for the Parameters
         of modules whose ΔW received no gradient."""
         used = [i for i, g in enumerate(grad_deltas) if g is not None]
+        result: list[torch.Tensor | None] = [None] * len(self.parameters)
         if not used:
-            return [None] * len(self.parameters)
+            return result
         torch._foreach_copy_([self.grad_deltas[i] for i in used], [grad_deltas[i].float() for i in used])
         self.memory.synchronize()
         self.network.server.call("network.delta_weights_backward", {
-            "grads": {self.names[i]: self.memory.reference(self.grad_deltas[i], f"∂ΔW of {self.names[i]}") for i in used}})
+            "grads": {self.names[i]: self._grad_delta_refs[i] for i in used}})
         # A copy: the buffer is overwritten by the next backward, .grad must not be.
-        grads = _views(self._grad_flat.clone(), [tuple(p.shape) for p in self.parameters])
-        result: list[torch.Tensor | None] = [None] * len(self.parameters)
-        starts = [sum(self.counts[:i]) for i in range(len(self.names))]
+        grads = _views(self._grad_flat.clone(), self._parameter_shapes)
         for i in used:
-            for position in range(starts[i], starts[i] + self.counts[i]):
-                parameter = self.parameters[position]
-                result[position] = grads[position].to(parameter.dtype)
+            for position in self.positions[self.names[i]]:
+                result[position] = grads[position].to(self.parameters[position].dtype)
         return result
 
     def release(self) -> None:
