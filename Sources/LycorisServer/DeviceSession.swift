@@ -8,8 +8,8 @@ import LycorisRPC
 /// server holds addresses into them and a device workspace inside ``DeviceAdapterMath``.
 ///
 ///     network.bind                      parameters[module][suffix], gradients[module][suffix]
-///     network.delta_weights             m·ΔW(parameters) → outputs[module]
-///     network.delta_weights_backward    ∂(m·ΔW)[module] → gradients[module][suffix] (overwritten)
+///     network.delta_weights             m·ΔW(parameters) → outputs[module] (m·Δb → bias_outputs[module])
+///     network.delta_weights_backward    ∂(m·ΔW)[module] (∂(m·Δb)) → gradients[module][suffix] (overwritten)
 ///
 /// Every call synchronizes the device before the server answers (the stream rule).
 final class DeviceSession {
@@ -41,9 +41,6 @@ final class DeviceSession {
     static func refusal(_ module: AdapterModule) -> String? {
         if module.options.dropout > 0 || module.options.rankDropout > 0 || module.options.moduleDropout > 0 {
             return "dropout, rank_dropout and module_dropout draw random choices per step, which the batched device path does not carry"
-        }
-        if module.algorithm.adaptsBias {
-            return "\(type(of: module.algorithm).algorithm.rawValue) adapts the bias too (Δb), which the device path does not carry"
         }
         if module.algorithm is DyLoRA {
             return "dylora draws a random rank block per training step, which the batched device path does not carry"

@@ -1255,7 +1255,7 @@ enum OpenRPCDocument {
         },
         {
           "name": "base_weights",
-          "description": "Module → W0's device reference, for modules whose ΔW reads the base weight.",
+          "description": "Module → W0's device reference, required for each module whose ΔW reads the base weight (on a device: IA3).",
           "schema": {
             "$ref": "#/components/schemas/DeviceTensorMap"
           }
@@ -1318,6 +1318,13 @@ enum OpenRPCDocument {
           "schema": {
             "$ref": "#/components/schemas/DeviceTensorMap"
           }
+        },
+        {
+          "name": "bias_outputs",
+          "description": "Module → where its m·Δb goes (the bias's shape): required for each named module that adapts the bias (norm on a layer with a bias, full with diff_b), refused for the others.",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
         }
       ],
       "result": {
@@ -1357,6 +1364,13 @@ enum OpenRPCDocument {
           "name": "grads",
           "required": true,
           "description": "Module → ∂L/∂(m·ΔW) (W0's shape).",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        },
+        {
+          "name": "bias_grads",
+          "description": "Module → ∂L/∂(m·Δb) for modules that adapt the bias (omitted: zero).",
           "schema": {
             "$ref": "#/components/schemas/DeviceTensorMap"
           }

@@ -87,6 +87,9 @@ extension LycorisService {
             throw RPCError.unknownModule(key, kind: "parameter")
         }
         for name in baseRefs.keys where network[name] == nil { throw RPCError.unknownModule(name) }
+        for module in network.modules where type(of: module.algorithm).algorithm.needsBaseWeight(module.options) && baseWeights[module.name] == nil {
+            throw RPCError.invalidParams("missing base_weights.\(module.name): its ΔW reads the layer's weight", path: "base_weights.\(module.name)")
+        }
         session.bind(parameters: parameters, gradients: gradients, baseWeights: baseWeights)
         deviceSession = session
         return ["bound": JSONValue(2 * expected.count + baseWeights.count), "open_handles": JSONValue(session.resolver.openCount)]
@@ -94,12 +97,12 @@ extension LycorisService {
 
     /// `network.delta_weights`: m·ΔW of every named module into the client's buffers.
     func networkDeltaWeights(_ p: Params) throws -> JSONValue {
-        let (session, calls) = try deviceCalls(p, member: "outputs")
+        let (session, calls) = try deviceCalls(p, member: "outputs", biasMember: "bias_outputs")
         try onDevice(session) {
-            for (module, buffer) in calls {
+            for (module, buffer, bias) in calls {
                 try session.math.deltaWeight(of: module, parameters: session.parameters[module.name]!.mapValues(\.tensor),
                                              multiplier: module.multiplier, baseWeight: session.baseWeights[module.name]?.tensor,
-                                             into: buffer.tensor)
+                                             into: buffer.tensor, bias: bias?.tensor)
             }
         }
         return ["modules": JSONValue(calls.count)]
@@ -108,12 +111,13 @@ extension LycorisService {
     /// `network.delta_weights_backward`: every named module's ∂parameters from its ∂(m·ΔW),
     /// written over the bound gradient buffers.
     func networkDeltaWeightsBackward(_ p: Params) throws -> JSONValue {
-        let (session, calls) = try deviceCalls(p, member: "grads")
+        let (session, calls) = try deviceCalls(p, member: "grads", biasMember: "bias_grads")
         try onDevice(session) {
-            for (module, buffer) in calls {
+            for (module, buffer, bias) in calls {
                 try session.math.deltaWeightBackward(of: module, parameters: session.parameters[module.name]!.mapValues(\.tensor),
                                                      multiplier: module.multiplier, baseWeight: session.baseWeights[module.name]?.tensor,
-                                                     gradient: buffer.tensor, into: session.gradients[module.name]!.mapValues(\.tensor))
+                                                     gradient: buffer.tensor, biasGradient: bias?.tensor,
+                                                     into: session.gradients[module.name]!.mapValues(\.tensor))
             }
         }
         return ["modules": JSONValue(calls.count)]
@@ -130,22 +134,38 @@ extension LycorisService {
     // MARK: Helpers
 
     /// The bound session and, in network order, each named module with its resolved buffer
-    /// (W0's shape), all checked before anything is computed.
-    private func deviceCalls(_ p: Params, member: String) throws -> (DeviceSession, [(AdapterModule, DeviceSession.Buffer)]) {
+    /// (W0's shape) and, for a module that adapts the bias, its bias buffer from `biasMember`
+    /// (the bias's shape; required for `bias_outputs`, optional — zero — for `bias_grads`),
+    /// all checked before anything is computed.
+    private func deviceCalls(_ p: Params, member: String, biasMember: String) throws
+        -> (DeviceSession, [(AdapterModule, DeviceSession.Buffer, DeviceSession.Buffer?)]) {
         let network = try requireNetwork()
         guard let session = deviceSession else {
             throw RPCError.state("the network computes on the cpu: name a device in network.create or network.bind")
         }
         guard session.isBound else { throw RPCError.state("nothing is bound on \(session.name): call network.bind first") }
         let references = try Self.references(p.object(member))
-        for name in references.keys where network[name] == nil { throw RPCError.unknownModule(name) }
-        var calls: [(AdapterModule, DeviceSession.Buffer)] = []
+        let biasReferences = p.has(biasMember) ? try Self.references(p.object(biasMember)) : [:]
+        for name in Array(references.keys) + Array(biasReferences.keys) where network[name] == nil { throw RPCError.unknownModule(name) }
+        var calls: [(AdapterModule, DeviceSession.Buffer, DeviceSession.Buffer?)] = []
         for module in network.modules {
             guard let (reference, path) = references[module.name] else { continue }
             guard reference.shape == module.layer.weightShape else {
                 throw RPCError.shapeMismatch("\(path) has shape \(reference.shape), the layer's weight has \(module.layer.weightShape)", path: path)
             }
-            calls.append((module, try session.resolve(reference, path: path)))
+            var bias: DeviceSession.Buffer?
+            if let (biasReference, biasPath) = biasReferences[module.name] {
+                guard module.algorithm.adaptsBias else {
+                    throw RPCError.shapeMismatch("\(biasPath) is given, but module \(module.name) has no bias delta", path: biasPath)
+                }
+                guard biasReference.shape == module.layer.biasShape else {
+                    throw RPCError.shapeMismatch("\(biasPath) has shape \(biasReference.shape), the bias has \(module.layer.biasShape)", path: biasPath)
+                }
+                bias = try session.resolve(biasReference, path: biasPath)
+            } else if module.algorithm.adaptsBias && biasMember == "bias_outputs" {
+                throw RPCError.invalidParams("missing \(biasMember).\(module.name): module \(module.name) adapts the bias", path: "\(biasMember).\(module.name)")
+            }
+            calls.append((module, try session.resolve(reference, path: path), bias))
         }
         return (session, calls)
     }

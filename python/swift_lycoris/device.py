@@ -176,6 +176,8 @@ class DevicePath:
     built once, at bind."""
 
     def __init__(self, network, memory):
+        from .network import is_norm_layer  # (network imports this module)
+
         self.network, self.memory = network, memory
         self.names = list(network.modules_info)
         self.parameters = [p for name in self.names for p in network._module_parameters(name)]
@@ -186,13 +188,22 @@ class DevicePath:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.positions = {name: range(start, start + count) for name, start, count in zip(self.names, starts, counts)}
         shapes = [tuple(network._targets[name].weight.shape) for name in self.names]
-        self.deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes)), shapes)
-        self.grad_deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes)), shapes)
+        # Modules that adapt the bias too (norm on a layer with a bias, Full's diff_b): their
+        # m·Δb are outputs after every ΔW; a norm's has W0's shape, Full's (out,).
+        self.biased = [name for name in self.names if name in network._bias_deltas]
+        bias_shapes = [shapes[self.index[n]] if is_norm_layer(network._targets[n]) else shapes[self.index[n]][:1]
+                       for n in self.biased]
+        self.bias_index = {name: len(self.names) + i for i, name in enumerate(self.biased)}
+        self.deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes + bias_shapes)), shapes + bias_shapes)
+        self.grad_deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes + bias_shapes)), shapes + bias_shapes)
+        # Modules whose ΔW reads the layer's weight (on a device: IA3) bind it.
+        self.base_weight_modules = [n for n in self.names if network.modules_info[n]["algorithm"] == "ia3"]
         self._grad_flat = memory.allocate(sum(p.numel() for p in self.parameters))
         self._parameter_shapes = [tuple(p.shape) for p in self.parameters]
         self.grads = _views(self._grad_flat, self._parameter_shapes)
-        self._delta_refs = {name: memory.reference(d, f"ΔW of {name}") for name, d in zip(self.names, self.deltas)}
-        self._grad_delta_refs = [memory.reference(g, f"∂ΔW of {name}") for name, g in zip(self.names, self.grad_deltas)]
+        names = self.names + self.biased
+        self._delta_refs = [memory.reference(d, f"Δ of {name}") for name, d in zip(names, self.deltas)]
+        self._grad_delta_refs = [memory.reference(g, f"∂Δ of {name}") for name, g in zip(names, self.grad_deltas)]
         self._bound: list[int] | None = None
         # The Function's outputs of this step (None once a backward consumed them), and the
         # Parameters' versions the ΔW buffer was computed from (None: stale).
@@ -203,15 +214,20 @@ class DevicePath:
         """Binds every Parameter and gradient buffer (again when a Parameter's storage
         changed, e.g. ``load_state_dict(assign=True)``). On the emulated device the
         Parameters move into its memory first, as ``.to("cuda")`` would move them."""
-        if isinstance(self.memory, EmulatedMemory) and not all(self.memory.contains(p) for p in self.parameters):
-            flat = self.memory.allocate(sum(p.numel() for p in self.parameters))
-            for parameter, view in zip(self.parameters, _views(flat, self._parameter_shapes)):
-                view.copy_(parameter.detach())
-                parameter.data = view
+        weights = [self.network._targets[n].weight for n in self.base_weight_modules]
+        if isinstance(self.memory, EmulatedMemory):
+            for group in (self.parameters, weights):
+                if not all(self.memory.contains(p) for p in group):
+                    flat = self.memory.allocate(sum(p.numel() for p in group))
+                    for tensor, view in zip(group, _views(flat, [tuple(p.shape) for p in group])):
+                        view.copy_(tensor.detach())
+                        tensor.data = view
         self.network.server.call("network.bind", {
             "device": self.memory.name,
             "parameters": {key: self.memory.reference(p.detach(), f"parameter {key}") for key, p in zip(self.keys, self.parameters)},
             "gradients": {key: self.memory.reference(g, f"gradient buffer of {key}") for key, g in zip(self.keys, self.grads)},
+            "base_weights": {n: self.memory.reference(w.detach(), f"the weight of layer {n}")
+                             for n, w in zip(self.base_weight_modules, weights)},
         })
         self._bound = [p.data_ptr() for p in self.parameters]
         self.invalidate()
@@ -221,8 +237,8 @@ class DevicePath:
         self.outputs = None
         self._versions = None
 
-    def delta(self, name: str) -> torch.Tensor:
-        """m·ΔW of module `name` for this call: one output of the network's
+    def delta(self, name: str) -> tuple[torch.Tensor, ...]:
+        """(m·ΔW,) or (m·ΔW, m·Δb) of module `name` for this call: outputs of the network's
         :class:`DeviceDeltaFunction` when a graph will be built, else a plain computation;
         either is shared by every module until the parameters change or a backward
         consumed it."""
@@ -236,30 +252,44 @@ class DevicePath:
             if self.outputs is None:
                 self.outputs = DeviceDeltaFunction.apply(self, *parameters)
                 self._versions = [p._version for p in parameters]
-            return self.outputs[self.index[name]]
+            return self._of(self.outputs, name)
         # No graph (evaluation, or a gradient-checkpointed segment's first pass): the
         # buffer's values, computed once for these parameter values.
         if self._versions is None:
             self.compute()
             self._versions = [p._version for p in parameters]
-        return self.deltas[self.index[name]]
+        return self._of(self.deltas, name)
+
+    def _of(self, outputs, name: str) -> tuple[torch.Tensor, ...]:
+        if name in self.bias_index:
+            return outputs[self.index[name]], outputs[self.bias_index[name]]
+        return (outputs[self.index[name]],)
 
     def compute(self) -> None:
         """Every module's m·ΔW into the ΔW buffer (one call)."""
         self.memory.synchronize()
-        self.network.server.call("network.delta_weights", {"outputs": self._delta_refs})
+        count = len(self.names)
+        self.network.server.call("network.delta_weights", {
+            "outputs": dict(zip(self.names, self._delta_refs[:count])),
+            "bias_outputs": dict(zip(self.biased, self._delta_refs[count:]))})
 
     def backward(self, grad_deltas: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
         """Every ∂parameter from the ∂ΔWs that arrived (one call); None for the Parameters
         of modules whose ΔW received no gradient."""
-        used = [i for i, g in enumerate(grad_deltas) if g is not None]
+        count = len(self.names)
+        arrived = [i for i, g in enumerate(grad_deltas) if g is not None]
+        used = sorted({i if i < count else self.index[self.biased[i - count]] for i in arrived})
         result: list[torch.Tensor | None] = [None] * len(self.parameters)
         if not used:
             return result
-        torch._foreach_copy_([self.grad_deltas[i] for i in used], [grad_deltas[i].float() for i in used])
+        torch._foreach_copy_([self.grad_deltas[i] for i in arrived], [grad_deltas[i].float() for i in arrived])
+        for i in used:
+            if grad_deltas[i] is None:  # only its Δb was used
+                self.grad_deltas[i].zero_()
         self.memory.synchronize()
         self.network.server.call("network.delta_weights_backward", {
-            "grads": {self.names[i]: self._grad_delta_refs[i] for i in used}})
+            "grads": {self.names[i]: self._grad_delta_refs[i] for i in used},
+            "bias_grads": {self.biased[i - count]: self._grad_delta_refs[i] for i in arrived if i >= count}})
         # A copy: the buffer is overwritten by the next backward, .grad must not be.
         grads = _views(self._grad_flat.clone(), self._parameter_shapes)
         for i in used:

@@ -473,8 +473,12 @@ class LycorisNetwork(nn.Module):
         if (self._device_path and not args and not kwargs and name not in self._bypass_layers
                 and getattr(original, "__func__", None) is type(layer).forward):
             self._chose(name, "device")
-            delta_weight = self._device_path.delta(name)
-            return _forward_with(layer, x, layer.weight + delta_weight.to(layer.weight.dtype), layer.bias)
+            delta_weight, *delta_bias = self._device_path.delta(name)
+            bias = layer.bias
+            if delta_bias:
+                delta = delta_bias[0].to(layer.weight.dtype)
+                bias = delta if bias is None else bias + delta.to(bias.dtype)
+            return _forward_with(layer, x, layer.weight + delta_weight.to(layer.weight.dtype), bias)
         side = None if args or kwargs else self._elementwise_side(name, layer, original)
         if side is not None:
             self._chose(name, "elementwise")

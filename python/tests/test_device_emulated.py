@@ -29,6 +29,8 @@ CASES = [
     ("loha", {}),
     ("lokr", {"linear_dim": 2}),
     ("lokr", {"decompose_both": True, "factor": 4}),
+    ("ia3", {}),
+    ("ia3", {"train_on_input": True}),
 ]
 IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in CASES]
 
@@ -84,6 +86,32 @@ def test_two_training_steps_match_lycoris_with_two_calls_per_step(emulated, algo
             # The first forward binds the buffers once.
             expected = ["network.delta_weights", "network.delta_weights_backward"]
             assert calls.methods == (["network.bind"] if step == 0 else []) + expected, calls.methods
+            sgd_step(lyco, ours)
+    finally:
+        _close(ours)
+
+
+@pytest.mark.parametrize("algo", ["lora", "ia3"])
+def test_conv1d_conv3d_and_norm_layers_with_their_bias_deltas(emulated, algo):
+    """test_layer_kinds's model (conv1d, conv3d, linear; LayerNorm and GroupNorm with
+    train_norm, whose norm adapters change the bias too: m·Δb travels beside m·ΔW) over two
+    SGD steps in training mode, against LyCORIS."""
+    from test_layer_kinds import make_inputs, pair
+    from test_layer_kinds import run as run_signals
+
+    base, ref_model, lyco, our_model, ours = pair(algo, "auto")
+    try:
+        seq, vol, upstream = make_inputs()
+        lyco.train()
+        ours.train()
+        for step in range(2):
+            y_ref, gseq_ref, gvol_ref = run_signals(ref_model, seq, vol, upstream)
+            y_our, gseq_our, gvol_our = run_signals(our_model, seq, vol, upstream)
+            assert isinstance(ours._device_path, devices.DevicePath) and ours._device_path.biased
+            assert_rel(y_our, y_ref, RTOL, f"step {step} output")
+            assert_rel(gseq_our, gseq_ref, RTOL, f"step {step} ∂seq")
+            assert_rel(gvol_our, gvol_ref, RTOL, f"step {step} ∂vol")
+            assert_grads_match(lyco, ours, RTOL, f"step {step} ")
             sgd_step(lyco, ours)
     finally:
         _close(ours)
