@@ -28,9 +28,15 @@ public final class DriverIPCMemory: IPCMemory {
 
     public init(driver: CUDADriver) throws(CUDAError) {
         self.driver = driver
-        openFunction = unsafeBitCast(
-            try driver.library.function("cuIpcOpenMemHandle_v2", as: (@convention(c) () -> Void).self),
-            to: UnsafeMutableRawPointer.self)
+        // cuda.h maps cuIpcOpenMemHandle to the _v2 entry point; older drivers have only the first.
+        typealias Entry = @convention(c) () -> Void
+        let entry: Entry
+        do {
+            entry = try driver.library.function("cuIpcOpenMemHandle_v2", as: Entry.self)
+        } catch {
+            entry = try driver.library.function("cuIpcOpenMemHandle", as: Entry.self)
+        }
+        openFunction = unsafeBitCast(entry, to: UnsafeMutableRawPointer.self)
         addressRange = try driver.library.function("cuMemGetAddressRange_v2", as: type(of: addressRange))
         closeFunction = try driver.library.function("cuIpcCloseMemHandle", as: type(of: closeFunction))
     }

@@ -109,11 +109,13 @@ class CUDAIPCMemory:
     def release(self, server) -> None:
         """Closes the server's mappings, then gives torch back its IPC reference counts."""
         handles = sorted({shared[0] for shared in self._shared.values()})
-        if handles:
-            server.call("device.release", {"handles": handles})
-        for _, _, counter, counter_offset, _ in self._shared.values():
-            torch.UntypedStorage._release_ipc_counter(counter, counter_offset, device=self.device)
-        self._shared.clear()
+        try:
+            if handles:
+                server.call("device.release", {"handles": handles})
+        finally:  # a dead server holds nothing open any more
+            for _, _, counter, counter_offset, _ in self._shared.values():
+                torch.UntypedStorage._release_ipc_counter(counter, counter_offset, device=self.device)
+            self._shared.clear()
 
 
 class EmulatedMemory:
@@ -159,11 +161,13 @@ class EmulatedMemory:
     def release(self, server) -> None:
         """Closes the server's mappings and removes the files (the memory lives on while a
         tensor still views it)."""
-        if self._allocations:
-            server.call("device.release", {"handles": [handle for _, _, handle, _, _ in self._allocations]})
-        for *_, path, _ in self._allocations:
-            os.unlink(path)
-        self._allocations.clear()
+        try:
+            if self._allocations:
+                server.call("device.release", {"handles": [handle for _, _, handle, _, _ in self._allocations]})
+        finally:
+            for *_, path, _ in self._allocations:
+                os.unlink(path)
+            self._allocations.clear()
 
 
 class DevicePath:

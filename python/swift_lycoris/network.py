@@ -34,7 +34,7 @@ from . import calibration, timestep
 from . import device as devices
 from .arena import Arena, wire_dtype
 from .nonfinite import NonFiniteError, SkipCall, check_nan_policy, count_non_finite, describe_server_error
-from .server import AdapterFileError, Server, ServerError
+from .server import AdapterFileError, Server, ServerDied, ServerError
 
 log = logging.getLogger("swift_lycoris")
 
@@ -976,8 +976,9 @@ class LycorisNetwork(nn.Module):
         """Ends the server (which unlinks the arena file; if it had died, this does)."""
         self.restore()
         if self._device_path:
-            self._device_path.release()
-            self._device_path = False
+            path, self._device_path = self._device_path, False
+            with contextlib.suppress(ServerError, ServerDied):  # a dead server has closed its mappings
+                path.release()
         self.arena.close()
         self.server.close()
         self.arena.remove_if_left()
