@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _sl_oracle import (assert_grads_match, assert_rel, inputs, make_pair, our_parameters, run, sgd_step,
-                        significant_delta)
+from _sl_oracle import (assert_checkpointing_matches, assert_grads_match, assert_rel, inputs, make_pair,
+                        our_parameters, run, sgd_step, significant_delta)
 
 import swift_lycoris as sl
 from swift_lycoris import device as devices
@@ -187,6 +187,18 @@ def test_adamw_steps_match_lycoris(emulated):
         for module, params in our_parameters(ours).items():
             for key, p in params.items():
                 assert_rel(p, theirs[module][key], 1e-3, f"{module}.{key} after 4 AdamW steps")
+    finally:
+        _close(ours)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(emulated, reentrant):
+    """A checkpointed model (kohya's gradient_checkpointing): its first pass runs without a
+    graph and its recomputation inside backward builds one; the gradients are the plain run's."""
+    base, ref_model, lyco, our_model, ours = make_pair("loha")
+    try:
+        assert_checkpointing_matches(our_model, ours, reentrant)
+        assert isinstance(ours._device_path, devices.DevicePath)
     finally:
         _close(ours)
 
