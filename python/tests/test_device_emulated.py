@@ -352,3 +352,52 @@ def test_a_bad_device_name_is_refused(monkeypatch):
     monkeypatch.setenv(devices.ENVIRONMENT, "gpu")
     with pytest.raises(ValueError, match="SWIFT_LYCORIS_DEVICE"):
         make_pair("lora")
+
+
+# MARK: kohya
+
+
+def _kohya_steps(monkeypatch, device: str, steps: int = 2):
+    """Losses and final adapter values of `steps` AdamW steps of kohya's flow (tiny UNet and
+    text encoder, LoKr with train_norm) with swift_lycoris on `device`."""
+    from test_kohya import Models
+
+    import swift_lycoris.kohya as sk
+
+    monkeypatch.setenv(devices.ENVIRONMENT, device)
+    torch.manual_seed(0)
+    te, unet = Models().copy()
+    network = sk.create_network(1.0, 4, 2.0, None, te, unet, algo="lokr", train_norm="True")
+    network.apply_to(te, unet, True, True)
+    groups, _ = network.prepare_optimizer_params(1e-2, 1e-2, 1e-2)
+    optimizer = torch.optim.AdamW(groups)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 1000, (2, 7), generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    timesteps = torch.tensor([10, 500])
+    losses = []
+    try:
+        for _ in range(steps):
+            network.on_step_start(te, unet)
+            out = unet(x, timesteps, te(ids).last_hidden_state).sample
+            loss = F.mse_loss(out, torch.zeros_like(out))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        path = network.core._device_path
+        return losses, {k: v.detach().clone() for k, v in network.state_dict().items()}, path
+    finally:
+        network.core.close()
+
+
+def test_kohya_steps_on_the_device_path_equal_the_arena_path(emulated, monkeypatch):
+    losses_arena, values_arena, arena = _kohya_steps(monkeypatch, "cpu")
+    losses_device, values_device, device = _kohya_steps(monkeypatch, "emulated")
+    assert arena is False and isinstance(device, devices.DevicePath)
+    assert device.biased, "train_norm's norm adapters (with a Δb) were not on the device path"
+    for step, (a, b) in enumerate(zip(losses_device, losses_arena)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} on the device path, {b} on the arena path"
+    assert set(values_device) == set(values_arena)
+    for key, value in values_arena.items():
+        assert_rel(values_device[key], value, 1e-4, f"{key} after the steps")
