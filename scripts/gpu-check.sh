@@ -9,7 +9,8 @@
 #      temporary folder; python/ and that folder go on PYTHONPATH)
 #   2. prints the GPU, torch and the server's `initialize` capabilities
 #   2b. lycoris-server --device-check cuda:0: the device backend's m·ΔW and ∂parameters
-#      against the host engine, every ported algorithm, one line per case
+#      against the host engine, every ported algorithm, one line per case; then
+#      --device-bench cuda:0: its time per SD 1.5 layer shape (LoRA, LoHa, LoKr)
 #   3. pytest: python/tests/test_cuda*.py (the CUDA staging path, the server's CUDA probe, the
 #      backend's kernels compiled by NVRTC and launched with the driver API against torch, and
 #      test_cuda_device.py: the device path — torch's tensors shared by CUDA IPC, two server
@@ -99,6 +100,8 @@ DEVICE=cuda:0
 mapfile -t LIBRARY_DIRS < <("$PYTHON" -c 'from swift_lycoris.cuda_libraries import torch_library_dirs
 for d in torch_library_dirs(): print("--cuda-library-dir"); print(d)')
 run "device check" 60 "$LYCORIS_SERVER" --device-check "$DEVICE" "${LIBRARY_DIRS[@]}"
+# The emulated device runs kernels one thread at a time: its timings would take minutes and mean nothing.
+[ "$DRY" = 0 ] && run "device bench" 60 "$LYCORIS_SERVER" --device-bench "$DEVICE" "${LIBRARY_DIRS[@]}"
 
 phase "tests (python/tests/test_cuda*.py)"
 run "pytest" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs "$ROOT"/python/tests/test_cuda*.py

@@ -11,6 +11,10 @@ void lycoris_cpu_hadamard(unsigned grid, unsigned block, float *out, const float
     LYCORIS_LAUNCH(lycoris_hadamard, grid, block, out, a, b, s, n);
 }
 
+void lycoris_cpu_add(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_add, grid, block, out, a, b, s, n);
+}
+
 void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                            uint64_t p, uint64_t q, uint64_t r, uint64_t t, uint64_t k) {
     LYCORIS_LAUNCH(lycoris_kronecker, grid, block, out, a, b, s, p, q, r, t, k);
@@ -21,9 +25,14 @@ void lycoris_cpu_channel_scale(unsigned grid, unsigned block, float *out, const 
     LYCORIS_LAUNCH(lycoris_channel_scale, grid, block, out, x, w, offset, s, stride, channels, n);
 }
 
-void lycoris_cpu_channel_dot(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
-                             uint64_t stride, uint64_t channels, uint64_t n) {
-    LYCORIS_LAUNCH(lycoris_channel_dot, grid, block, out, a, b, s, stride, channels, n);
+void lycoris_cpu_channel_dot_parts(unsigned grid, unsigned block, double *partials, const float *a, const float *b,
+                                   uint64_t stride, uint64_t channels, uint64_t n, uint64_t parts) {
+    LYCORIS_LAUNCH(lycoris_channel_dot_parts, grid, block, partials, a, b, stride, channels, n, parts);
+}
+
+void lycoris_cpu_sum_parts(unsigned grid, unsigned block, float *out, const double *partials, float s, uint64_t channels,
+                           uint64_t parts) {
+    LYCORIS_LAUNCH(lycoris_sum_parts, grid, block, out, partials, s, channels, parts);
 }
 
 void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,

@@ -26,6 +26,8 @@ package protocol WeightAlgebra {
     func scaled(_ value: Value, by s: Float) -> Value
     /// s · (a ⊙ b), a and b of one shape.
     func hadamard(_ a: Value, _ b: Value, scale s: Float) -> Value
+    /// a + b, of one shape (b's shape is the result's).
+    func adding(_ a: Value, _ b: Value) -> Value
     /// s · kron(A, B): A (p, q), B (r, t, k…) → (p·r, q·t, k…) (``Tensor/kronecker(_:_:)``).
     func kronecker(_ a: Value, _ b: Value, scale s: Float) -> Value
     /// (∂A, ∂B) of s · kron(A, B) given its gradient (``Tensor/kroneckerBackward(_:_:_:)``, times s).
@@ -64,6 +66,8 @@ package struct TensorAlgebra: WeightAlgebra {
     package func hadamard(_ a: Tensor, _ b: Tensor, scale s: Float) -> Tensor {
         s == 1 ? a * b : a.zipMap(b) { $0 * $1 * s }
     }
+
+    package func adding(_ a: Tensor, _ b: Tensor) -> Tensor { a.reshaped(b.shape) + b }
 
     package func kronecker(_ a: Tensor, _ b: Tensor, scale s: Float) -> Tensor { scaled(Tensor.kronecker(a, b), by: s) }
 

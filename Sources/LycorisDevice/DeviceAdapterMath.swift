@@ -13,16 +13,16 @@ import LycorisCUDA
 /// `lora_down.weight`, `lora_mid.weight`, `hada_w1_a`, `lokr_w1`, `weight`, `diff`, `w_norm`,
 /// `scalar`, …: the names of ``AdapterModule/algorithm``'s ``AdapterAlgorithm/parameters``),
 /// read in place in device memory, each with exactly the module's shape; `gradients` has the
-/// same names. `baseWeight` is W0 where the algorithm reads it (IA3). `block` is DyLoRA's rank
+/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA). `block` is DyLoRA's rank
 /// block of the step (nil: all blocks, as in eval). `rowMask` (out,) is rebuild-mode rank
 /// dropout on ΔW's rows (and Δb), as ``AdapterModule/effectiveDeltaWeight(_:)`` applies it;
 /// nil: none. The math is the host engine's own — the generic weight-path functions of
-/// LoCon, LoHa, LoKr and DyLoRA over ``DeviceAlgebra`` — and, for the one-kernel algorithms,
+/// LoCon, LoHa, LoKr, DyLoRA and GLoRA over ``DeviceAlgebra`` — and, for the one-kernel algorithms,
 /// IA3 (W0 scaled per channel), Full (diff) and Norm (w_norm, b_norm), a kernel each here.
 ///
 /// Computes: LoRA/LoCon (linear, convolutions as a reshaped GEMM, Tucker `lora_mid`,
-/// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DyLoRA, IA3, Full, Norm.
-/// Every other algorithm (DoRA, GLoRA, Diag-OFT, BOFT, T-LoRA) is refused by
+/// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DyLoRA, GLoRA, IA3, Full,
+/// Norm. Every other algorithm (DoRA, Diag-OFT, BOFT, T-LoRA) is refused by
 /// ``checkComputes(_:)`` with a ``DeviceError`` naming it.
 ///
 /// Work is queued on the runtime's stream; ``synchronize()`` waits for it (the server calls
@@ -75,6 +75,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         case let .dylora(a):
             let b = try a.block(block)
             try finish(algebra, a.deltaWeight(algebra, p, block: b, multiplier: m), into: output, rowMask: rowMask)
+        case let .glora(a):
+            try finish(algebra, a.deltaWeight(algebra, p, baseWeight: baseWeight!, multiplier: m), into: output, rowMask: rowMask)
         case let .ia3(a):
             // m·ΔW = W0 ⊙ (m·w) along rows (output channels) or columns (train_on_input).
             let axis = IA3Axis(a, module.layer)
@@ -115,12 +117,12 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         case let .loha(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
         case let .lokr(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
         case let .dylora(a): results = a.deltaWeightBackward(algebra, p, gradient: g, block: try a.block(block), multiplier: m)
+        case let .glora(a): results = a.deltaWeightBackward(algebra, p, baseWeight: baseWeight!, gradient: g, multiplier: m)
         case let .ia3(a):
             // ∂w = m · Σ ∂(m·ΔW) ⊙ W0 over every axis but w's.
             let axis = IA3Axis(a, module.layer)
             let weight = gradients["weight"]!
-            try runtime.launch(.channelDot(out: weight.address, a: g.address, b: baseWeight!.address, s: m, stride: axis.stride,
-                                           channels: axis.channels, count: g.count))
+            try algebra.channelDot(into: weight, g, baseWeight!, scale: m, stride: axis.stride, channels: axis.channels)
             results = []
         case .full:
             results = [("diff", algebra.scaled(g, by: m))]
@@ -140,7 +142,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
 
     /// The algorithms computed on a device, each with its host module.
     enum Port {
-        case locon(LoCon), loha(LoHa), lokr(LoKr), dylora(DyLoRA), ia3(IA3), full(Full), norm(Norm)
+        case locon(LoCon), loha(LoHa), lokr(LoKr), dylora(DyLoRA), glora(GLoRA), ia3(IA3), full(Full), norm(Norm)
 
         init?(_ algorithm: any AdapterAlgorithm) {
             switch algorithm {
@@ -148,6 +150,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             case let a as LoHa: self = .loha(a)
             case let a as LoKr: self = .lokr(a)
             case let a as DyLoRA: self = .dylora(a)
+            case let a as GLoRA: self = .glora(a)
             case let a as IA3: self = .ia3(a)
             case let a as Full: self = .full(a)
             case let a as Norm: self = .norm(a)
@@ -215,8 +218,10 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     private func check(_ module: AdapterModule, parameters: [String: DeviceTensor], baseWeight: DeviceTensor?,
                        rowMask: DeviceTensor?) throws {
         try checkNames(module, parameters, "parameters")
-        if module.algorithm is IA3 {
-            guard let baseWeight else { throw AdapterError("\(module.name): ia3 needs the base layer's weight") }
+        if module.algorithm is IA3 || module.algorithm is GLoRA {
+            guard let baseWeight else {
+                throw AdapterError("\(module.name): \(Self.algorithmName(module.algorithm)) needs the base layer's weight")
+            }
             try expect(baseWeight, module.layer.weightShape, "\(module.name): the base weight")
         }
         if let rowMask { try expect(rowMask, [module.layer.outFeatures], "\(module.name): the rank-dropout row mask") }

@@ -79,6 +79,11 @@ final class DeviceAlgebra: WeightAlgebra {
         }
     }
 
+    func adding(_ a: DeviceTensor, _ b: DeviceTensor) -> DeviceTensor {
+        guard a.count == b.count else { return fail("device add: \(a.shape) and \(b.shape) differ", shape: a.shape) }
+        return output(b.shape) { out in try runtime.launch(.add(out: out.address, a: a.address, b: b.address, s: 1, count: a.count)) }
+    }
+
     func kronecker(_ a: DeviceTensor, _ b: DeviceTensor, scale s: Float) -> DeviceTensor {
         let (p, q, r, t) = (a.shape[0], a.shape[1], b.shape[0], b.shape[1])
         let kernel = Array(b.shape.dropFirst(2))
@@ -102,10 +107,20 @@ final class DeviceAlgebra: WeightAlgebra {
 
     func dot(_ a: DeviceTensor, _ b: DeviceTensor, scale s: Float) -> DeviceTensor {
         guard a.count == b.count else { return fail("device dot: \(a.shape) and \(b.shape) differ", shape: []) }
-        return output([]) { out in
-            try runtime.launch(.channelDot(out: out.address, a: a.address, b: b.address, s: s, stride: a.count, channels: 1,
-                                           count: a.count))
-        }
+        return output([]) { out in try channelDot(into: out, a, b, scale: s, stride: 1, channels: 1) }
+    }
+
+    /// out[c] = s · Σ a ⊙ b over channel c (⌊e / stride⌋ mod channels = c), in double: each
+    /// channel split into parts summed by their own threads (up to 2¹⁶ threads in all), then
+    /// the parts added.
+    func channelDot(into out: DeviceTensor, _ a: DeviceTensor, _ b: DeviceTensor, scale s: Float, stride: Int,
+                    channels: Int) throws {
+        let runs = a.count / (stride * channels)
+        let parts = max(1, min(runs, (1 << 16) / channels))
+        let partials = try workspace.buffer(2 * channels * parts)
+        try runtime.launch(.channelDotParts(partials: partials, a: a.address, b: b.address, stride: stride, channels: channels,
+                                            count: a.count, parts: parts))
+        try runtime.launch(.sumParts(out: out.address, partials: partials, s: s, channels: channels, parts: parts))
     }
 
     func scalar(_ value: DeviceTensor) -> Float {

@@ -76,6 +76,8 @@ public enum DeviceSelfCheck {
         Case("lokr conv2d full_matrix unbalanced", .lokr, conv) { $0.fullMatrix = true; $0.unbalancedFactorization = true },
         Case("dylora linear block 1", .dylora, linear, block: 1) { $0.rank = 6; $0.blockSize = 2 },
         Case("dylora conv2d all blocks", .dylora, conv) { $0.rank = 6; $0.blockSize = 2 },
+        Case("glora linear", .glora, linear),
+        Case("glora conv2d use_scalar", .glora, conv, multiplier: -1.3) { $0.useScalar = true },
         Case("ia3 linear", .ia3, linear),
         Case("ia3 linear on_input", .ia3, linear) { $0.trainOnInput = true },
         Case("ia3 conv2d", .ia3, conv, rowMask: true),

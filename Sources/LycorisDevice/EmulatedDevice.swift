@@ -64,17 +64,24 @@ public final class EmulatedDevice: DeviceRuntime, @unchecked Sendable {
         let grid = UInt32((count + Int(block) - 1) / Int(block))
         func p(_ address: UInt64) throws -> UnsafeMutablePointer<Float> { try pointer(address) }
         func u(_ value: Int) -> UInt64 { UInt64(value) }
+        func doubles(_ address: UInt64) throws -> UnsafeMutablePointer<Double> {
+            UnsafeMutableRawPointer(try pointer(address)).assumingMemoryBound(to: Double.self)
+        }
         switch kernel {
         case let .scale(out, x, s, n):
             lycoris_cpu_scale(grid, block, try p(out), try p(x), s, u(n))
         case let .hadamard(out, a, b, s, n):
             lycoris_cpu_hadamard(grid, block, try p(out), try p(a), try p(b), s, u(n))
+        case let .add(out, a, b, s, n):
+            lycoris_cpu_add(grid, block, try p(out), try p(a), try p(b), s, u(n))
         case let .kronecker(out, a, b, s, pp, q, r, t, k):
             lycoris_cpu_kronecker(grid, block, try p(out), try p(a), try p(b), s, u(pp), u(q), u(r), u(t), u(k))
         case let .channelScale(out, x, w, offset, s, stride, channels, n):
             lycoris_cpu_channel_scale(grid, block, try p(out), try p(x), try p(w), offset, s, u(stride), u(channels), u(n))
-        case let .channelDot(out, a, b, s, stride, channels, n):
-            lycoris_cpu_channel_dot(grid, block, try p(out), try p(a), try p(b), s, u(stride), u(channels), u(n))
+        case let .channelDotParts(partials, a, b, stride, channels, n, parts):
+            lycoris_cpu_channel_dot_parts(grid, block, try doubles(partials), try p(a), try p(b), u(stride), u(channels), u(n), u(parts))
+        case let .sumParts(out, partials, s, channels, parts):
+            lycoris_cpu_sum_parts(grid, block, try p(out), try doubles(partials), s, u(channels), u(parts))
         case let .transpose(out, input, batch, rows, columns, inner):
             lycoris_cpu_transpose(grid, block, try p(out), try p(input), u(batch), u(rows), u(columns), u(inner))
         case let .columnCopy(out, input, rows, width, outColumns, outFirst, inColumns, inFirst):

@@ -6,9 +6,10 @@ import LycorisDevice
 /// host engine for every ported algorithm — on `emulated` or `cuda:N` (CUDA loaded from the
 /// given folders, then the system's), prints a line per case on stdout and exits 0 when
 /// every case is within tolerance, 1 otherwise (or when the device cannot start).
-/// scripts/gpu-check.sh runs it on `cuda:0` with torch's library folders.
+/// `--device-bench DEVICE` prints ``DeviceTiming``'s per-layer times instead.
+/// scripts/gpu-check.sh runs both on `cuda:0` with torch's library folders.
 enum DeviceCheck {
-    static func run(_ device: String, libraryDirectories: [String]) -> Int32 {
+    static func run(_ device: String, libraryDirectories: [String], timing: Bool) -> Int32 {
         let runtime: DeviceRuntime
         do {
             if device == "emulated" {
@@ -23,6 +24,7 @@ enum DeviceCheck {
             print("device check: \(device) cannot start: \(error)")
             return 1
         }
-        return DeviceSelfCheck.report(on: runtime) { print($0) } ? 0 : 1
+        let passed = timing ? DeviceTiming.report(on: runtime) { print($0) } : DeviceSelfCheck.report(on: runtime) { print($0) }
+        return passed ? 0 : 1
     }
 }

@@ -25,11 +25,16 @@ struct ServerCommand: ParsableCommand {
     @Option(name: .customLong("device-check"), help: .hidden)
     var deviceCheck: String?
 
+    @Option(name: .customLong("device-bench"), help: .hidden)
+    var deviceBench: String?
+
     @Option(name: .customLong("cuda-library-dir"), help: .hidden)
     var cudaLibraryDirectories: [String] = []
 
     func run() throws {
-        if let deviceCheck { throw ExitCode(DeviceCheck.run(deviceCheck, libraryDirectories: cudaLibraryDirectories)) }
+        if let device = deviceCheck ?? deviceBench {
+            throw ExitCode(DeviceCheck.run(device, libraryDirectories: cudaLibraryDirectories, timing: deviceCheck == nil))
+        }
         let protocolFD = StdioServer.claimStandardOutput()
         guard let level = Logger.Level(rawValue: logLevel) else { throw ValidationError("unknown log level \(logLevel)") }
         LoggingSystem.bootstrap { label in

@@ -12,8 +12,8 @@ import Testing
 @Suite struct KernelTests {
     static let sourcePath = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("Sources/LycorisCUDA/Kernels/lycoris_kernels.cu").path
-    static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_kronecker", "lycoris_channel_scale",
-                          "lycoris_channel_dot", "lycoris_norm_affine", "lycoris_transpose", "lycoris_column_copy",
+    static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_add", "lycoris_kronecker", "lycoris_channel_scale",
+                          "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_norm_affine", "lycoris_transpose", "lycoris_column_copy",
                           "lycoris_dropout_mask"]
 
     /// ⌈count / block⌉ blocks of `block` threads.
@@ -41,12 +41,14 @@ import Testing
         for kernel in Self.kernels { #expect(ptx.contains(".entry \(kernel)("), "\(kernel) is not in the PTX") }
     }
 
-    @Test func scaleAndHadamardAreTheEnginesProducts() {
+    @Test func scaleHadamardAndAddAreTheEnginesOperations() {
         let a = randomTensor([5, 9], seed: 1), b = randomTensor([5, 9], seed: 2)
         let scaled = Self.launched(a.count) { lycoris_cpu_scale($0, $1, $2, a.scalars, 0.75, UInt64(a.count)) }
         expectClose(Tensor(shape: a.shape, scalars: scaled), a * 0.75, tolerance: 1e-7, "scale")
         let product = Self.launched(a.count) { lycoris_cpu_hadamard($0, $1, $2, a.scalars, b.scalars, 0.5, UInt64(a.count)) }
         expectClose(Tensor(shape: a.shape, scalars: product), a * b * 0.5, tolerance: 1e-7, "hadamard")
+        let sum = Self.launched(a.count) { lycoris_cpu_add($0, $1, $2, a.scalars, b.scalars, -2, UInt64(a.count)) }
+        expectClose(Tensor(shape: a.shape, scalars: sum), a - b * 2, tolerance: 1e-7, "add")
     }
 
     @Test(arguments: [[4, 5, 3, 3], [4, 5]])
@@ -81,8 +83,10 @@ import Testing
     }
 
     /// The reduction of channel_scale: per-channel sums of a ⊙ b along rows or columns, and a
-    /// whole dot product (one channel), against sums written out here in Double.
-    @Test func channelDotSumsEachChannelsProducts() {
+    /// whole dot product (one channel), each split into parts, against sums written out here
+    /// in Double.
+    @Test(arguments: [1, 2, 5])
+    func channelDotSumsEachChannelsProducts(parts: Int) {
         let a = randomTensor([4, 3, 2, 2], seed: 20), b = randomTensor([4, 3, 2, 2], seed: 21)
         var rows = [Double](repeating: 0, count: 4), columns = [Double](repeating: 0, count: 3), total = 0.0
         for o in 0..<4 { for i in 0..<3 { for e in 0..<4 {
@@ -92,14 +96,22 @@ import Testing
             columns[i] += product
             total += product
         } } }
-        let n = UInt64(a.count)
-        let alongRows = Self.launched(4, block: 3) { lycoris_cpu_channel_dot($0, $1, $2, a.scalars, b.scalars, 2, 12, 4, n) }
-        let alongColumns = Self.launched(3, block: 2) { lycoris_cpu_channel_dot($0, $1, $2, a.scalars, b.scalars, 1, 4, 3, n) }
-        let dot = Self.launched(1) { lycoris_cpu_channel_dot($0, $1, $2, a.scalars, b.scalars, 0.5, UInt64(a.count), 1, n) }
-        expectClose(Tensor(shape: [4], scalars: alongRows), Tensor(shape: [4], scalars: rows.map { Float(2 * $0) }),
-                    tolerance: 1e-6, "rows")
-        expectClose(Tensor(shape: [3], scalars: alongColumns), Tensor(shape: [3], scalars: columns.map { Float($0) }),
-                    tolerance: 1e-6, "columns")
+        /// The two launches: parts, then their sums times s.
+        func reduced(scale s: Float, stride: Int, channels: Int) -> [Float] {
+            var partials = [Double](repeating: .nan, count: channels * parts)
+            partials.withUnsafeMutableBufferPointer {
+                lycoris_cpu_channel_dot_parts(Self.grid(channels * parts, 3), 3, $0.baseAddress!, a.scalars, b.scalars,
+                                              UInt64(stride), UInt64(channels), UInt64(a.count), UInt64(parts))
+            }
+            return Self.launched(channels, block: 2) {
+                lycoris_cpu_sum_parts($0, $1, $2, partials, s, UInt64(channels), UInt64(parts))
+            }
+        }
+        expectClose(Tensor(shape: [4], scalars: reduced(scale: 2, stride: 12, channels: 4)),
+                    Tensor(shape: [4], scalars: rows.map { Float(2 * $0) }), tolerance: 1e-6, "rows")
+        expectClose(Tensor(shape: [3], scalars: reduced(scale: 1, stride: 4, channels: 3)),
+                    Tensor(shape: [3], scalars: columns.map { Float($0) }), tolerance: 1e-6, "columns")
+        let dot = reduced(scale: 0.5, stride: 1, channels: 1)
         #expect(abs(dot[0] - Float(0.5 * total)) <= 1e-6 * abs(Float(total)))
     }
 

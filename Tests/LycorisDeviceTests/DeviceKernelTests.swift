@@ -13,9 +13,11 @@ import Testing
     static let samples: [DeviceKernel] = [
         .scale(out: 1, x: 2, s: 0.5, count: 3),
         .hadamard(out: 1, a: 2, b: 3, s: 0.5, count: 3),
+        .add(out: 1, a: 2, b: 3, s: 0.5, count: 4),
         .kronecker(out: 1, a: 2, b: 3, s: 0.5, p: 1, q: 2, r: 3, t: 4, k: 5),
         .channelScale(out: 1, x: 2, w: 3, offset: 0, s: 1, stride: 4, channels: 5, count: 6),
-        .channelDot(out: 1, a: 2, b: 3, s: 1, stride: 4, channels: 5, count: 6),
+        .channelDotParts(partials: 1, a: 2, b: 3, stride: 4, channels: 5, count: 6, parts: 7),
+        .sumParts(out: 1, partials: 2, s: 0.5, channels: 3, parts: 4),
         .transpose(out: 1, input: 2, batch: 3, rows: 4, columns: 5, inner: 6),
         .columnCopy(out: 1, input: 2, rows: 3, width: 4, outColumns: 5, outFirst: 6, inColumns: 7, inFirst: 8),
     ]
@@ -54,7 +56,7 @@ import Testing
     }
 
     @Test func threadCountsAreTheKernelsIndexRanges() {
-        #expect(Self.samples.map(\.threads) == [3, 3, 1 * 2 * 3 * 4 * 5, 6, 5, 3 * 4 * 5 * 6, 3 * 4])
+        #expect(Self.samples.map(\.threads) == [3, 3, 4, 1 * 2 * 3 * 4 * 5, 6, 5 * 7, 3, 3 * 4 * 5 * 6, 3 * 4])
     }
 
     @Test func nvrtcEmitsEveryKernelTheBackendLaunches() throws {

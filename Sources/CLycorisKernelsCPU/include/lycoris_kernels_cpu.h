@@ -10,12 +10,15 @@
 void lycoris_cpu_scale(unsigned grid, unsigned block, float *out, const float *x, float s, uint64_t n);
 void lycoris_cpu_hadamard(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                           uint64_t n);
+void lycoris_cpu_add(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s, uint64_t n);
 void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                            uint64_t p, uint64_t q, uint64_t r, uint64_t t, uint64_t k);
 void lycoris_cpu_channel_scale(unsigned grid, unsigned block, float *out, const float *x, const float *w,
                                float offset, float s, uint64_t stride, uint64_t channels, uint64_t n);
-void lycoris_cpu_channel_dot(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
-                             uint64_t stride, uint64_t channels, uint64_t n);
+void lycoris_cpu_channel_dot_parts(unsigned grid, unsigned block, double *partials, const float *a, const float *b,
+                                   uint64_t stride, uint64_t channels, uint64_t n, uint64_t parts);
+void lycoris_cpu_sum_parts(unsigned grid, unsigned block, float *out, const double *partials, float s, uint64_t channels,
+                           uint64_t parts);
 void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,
                              uint64_t blocks, uint64_t length, uint64_t stride, uint64_t channels, double eps);
 void lycoris_cpu_transpose(unsigned grid, unsigned block, float *out, const float *in, uint64_t batch,

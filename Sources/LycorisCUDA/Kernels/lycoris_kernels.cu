@@ -39,6 +39,12 @@ LYCORIS_KERNEL void lycoris_hadamard(float *out, const float *a, const float *b,
     if (i < n) out[i] = s * a[i] * b[i];
 }
 
+/* out = a + s · b   (GLoRA: ΔW = W0·A + B, the two terms added) */
+LYCORIS_KERNEL void lycoris_add(float *out, const float *a, const float *b, float s, u64 n) {
+    u64 i = LYCORIS_INDEX();
+    if (i < n) out[i] = a[i] + s * b[i];
+}
+
 /* out = s · kron(A, B): A (p, q), B (r, t, k) → out (p·r, q·t, k) with
  * out[i·r + j, l·t + m, κ] = s · A[i, l] · B[j, m, κ]   (LoKr's ΔW; k = Π kernel axes, 1 for
  * linear) */
@@ -63,18 +69,31 @@ LYCORIS_KERNEL void lycoris_channel_scale(float *out, const float *x, const floa
     if (e < n) out[e] = x[e] * (offset + s * w[e / stride % channels]);
 }
 
-/* out[c] = s · Σ a[e]·b[e] over the elements e of channel c (⌊e / stride⌋ mod channels = c),
- * accumulated in double, one thread per channel — the reduction of lycoris_channel_scale:
- * IA3's ∂w = m · Σ ∂(m·ΔW) ⊙ W0 along its axis; with one channel and stride n, a dot product
- * (use_scalar's ∂σ). */
-LYCORIS_KERNEL void lycoris_channel_dot(float *out, const float *a, const float *b, float s, u64 stride,
-                                        u64 channels, u64 n) {
-    u64 c = LYCORIS_INDEX();
+/* The reduction of lycoris_channel_scale, Σ a[e]·b[e] over the elements e of each channel c
+ * (⌊e / stride⌋ mod channels = c), in two launches so that every channel is summed by
+ * `parts` threads: IA3's ∂w = m · Σ ∂(m·ΔW) ⊙ W0 along its axis, and with one channel and
+ * stride 1 a dot product (use_scalar's ∂σ). Thread t = c·parts + j sums, in double, the
+ * stride-long runs of channel c that start at (o·channels + c)·stride for o ≡ j (mod parts)
+ * — for a dot product, elements j, j + parts, … (adjacent threads read adjacent elements). */
+LYCORIS_KERNEL void lycoris_channel_dot_parts(double *partials, const float *a, const float *b, u64 stride,
+                                              u64 channels, u64 n, u64 parts) {
+    u64 t = LYCORIS_INDEX();
+    if (t >= channels * parts) return;
+    u64 c = t / parts, j = t % parts, o, e;
+    double sum = 0;
+    for (o = j; (o * channels + c) * stride < n; o += parts) {
+        u64 start = (o * channels + c) * stride;
+        for (e = start; e < start + stride; e++) sum += (double)a[e] * (double)b[e];
+    }
+    partials[t] = sum;
+}
+
+/* out[c] = s · Σ_j partials[c·parts + j]   (the second launch of the channel reduction). */
+LYCORIS_KERNEL void lycoris_sum_parts(float *out, const double *partials, float s, u64 channels, u64 parts) {
+    u64 c = LYCORIS_INDEX(), j;
     if (c >= channels) return;
     double sum = 0;
-    u64 start, e;
-    for (start = c * stride; start < n; start += channels * stride)
-        for (e = start; e < start + stride; e++) sum += (double)a[e] * (double)b[e];
+    for (j = 0; j < parts; j++) sum += partials[c * parts + j];
     out[c] = (float)((double)s * sum);
 }
 
