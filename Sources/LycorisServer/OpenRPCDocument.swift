@@ -1255,7 +1255,7 @@ enum OpenRPCDocument {
         },
         {
           "name": "base_weights",
-          "description": "Module → W0's device reference, required for each module whose ΔW reads the base weight (on a device: IA3).",
+          "description": "Module → W0's device reference, required for each module whose ΔW reads the base weight (on a device: IA3, GLoRA).",
           "schema": {
             "$ref": "#/components/schemas/DeviceTensorMap"
           }

@@ -180,7 +180,7 @@ class DevicePath:
     built once, at bind."""
 
     def __init__(self, network, memory):
-        from .network import is_norm_layer  # (network imports this module)
+        from .network import is_norm_layer, needs_base_weight  # (network imports this module)
 
         self.network, self.memory = network, memory
         self.names = list(network.modules_info)
@@ -200,8 +200,8 @@ class DevicePath:
         self.bias_index = {name: len(self.names) + i for i, name in enumerate(self.biased)}
         self.deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes + bias_shapes)), shapes + bias_shapes)
         self.grad_deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes + bias_shapes)), shapes + bias_shapes)
-        # Modules whose ΔW reads the layer's weight (on a device: IA3) bind it.
-        self.base_weight_modules = [n for n in self.names if network.modules_info[n]["algorithm"] == "ia3"]
+        # Modules whose ΔW reads the layer's weight (of those the device computes: IA3, GLoRA) bind it.
+        self.base_weight_modules = [n for n in self.names if needs_base_weight(network.modules_info[n]["algorithm"], {})]
         self._grad_flat = memory.allocate(sum(p.numel() for p in self.parameters))
         self._parameter_shapes = [tuple(p.shape) for p in self.parameters]
         self.grads = _views(self._grad_flat, self._parameter_shapes)

@@ -31,6 +31,7 @@ CASES = [
     ("lokr", {"decompose_both": True, "factor": 4}),
     ("ia3", {}),
     ("ia3", {"train_on_input": True}),
+    ("glora", {}),
 ]
 IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in CASES]
 
