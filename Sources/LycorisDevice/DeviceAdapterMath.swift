@@ -13,12 +13,13 @@ import LycorisCUDA
 /// `lora_down.weight`, `lora_mid.weight`, `hada_w1_a`, `lokr_w1`, `weight`, `diff`, `w_norm`,
 /// `scalar`, …: the names of ``AdapterModule/algorithm``'s ``AdapterAlgorithm/parameters``),
 /// read in place in device memory, each with exactly the module's shape; `gradients` has the
-/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA). `block` is DyLoRA's rank
-/// block of the step (nil: all blocks, as in eval). `rowMask` (out,) is rebuild-mode rank
-/// dropout on ΔW's rows (and Δb), as ``AdapterModule/effectiveDeltaWeight(_:)`` applies it;
-/// nil: none. The math is the host engine's own — the generic weight-path functions of
-/// LoCon, LoHa, LoKr, DyLoRA and GLoRA over ``DeviceAlgebra`` — and, for the one-kernel algorithms,
-/// IA3 (W0 scaled per channel), Full (diff) and Norm (w_norm, b_norm), a kernel each here.
+/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA). `block` is
+/// DyLoRA's rank block of the step (nil: all blocks, as in eval). `rowMask` (out,) is
+/// rebuild-mode rank dropout on ΔW's rows (and Δb), as
+/// ``AdapterModule/effectiveDeltaWeight(_:)`` applies it; nil: none. The math is the host
+/// engine's own — the generic weight-path functions of LoCon, LoHa, LoKr, DyLoRA and GLoRA
+/// over ``DeviceAlgebra`` — and, for the one-kernel algorithms, IA3 (W0 scaled per channel),
+/// Full (diff) and Norm (w_norm, b_norm), a kernel each here.
 ///
 /// Computes: LoRA/LoCon (linear, convolutions as a reshaped GEMM, Tucker `lora_mid`,
 /// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DyLoRA, GLoRA, IA3, Full,
