@@ -71,18 +71,12 @@ struct ExtractCommand: ParsableCommand {
         options.dtype = dtype
         options.family = modelType
         if let threads { options.workers = threads }
-        let bar = Box<ProgressBar>()
-        let quiet = quiet || json
-        let report = try CheckpointExtract.extract(base: base, tuned: tuned, output: out, options: options) { done, total in
-            bar.value(orMake: { ProgressBar("extract", total: total, quiet: quiet) }).update(done)
-        }
-        let seconds = bar.current?.elapsed ?? 0
+        let job = JobOutput("extract", quiet: quiet || json)
+        let report = try CheckpointExtract.extract(base: base, tuned: tuned, output: out, options: options, progress: job.progress)
         if json {
-            let data = try JSONSerialization.data(withJSONObject: Self.jsonObject(report, out: out, seconds: seconds),
-                                                  options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(Self.jsonObject(report, out: out, seconds: job.seconds))
         } else {
-            print(Self.summary(report, out: out, seconds: seconds))
+            print(Self.summary(report, out: out, seconds: job.seconds))
         }
     }
 
@@ -120,17 +114,3 @@ struct ExtractCommand: ParsableCommand {
     }
 }
 
-/// A value made on first use from any thread.
-final class Box<Value>: @unchecked Sendable {
-    private let lock = NSLock()
-    private(set) var current: Value?
-
-    func value(orMake make: () -> Value) -> Value {
-        lock.withLock {
-            if let current { return current }
-            let made = make()
-            current = made
-            return made
-        }
-    }
-}

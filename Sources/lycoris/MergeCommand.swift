@@ -49,18 +49,13 @@ struct MergeCommand: ParsableCommand {
 
     func run() throws {
         let adapters = adapter.map { Self.parse($0, default: multiplier) }
-        var bar: ProgressBar?
+        let job = JobOutput("merge", unit: "tensors", quiet: quiet || json)
         let report = try CheckpointMerge.merge(checkpoint: base, adapters: adapters, output: out, dtype: dtype, family: modelType,
-                                               strict: strict) { done, total in
-            if bar == nil { bar = ProgressBar("merge", total: total, unit: "tensors", quiet: quiet || json) }
-            bar?.update(done)
-        }
+                                               strict: strict, progress: job.progress)
         if json {
-            let data = try JSONSerialization.data(withJSONObject: Self.jsonObject(report, seconds: bar?.elapsed ?? 0),
-                                                  options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(Self.jsonObject(report, seconds: job.seconds))
         } else {
-            print(Self.summary(report, adapters: adapters, out: out, seconds: bar?.elapsed ?? 0))
+            print(Self.summary(report, adapters: adapters, out: out, seconds: job.seconds))
         }
         if !report.written {
             // A failed job, not bad usage: exit 1, and --out was not touched.
