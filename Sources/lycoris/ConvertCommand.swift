@@ -29,6 +29,7 @@ struct ConvertCommand: ParsableCommand {
     @Flag(help: "Print the report as JSON.") var json = false
 
     func validate() throws {
+        if let to, model == nil { throw ValidationError("--to \(to.rawValue) needs --model CHECKPOINT, the checkpoint whose layers name the modules") }
         for pair in rename where !pair.contains("=") { throw ValidationError("--rename takes FROM=TO, not '\(pair)'") }
         for pattern in keep + drop where (try? Regex(pattern)) == nil {
             throw ValidationError("'\(pattern)' is not a regular expression")
@@ -36,9 +37,10 @@ struct ConvertCommand: ParsableCommand {
     }
 
     func run() throws {
+        if to != .peft { try JobOutput.checkFileOutput(output) }
         let job = JobOutput("convert", unit: "modules", quiet: quiet || json)
         if let to {
-            guard let model else { throw ValidationError("--to \(to.rawValue) needs --model CHECKPOINT") }
+            let model = model!
             let report = to == .peft
                 ? try PEFTInterchange.export(adapter: input, checkpoint: model, component: component, family: modelType, output: output,
                                              progress: job.progress)
@@ -51,8 +53,8 @@ struct ConvertCommand: ParsableCommand {
                 ])
                 return
             }
-            var lines = report.skipped.isEmpty ? [] : ["skipped: \(report.skipped.count)"]
-            lines += report.skipped.map { "  \($0.module): \($0.reason)" }
+            let lines = report.skipped.isEmpty ? []
+                : ["skipped: \(report.skipped.count)"] + JobOutput.listing(report.skipped.map { "\($0.module): \($0.reason)" })
             print((lines + Self.table(output: output, counts: [("converted", report.converted.count), ("skipped", report.skipped.count)],
                                       note: "\(to.rawValue)\(report.peftType.isEmpty ? "" : ", " + report.peftType)", seconds: job.seconds))
                 .joined(separator: "\n"))
@@ -74,8 +76,7 @@ struct ConvertCommand: ParsableCommand {
             ])
             return
         }
-        var lines = report.dropped.prefix(20).map { "  dropped \($0)" }
-        if report.dropped.count > 20 { lines.append("  … and \(report.dropped.count - 20) more (--json lists them all)") }
+        var lines = report.dropped.isEmpty ? [] : ["dropped: \(report.dropped.count)"] + JobOutput.listing(report.dropped)
         if !report.repaired.isEmpty { lines.append("conv lora_up reshaped to N-D: \(report.repaired.joined(separator: ", "))") }
         print((lines + Self.table(output: output, counts: [("written", report.written.count), ("renamed", report.renamed),
                                                            ("dropped", report.dropped.count), ("repaired", report.repaired.count)],

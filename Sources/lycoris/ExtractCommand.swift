@@ -50,11 +50,11 @@ struct ExtractCommand: ParsableCommand {
         case .full: break
         }
         guard (0...1).contains(sparsity) else { throw ValidationError("--sparsity must be in [0, 1]") }
-        guard dtype.isEncodable else { throw ValidationError("--dtype must be f32, f16, bf16 or f64") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
     func run() throws {
+        try JobOutput.checkFileOutput(out)
         let (linear, conv): (Float, Float) = switch mode {
         case .fixed, .full: (Float(linearDim), Float(convDim))
         case .threshold: (linearThreshold, convThreshold)
@@ -96,7 +96,7 @@ struct ExtractCommand: ParsableCommand {
         }
         if !report.unmatched.isEmpty {
             lines.append("tuned layers without a base layer of that name and shape: \(report.unmatched.count)")
-            for name in report.unmatched.prefix(20) { lines.append("  \(name)") }
+            lines += JobOutput.listing(report.unmatched)
         }
         lines.append(String(format: "%d parameters, %.1f MB, %.1f s", report.parameters, Double(report.bytes) / 1e6, seconds))
         return lines.joined(separator: "\n")

@@ -1,4 +1,5 @@
 import Foundation
+import LycorisCheckpoints
 
 /// What the long commands share around their job: a ``ProgressBar`` made at the job's first
 /// `progress(done, total)` call (the total is known only then; calls may come from several
@@ -24,6 +25,20 @@ final class JobOutput: @unchecked Sendable {
 
     /// Seconds since the job began.
     var seconds: Double { Date().timeIntervalSince(start) }
+
+    /// Refuses, before the job starts, an output file path that is a folder (the job would
+    /// run to the end and fail on the final rename).
+    static func checkFileOutput(_ path: String) throws {
+        var isFolder: ObjCBool = false
+        if FileManager.default.fileExists(atPath: path, isDirectory: &isFolder), isFolder.boolValue {
+            throw CheckpointError("\(path) is a folder; give the path of the .safetensors file to write")
+        }
+    }
+
+    /// The first 20 of `items` as indented lines, then how many more `--json` lists.
+    static func listing(_ items: [String]) -> [String] {
+        items.prefix(20).map { "  " + $0 } + (items.count > 20 ? ["  … and \(items.count - 20) more (--json lists them all)"] : [])
+    }
 
     /// `object` as pretty-printed JSON with sorted keys on stdout.
     static func printJSON(_ object: [String: Any]) throws {

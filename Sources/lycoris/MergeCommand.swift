@@ -4,8 +4,15 @@ import LycorisAlgorithms
 import LycorisCheckpoints
 import LycorisCore
 
+/// A `--dtype` value: a float dtype a file can be written in, in either case; an error for
+/// any other names the four.
 extension DType: ExpressibleByArgument {
-    public init?(argument: String) { self.init(rawValue: argument.uppercased()) }
+    public init?(argument: String) {
+        guard let dtype = DType(rawValue: argument.uppercased()), dtype.isEncodable else { return nil }
+        self = dtype
+    }
+
+    public static var allValueStrings: [String] { [DType.f32, .f16, .bf16, .f64].map { $0.rawValue.lowercased() } }
 }
 
 /// `lycoris merge --base CKPT --adapter FILE[:M] [--adapter …] --out OUT`: adapters merged into
@@ -49,6 +56,10 @@ struct MergeCommand: ParsableCommand {
 
     func run() throws {
         let adapters = adapter.map { Self.parse($0, default: multiplier) }
+        var baseIsFolder: ObjCBool = false
+        if !FileManager.default.fileExists(atPath: base, isDirectory: &baseIsFolder) || !baseIsFolder.boolValue {
+            try JobOutput.checkFileOutput(out)
+        }
         let job = JobOutput("merge", unit: "tensors", quiet: quiet || json)
         let report = try CheckpointMerge.merge(checkpoint: base, adapters: adapters, output: out, dtype: dtype, family: modelType,
                                                strict: strict, progress: job.progress)

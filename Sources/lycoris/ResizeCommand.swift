@@ -29,6 +29,7 @@ struct ResizeCommand: ParsableCommand {
     }
 
     func run() throws {
+        try JobOutput.checkFileOutput(output)
         let rule: AdapterResize.Rule = switch (dynamicMethod, dynamicParam) {
         case (.svRatio, let t?): .svRatio(t)
         case (.svCumulative, let t?): .svCumulative(t)
