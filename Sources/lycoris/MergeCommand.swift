@@ -81,18 +81,18 @@ struct MergeCommand: ParsableCommand {
         lines.append(report.written ? "merged \(report.merged.count) modules into \(out)" : "\(report.merged.count) modules merge; nothing written (--strict)")
         lines.append("checkpoint: \(report.layout.rawValue), family \(report.family?.rawValue ?? "none (plain state dict)")")
         if !report.mergedBiases.isEmpty { lines.append("biases merged too: \(report.mergedBiases.joined(separator: ", "))") }
-        for merged in report.merged {
+        lines += JobOutput.listing(report.merged.map { merged in
             let rows = merged.rows.map { " rows \($0.lowerBound)..<\($0.upperBound)" } ?? ""
-            lines.append("  \(several ? merged.adapter + ": " : "")\(merged.module) → \(merged.key)\(rows) (\(merged.algorithm.rawValue))")
-        }
+            return "\(several ? merged.adapter + ": " : "")\(merged.module) → \(merged.key)\(rows) (\(merged.algorithm.rawValue))"
+        })
         if !report.unmatched.isEmpty {
             lines.append("unmatched adapter modules (no base weight with that path): \(report.unmatched.count)")
             lines.append("  looked for: \(report.lookedFor)")
-            for (file, module) in report.unmatched { lines.append("  \(several ? file + ": " : "")\(module)") }
+            lines += JobOutput.listing(report.unmatched.map { "\(several ? $0.adapter + ": " : "")\($0.module)" })
         }
         if !report.failed.isEmpty {
             lines.append("modules that could not be merged: \(report.failed.count)")
-            for (file, module, reason) in report.failed { lines.append("  \(several ? file + ": " : "")\(module): \(reason)") }
+            lines += JobOutput.listing(report.failed.map { "\(several ? $0.adapter + ": " : "")\($0.module): \($0.reason)" })
         }
         // Summary table: per adapter, modules merged / unmatched / failed.
         lines.append("")
