@@ -147,7 +147,7 @@ let package = Package(
         ),
         .testTarget(
             name: "LycorisAlgorithmsTests",
-            dependencies: ["LycorisAlgorithms", "LycorisFormats", "LycorisCore", "LycorisTestSupport"],
+            dependencies: ["LycorisAlgorithms", "LycorisCheckpoints", "LycorisFormats", "LycorisCore", "LycorisTestSupport"],
             resources: [.copy("Fixtures")],
             swiftSettings: strictSwift
         ),

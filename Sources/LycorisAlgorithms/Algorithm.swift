@@ -17,19 +17,4 @@ public enum Algorithm: String, Sendable, CaseIterable, Codable {
         if suffixes.contains("lambda_layer") { return .tlora }
         return nil
     }
-
-    /// Every key suffix a module of this algorithm may carry in a file.
-    public var fileSuffixes: [String] {
-        switch self {
-        case .locon, .dylora: ["lora_up.weight", "lora_down.weight", "lora_mid.weight", "alpha", "dora_scale", "scalar"]
-        case .loha: ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"]
-        case .lokr: ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t1", "lokr_t2", "alpha", "dora_scale"]
-        case .ia3: ["weight", "on_input"]
-        case .glora: ["a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight", "alpha"]
-        case .full: ["diff", "diff_b"]
-        case .diagOFT, .boft: ["oft_blocks", "rescale", "alpha"]
-        case .norms: ["w_norm", "b_norm"]
-        case .tlora: ["q_layer.weight", "p_layer.weight", "lambda_layer", "alpha"]
-        }
-    }
 }

@@ -29,13 +29,16 @@ public enum AdapterConvert {
         public var repaired: [String] = []
     }
 
-    public static func convert(input: String, output: String, options: Options) throws -> Report {
+    /// `progress(done, total)` follows the modules (written or dropped).
+    public static func convert(input: String, output: String, options: Options,
+                               progress: (Int, Int) -> Void = { _, _ in }) throws -> Report {
         let adapter = try AdapterFile(path: input)
         let raw = try SafetensorsFile(path: input)
         let keep = try options.keep.map { try Regex($0) }, drop = try options.drop.map { try Regex($0) }
         var report = Report()
         var writer = SafetensorsWriter(metadata: adapter.metadata)
-        for module in adapter.modules {
+        for (index, module) in adapter.modules.enumerated() {
+            defer { progress(index + 1, adapter.modules.count) }
             var name = module.name
             if let rename = options.renames.first(where: { name.hasPrefix($0.from) }) {
                 name = rename.to + name.dropFirst(rename.from.count)

@@ -128,7 +128,10 @@ public enum AlgorithmSuggestion {
         return Int(text).flatMap { $0 > 0 ? $0 : nil }
     }
 
-    /// A plan's layers grouped by block (the kohya name up to its first number), in order.
+    /// A plan's layers grouped by block (the kohya name up to its first number), in the plan's
+    /// order except that the numbered blocks of one kind (`…_layers_2`, `…_layers_10`) are in
+    /// the order of their numbers: text-encoder layer 2 before 10 and 11, where the layer
+    /// table's lexicographic order puts it after them.
     public struct Block: Sendable {
         public var name: String
         public var choices: [Choice]
@@ -149,7 +152,17 @@ public enum AlgorithmSuggestion {
                 blocks.append(Block(name: name, choices: [choice]))
             }
         }
-        return blocks
+        // Each block's kind (its name without the number) ranks by its first block.
+        func split(_ name: String) -> (kind: Substring, number: Int) {
+            guard let underscore = name.lastIndex(of: "_"), let number = Int(name[name.index(after: underscore)...]) else { return (Substring(name), -1) }
+            return (name[..<underscore], number)
+        }
+        var kindRank: [Substring: Int] = [:]
+        for block in blocks where kindRank[split(block.name).kind] == nil { kindRank[split(block.name).kind] = kindRank.count }
+        return blocks.sorted {
+            let (a, b) = (split($0.name), split($1.name))
+            return (kindRank[a.kind]!, a.number) < (kindRank[b.kind]!, b.number)
+        }
     }
 
     /// The kohya name up to its block index (`lora_unet_down_blocks_1`, `lora_te_text_model_encoder_layers_3`, …).

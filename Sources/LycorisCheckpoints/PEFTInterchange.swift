@@ -82,15 +82,17 @@ public enum PEFTInterchange {
         var weightShape: [Int]
     }
 
-    /// kohya/LyCORIS file → PEFT folder `output` (created; must not exist).
+    /// kohya/LyCORIS file → PEFT folder `output` (created; must not exist). `progress(done, total)`
+    /// follows the adapter's modules.
     public static func export(adapter path: String, checkpoint checkpointPath: String, component: CheckpointComponent,
-                              family: ModelFamily?, output: String) throws -> Report {
+                              family: ModelFamily?, output: String, progress: (Int, Int) -> Void = { _, _ in }) throws -> Report {
         let adapter = try AdapterFile(path: path)
         let checkpoint = try Checkpoint(path: checkpointPath)
         let table = try CheckpointLayers(checkpoint, family: family)
         var report = Report()
         var candidates: [Candidate] = []
-        for module in adapter.modules {
+        for (index, module) in adapter.modules.enumerated() {
+            defer { progress(index + 1, adapter.modules.count) }
             guard let layer = table.layer(named: module.name), layer.component == component else {
                 report.skipped.append((module.name, "no \(component.rawValue) layer of that name"))
                 continue
@@ -209,9 +211,9 @@ public enum PEFTInterchange {
 
     /// PEFT folder → kohya file: module paths named through the checkpoint's table; each
     /// module's scale kept (LoKr with both halves whole, which LyCORIS scales by 1: the
-    /// scale multiplied into `lokr_w1`).
+    /// scale multiplied into `lokr_w1`). `progress(done, total)` follows the folder's modules.
     public static func `import`(peft folder: String, checkpoint checkpointPath: String, component: CheckpointComponent,
-                                family: ModelFamily?, output: String) throws -> Report {
+                                family: ModelFamily?, output: String, progress: (Int, Int) -> Void = { _, _ in }) throws -> Report {
         let configData = try Data(contentsOf: URL(fileURLWithPath: folder + "/adapter_config.json"))
         guard let config = try JSONSerialization.jsonObject(with: configData) as? [String: Any],
               let type = (config["peft_type"] as? String).flatMap(PEFTType.init(rawValue:)), let defaultRank = config["r"] as? Int else {
@@ -241,7 +243,8 @@ public enum PEFTInterchange {
         let metadata = type == .lora ? ["ss_network_module": "networks.lora"]
             : ["ss_network_module": "lycoris.kohya", "ss_network_args": "{\"algo\": \"\(type == .loha ? "loha" : "lokr")\"}"]
         var writer = SafetensorsWriter(metadata: metadata)
-        for path in order {
+        for (index, path) in order.enumerated() {
+            defer { progress(index + 1, order.count) }
             guard let name = nameByPath[path] ?? nameByPath["text_model." + path] else {
                 report.skipped.append((path, "no \(component.rawValue) layer at that path"))
                 continue

@@ -50,11 +50,11 @@ struct ExtractCommand: ParsableCommand {
         case .full: break
         }
         guard (0...1).contains(sparsity) else { throw ValidationError("--sparsity must be in [0, 1]") }
-        guard dtype.isEncodable else { throw ValidationError("--dtype must be f32, f16, bf16 or f64") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
     }
 
     func run() throws {
+        try JobOutput.checkFileOutput(out)
         let (linear, conv): (Float, Float) = switch mode {
         case .fixed, .full: (Float(linearDim), Float(convDim))
         case .threshold: (linearThreshold, convThreshold)
@@ -71,18 +71,12 @@ struct ExtractCommand: ParsableCommand {
         options.dtype = dtype
         options.family = modelType
         if let threads { options.workers = threads }
-        let bar = Box<ProgressBar>()
-        let quiet = quiet || json
-        let report = try CheckpointExtract.extract(base: base, tuned: tuned, output: out, options: options) { done, total in
-            bar.value(orMake: { ProgressBar("extract", total: total, quiet: quiet) }).update(done)
-        }
-        let seconds = bar.current?.elapsed ?? 0
+        let job = JobOutput("extract", quiet: quiet || json)
+        let report = try CheckpointExtract.extract(base: base, tuned: tuned, output: out, options: options, progress: job.progress)
         if json {
-            let data = try JSONSerialization.data(withJSONObject: Self.jsonObject(report, out: out, seconds: seconds),
-                                                  options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(Self.jsonObject(report, out: out, seconds: job.seconds))
         } else {
-            print(Self.summary(report, out: out, seconds: seconds))
+            print(Self.summary(report, out: out, seconds: job.seconds))
         }
     }
 
@@ -102,7 +96,7 @@ struct ExtractCommand: ParsableCommand {
         }
         if !report.unmatched.isEmpty {
             lines.append("tuned layers without a base layer of that name and shape: \(report.unmatched.count)")
-            for name in report.unmatched.prefix(20) { lines.append("  \(name)") }
+            lines += JobOutput.listing(report.unmatched)
         }
         lines.append(String(format: "%d parameters, %.1f MB, %.1f s", report.parameters, Double(report.bytes) / 1e6, seconds))
         return lines.joined(separator: "\n")
@@ -120,17 +114,3 @@ struct ExtractCommand: ParsableCommand {
     }
 }
 
-/// A value made on first use from any thread.
-final class Box<Value>: @unchecked Sendable {
-    private let lock = NSLock()
-    private(set) var current: Value?
-
-    func value(orMake make: () -> Value) -> Value {
-        lock.withLock {
-            if let current { return current }
-            let made = make()
-            current = made
-            return made
-        }
-    }
-}

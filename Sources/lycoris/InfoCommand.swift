@@ -20,8 +20,7 @@ struct InfoCommand: ParsableCommand {
     func run() throws {
         let adapter = try AdapterFile(path: file)
         if json {
-            let data = try JSONSerialization.data(withJSONObject: Self.jsonObject(adapter), options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(Self.jsonObject(adapter))
         } else {
             print(Self.table(adapter, wide: wide))
         }

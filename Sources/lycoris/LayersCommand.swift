@@ -19,8 +19,7 @@ struct LayersCommand: ParsableCommand {
         let opened = try Checkpoint(path: checkpoint)
         let table = try CheckpointLayers(opened, family: modelType)
         if json {
-            let data = try JSONSerialization.data(withJSONObject: Self.jsonObject(opened, table), options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(Self.jsonObject(opened, table))
             return
         }
         print("\(checkpoint): \(opened.layout.rawValue), family \(table.family?.rawValue ?? "none (plain state dict)"), \(table.layers.count) layers")

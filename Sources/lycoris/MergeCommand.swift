@@ -4,8 +4,15 @@ import LycorisAlgorithms
 import LycorisCheckpoints
 import LycorisCore
 
+/// A `--dtype` value: a float dtype a file can be written in, in either case; an error for
+/// any other names the four.
 extension DType: ExpressibleByArgument {
-    public init?(argument: String) { self.init(rawValue: argument.uppercased()) }
+    public init?(argument: String) {
+        guard let dtype = DType(rawValue: argument.uppercased()), dtype.isEncodable else { return nil }
+        self = dtype
+    }
+
+    public static var allValueStrings: [String] { [DType.f32, .f16, .bf16, .f64].map { $0.rawValue.lowercased() } }
 }
 
 /// `lycoris merge --base CKPT --adapter FILE[:M] [--adapter …] --out OUT`: adapters merged into
@@ -49,18 +56,17 @@ struct MergeCommand: ParsableCommand {
 
     func run() throws {
         let adapters = adapter.map { Self.parse($0, default: multiplier) }
-        var bar: ProgressBar?
-        let report = try CheckpointMerge.merge(checkpoint: base, adapters: adapters, output: out, dtype: dtype, family: modelType,
-                                               strict: strict) { done, total in
-            if bar == nil { bar = ProgressBar("merge", total: total, unit: "tensors", quiet: quiet || json) }
-            bar?.update(done)
+        var baseIsFolder: ObjCBool = false
+        if !FileManager.default.fileExists(atPath: base, isDirectory: &baseIsFolder) || !baseIsFolder.boolValue {
+            try JobOutput.checkFileOutput(out)
         }
+        let job = JobOutput("merge", unit: "tensors", quiet: quiet || json)
+        let report = try CheckpointMerge.merge(checkpoint: base, adapters: adapters, output: out, dtype: dtype, family: modelType,
+                                               strict: strict, progress: job.progress)
         if json {
-            let data = try JSONSerialization.data(withJSONObject: Self.jsonObject(report, seconds: bar?.elapsed ?? 0),
-                                                  options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(Self.jsonObject(report, seconds: job.seconds))
         } else {
-            print(Self.summary(report, adapters: adapters, out: out, seconds: bar?.elapsed ?? 0))
+            print(Self.summary(report, adapters: adapters, out: out, seconds: job.seconds))
         }
         if !report.written {
             // A failed job, not bad usage: exit 1, and --out was not touched.
@@ -75,18 +81,18 @@ struct MergeCommand: ParsableCommand {
         lines.append(report.written ? "merged \(report.merged.count) modules into \(out)" : "\(report.merged.count) modules merge; nothing written (--strict)")
         lines.append("checkpoint: \(report.layout.rawValue), family \(report.family?.rawValue ?? "none (plain state dict)")")
         if !report.mergedBiases.isEmpty { lines.append("biases merged too: \(report.mergedBiases.joined(separator: ", "))") }
-        for merged in report.merged {
+        lines += JobOutput.listing(report.merged.map { merged in
             let rows = merged.rows.map { " rows \($0.lowerBound)..<\($0.upperBound)" } ?? ""
-            lines.append("  \(several ? merged.adapter + ": " : "")\(merged.module) → \(merged.key)\(rows) (\(merged.algorithm.rawValue))")
-        }
+            return "\(several ? merged.adapter + ": " : "")\(merged.module) → \(merged.key)\(rows) (\(merged.algorithm.rawValue))"
+        })
         if !report.unmatched.isEmpty {
             lines.append("unmatched adapter modules (no base weight with that path): \(report.unmatched.count)")
             lines.append("  looked for: \(report.lookedFor)")
-            for (file, module) in report.unmatched { lines.append("  \(several ? file + ": " : "")\(module)") }
+            lines += JobOutput.listing(report.unmatched.map { "\(several ? $0.adapter + ": " : "")\($0.module)" })
         }
         if !report.failed.isEmpty {
             lines.append("modules that could not be merged: \(report.failed.count)")
-            for (file, module, reason) in report.failed { lines.append("  \(several ? file + ": " : "")\(module): \(reason)") }
+            lines += JobOutput.listing(report.failed.map { "\(several ? $0.adapter + ": " : "")\($0.module): \($0.reason)" })
         }
         // Summary table: per adapter, modules merged / unmatched / failed.
         lines.append("")

@@ -29,19 +29,16 @@ struct ResizeCommand: ParsableCommand {
     }
 
     func run() throws {
+        try JobOutput.checkFileOutput(output)
         let rule: AdapterResize.Rule = switch (dynamicMethod, dynamicParam) {
         case (.svRatio, let t?): .svRatio(t)
         case (.svCumulative, let t?): .svCumulative(t)
         case (.svFro, let t?): .svFro(t)
         default: .fixed
         }
-        let start = Date()
-        var bar: ProgressBar?
-        let report = try AdapterResize.resize(input: input, output: output, rank: rank, rule: rule, dtype: dtype) { done, total in
-            if bar == nil { bar = ProgressBar("resize", total: total, unit: "modules", quiet: quiet || json) }
-            bar?.update(done)
-        }
-        let seconds = Date().timeIntervalSince(start)
+        let job = JobOutput("resize", unit: "modules", quiet: quiet || json)
+        let report = try AdapterResize.resize(input: input, output: output, rank: rank, rule: rule, dtype: dtype, progress: job.progress)
+        let seconds = job.seconds
         if json {
             let object: [String: Any] = [
                 "output": output, "seconds": seconds, "kept": report.kept.map { ["module": $0.name, "algorithm": $0.algorithm] },
@@ -50,8 +47,7 @@ struct ResizeCommand: ParsableCommand {
                      "sum_retained": m.sumRetained, "fro_retained": m.froRetained, "max_ratio": m.maxRatio]
                 },
             ]
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(object)
             return
         }
         // The row after the name takes 45 columns: names are cut to fit 100.

@@ -15,6 +15,7 @@ struct SuggestCommand: ParsableCommand {
     @Option(help: "The dtype the adapter is stored in, for a budget in bytes.") var dtype: DType = .f16
     @Flag(inversion: .prefixedNo, help: "Adapt the text encoders too.") var textEncoder = true
     @Option(help: "The model family (sd1, sd2, sdxl) instead of detecting it from the keys.") var modelType: ModelFamily?
+    @Flag(help: "No progress bar.") var quiet = false
     @Flag(help: "Print the plan as JSON, every layer.") var json = false
 
     func validate() throws {
@@ -24,7 +25,9 @@ struct SuggestCommand: ParsableCommand {
     func run() throws {
         let checkpoint = try Checkpoint(path: model)
         let table = try CheckpointLayers(checkpoint, family: modelType)
-        let layers = table.layers.compactMap { layer -> AlgorithmSuggestion.Layer? in
+        let job = JobOutput("suggest", quiet: quiet || json)
+        let layers = table.layers.enumerated().compactMap { index, layer -> AlgorithmSuggestion.Layer? in
+            defer { job.progress(index + 1, table.layers.count) }
             guard textEncoder || layer.component == .unet || layer.component == nil else { return nil }
             let shape = checkpoint.weightShape(of: layer)
             return shape.count == 2 || shape.count == 4 ? .init(name: layer.name, shape: shape) : nil
@@ -40,20 +43,29 @@ struct SuggestCommand: ParsableCommand {
                      "attainable_rank": entry.choice.attainableRank, "parameters": entry.choice.parameters]
                 },
             ]
-            let data = try JSONSerialization.data(withJSONObject: object, options: [.prettyPrinted, .sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            try JobOutput.printJSON(object)
             return
         }
-        print("block".padding(toLength: 48, withPad: " ", startingAt: 0) + " layers  algorithms          ranks      size (MB)")
-        for block in AlgorithmSuggestion.blocks(plan) {
-            let counts = block.algorithms.map { "\($0.key) \($0.value)" }.sorted()
-            let size = Double(block.parameters * dtype.byteSize) / 1e6
-            print(block.name.padding(toLength: 48, withPad: " ", startingAt: 0) + String(format: " %6d  ", block.choices.count)
-                  + counts.joined(separator: ", ").padding(toLength: 18, withPad: " ", startingAt: 0)
-                  + "\(block.ranks.lowerBound)–\(block.ranks.upperBound)".padding(toLength: 10, withPad: " ", startingAt: 0)
-                  + String(format: " %9.2f", size))
-        }
-        print(String(format: "total: %d parameters, %.2f MB (%@), budget %d parameters; every layer reaches ≥ %.1f%% of its full rank",
+        print(Self.table(AlgorithmSuggestion.blocks(plan), dtype: dtype).joined(separator: "\n"))
+        print(String(format: "total: %d parameters, %.2f MB (%@), budget %d parameters\nevery layer reaches ≥ %.1f%% of its full rank",
                      plan.parameters, Double(plan.parameters * dtype.byteSize) / 1e6, dtype.rawValue, plan.budget, 100 * plan.target))
+    }
+
+    /// One row per block: name, layers, algorithm counts (`locon 12, loha 3, lokr 5`), attainable
+    /// ranks, size. The algorithms column is as wide as its widest entry; block names are cut
+    /// (`…` and their tail) so that a row fits 100 columns.
+    static func table(_ blocks: [AlgorithmSuggestion.Block], dtype: DType) -> [String] {
+        let algorithms = blocks.map { $0.algorithms.map { "\($0.key) \($0.value)" }.sorted().joined(separator: ", ") }
+        let algorithmWidth = max("algorithms".count, algorithms.map(\.count).max() ?? 0)
+        let nameWidth = min(max("block".count, blocks.map(\.name.count).max() ?? 0), 100 - 8 - 2 - algorithmWidth - 12 - 10)
+        func pad(_ text: String, _ width: Int) -> String { text.padding(toLength: width, withPad: " ", startingAt: 0) }
+        var lines = [pad("block", nameWidth) + "  layers  " + pad("algorithms", algorithmWidth) + "  " + pad("ranks", 10) + " size (MB)"]
+        for (block, counts) in zip(blocks, algorithms) {
+            let name = block.name.count > nameWidth ? "…" + block.name.suffix(nameWidth - 1) : Substring(block.name)
+            lines.append(pad(String(name), nameWidth) + String(format: "  %6d  ", block.choices.count) + pad(counts, algorithmWidth)
+                         + "  " + pad("\(block.ranks.lowerBound)–\(block.ranks.upperBound)", 10)
+                         + String(format: " %9.2f", Double(block.parameters * dtype.byteSize) / 1e6))
+        }
+        return lines
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import LycorisAlgorithms
+import LycorisCheckpoints
 import LycorisCore
 import LycorisTestSupport
 import LycorisFormats
@@ -57,8 +58,8 @@ struct NetworkFileTests {
     func merge(_ algo: String) throws {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-\(algo)-\(UUID()).safetensors").path
         defer { try? FileManager.default.removeItem(atPath: output) }
-        let report = try AdapterMerge.merge(basePath: NetworkFixture.path("base"), adapterPath: NetworkFixture.path(algo),
-                                            outputPath: output)
+        let report = try CheckpointMerge.merge(checkpoint: NetworkFixture.path("base"), adapters: [.init(path: NetworkFixture.path(algo), multiplier: 1)],
+                                               output: output)
         #expect(report.unmatched.isEmpty && report.failed.isEmpty, "\(report.unmatched) \(report.failed)")
         #expect(report.merged.count == 5)
         let merged = try SafetensorsFile(path: output)
@@ -90,7 +91,8 @@ struct NetworkFileTests {
         #expect(unmatched.isEmpty && network.modules.count == 4)
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-\(stem)-\(UUID()).safetensors").path
         defer { try? FileManager.default.removeItem(atPath: output) }
-        let report = try AdapterMerge.merge(basePath: NetworkFixture.path("convnd_base"), adapterPath: NetworkFixture.path(stem), outputPath: output)
+        let report = try CheckpointMerge.merge(checkpoint: NetworkFixture.path("convnd_base"), adapters: [.init(path: NetworkFixture.path(stem), multiplier: 1)],
+                                               output: output)
         #expect(report.merged.count == 4 && report.failed.isEmpty, "\(report.failed)")
         let merged = try SafetensorsFile(path: output)
         var random = RandomSource(seed: 0)
@@ -131,8 +133,8 @@ struct NetworkFileTests {
     func mergeNorms() throws {
         let output = FileManager.default.temporaryDirectory.appendingPathComponent("merged-norms-\(UUID()).safetensors").path
         defer { try? FileManager.default.removeItem(atPath: output) }
-        let report = try AdapterMerge.merge(basePath: NetworkFixture.path("base"), adapterPath: NetworkFixture.path("norms"),
-                                            outputPath: output, multiplier: 1)
+        let report = try CheckpointMerge.merge(checkpoint: NetworkFixture.path("base"), adapters: [.init(path: NetworkFixture.path("norms"), multiplier: 1)],
+                                               output: output)
         #expect(report.unmatched.isEmpty && report.failed.isEmpty, "\(report.unmatched) \(report.failed)")
         #expect(report.merged.count == 6 && report.mergedBiases == ["mid_block.norm.bias"])
         let merged = try SafetensorsFile(path: output)
@@ -162,9 +164,9 @@ struct NetworkFileTests {
                                       options: AdapterOptions()))
         let adapterPath = dir.appendingPathComponent("a.safetensors").path
         try network.save(toPath: adapterPath)
-        let report = try AdapterMerge.merge(basePath: NetworkFixture.path("base"), adapterPath: adapterPath,
-                                            outputPath: dir.appendingPathComponent("out.safetensors").path)
-        #expect(report.unmatched == ["lora_unet_no_such_layer"])
-        #expect(report.merged.map(\.baseKey) == ["down_blocks.0.attentions.0.proj_in.weight"])
+        let report = try CheckpointMerge.merge(checkpoint: NetworkFixture.path("base"), adapters: [.init(path: adapterPath, multiplier: 1)],
+                                               output: dir.appendingPathComponent("out.safetensors").path)
+        #expect(report.unmatched.map(\.module) == ["lora_unet_no_such_layer"])
+        #expect(report.merged.map(\.key) == ["down_blocks.0.attentions.0.proj_in.weight"])
     }
 }

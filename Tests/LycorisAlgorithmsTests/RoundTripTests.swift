@@ -1,5 +1,6 @@
 import Foundation
 import LycorisAlgorithms
+import LycorisCheckpoints
 import LycorisCore
 import LycorisTestSupport
 import LycorisFormats
@@ -205,9 +206,9 @@ struct RoundTripTests {
         let outputPath = directory.appendingPathComponent("merged.safetensors").path
         try base.write(toPath: basePath)
         try network.save(toPath: adapterPath)
-        let report = try AdapterMerge.merge(basePath: basePath, adapterPath: adapterPath, outputPath: outputPath)
+        let report = try CheckpointMerge.merge(checkpoint: basePath, adapters: [.init(path: adapterPath, multiplier: 1)], output: outputPath)
         #expect(report.failed.isEmpty, "\(report.failed)")
-        #expect(Set(report.merged.map(\.baseKey)) == ["seq.conv.weight", "volume.conv.weight"])
+        #expect(Set(report.merged.map(\.key)) == ["seq.conv.weight", "volume.conv.weight"])
         let merged = try SafetensorsFile(path: outputPath)
         var random = RandomSource(seed: 4)
         for (path, module) in modules {

@@ -55,4 +55,21 @@ struct AlgorithmSuggestionTests {
         }
         #expect(throws: CheckpointError.self) { try AlgorithmSuggestion.plan(layers, budget: 50) }
     }
+
+    @Test("blocks: the layer table's lexicographic order, numbered blocks of one kind by their numbers; each block's layers counted")
+    func blockOrder() throws {
+        // The order CheckpointLayers gives: UNet first, text-encoder layers as strings sort.
+        let names = ["lora_unet_conv_in", "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_10_proj",
+                     "lora_unet_down_blocks_2_proj", "lora_unet_mid_block_attentions_0_proj_in", "lora_unet_time_embedding_linear_1",
+                     "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_10_mlp_fc1",
+                     "lora_te_text_model_encoder_layers_11_mlp_fc1", "lora_te_text_model_encoder_layers_11_mlp_fc2",
+                     "lora_te_text_model_encoder_layers_2_mlp_fc1"]
+        let plan = try AlgorithmSuggestion.plan(names.map { AlgorithmSuggestion.Layer(name: $0, shape: [8, 8]) }, budget: 10_000)
+        let blocks = AlgorithmSuggestion.blocks(plan)
+        #expect(blocks.map(\.name) == ["lora_unet_conv_in", "lora_unet_down_blocks_0", "lora_unet_down_blocks_2", "lora_unet_down_blocks_10",
+                                       "lora_unet_mid_block_attentions_0", "lora_unet_time_embedding_linear_1",
+                                       "lora_te_text_model_encoder_layers_0", "lora_te_text_model_encoder_layers_2",
+                                       "lora_te_text_model_encoder_layers_10", "lora_te_text_model_encoder_layers_11"])
+        #expect(blocks.map(\.choices.count) == [1, 1, 1, 1, 1, 1, 1, 1, 1, 2])
+    }
 }

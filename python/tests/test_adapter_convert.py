@@ -32,7 +32,8 @@ def test_convert(tmp_path):
     path, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     save_file(source, str(path), metadata={"ss_network_module": "lycoris.kohya"})
     result = run("convert", str(path), str(out), "--dtype", "f16", "--rename", "lycoris_=lora_unet_", "--drop", "up_blocks_1")
-    assert "1 dropped" in result.stdout and "lora_unet_down_blocks_0_conv1" in result.stdout
+    assert "dropped: 1\n  lora_unet_up_blocks_1_conv2\n" in result.stdout, result.stdout
+    assert "conv lora_up reshaped to N-D: lora_unet_down_blocks_0_conv1" in result.stdout, result.stdout
     tensors, metadata = read(out)
     assert metadata == {"ss_network_module": "lycoris.kohya"}
     expected = {k.replace("lycoris_", "lora_unet_"): v for k, v in source.items() if "up_blocks_1" not in k}

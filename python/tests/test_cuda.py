@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 
-from _sl_oracle import assert_rel, base_model, inputs
+from _sl_oracle import assert_rel, base_model, inputs, randomize_ours
 
 import swift_lycoris as sl
 
@@ -44,10 +44,7 @@ def test_gpu_run_equals_cpu_run(algo, transfer):
         model = copy.deepcopy(base).to(device)
         network = sl.create_lycoris(model, 0.8, 4, 2.0, algo=algo, threads=1, transfer=transfer)
         try:
-            g = torch.Generator().manual_seed(5)
-            with torch.no_grad():
-                for p in network.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            randomize_ours(network)
             network.to(device)
             network.apply_to()
             x, upstream = inputs()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _sl_oracle import assert_rel, base_model, inputs
+from _sl_oracle import assert_rel, base_model, inputs, randomize_ours
 from test_kohya import Models, run
 from test_weight_batch import _MethodCounter
 
@@ -17,13 +17,6 @@ import swift_lycoris.kohya as sk
 RTOL = 1e-5
 
 
-def _randomize(network, seed: int = 3, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def test_evaluation_deltas_are_fetched_once():
     """Eval mode without gradients: every layer takes the weight path, each module's ΔW is
     fetched once and kept until a parameter, the multiplier or the mode changes."""
@@ -31,7 +24,7 @@ def test_evaluation_deltas_are_fetched_once():
     network = sl.create_lycoris(model, 1.0, 4, 1.0, algo="loha", threads=1)
     counter = _MethodCounter(network)
     try:
-        _randomize(network)
+        randomize_ours(network, seed=3)
         network.apply_to()
         network.eval()
         x, _ = inputs()
@@ -62,7 +55,7 @@ def test_onfly_merge_and_restore():
     network = sl.create_lycoris(model, 0.7, 4, 1.0, algo="lora", threads=1)
     counter = _MethodCounter(network)
     try:
-        _randomize(network)
+        randomize_ours(network, seed=3)
         network.apply_to()
         network.eval()
         with torch.no_grad():
@@ -88,7 +81,7 @@ def test_gen_img_pre_calc_sequence():
     network, _ = None, None
     network = sk.create_network(1.0, 4, 2.0, None, te, unet, train_norm="true")
     network.apply_to(te, unet, True, True)
-    _randomize(network, std=0.2)
+    randomize_ours(network, seed=3, std=0.2)
     network.eval()
     originals = {n: p.detach().clone() for n, p in unet.named_parameters()}
     counter = _MethodCounter(network.core)

@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - environment problem
 
 import swift_lycoris  # noqa: E402
 from swift_lycoris import kohya as sk  # noqa: E402
+from _sl_oracle import randomize_ours  # noqa: E402
 from swift_lycoris.presets import BUILTIN_PRESETS, preset_to_toml, resolve_preset  # noqa: E402
 
 assert importlib.metadata.version("lycoris-lora") == "4.1.3", "the oracle must be lycoris-lora 4.1.3"
@@ -733,10 +734,7 @@ def test_merge_equals_adapted_forward(algo, closing):
     te, unet = models.copy()
     preset = "ia3" if algo == "ia3" else "full"
     ours = ours_network(closing, te, unet, 4, 2.0, preset, algo=algo)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    randomize_ours(ours, seed=5, std=0.2)
     ours.set_multiplier(0.7)
     ours.eval()
     with torch.no_grad():

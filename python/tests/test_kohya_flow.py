@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from test_kohya import Models, assert_close, inputs, run  # the tiny models and helpers
+from _sl_oracle import randomize_ours
 
 try:  # required, never skipped: the resume test uses accelerate's save_state/load_state
     import accelerate
@@ -243,10 +244,7 @@ def test_gradient_checkpointing_gives_tapes_back():
         unet.train()
         network = module.create_network(1.0, 4, 2.0, None, te, unet, algo="loha")
         network.apply_to(te, unet, True, True)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(3)
-            for p in network.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        randomize_ours(network, seed=3)
         tapes_seen = record_tapes(network.core)
         out = run(te, unet, grad=True)
         grads = {k: p.grad.clone() for k, p in network.named_parameters()}
@@ -442,10 +440,7 @@ def test_reentrant_checkpointing_keeps_and_consumes_tapes():
         te, unet = models.copy()
         network = module.create_network(1.0, 4, 2.0, None, te, unet, algo="lokr")
         network.apply_to(te, unet, False, True)
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(3)
-            for p in network.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        randomize_ours(network, seed=3)
         kept = record_tapes(network.core)
         xi = x.clone().requires_grad_(True)
         if reentrant:

@@ -102,12 +102,15 @@ def test_peft_lycoris_round_trip(algo, args, component, skipped, tmp_path, closi
     adapted_reference = unet if component == "unet" else text
 
     out = tmp_path / "peft"
-    printed = run("convert", str(source), str(out), "--to", "peft", "--model", str(folder), "--component", component).stdout
+    report = json.loads(run("convert", str(source), str(out), "--to", "peft", "--model", str(folder), "--component", component,
+                            "--json").stdout)
     own = [m for m in network.loras if (m.lora_name.startswith("lora_unet_")) == (component == "unet")]
-    assert f"converted {len(own) - skipped} " in printed, printed
-    assert printed.count("its factors need another decompose_factor") == skipped, printed
-    assert printed.count(": a PEFT folder has one type") == 0 and printed.count(f"no {component} layer") == len(network.loras) - len(own)
-    assert printed.count("\n  ") == skipped + len(network.loras) - len(own), printed
+    reasons = [entry["reason"] for entry in report["skipped"]]
+    assert len(report["converted"]) == len(own) - skipped, report
+    assert sum("its factors need another decompose_factor" in r for r in reasons) == skipped, reasons
+    assert not any("a PEFT folder has one type" in r for r in reasons)
+    assert reasons.count(f"no {component} layer of that name") == len(network.loras) - len(own), reasons
+    assert len(reasons) == skipped + len(network.loras) - len(own), reasons
 
     adapted, config = _peft_model(out, clean[component])
     assert config["peft_type"] == algo.upper()
@@ -169,11 +172,12 @@ def test_mixed_folder_types_and_misfit_lokr_reported(tmp_path):
     mixed.update({k: v for k, v in b.items() if k.split(".")[0] in lokr_names})
     from safetensors.torch import save_file
     save_file(mixed, str(tmp_path / "mixed.safetensors"))
-    printed = run("convert", str(tmp_path / "mixed.safetensors"), str(tmp_path / "peft"), "--to", "peft",
-                  "--model", str(folder)).stdout
+    report = json.loads(run("convert", str(tmp_path / "mixed.safetensors"), str(tmp_path / "peft"), "--to", "peft",
+                            "--model", str(folder), "--json").stdout)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LOHA"
+    skipped = {entry["module"]: entry["reason"] for entry in report["skipped"]}
     for name in lokr_names:
-        assert f"  {name}: a PEFT folder has one type: this one is LOHA" in printed, printed
+        assert skipped.get(name) == "a PEFT folder has one type: this one is LOHA", report
 
 
 @pytest.mark.parametrize("config", [
@@ -198,9 +202,9 @@ def test_peft_folder_into_lycoris(config, tmp_path):
     from safetensors.torch import save_file
     save_file(peft.get_peft_model_state_dict(adapted), str(out / "adapter_model.safetensors"))
     back = tmp_path / "back.safetensors"
-    printed = run("convert", str(out), str(back), "--to", "kohya", "--model", str(folder)).stdout
+    report = json.loads(run("convert", str(out), str(back), "--to", "kohya", "--model", str(folder), "--json").stdout)
     paths = [n for n, m in adapted.named_modules() if isinstance(m, peft.tuners.lycoris_utils.LycorisLayer)]
-    assert f"converted {len(paths)} " in printed and "skipped" not in printed, printed
+    assert len(report["converted"]) == len(paths) and report["skipped"] == [], report
     fresh = copy.deepcopy(unet)
     reset_lycoris_class(PRESET)
     reloaded, weights = lycoris_kohya.create_network_from_weights(1.0, str(back), None, None, fresh)
@@ -239,8 +243,9 @@ def test_sdxl_single_file_second_text_encoder_fused_in_proj(tmp_path):
     kohya = tmp_path / "te2.safetensors"
     save_file(source, str(kohya))
     out = tmp_path / "peft"
-    printed = run("convert", str(kohya), str(out), "--to", "peft", "--model", str(single), "--component", "text_encoder_2").stdout
-    assert "converted 4 modules" in printed and "skipped" not in printed, printed
+    report = json.loads(run("convert", str(kohya), str(out), "--to", "peft", "--model", str(single), "--component", "text_encoder_2",
+                            "--json").stdout)
+    assert len(report["converted"]) == 4 and report["skipped"] == [], report
     adapted, config = _peft_model(out, text)
     assert sorted(config["target_modules"]) == sorted(delta)
     modules = dict(adapted.named_modules())

@@ -18,7 +18,8 @@ from torch import nn
 
 from _sl_oracle import (
     MODULE_NAMES, assert_checkpointing_matches, assert_grads_match, assert_rel, base_model, copy_lycoris_into_ours,
-    inputs, lycoris, lycoris_gradients, make_pair, our_parameters, randomize_lycoris, run, significant_delta, sl,
+    inputs, lycoris, lycoris_gradients, make_pair, our_parameters, randomize_lycoris, randomize_ours, run,
+    significant_delta, sl,
 )
 
 RTOL = 1e-4
@@ -240,10 +241,7 @@ def test_merge_to_plain_torch_lora_weights():
     w_lin, w_conv = model[0].weight.detach().clone(), model[1].weight.detach().clone()
     net = sl.create_lycoris(model, 0.7, 3, 1.5, algo="lora", conv_dim=2, conv_alpha=4.0, threads=1)
     try:
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
+        randomize_ours(net, seed=5, std=1.0)
         params = our_parameters(net)
         up0, down0 = params["lycoris_0"]["lora_up.weight"], params["lycoris_0"]["lora_down.weight"]
         up1, down1 = params["lycoris_1"]["lora_up.weight"], params["lycoris_1"]["lora_down.weight"]
@@ -317,10 +315,7 @@ def test_set_multiplier_scales_the_delta_linearly_plain_torch():
     y0 = model(x).detach()
     net = sl.create_lycoris(model, 1.0, 2, 1.0, threads=1)
     try:
-        g = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
+        randomize_ours(net, seed=2, std=1.0)
         params = our_parameters(net)["lycoris_0"]
         plain = (x @ params["lora_down.weight"].T @ params["lora_up.weight"].T * 0.5).detach()
         net.apply_to()
