@@ -42,6 +42,13 @@ package protocol WeightAlgebra {
     func columns(_ value: Value, _ range: Range<Int>) -> Value
     /// A (rows, width) matrix of zeros with `block` (rows, range.count) in columns `range`.
     func placing(_ block: Value, columns range: Range<Int>, width: Int) -> Value
+    /// Each leading-axis slice i of `value` times `factors[i]` (factors: one element per slice).
+    func scalingRows(_ value: Value, by factors: Value) -> Value
+    /// s · Σⱼ a[i, j]·b[i, j] per row i of two (rows, columns) matrices, accumulated in
+    /// double → (rows,).
+    func rowDots(_ a: Value, _ b: Value, scale s: Float) -> Value
+    /// A host tensor as a value of this algebra (a device copies it into its workspace).
+    func constant(_ tensor: Tensor) -> Value
 }
 
 /// The host engine's ``WeightAlgebra``: ``Tensor`` operations (OpenBLAS GEMMs), never throwing.
@@ -91,6 +98,17 @@ package struct TensorAlgebra: WeightAlgebra {
         }
         return out
     }
+
+    package func scalingRows(_ value: Tensor, by factors: Tensor) -> Tensor { value.scalingRows(by: factors) }
+
+    package func rowDots(_ a: Tensor, _ b: Tensor, scale s: Float) -> Tensor {
+        let (rows, columns) = (a.shape[0], a.shape[1])
+        return Tensor(shape: [rows], scalars: (0..<rows).map { i in
+            s * Float((0..<columns).reduce(0.0) { $0 + Double(a.scalars[i * columns + $1]) * Double(b.scalars[i * columns + $1]) })
+        })
+    }
+
+    package func constant(_ tensor: Tensor) -> Tensor { tensor }
 }
 
 /// An adapter's tensors by saved key suffix (`lora_up.weight`, `hada_w1_a`, …) in one algebra's

@@ -1,4 +1,5 @@
 import LycorisAlgorithms
+import LycorisCore
 import LycorisCUDA
 
 /// The weight path of one adapter module on a device — what the server computes for a
@@ -14,16 +15,18 @@ import LycorisCUDA
 /// `scalar`, …: the names of ``AdapterModule/algorithm``'s ``AdapterAlgorithm/parameters``),
 /// read in place in device memory, each with exactly the module's shape; `gradients` has the
 /// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA). `block` is
-/// DyLoRA's rank block of the step (nil: all blocks, as in eval). `rowMask` (out,) is
-/// rebuild-mode rank dropout on ΔW's rows (and Δb), as
+/// DyLoRA's rank block of the step (nil: all blocks, as in eval); `timestepMask` is T-LoRA's
+/// rank mask μ of the step (host values, cut or padded with 1s to r; nil: all 1s).
+/// `rowMask` (out,) is rebuild-mode rank dropout on ΔW's rows (and Δb), as
 /// ``AdapterModule/effectiveDeltaWeight(_:)`` applies it; nil: none. The math is the host
-/// engine's own — the generic weight-path functions of LoCon, LoHa, LoKr, DyLoRA and GLoRA
-/// over ``DeviceAlgebra`` — and, for the one-kernel algorithms, IA3 (W0 scaled per channel),
+/// engine's own — the generic weight-path functions of LoCon, LoHa, LoKr, DyLoRA, GLoRA and
+/// T-LoRA over ``DeviceAlgebra`` — and, for the one-kernel algorithms, IA3 (W0 scaled per channel),
 /// Full (diff) and Norm (w_norm, b_norm), a kernel each here.
 ///
 /// Computes: LoRA/LoCon (linear, convolutions as a reshaped GEMM, Tucker `lora_mid`,
-/// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DyLoRA, GLoRA, IA3, Full,
-/// Norm. Every other algorithm (DoRA, Diag-OFT, BOFT, T-LoRA) is refused by
+/// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DyLoRA, GLoRA, T-LoRA (its
+/// frozen initial factors uploaded per call, no rank dropout as on the host), IA3, Full,
+/// Norm. Every other algorithm (DoRA, Diag-OFT, BOFT) is refused by
 /// ``checkComputes(_:)`` with a ``DeviceError`` naming it.
 ///
 /// Work is queued on the runtime's stream; ``synchronize()`` waits for it (the server calls
@@ -60,7 +63,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     /// algorithm adapts the bias (then required; otherwise it must be nil).
     public func deltaWeight(of module: AdapterModule, parameters: [String: DeviceTensor], multiplier: Float,
                             baseWeight: DeviceTensor?, block: Int? = nil, rowMask: DeviceTensor? = nil,
-                            into output: DeviceTensor, bias: DeviceTensor? = nil) throws {
+                            timestepMask: Tensor? = nil, into output: DeviceTensor, bias: DeviceTensor? = nil) throws {
         let port = try Self.port(module)
         try check(module, parameters: parameters, baseWeight: baseWeight, rowMask: rowMask)
         try expect(output, module.layer.weightShape, "\(module.name): the ΔW output")
@@ -78,6 +81,9 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             try finish(algebra, a.deltaWeight(algebra, p, block: b, multiplier: m), into: output, rowMask: rowMask)
         case let .glora(a):
             try finish(algebra, a.deltaWeight(algebra, p, baseWeight: baseWeight!, multiplier: m), into: output, rowMask: rowMask)
+        case let .tlora(a):
+            // LyCORIS's T-LoRA has no rank dropout: the row mask is not applied (as on the host).
+            try finish(algebra, a.deltaWeight(algebra, p, timestepMask: timestepMask, multiplier: m), into: output, rowMask: nil)
         case let .ia3(a):
             // m·ΔW = W0 ⊙ (m·w) along rows (output channels) or columns (train_on_input).
             let axis = IA3Axis(a, module.layer)
@@ -99,7 +105,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     /// nil: zero).
     public func deltaWeightBackward(of module: AdapterModule, parameters: [String: DeviceTensor], multiplier: Float,
                                     baseWeight: DeviceTensor?, block: Int? = nil, rowMask: DeviceTensor? = nil,
-                                    gradient: DeviceTensor, biasGradient: DeviceTensor? = nil,
+                                    timestepMask: Tensor? = nil, gradient: DeviceTensor, biasGradient: DeviceTensor? = nil,
                                     into gradients: [String: DeviceTensor]) throws {
         let port = try Self.port(module)
         try check(module, parameters: parameters, baseWeight: baseWeight, rowMask: rowMask)
@@ -110,7 +116,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         let algebra = DeviceAlgebra(workspace: workspace)
         let p = Factors(parameters)
         let m = multiplier
-        let g = try masked(algebra, gradient, rowMask)
+        let g = try masked(algebra, gradient, module.algorithm is TLoRA ? nil : rowMask)
         let gBias = try biasGradient.map { try masked(algebra, $0, rowMask) }
         var results: [(String, DeviceTensor)]
         switch port {
@@ -119,6 +125,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         case let .lokr(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
         case let .dylora(a): results = a.deltaWeightBackward(algebra, p, gradient: g, block: try a.block(block), multiplier: m)
         case let .glora(a): results = a.deltaWeightBackward(algebra, p, baseWeight: baseWeight!, gradient: g, multiplier: m)
+        case let .tlora(a):
+            results = a.deltaWeightBackward(algebra, p, gradient: g, timestepMask: timestepMask, multiplier: m)
         case let .ia3(a):
             // ∂w = m · Σ ∂(m·ΔW) ⊙ W0 over every axis but w's.
             let axis = IA3Axis(a, module.layer)
@@ -143,7 +151,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
 
     /// The algorithms computed on a device, each with its host module.
     enum Port {
-        case locon(LoCon), loha(LoHa), lokr(LoKr), dylora(DyLoRA), glora(GLoRA), ia3(IA3), full(Full), norm(Norm)
+        case locon(LoCon), loha(LoHa), lokr(LoKr), dylora(DyLoRA), glora(GLoRA), tlora(TLoRA), ia3(IA3), full(Full), norm(Norm)
 
         init?(_ algorithm: any AdapterAlgorithm) {
             switch algorithm {
@@ -152,6 +160,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             case let a as LoKr: self = .lokr(a)
             case let a as DyLoRA: self = .dylora(a)
             case let a as GLoRA: self = .glora(a)
+            case let a as TLoRA: self = .tlora(a)
             case let a as IA3: self = .ia3(a)
             case let a as Full: self = .full(a)
             case let a as Norm: self = .norm(a)

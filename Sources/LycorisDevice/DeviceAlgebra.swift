@@ -1,4 +1,5 @@
 import LycorisAlgorithms
+import LycorisCore
 
 /// The algorithms' ``WeightAlgebra`` on device memory: products by the runtime's SGEMM
 /// (cuBLAS semantics, column-major: a row-major C = op(A)·op(B) is the column-major
@@ -152,5 +153,27 @@ final class DeviceAlgebra: WeightAlgebra {
             try runtime.launch(.columnCopy(out: out.address, input: block.address, rows: rows, width: range.count,
                                            outColumns: width, outFirst: range.lowerBound, inColumns: range.count, inFirst: 0))
         }
+    }
+
+    func scalingRows(_ value: DeviceTensor, by factors: DeviceTensor) -> DeviceTensor {
+        guard factors.count > 0, value.count % factors.count == 0 else {
+            return fail("device row scale: \(value.shape) has no \(factors.count) equal rows", shape: value.shape)
+        }
+        return output(value.shape) { out in
+            try runtime.launch(.channelScale(out: out.address, x: value.address, w: factors.address, offset: 0, s: 1,
+                                             stride: value.count / factors.count, channels: factors.count, count: value.count))
+        }
+    }
+
+    func rowDots(_ a: DeviceTensor, _ b: DeviceTensor, scale s: Float) -> DeviceTensor {
+        guard a.shape.count == 2, a.shape == b.shape else {
+            return fail("device row dots: \(a.shape) and \(b.shape) are not one matrix shape", shape: [a.shape.first ?? 0])
+        }
+        return output([a.shape[0]]) { out in try channelDot(into: out, a, b, scale: s, stride: a.shape[1], channels: a.shape[0]) }
+    }
+
+    /// The host tensor copied into a workspace buffer.
+    func constant(_ tensor: Tensor) -> DeviceTensor {
+        output(tensor.shape) { out in try runtime.write(tensor.scalars, to: out.address) }
     }
 }
