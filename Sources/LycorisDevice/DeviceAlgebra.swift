@@ -159,9 +159,14 @@ final class DeviceAlgebra: WeightAlgebra {
         guard factors.count > 0, value.count % factors.count == 0 else {
             return fail("device row scale: \(value.shape) has no \(factors.count) equal rows", shape: value.shape)
         }
-        return output(value.shape) { out in
+        return scalingChannels(value, by: factors, stride: value.count / factors.count, channels: factors.count)
+    }
+
+    /// x[e] · w[⌊e / stride⌋ mod channels].
+    func scalingChannels(_ value: DeviceTensor, by factors: DeviceTensor, stride: Int, channels: Int) -> DeviceTensor {
+        output(value.shape) { out in
             try runtime.launch(.channelScale(out: out.address, x: value.address, w: factors.address, offset: 0, s: 1,
-                                             stride: value.count / factors.count, channels: factors.count, count: value.count))
+                                             stride: stride, channels: channels, count: value.count))
         }
     }
 

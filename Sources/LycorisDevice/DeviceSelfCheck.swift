@@ -78,6 +78,16 @@ public enum DeviceSelfCheck {
             $0.rank = 2; $0.useTucker = true; $0.useScalar = true
         },
         Case("lokr conv2d full_matrix unbalanced", .lokr, conv) { $0.fullMatrix = true; $0.unbalancedFactorization = true },
+        Case("locon+dora linear", .locon, linear) { $0.weightDecompose = true },
+        Case("locon+dora conv2d tucker on input", .locon, conv, multiplier: -1.3) {
+            $0.weightDecompose = true; $0.wdOnOutput = false; $0.useTucker = true
+        },
+        Case("loha+dora conv2d rank-dropout rows", .loha, conv, rowMask: true) { $0.weightDecompose = true },
+        Case("loha+dora linear on input", .loha, linear, multiplier: 1.5) { $0.weightDecompose = true; $0.wdOnOutput = false },
+        Case("lokr+dora linear w2_a·w2_b", .lokr, .linear(inFeatures: 64, outFeatures: 48), multiplier: -1.3) {
+            $0.rank = 2; $0.factor = 8; $0.weightDecompose = true
+        },
+        Case("lokr+dora conv2d on input", .lokr, conv) { $0.weightDecompose = true; $0.wdOnOutput = false },
         Case("dylora linear block 1", .dylora, linear, block: 1) { $0.rank = 6; $0.blockSize = 2 },
         Case("dylora conv2d all blocks", .dylora, conv) { $0.rank = 6; $0.blockSize = 2 },
         Case("glora linear", .glora, linear),

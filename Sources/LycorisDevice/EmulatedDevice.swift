@@ -82,6 +82,9 @@ public final class EmulatedDevice: DeviceRuntime, @unchecked Sendable {
             lycoris_cpu_channel_dot_parts(grid, block, try doubles(partials), try p(a), try p(b), u(stride), u(channels), u(n), u(parts))
         case let .sumParts(out, partials, s, channels, parts):
             lycoris_cpu_sum_parts(grid, block, try p(out), try doubles(partials), s, u(channels), u(parts))
+        case let .doraScales(factor, gradMagnitude, normCoefficient, squares, dots, magnitude, m, eps, groups):
+            lycoris_cpu_dora_scales(grid, block, try p(factor), try p(gradMagnitude), try p(normCoefficient), try p(squares),
+                                    try p(dots), try p(magnitude), m, eps, u(groups))
         case let .transpose(out, input, batch, rows, columns, inner):
             lycoris_cpu_transpose(grid, block, try p(out), try p(input), u(batch), u(rows), u(columns), u(inner))
         case let .columnCopy(out, input, rows, width, outColumns, outFirst, inColumns, inFirst):

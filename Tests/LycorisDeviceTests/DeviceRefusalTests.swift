@@ -48,13 +48,21 @@ import Testing
         }
     }
 
-    /// DoRA around a ported algorithm is not that algorithm: refused as `<base>+dora`.
+    /// DoRA around LoCon, LoHa and LoKr computes, and without W0 (its V = W0 + ΔW) is refused
+    /// as `<base>+dora`.
     @Test(arguments: [Algorithm.locon, .loha, .lokr])
-    func doraAroundAPortedAlgorithmIsRefused(algorithm: Algorithm) throws {
+    func doraNeedsTheBaseWeight(algorithm: Algorithm) throws {
         let module = try Self.module(algorithm) { $0.weightDecompose = true }
-        #expect(throws: DeviceError("`\(algorithm.rawValue)+dora` does not compute on CUDA yet; use device \"cpu\"")) {
-            try DeviceAdapterMath.checkComputes(module)
+        try DeviceAdapterMath.checkComputes(module)
+        let device = EmulatedDevice()
+        let memory = DeviceSelfCheck.Uploads(device)
+        defer { memory.freeAll() }
+        let output = try memory.unwritten(module.layer.weightShape)
+        #expect(throws: AdapterError("layer: \(algorithm.rawValue)+dora needs the base layer's weight")) {
+            try DeviceAdapterMath(runtime: device).deltaWeight(of: module, parameters: try memory.upload(module.algorithm.parameters),
+                                                               multiplier: 1, baseWeight: nil, into: output)
         }
+        #expect(try memory.download(output).scalars.allSatisfy(\.isNaN), "a refused call wrote its output")
     }
 
     @Test func parametersThatDoNotFitTheModuleAreRefusedByName() throws {
