@@ -49,6 +49,11 @@ package protocol WeightAlgebra {
     func rowDots(_ a: Value, _ b: Value, scale s: Float) -> Value
     /// A host tensor as a value of this algebra (a device copies it into its workspace).
     func constant(_ tensor: Tensor) -> Value
+    /// A value as a host tensor (a device waits for it and reads it back; small values only).
+    func hostTensor(_ value: Value) -> Tensor
+    /// α · op(Aᵢ) · op(Bᵢ) for each i of a batch: A (batch, ·, ·), B (batch, ·, ·) →
+    /// (batch, m, n), each product as ``matmul(_:transposeA:_:transposeB:alpha:)``.
+    func batchedMatmul(_ a: Value, transposeA: Bool, _ b: Value, transposeB: Bool, alpha: Float) -> Value
 }
 
 /// The host engine's ``WeightAlgebra``: ``Tensor`` operations (OpenBLAS GEMMs), never throwing.
@@ -109,6 +114,29 @@ package struct TensorAlgebra: WeightAlgebra {
     }
 
     package func constant(_ tensor: Tensor) -> Tensor { tensor }
+
+    package func hostTensor(_ value: Tensor) -> Tensor { value }
+
+    /// One OpenBLAS SGEMM per product.
+    package func batchedMatmul(_ a: Tensor, transposeA: Bool, _ b: Tensor, transposeB: Bool, alpha: Float) -> Tensor {
+        let batch = a.shape[0]
+        let (m, k) = transposeA ? (a.shape[2], a.shape[1]) : (a.shape[1], a.shape[2])
+        let n = transposeB ? b.shape[1] : b.shape[2]
+        var out = Tensor.zeros([batch, m, n])
+        a.scalars.withUnsafeBufferPointer { pa in
+            b.scalars.withUnsafeBufferPointer { pb in
+                out.scalars.withUnsafeMutableBufferPointer { po in
+                    for i in 0..<batch {
+                        BLAS.sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha,
+                                   a: pa.baseAddress! + i * a.shape[1] * a.shape[2], lda: a.shape[2],
+                                   b: pb.baseAddress! + i * b.shape[1] * b.shape[2], ldb: b.shape[2],
+                                   beta: 0, c: po.baseAddress! + i * m * n, ldc: n)
+                    }
+                }
+            }
+        }
+        return out
+    }
 }
 
 /// An adapter's tensors by saved key suffix (`lora_up.weight`, `hada_w1_a`, …) in one algebra's

@@ -14,7 +14,8 @@ import LycorisCUDA
 /// `lora_down.weight`, `lora_mid.weight`, `hada_w1_a`, `lokr_w1`, `weight`, `diff`, `w_norm`,
 /// `scalar`, …: the names of ``AdapterModule/algorithm``'s ``AdapterAlgorithm/parameters``),
 /// read in place in device memory, each with exactly the module's shape; `gradients` has the
-/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA, DoRA). `block` is
+/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA, DoRA, Diag-OFT,
+/// BOFT). `block` is
 /// DyLoRA's rank block of the step (nil: all blocks, as in eval); `timestepMask` is T-LoRA's
 /// rank mask μ of the step (host values, cut or padded with 1s to r; nil: all 1s).
 /// `rowMask` (out,) is rebuild-mode rank dropout on ΔW's rows (and Δb), as
@@ -26,8 +27,11 @@ import LycorisCUDA
 /// Computes: LoRA/LoCon (linear, convolutions as a reshaped GEMM, Tucker `lora_mid`,
 /// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DoRA around LoCon, LoHa or
 /// LoKr on either axis (DeviceDoRA.swift; needs `baseWeight`), DyLoRA, GLoRA, T-LoRA (its
-/// frozen initial factors uploaded per call, no rank dropout as on the host), IA3, Full,
-/// Norm. Every other algorithm (Diag-OFT, BOFT) is refused by
+/// frozen initial factors uploaded per call, no rank dropout as on the host), Diag-OFT and
+/// BOFT (``OrthogonalChain``: the Cayley transform of the small b×b blocks and ∂A from ∂R
+/// run on the host — `oft_blocks` read back, each Dᵢ uploaded, each ∂Dᵢ read back, so a call
+/// waits for the device; the rows' permutations and block-diagonal products run on the
+/// device), IA3, Full, Norm. Any other algorithm is refused by
 /// ``checkComputes(_:)`` with a ``DeviceError`` naming it.
 ///
 /// Work is queued on the runtime's stream; ``synchronize()`` waits for it (the server calls
@@ -88,6 +92,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             try finish(algebra, a.deltaWeight(algebra, p, block: b, multiplier: m), into: output, rowMask: rowMask)
         case let .glora(a):
             try finish(algebra, a.deltaWeight(algebra, p, baseWeight: baseWeight!, multiplier: m), into: output, rowMask: rowMask)
+        case let .orthogonal(a):
+            try finish(algebra, try a.deltaWeight(algebra, p, baseWeight: baseWeight!, multiplier: m), into: output, rowMask: rowMask)
         case let .tlora(a):
             // LyCORIS's T-LoRA has no rank dropout: the row mask is not applied (as on the host).
             try finish(algebra, a.deltaWeight(algebra, p, timestepMask: timestepMask, multiplier: m), into: output, rowMask: nil)
@@ -140,6 +146,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             results.append(("dora_scale", algebra.reshaped(scales.gradMagnitude, parameters["dora_scale"]!.shape)))
         case let .dylora(a): results = a.deltaWeightBackward(algebra, p, gradient: g, block: try a.block(block), multiplier: m)
         case let .glora(a): results = a.deltaWeightBackward(algebra, p, baseWeight: baseWeight!, gradient: g, multiplier: m)
+        case let .orthogonal(a):
+            results = try a.deltaWeightBackward(algebra, p, baseWeight: baseWeight!, gradient: g, multiplier: m)
         case let .tlora(a):
             results = a.deltaWeightBackward(algebra, p, gradient: g, timestepMask: timestepMask, multiplier: m)
         case let .ia3(a):
@@ -166,8 +174,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
 
     /// The algorithms computed on a device, each with its host module.
     enum Port {
-        case factored(FactoredWeight), dora(FactoredWeight, ChannelAxis), dylora(DyLoRA), glora(GLoRA), tlora(TLoRA), ia3(IA3),
-             full(Full), norm(Norm)
+        case factored(FactoredWeight), dora(FactoredWeight, ChannelAxis), dylora(DyLoRA), glora(GLoRA), tlora(TLoRA),
+             orthogonal(any OrthogonalAdapter), ia3(IA3), full(Full), norm(Norm)
 
         init?(_ algorithm: any AdapterAlgorithm) {
             switch algorithm {
@@ -180,6 +188,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
             case let a as DyLoRA: self = .dylora(a)
             case let a as GLoRA: self = .glora(a)
             case let a as TLoRA: self = .tlora(a)
+            case let a as any OrthogonalAdapter: self = .orthogonal(a)
             case let a as IA3: self = .ia3(a)
             case let a as Full: self = .full(a)
             case let a as Norm: self = .norm(a)
@@ -280,7 +289,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     private func check(_ module: AdapterModule, parameters: [String: DeviceTensor], baseWeight: DeviceTensor?,
                        rowMask: DeviceTensor?) throws {
         try checkNames(module, parameters, "parameters")
-        if module.algorithm is IA3 || module.algorithm is GLoRA || module.algorithm.parameters["dora_scale"] != nil {
+        if module.algorithm is IA3 || module.algorithm is GLoRA || module.algorithm is any OrthogonalAdapter
+            || module.algorithm.parameters["dora_scale"] != nil {
             guard let baseWeight else {
                 throw AdapterError("\(module.name): \(Self.algorithmName(module.algorithm)) needs the base layer's weight")
             }

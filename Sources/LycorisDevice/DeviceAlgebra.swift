@@ -181,4 +181,36 @@ final class DeviceAlgebra: WeightAlgebra {
     func constant(_ tensor: Tensor) -> DeviceTensor {
         output(tensor.shape) { out in try runtime.write(tensor.scalars, to: out.address) }
     }
+
+    /// The value read back (waits for the queued work); zeros of its shape after a failure.
+    func hostTensor(_ value: DeviceTensor) -> Tensor {
+        guard failure == nil else { return Tensor.zeros(value.shape) }
+        do { return Tensor(shape: value.shape, scalars: try runtime.read(value.address, count: value.count)) } catch {
+            failure = error
+            return Tensor.zeros(value.shape)
+        }
+    }
+
+    /// One SGEMM per product (as ``matmul(_:transposeA:_:transposeB:alpha:)``, operands swapped
+    /// for column-major), at the batch's offsets.
+    func batchedMatmul(_ a: DeviceTensor, transposeA: Bool, _ b: DeviceTensor, transposeB: Bool, alpha: Float) -> DeviceTensor {
+        guard a.shape.count == 3, b.shape.count == 3, a.shape[0] == b.shape[0] else {
+            return fail("device batched matmul: \(a.shape) and \(b.shape) are not batches of one count", shape: a.shape)
+        }
+        let batch = a.shape[0]
+        let (m, k) = transposeA ? (a.shape[2], a.shape[1]) : (a.shape[1], a.shape[2])
+        let (kB, n) = transposeB ? (b.shape[2], b.shape[1]) : (b.shape[1], b.shape[2])
+        guard k == kB else {
+            return fail("device batched matmul: inner dimensions differ, \(a.shape) · \(b.shape)", shape: [batch, m, n])
+        }
+        let (strideA, strideB) = (UInt64(a.shape[1] * a.shape[2] * 4), UInt64(b.shape[1] * b.shape[2] * 4))
+        return output([batch, m, n]) { c in
+            guard k > 0 else { return try runtime.fillZero(c.address, count: batch * m * n) }
+            for i in 0..<batch {
+                try runtime.sgemm(transposeA: transposeB, transposeB: transposeA, m: n, n: m, k: k, alpha: alpha,
+                                  a: b.address + UInt64(i) * strideB, lda: b.shape[2], b: a.address + UInt64(i) * strideA,
+                                  ldb: a.shape[2], beta: 0, c: c.address + UInt64(i * m * n * 4), ldc: n)
+            }
+        }
+    }
 }

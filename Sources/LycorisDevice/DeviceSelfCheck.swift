@@ -96,6 +96,17 @@ public enum DeviceSelfCheck {
         Case("tlora linear timestep mask", .tlora, linear, timestepMask: [1, 0.5, 0]),
         Case("tlora linear rank-dropout rows ignored", .tlora, linear, rowMask: true),
         Case("tlora conv2d 3x3 timestep mask", .tlora, conv, multiplier: -1.3, timestepMask: [1, 1, 0, 0, 1]),
+        Case("diag-oft linear", .diagOFT, linear),
+        Case("diag-oft linear constraint rescaled rank-dropout rows", .diagOFT, linear, multiplier: 1.5, rowMask: true) {
+            $0.constraint = 1e-2; $0.rescaled = true
+        },
+        Case("diag-oft conv2d rescaled", .diagOFT, conv, multiplier: -1.3) { $0.rescaled = true },
+        Case("boft linear 3 stages", .boft, .linear(inFeatures: 24, outFeatures: 16)),
+        Case("boft linear constraint rescaled", .boft, .linear(inFeatures: 24, outFeatures: 16), multiplier: 1.5) {
+            $0.constraint = 1e-2; $0.rescaled = true
+        },
+        Case("boft conv2d rescaled", .boft, .convolution(ConvGeometry(inChannels: 8, outChannels: 16, kernelSize: [3, 3])),
+             multiplier: -1.3) { $0.rescaled = true; $0.rank = 2 },
         Case("ia3 linear", .ia3, linear),
         Case("ia3 linear on_input", .ia3, linear) { $0.trainOnInput = true },
         Case("ia3 conv2d", .ia3, conv, rowMask: true),

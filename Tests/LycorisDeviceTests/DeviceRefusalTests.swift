@@ -8,7 +8,7 @@ import Testing
 /// not compute (never a silent wrong path), parameters and buffers that do not fit the module.
 @Suite struct DeviceRefusalTests {
     /// The algorithms ``DeviceAdapterMath`` computes; every other one must be refused.
-    static let ported: Set<Algorithm> = [.locon, .loha, .lokr, .dylora, .glora, .tlora, .ia3, .full, .norms]
+    static let ported: Set<Algorithm> = [.locon, .loha, .lokr, .dylora, .glora, .tlora, .diagOFT, .boft, .ia3, .full, .norms]
 
     static func module(_ algorithm: Algorithm, _ configure: (inout AdapterOptions) -> Void = { _ in }) throws -> AdapterModule {
         let layer = algorithm == .norms ? LayerSpec.norm(Normalization(kind: .layer(normalizedShape: [8])))
