@@ -7,7 +7,7 @@ import Testing
 /// What the device backend refuses, each with an error naming the problem: algorithms it does
 /// not compute (never a silent wrong path), parameters and buffers that do not fit the module.
 @Suite struct DeviceRefusalTests {
-    /// The algorithms ``DeviceAdapterMath`` computes; every other one must be refused.
+    /// The algorithms ``DeviceAdapterMath`` computes (all of them); any other must be refused.
     static let ported: Set<Algorithm> = [.locon, .loha, .lokr, .dylora, .glora, .tlora, .diagOFT, .boft, .ia3, .full, .norms]
 
     static func module(_ algorithm: Algorithm, _ configure: (inout AdapterOptions) -> Void = { _ in }) throws -> AdapterModule {
@@ -46,6 +46,43 @@ import Testing
             }
             #expect(try memory.download(output).scalars.allSatisfy(\.isNaN), "a refused module wrote its output")
         }
+    }
+
+    /// Every shipped algorithm computes on the device now, so the refusal is shown with an
+    /// algorithm type the backend does not know (it reports itself as `full`): refused by that
+    /// name before anything is written, never computed by another algorithm's path.
+    @Test func anAlgorithmTypeTheDeviceDoesNotKnowIsRefused() throws {
+        struct Unknown: AdapterAlgorithm {
+            static let algorithm = Algorithm.full
+            let layer: LayerSpec
+            var parameters: ParameterSet
+            init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) {
+                self.layer = layer
+                parameters = ParameterSet([("diff", Tensor(repeating: 1, shape: layer.weightShape))])
+            }
+            var scale: Float { 1 }
+            var rank: Int? { nil }
+            func deltaWeight(_ context: DeltaContext) throws -> Tensor { parameters.required("diff") }
+            func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
+                ParameterSet([("diff", gradient)])
+            }
+            func savedTensors() -> [SavedTensor] { [] }
+        }
+        var random = RandomSource(seed: 1)
+        let options = AdapterOptions(rank: 2, alpha: 1)
+        let module = AdapterModule(name: "layer", algorithm: Unknown(layer: .linear(inFeatures: 8, outFeatures: 8), options: options,
+                                                                     random: &random), options: options)
+        let device = EmulatedDevice()
+        let memory = DeviceSelfCheck.Uploads(device)
+        defer { memory.freeAll() }
+        let output = try memory.unwritten(module.layer.weightShape)
+        let expected = DeviceError("`full` does not compute on CUDA yet; use device \"cpu\"")
+        #expect(throws: expected) { try DeviceAdapterMath.checkComputes(module) }
+        #expect(throws: expected) {
+            try DeviceAdapterMath(runtime: device).deltaWeight(of: module, parameters: try memory.upload(module.algorithm.parameters),
+                                                               multiplier: 1, baseWeight: nil, into: output)
+        }
+        #expect(try memory.download(output).scalars.allSatisfy(\.isNaN), "a refused module wrote its output")
     }
 
     /// DoRA around LoCon, LoHa and LoKr computes, and without W0 (its V = W0 + ΔW) is refused
