@@ -191,8 +191,8 @@ final class DeviceAlgebra: WeightAlgebra {
         }
     }
 
-    /// One SGEMM per product (as ``matmul(_:transposeA:_:transposeB:alpha:)``, operands swapped
-    /// for column-major), at the batch's offsets.
+    /// One strided-batched SGEMM (each product as ``matmul(_:transposeA:_:transposeB:alpha:)``,
+    /// operands swapped for column-major).
     func batchedMatmul(_ a: DeviceTensor, transposeA: Bool, _ b: DeviceTensor, transposeB: Bool, alpha: Float) -> DeviceTensor {
         guard a.shape.count == 3, b.shape.count == 3, a.shape[0] == b.shape[0] else {
             return fail("device batched matmul: \(a.shape) and \(b.shape) are not batches of one count", shape: a.shape)
@@ -203,14 +203,11 @@ final class DeviceAlgebra: WeightAlgebra {
         guard k == kB else {
             return fail("device batched matmul: inner dimensions differ, \(a.shape) · \(b.shape)", shape: [batch, m, n])
         }
-        let (strideA, strideB) = (UInt64(a.shape[1] * a.shape[2] * 4), UInt64(b.shape[1] * b.shape[2] * 4))
         return output([batch, m, n]) { c in
             guard k > 0 else { return try runtime.fillZero(c.address, count: batch * m * n) }
-            for i in 0..<batch {
-                try runtime.sgemm(transposeA: transposeB, transposeB: transposeA, m: n, n: m, k: k, alpha: alpha,
-                                  a: b.address + UInt64(i) * strideB, lda: b.shape[2], b: a.address + UInt64(i) * strideA,
-                                  ldb: a.shape[2], beta: 0, c: c.address + UInt64(i * m * n * 4), ldc: n)
-            }
+            try runtime.sgemmStridedBatched(transposeA: transposeB, transposeB: transposeA, m: n, n: m, k: k, alpha: alpha,
+                                            a: b.address, lda: b.shape[2], strideA: b.shape[1] * b.shape[2], b: a.address,
+                                            ldb: a.shape[2], strideB: a.shape[1] * a.shape[2], beta: 0, c: c.address, ldc: n, strideC: m * n, batch: batch)
         }
     }
 }

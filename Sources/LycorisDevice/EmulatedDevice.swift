@@ -106,6 +106,17 @@ public final class EmulatedDevice: DeviceRuntime, @unchecked Sendable {
                     output, Int32(ldc))
     }
 
+    /// One ``sgemm(transposeA:transposeB:m:n:k:alpha:a:lda:b:ldb:beta:c:ldc:)`` per product.
+    public func sgemmStridedBatched(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64,
+                                    lda: Int, strideA: Int, b: UInt64, ldb: Int, strideB: Int, beta: Float, c: UInt64,
+                                    ldc: Int, strideC: Int, batch: Int) throws {
+        for i in 0..<batch {
+            try sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha,
+                      a: a + UInt64(i * strideA * 4), lda: lda, b: b + UInt64(i * strideB * 4), ldb: ldb, beta: beta,
+                      c: c + UInt64(i * strideC * 4), ldc: ldc)
+        }
+    }
+
     public func synchronize() throws {}
 
     private func pointer(_ address: UInt64) throws -> UnsafeMutablePointer<Float> {
