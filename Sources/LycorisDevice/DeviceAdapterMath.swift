@@ -52,8 +52,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     /// Bytes of device memory this object holds between calls (its workspace).
     public var workspaceBytes: Int { workspace.bytes }
 
-    /// Throws a ``DeviceError`` ("`dora` does not compute on CUDA yet; use device \"cpu\"")
-    /// unless ``deltaWeight(of:parameters:multiplier:baseWeight:block:rowMask:into:bias:)``
+    /// Throws a ``DeviceError`` ("`<name>` does not compute on CUDA yet; use device \"cpu\"")
+    /// unless ``deltaWeight(of:parameters:multiplier:baseWeight:block:rowMask:timestepMask:into:bias:)``
     /// computes `module`'s algorithm.
     public static func checkComputes(_ module: AdapterModule) throws(DeviceError) { _ = try port(module) }
 
