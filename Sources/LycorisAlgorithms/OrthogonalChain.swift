@@ -99,17 +99,17 @@ public struct OrthogonalChain {
         let b = blockSize
         let d = stageBlockValues(algebra)
         var grad = gradient
-        var gradR = [Float](repeating: 0, count: stageBlocks.count)
+        var gradD = [A.Value?](repeating: nil, count: stageCount)
         for stage in (0..<stageCount).reversed() {
             let g = gather(algebra, grad, stage), z = gather(algebra, states[stage], stage)
             let columns = algebra.shape(of: g)[1]
             let rows = [blockCount, b, columns]
-            let gradD = algebra.batchedMatmul(algebra.reshaped(g, rows), transposeA: false, algebra.reshaped(z, rows),
-                                              transposeB: true, alpha: multiplier)
-            let offset = stage * blockCount * b * b
-            gradR.replaceSubrange(offset..<(offset + blockCount * b * b), with: algebra.hostTensor(gradD).scalars)
+            gradD[stage] = algebra.batchedMatmul(algebra.reshaped(g, rows), transposeA: false, algebra.reshaped(z, rows),
+                                                 transposeB: true, alpha: multiplier)
             grad = scatter(algebra, applyBlocks(algebra, d, stage: stage, g, transposeBlocks: true), stage)
         }
+        // Read back after every stage is queued: a device waits once.
+        let gradR = gradD.flatMap { algebra.hostTensor($0!).scalars }
         return (grad, algebra.constant(blockGradient(Tensor(shape: skew.shape, scalars: gradR))))
     }
 
