@@ -33,8 +33,8 @@ extension OrthogonalAdapter {
 
     /// rescale ⊙ chain(z) − z for rows `z`, with what the backward needs; `oft_blocks` is read
     /// as a host tensor (the chain's block math runs on the host).
-    private func transform<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, _ z: A.Value,
-                                             multiplier m: Float) throws -> (delta: A.Value, chain: OrthogonalChain, states: [A.Value]) {
+    private func transform<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, _ z: A.Value, multiplier m: Float) throws
+        -> (delta: A.Value, chain: OrthogonalChain, states: [A.Value]) {
         let chain = try chain(blocks: algebra.hostTensor(p.required("oft_blocks")), multiplier: m)
         let states = chain.forward(algebra, z)
         var out = states.last!

@@ -207,7 +207,8 @@ final class DeviceAlgebra: WeightAlgebra {
             guard k > 0 else { return try runtime.fillZero(c.address, count: batch * m * n) }
             try runtime.sgemmStridedBatched(transposeA: transposeB, transposeB: transposeA, m: n, n: m, k: k, alpha: alpha,
                                             a: b.address, lda: b.shape[2], strideA: b.shape[1] * b.shape[2], b: a.address,
-                                            ldb: a.shape[2], strideB: a.shape[1] * a.shape[2], beta: 0, c: c.address, ldc: n, strideC: m * n, batch: batch)
+                                            ldb: a.shape[2], strideB: a.shape[1] * a.shape[2], beta: 0, c: c.address, ldc: n,
+                                            strideC: m * n, batch: batch)
         }
     }
 }
