@@ -63,7 +63,7 @@ let package = Package(
         // CUDA through dlopen (no link-time dependency): driver, cuBLAS, NVRTC.
         .target(
             name: "LycorisCUDA",
-            dependencies: ["LycorisCore"],
+            dependencies: ["LycorisCore", "CCUDAIPC"],
             exclude: ["Kernels"],
             swiftSettings: strictSwift
         ),
@@ -81,6 +81,8 @@ let package = Package(
             dependencies: ["LycorisCore", "LycorisAlgorithms", "LycorisCUDA", "CLycorisKernelsCPU", "COpenBLAS"],
             swiftSettings: strictSwift
         ),
+        // The by-value call of cuIpcOpenMemHandle (its 64-byte handle struct), for LycorisCUDA.
+        .target(name: "CCUDAIPC"),
         // Stable Diffusion checkpoints (single files, diffusers folders) and their kohya names.
         .target(
             name: "LycorisCheckpoints",
@@ -95,7 +97,8 @@ let package = Package(
         .target(
             name: "LycorisServer",
             dependencies: [
-                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA", "LycorisCheckpoints",
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA", "LycorisDevice",
+                "LycorisCheckpoints",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift

@@ -31,7 +31,8 @@ def _targets(model: nn.Module, norms, prefix: str = PREFIX) -> dict[str, nn.Modu
 def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 4, linear_alpha: float = 1.0,
                    algo: str = "lora", conv_dim: int | None = None, conv_alpha: float | None = None,
                    seed: int = 0, threads: int | None = None, transfer: str = "auto", nan_policy: str = "error",
-                   budget: int | str | None = None, budget_dtype: str = "f16", **kwargs) -> LycorisNetwork:
+                   budget: int | str | None = None, budget_dtype: str = "f16", device: str = "auto",
+                   **kwargs) -> LycorisNetwork:
     """Adapters of `algo` on every Linear (rank `linear_dim`, alpha `linear_alpha`) and
     Conv1d/2d/3d (kernels whose first extent is not 1: `conv_dim`/`conv_alpha`, defaulting to
     the linear ones) of `model`; with `train_norm=True` also LyCORIS's `norm` adapter
@@ -46,7 +47,9 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     (debug, logger ``swift_lycoris``) when it changes. `nan_policy`: "error" (a NaN or ±∞ in a layer's
     input, output gradient or parameters raises NonFiniteError naming the module and the
     pass) or "skip_step" (a warning, and the step leaves the adapters unchanged; see
-    :mod:`swift_lycoris.nonfinite`).
+    :mod:`swift_lycoris.nonfinite`). `device`: "auto" (layers on a CUDA device compute there
+    through the device path when the server can, see :mod:`swift_lycoris.device`), "cpu",
+    "cuda", "cuda:N" or the test device "emulated"; ``$SWIFT_LYCORIS_DEVICE`` overrides it.
     ``algo="auto"`` with ``budget`` (a size such as ``"10MB"`` at `budget_dtype`, or a
     parameter count): each Linear/Conv layer gets the algorithm (LoRA, LoHa or LoKr) and rank
     or Kronecker factor of ``lycoris suggest``'s plan (:mod:`swift_lycoris.suggestion`),
@@ -73,7 +76,8 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
             log.info("swift_lycoris algo=auto: %s", line)
         algo, layer_options = "lora", suggestion.layer_options(result)
     return LycorisNetwork(targets, algo=algo, options=options, layer_options=layer_options, multiplier=multiplier,
-                          seed=seed, threads=threads, transfer=transfer, nan_policy=nan_policy)
+                          seed=seed, threads=threads, transfer=transfer, nan_policy=nan_policy,
+                          device=device)
 
 
 def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module, algo: str = "lora",
