@@ -32,6 +32,10 @@ CASES = [
     ("ia3", {}),
     ("ia3", {"train_on_input": True}),
     ("glora", {}),
+    ("lora", {"dora_wd": True}),
+    ("loha", {"dora_wd": True, "wd_on_output": False}),
+    ("diag-oft", {}),
+    ("boft", {"linear_dim": 6, "conv_dim": 6}),
 ]
 IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in CASES]
 
