@@ -35,6 +35,13 @@ void lycoris_cpu_sum_parts(unsigned grid, unsigned block, float *out, const doub
     LYCORIS_LAUNCH(lycoris_sum_parts, grid, block, out, partials, s, channels, parts);
 }
 
+void lycoris_cpu_dora_scales(unsigned grid, unsigned block, float *factor, float *grad_magnitude,
+                             float *norm_coefficient, const float *squares, const float *dots,
+                             const float *magnitude, float m, double eps, uint64_t groups) {
+    LYCORIS_LAUNCH(lycoris_dora_scales, grid, block, factor, grad_magnitude, norm_coefficient, squares, dots, magnitude,
+                   m, eps, groups);
+}
+
 void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,
                              uint64_t blocks, uint64_t length, uint64_t stride, uint64_t channels, double eps) {
     LYCORIS_LAUNCH(lycoris_norm_affine, grid, block, out, x, w, blocks, length, stride, channels, eps);

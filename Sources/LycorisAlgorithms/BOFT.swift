@@ -49,20 +49,13 @@ public struct BOFT: OrthogonalAdapter {
     /// LyCORIS's stage count for n blocks: popcount(n − 1) + 1.
     static func maximumStages(blockCount n: Int) -> Int { (n - 1).nonzeroBitCount + 1 }
 
-    /// Stage i's row order: position j = (c, kk, g) in (c, k, 2) order takes row (c, g, kk)
-    /// of the (c, 2, k) grouping, k = 2ⁱ·b/2.
-    func permutation(stage i: Int) -> [Int] {
-        let k = (1 << i) * blockSize / 2
-        return (0..<layer.outFeatures).map { j in
-            let (c, rest) = j.quotientAndRemainder(dividingBy: 2 * k)
-            return c * 2 * k + (rest % 2) * k + rest / 2
-        }
-    }
+    /// Stage i's butterfly half-group k = 2ⁱ·b/2: the rows grouped as (c, 2, k) are reordered
+    /// to (c, k, 2).
+    func butterfly(stage i: Int) -> Int { (1 << i) * blockSize / 2 }
 
-    public func chain(multiplier m: Float) throws -> OrthogonalChain {
-        try OrthogonalChain(blocks: parameters.required("oft_blocks"), blockCount: blockCount,
-                            constraint: constraint * Float(layer.outFeatures), transposed: false,
-                            permutations: (0..<stageCount).map { permutation(stage: $0) }, multiplier: m)
+    public func chain(blocks: Tensor, multiplier m: Float) throws -> OrthogonalChain {
+        try OrthogonalChain(blocks: blocks, blockCount: blockCount, constraint: constraint * Float(layer.outFeatures),
+                            transposed: false, butterflies: (0..<stageCount).map { butterfly(stage: $0) }, multiplier: m)
     }
 
     public func savedTensors() -> [SavedTensor] { orthogonalSavedTensors(constraint: constraint) }

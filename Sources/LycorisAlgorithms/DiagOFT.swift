@@ -44,10 +44,9 @@ public struct DiagOFT: OrthogonalAdapter {
         [layer.outFeatures] + Array(repeating: 1, count: layer.weightShape.count - 1)
     }
 
-    public func chain(multiplier m: Float) throws -> OrthogonalChain {
-        try OrthogonalChain(blocks: parameters.required("oft_blocks"), blockCount: blockCount,
-                            constraint: constraint * Float(layer.outFeatures), transposed: true,
-                            permutations: [nil], multiplier: m)
+    public func chain(blocks: Tensor, multiplier m: Float) throws -> OrthogonalChain {
+        try OrthogonalChain(blocks: blocks, blockCount: blockCount, constraint: constraint * Float(layer.outFeatures),
+                            transposed: true, butterflies: [nil], multiplier: m)
     }
 
     public func savedTensors() -> [SavedTensor] { orthogonalSavedTensors(constraint: constraint) }

@@ -14,8 +14,8 @@ import LycorisCore
 /// Backward of Δ = rescale ⊙ Zₛ − Z₀ given g: ∂rescale = Σ_columns g ⊙ Zₛ,
 /// ∂Zₛ = rescale ⊙ g, then the chain's backward gives ∂Z₀ (minus g) and ∂oft_blocks.
 public protocol OrthogonalAdapter: AdapterAlgorithm {
-    /// The chain at multiplier `m`.
-    func chain(multiplier m: Float) throws -> OrthogonalChain
+    /// The chain of `blocks` (`oft_blocks`' values) at multiplier `m`.
+    func chain(blocks: Tensor, multiplier m: Float) throws -> OrthogonalChain
     /// A module from `oft_blocks` (and `rescale`), checked against the layer, and the constraint.
     init(layer: LayerSpec, orthogonalParameters: ParameterSet, constraint: Float) throws
 }
@@ -31,35 +31,48 @@ extension OrthogonalAdapter {
         return base.reshaped([layer.outFeatures, -1])
     }
 
-    /// rescale ⊙ chain(z) − z for rows `z`, with what the backward needs.
-    private func transform(_ z: Tensor, multiplier m: Float) throws -> (delta: Tensor, chain: OrthogonalChain, states: [Tensor]) {
-        let chain = try chain(multiplier: m)
-        let states = chain.forward(z)
+    /// rescale ⊙ chain(z) − z for rows `z`, with what the backward needs; `oft_blocks` is read
+    /// as a host tensor (the chain's block math runs on the host).
+    private func transform<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, _ z: A.Value, multiplier m: Float) throws
+        -> (delta: A.Value, chain: OrthogonalChain, states: [A.Value]) {
+        let chain = try chain(blocks: algebra.hostTensor(p.required("oft_blocks")), multiplier: m)
+        let states = chain.forward(algebra, z)
         var out = states.last!
-        if let rescale { out = out.scalingRows(by: rescale) }
-        return (out - z, chain, states)
+        if let rescale = p["rescale"] { out = algebra.scalingRows(out, by: rescale) }
+        return (algebra.adding(out, algebra.scaled(z, by: -1)), chain, states)
     }
 
-    /// (∂z, ∂parameters) of ``transform(_:multiplier:)`` given ∂Δ.
-    private func transformBackward(_ g: Tensor, chain: OrthogonalChain, states: [Tensor]) -> (input: Tensor, parameters: ParameterSet) {
-        var grads = ParameterSet()
+    /// (∂z, ∂parameters) of ``transform(_:_:_:multiplier:)`` given ∂Δ: ∂rescale = Σ_columns g ⊙ Zₛ
+    /// (in double), then the chain's backward from rescale ⊙ g.
+    private func transformBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, _ g: A.Value, chain: OrthogonalChain,
+                                                     states: [A.Value]) -> (input: A.Value, parameters: [(String, A.Value)]) {
         var gradFinal = g
-        if let rescale {
-            let last = states.last!
-            let columns = g.shape[1]
-            var sums = [Float](repeating: 0, count: g.shape[0])
-            for row in 0..<g.shape[0] {
-                var total = 0.0
-                for j in (row * columns)..<((row + 1) * columns) { total += Double(g.scalars[j]) * Double(last.scalars[j]) }
-                sums[row] = Float(total)
-            }
-            grads["rescale"] = Tensor(shape: rescale.shape, scalars: sums)
-            gradFinal = g.scalingRows(by: rescale)
+        var gradRescale: A.Value?
+        if let rescale = p["rescale"] {
+            gradRescale = algebra.reshaped(algebra.rowDots(g, states.last!, scale: 1), algebra.shape(of: rescale))
+            gradFinal = algebra.scalingRows(g, by: rescale)
         }
-        let back = chain.backward(gradFinal, states: states)
-        var result = ParameterSet([("oft_blocks", back.blocks.reshaped(parameters.required("oft_blocks").shape))])
-        if let gradRescale = grads["rescale"] { result["rescale"] = gradRescale }
-        return (back.input - g, result)
+        let back = chain.backward(algebra, gradFinal, states: states)
+        var result = [("oft_blocks", algebra.reshaped(back.blocks, algebra.shape(of: p.required("oft_blocks"))))]
+        if let gradRescale { result.append(("rescale", gradRescale)) }
+        return (algebra.adding(back.input, algebra.scaled(g, by: -1)), result)
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// ΔW(m) = rescale ⊙ chain_m(W0) − W0 (weight shape), before any row mask.
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, baseWeight w0: A.Value,
+                                               multiplier m: Float) throws -> A.Value {
+        let delta = try transform(algebra, p, algebra.matrix(w0), multiplier: m).delta
+        return algebra.reshaped(delta, layer.weightShape)
+    }
+
+    /// ∂parameters from G = ∂ΔW(m) (already masked by any row mask).
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, baseWeight w0: A.Value,
+                                                       gradient: A.Value, multiplier m: Float) throws -> [(String, A.Value)] {
+        let forward = try transform(algebra, p, algebra.matrix(w0), multiplier: m)
+        return transformBackward(algebra, p, algebra.reshaped(gradient, algebra.shape(of: forward.delta)), chain: forward.chain,
+                                 states: forward.states).parameters
     }
 
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
@@ -71,17 +84,17 @@ extension OrthogonalAdapter {
     }
 
     public func multipliedDeltaWeight(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor {
-        var delta = try transform(try baseWeight(context), multiplier: m).delta
+        var delta = try deltaWeight(TensorAlgebra(), Factors(parameters), baseWeight: try baseWeight(context), multiplier: m)
         if let rowMask { delta = delta.scalingRows(by: rowMask) }
-        return delta.reshaped(layer.weightShape)
+        return delta
     }
 
     public func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
                                               rowMask: Tensor?, _ context: DeltaContext) throws -> ParameterSet {
-        let forward = try transform(try baseWeight(context), multiplier: m)
-        var g = gradient.reshaped(forward.delta.shape)
+        var g = gradient
         if let rowMask { g = g.scalingRows(by: rowMask) }
-        return transformBackward(g, chain: forward.chain, states: forward.states).parameters
+        return ParameterSet(try deltaWeightBackward(TensorAlgebra(), Factors(parameters), baseWeight: try baseWeight(context),
+                                                    gradient: g, multiplier: m))
     }
 
     // MARK: Bypass: transform the base output's channels
@@ -115,16 +128,17 @@ extension OrthogonalAdapter {
 
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
         let base = try baseOutputRows(x, context)
-        return fromChannelRows(try transform(base.rows, multiplier: m).delta, shape: base.shape)
+        return fromChannelRows(try transform(TensorAlgebra(), Factors(parameters), base.rows, multiplier: m).delta, shape: base.shape)
     }
 
     public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
                                          _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
         let base = try baseOutputRows(x, context)
-        let forward = try transform(base.rows, multiplier: m)
-        let back = transformBackward(channelRows(gradOutput), chain: forward.chain, states: forward.states)
+        let (algebra, p) = (TensorAlgebra(), Factors(parameters))
+        let forward = try transform(algebra, p, base.rows, multiplier: m)
+        let back = transformBackward(algebra, p, channelRows(gradOutput), chain: forward.chain, states: forward.states)
         let gradY = fromChannelRows(back.input, shape: base.shape)
-        return (layer.backwardInput(gradY, weight: context.baseWeight!, inputShape: x.shape), back.parameters)
+        return (layer.backwardInput(gradY, weight: context.baseWeight!, inputShape: x.shape), ParameterSet(back.parameters))
     }
 
     /// A fresh module: `oft_blocks` zeros of `blocksShape` (every R = I), `rescale` ones with

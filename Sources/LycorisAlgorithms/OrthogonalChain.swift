@@ -15,14 +15,21 @@ import LycorisCore
 /// Stage i: rows permuted by πᵢ (or not), multiplied by the block-diagonal Dᵢ =
 /// m·Rᵢ + (1 − m)·I (Rᵢᵀ with `transposed`), permuted back. The states Z₀ … Zₛ are kept
 /// for the backward: ∂Dᵢ,ₖ = (πᵢ∂Zᵢ₊₁)ₖ·(πᵢZᵢ)ₖᵀ, ∂Zᵢ = πᵢ⁻¹·Dᵢᵀ·πᵢ∂Zᵢ₊₁, ∂Rᵢ = m·∂Dᵢ.
+/// πᵢ is BOFT's butterfly: the rows grouped as (c, 2, k) reordered to (c, k, 2) (a swap of
+/// the middle axes), k given per stage.
+///
+/// The blocks' own math (the skew part, the constraint, the Cayley transform with its LU,
+/// and ∂A from ∂R) is small — stages·count blocks of b×b — and runs on the host; the work on
+/// the rows (permutations, block-diagonal products, ∂D) is generic over the ``WeightAlgebra``,
+/// so a device runs it on device memory with the Dᵢ uploaded and the ∂Dᵢ read back.
 public struct OrthogonalChain {
     let blockSize: Int
     /// Blocks per stage.
     let blockCount: Int
     let multiplier: Float
     let transposed: Bool
-    /// πᵢ: permuted row j is source row πᵢ[j] (nil: no permutation).
-    let permutations: [[Int]?]
+    /// k of stage i's butterfly πᵢ (nil: no permutation).
+    let butterflies: [Int?]
     /// Dᵢ of every stage, (stages·count, b, b).
     private let stageBlocks: [Float]
     private let lu: [LUFactorization]
@@ -32,13 +39,13 @@ public struct OrthogonalChain {
     private let constraintFactor: Float?
 
     /// `blocks` (stages·count, b, b), stage-major.
-    init(blocks: Tensor, blockCount: Int, constraint: Float, transposed: Bool, permutations: [[Int]?], multiplier m: Float) throws {
+    init(blocks: Tensor, blockCount: Int, constraint: Float, transposed: Bool, butterflies: [Int?], multiplier m: Float) throws {
         let b = blocks.shape.last!
         blockSize = b
         self.blockCount = blockCount
         self.multiplier = m
         self.transposed = transposed
-        self.permutations = permutations
+        self.butterflies = butterflies
         let total = blocks.count / (b * b)
         var p = blocks
         for k in 0..<total {
@@ -73,44 +80,37 @@ public struct OrthogonalChain {
         stageBlocks = d
     }
 
-    var stageCount: Int { permutations.count }
+    var stageCount: Int { butterflies.count }
 
     /// Z₀ … Zₛ for rows `z` (C, P).
-    func forward(_ z: Tensor) -> [Tensor] {
+    func forward<A: WeightAlgebra>(_ algebra: A, _ z: A.Value) -> [A.Value] {
+        let d = stageBlockValues(algebra)
         var states = [z]
         for stage in 0..<stageCount {
-            var h = Self.gather(states[stage], permutations[stage])
-            h = applyBlocks(stage: stage, h, transposeBlocks: false)
-            states.append(Self.scatter(h, permutations[stage]))
+            let h = applyBlocks(algebra, d, stage: stage, gather(algebra, states[stage], stage), transposeBlocks: false)
+            states.append(scatter(algebra, h, stage))
         }
         return states
     }
 
-    /// (∂Z₀, ∂A) from ∂Zₛ and the states of ``forward(_:)``.
-    func backward(_ gradient: Tensor, states: [Tensor]) -> (input: Tensor, blocks: Tensor) {
+    /// (∂Z₀, ∂A) from ∂Zₛ and the states of ``forward(_:_:)``; ∂A (the blocks' shape, flat
+    /// (stages·count, b, b)) is computed on the host from the ∂Dᵢ read back.
+    func backward<A: WeightAlgebra>(_ algebra: A, _ gradient: A.Value, states: [A.Value]) -> (input: A.Value, blocks: A.Value) {
         let b = blockSize
+        let d = stageBlockValues(algebra)
         var grad = gradient
-        var gradR = [Float](repeating: 0, count: stageBlocks.count)
+        var gradD = [A.Value?](repeating: nil, count: stageCount)
         for stage in (0..<stageCount).reversed() {
-            let g = Self.gather(grad, permutations[stage])
-            let z = Self.gather(states[stage], permutations[stage])
-            let columns = g.shape[1]
-            g.scalars.withUnsafeBufferPointer { pg in
-                z.scalars.withUnsafeBufferPointer { pz in
-                    gradR.withUnsafeMutableBufferPointer { pr in
-                        for k in 0..<blockCount {
-                            let offset = (stage * blockCount + k) * b * b
-                            BLAS.sgemm(transposeA: false, transposeB: true, m: b, n: b, k: columns, alpha: multiplier,
-                                       a: pg.baseAddress! + k * b * columns, lda: columns,
-                                       b: pz.baseAddress! + k * b * columns, ldb: columns,
-                                       beta: 0, c: pr.baseAddress! + offset, ldc: b)
-                        }
-                    }
-                }
-            }
-            grad = Self.scatter(applyBlocks(stage: stage, g, transposeBlocks: true), permutations[stage])
+            let g = gather(algebra, grad, stage), z = gather(algebra, states[stage], stage)
+            let columns = algebra.shape(of: g)[1]
+            let rows = [blockCount, b, columns]
+            gradD[stage] = algebra.batchedMatmul(algebra.reshaped(g, rows), transposeA: false, algebra.reshaped(z, rows),
+                                                 transposeB: true, alpha: multiplier)
+            grad = scatter(algebra, applyBlocks(algebra, d, stage: stage, g, transposeBlocks: true), stage)
         }
-        return (grad, blockGradient(Tensor(shape: skew.shape, scalars: gradR)))
+        // Read back after every stage is queued: a device waits once.
+        let gradR = gradD.flatMap { algebra.hostTensor($0!).scalars }
+        return (grad, algebra.constant(blockGradient(Tensor(shape: skew.shape, scalars: gradR))))
     }
 
     /// ∂A from ∂R of every block (∂Rᵀ where the chain uses Rᵀ).
@@ -137,44 +137,34 @@ public struct OrthogonalChain {
         return gradA
     }
 
+    /// Every Dᵢ, (stages·count, b, b), as a value of the algebra.
+    private func stageBlockValues<A: WeightAlgebra>(_ algebra: A) -> A.Value {
+        algebra.constant(Tensor(shape: [stageBlocks.count / (blockSize * blockSize), blockSize, blockSize], scalars: stageBlocks))
+    }
+
     /// Dᵢ (or Dᵢᵀ) block-diagonally times the rows of `h` (count·b, P).
-    private func applyBlocks(stage: Int, _ h: Tensor, transposeBlocks: Bool) -> Tensor {
-        let b = blockSize, columns = h.shape[1]
-        precondition(h.shape[0] == blockCount * b, "\(h.shape[0]) rows for \(blockCount) blocks of \(b)")
-        var out = Tensor.zeros(h.shape)
-        stageBlocks.withUnsafeBufferPointer { pd in
-            h.scalars.withUnsafeBufferPointer { ph in
-                out.scalars.withUnsafeMutableBufferPointer { po in
-                    for k in 0..<blockCount {
-                        BLAS.sgemm(transposeA: transposeBlocks, transposeB: false, m: b, n: columns, k: b, alpha: 1,
-                                   a: pd.baseAddress! + (stage * blockCount + k) * b * b, lda: b,
-                                   b: ph.baseAddress! + k * b * columns, ldb: columns,
-                                   beta: 0, c: po.baseAddress! + k * b * columns, ldc: columns)
-                    }
-                }
-            }
-        }
-        return out
+    private func applyBlocks<A: WeightAlgebra>(_ algebra: A, _ d: A.Value, stage: Int, _ h: A.Value,
+                                               transposeBlocks: Bool) -> A.Value {
+        let shape = algebra.shape(of: h)
+        precondition(shape[0] == blockCount * blockSize, "\(shape[0]) rows for \(blockCount) blocks of \(blockSize)")
+        let blocks = algebra.rows(d, (stage * blockCount)..<((stage + 1) * blockCount))
+        return algebra.reshaped(algebra.batchedMatmul(blocks, transposeA: transposeBlocks,
+                                                      algebra.reshaped(h, [blockCount, blockSize, shape[1]]),
+                                                      transposeB: false, alpha: 1),
+                                shape)
     }
 
-    /// Rows `permutation[j]` of `z` in order j.
-    static func gather(_ z: Tensor, _ permutation: [Int]?) -> Tensor {
-        guard let permutation else { return z }
-        let columns = z.shape[1]
-        var out = [Float]()
-        out.reserveCapacity(z.count)
-        for source in permutation { out.append(contentsOf: z.scalars[(source * columns)..<((source + 1) * columns)]) }
-        return Tensor(shape: z.shape, scalars: out)
+    /// Stage `stage`'s πᵢ of the rows of `z`: (c, 2, k) → (c, k, 2).
+    private func gather<A: WeightAlgebra>(_ algebra: A, _ z: A.Value, _ stage: Int) -> A.Value {
+        guard let k = butterflies[stage] else { return z }
+        let shape = algebra.shape(of: z)
+        return algebra.reshaped(algebra.swappingMiddleAxes(z, [shape[0] / (2 * k), 2, k, shape[1]]), shape)
     }
 
-    /// The inverse of ``gather(_:_:)``: row j of `h` goes to row `permutation[j]`.
-    static func scatter(_ h: Tensor, _ permutation: [Int]?) -> Tensor {
-        guard let permutation else { return h }
-        let columns = h.shape[1]
-        var out = h
-        for (j, target) in permutation.enumerated() {
-            out.scalars.replaceSubrange((target * columns)..<((target + 1) * columns), with: h.scalars[(j * columns)..<((j + 1) * columns)])
-        }
-        return out
+    /// The inverse of ``gather(_:_:_:)``: (c, k, 2) → (c, 2, k).
+    private func scatter<A: WeightAlgebra>(_ algebra: A, _ h: A.Value, _ stage: Int) -> A.Value {
+        guard let k = butterflies[stage] else { return h }
+        let shape = algebra.shape(of: h)
+        return algebra.reshaped(algebra.swappingMiddleAxes(h, [shape[0] / (2 * k), k, 2, shape[1]]), shape)
     }
 }

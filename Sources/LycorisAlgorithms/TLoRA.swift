@@ -33,11 +33,11 @@ public struct TLoRA: AdapterAlgorithm {
     /// α as saved (r where the option was nil or 0).
     public let alpha: Float
     /// The frozen initial factors of the residual term, as matrices.
-    let initial: Factors
+    let initial: SingularFactors
     public var rank: Int? { initial.lambda.count }
 
     /// P (out, r), λ (r,) and Q (r, in·K).
-    struct Factors: Sendable {
+    struct SingularFactors: Sendable {
         var p: Tensor
         var lambda: Tensor
         var q: Tensor
@@ -82,7 +82,7 @@ public struct TLoRA: AdapterAlgorithm {
                   alpha: effective, initial: initial)
     }
 
-    private init(layer: LayerSpec, p: Tensor, lambda: Tensor, q: Tensor, alpha: Float, initial: Factors) {
+    private init(layer: LayerSpec, p: Tensor, lambda: Tensor, q: Tensor, alpha: Float, initial: SingularFactors) {
         self.layer = layer
         let r = lambda.count
         self.alpha = alpha
@@ -98,7 +98,7 @@ public struct TLoRA: AdapterAlgorithm {
     static func pShape(_ layer: LayerSpec, rank r: Int) -> [Int] { [layer.outFeatures, r] + layer.kernelSize.map { _ in 1 } }
 
     /// P, λ, Q from the thin SVD of `matrix` (out, in·K), padded to rank r.
-    static func singularFactors(_ matrix: Tensor, rank r: Int, selection: Selection) throws -> Factors {
+    static func singularFactors(_ matrix: Tensor, rank r: Int, selection: Selection) throws -> SingularFactors {
         guard matrix.isFinite, let svd = try? matrix.doublePrecisionSingularValueDecomposition() else {
             throw AdapterError("tlora: the SVD of the base weight failed (is it finite?)")
         }
@@ -122,58 +122,78 @@ public struct TLoRA: AdapterAlgorithm {
                                       with: svd.vt.scalars[(component * columns)..<((component + 1) * columns)])
             lambda.scalars[j] = svd.s[component]
         }
-        return Factors(p: p, lambda: lambda, q: q)
+        return SingularFactors(p: p, lambda: lambda, q: q)
     }
 
-    private var current: Factors {
-        Factors(p: parameters.required("p_layer.weight").flattenedToMatrix(),
-                lambda: parameters.required("lambda_layer").reshaped([initial.lambda.count]),
-                q: parameters.required("q_layer.weight").flattenedToMatrix())
-    }
-
-    /// μ (r,): the context's mask cut or padded with 1s to r.
-    private func mask(_ context: DeltaContext) -> Tensor {
+    /// μ (r,): the given mask cut or padded with 1s to r (none: all 1s).
+    package func mask(_ given: Tensor?) -> Tensor {
         let r = initial.lambda.count
-        guard let given = context.timestepMask else { return Tensor(repeating: 1, shape: [r]) }
+        guard let given else { return Tensor(repeating: 1, shape: [r]) }
         return Tensor(shape: [r], scalars: (0..<r).map { $0 < given.count ? given.scalars[$0] : 1 })
     }
 
-    /// P·diag(λ ⊙ μ)·Q (out, in·K).
-    private static func product(_ f: Factors, mask: Tensor) -> Tensor {
-        Tensor.matmul(f.p, f.q.scalingRows(by: f.lambda * mask))
-    }
-
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
-        let mu = mask(context)
-        return ((Self.product(current, mask: mu) - Self.product(initial, mask: mu)) * scale).reshaped(layer.weightShape)
+        deltaWeight(TensorAlgebra(), Factors(parameters), timestepMask: context.timestepMask, multiplier: 1)
     }
 
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
-        let mu = mask(context)
-        let f = current
-        let g = gradient.flattenedToMatrix() * scale
-        let weights = f.lambda * mu
-        let pg = Tensor.matmul(f.p, transposeA: true, g)
-        let columns = f.q.shape[1]
-        let gradLambda = (0..<weights.count).map { i in
-            mu.scalars[i] * Float((0..<columns).reduce(0.0) { $0 + Double(pg.scalars[i * columns + $1]) * Double(f.q.scalars[i * columns + $1]) })
-        }
-        return ParameterSet([
-            ("q_layer.weight", pg.scalingRows(by: weights).reshaped(Self.qShape(layer, rank: weights.count))),
-            ("p_layer.weight", Tensor.matmul(g, f.q.scalingRows(by: weights), transposeB: true)
-                .reshaped(Self.pShape(layer, rank: weights.count))),
-            ("lambda_layer", Tensor(shape: [1, weights.count], scalars: gradLambda)),
-        ])
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), gradient: gradient,
+                                         timestepMask: context.timestepMask, multiplier: 1))
     }
 
     /// m·ΔW: LyCORIS's T-LoRA has no rank dropout, so the row mask is not applied.
     public func multipliedDeltaWeight(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor {
-        try deltaWeight(context) * m
+        deltaWeight(TensorAlgebra(), Factors(parameters), timestepMask: context.timestepMask, multiplier: m)
     }
 
     public func multipliedDeltaWeightBackward(_ gradient: Tensor, biasGradient: Tensor?, multiplier m: Float,
                                               rowMask: Tensor?, _ context: DeltaContext) throws -> ParameterSet {
-        try deltaWeightBackward(gradient * m, context)
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), gradient: gradient,
+                                         timestepMask: context.timestepMask, multiplier: m))
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// P (out, r), λ (r,), Q (r, in·K) of the trained factors as matrices.
+    private func trained<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>) -> (p: A.Value, lambda: A.Value, q: A.Value) {
+        (algebra.matrix(p.required("p_layer.weight")), algebra.reshaped(p.required("lambda_layer"), [initial.lambda.count]),
+         algebra.matrix(p.required("q_layer.weight")))
+    }
+
+    /// P·diag(λ ⊙ μ)·Q (out, in·K).
+    private func product<A: WeightAlgebra>(_ algebra: A, p: A.Value, lambda: A.Value, q: A.Value, mask: A.Value) -> A.Value {
+        algebra.matmul(p, algebra.scalingRows(q, by: algebra.hadamard(lambda, mask, scale: 1)))
+    }
+
+    /// m·ΔW = m·s·(P·diag(λ ⊙ μ)·Q − P₀·diag(λ₀ ⊙ μ)·Q₀) (weight shape); μ from `timestepMask`
+    /// (``mask(_:)``); the frozen P₀, λ₀, Q₀ enter as ``WeightAlgebra/constant(_:)``s.
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, timestepMask: Tensor?,
+                                               multiplier m: Float) -> A.Value {
+        let mu = algebra.constant(mask(timestepMask))
+        let f = trained(algebra, p)
+        let current = product(algebra, p: f.p, lambda: f.lambda, q: f.q, mask: mu)
+        let frozen = product(algebra, p: algebra.constant(initial.p), lambda: algebra.constant(initial.lambda),
+                             q: algebra.constant(initial.q), mask: mu)
+        return algebra.reshaped(algebra.scaled(algebra.adding(current, algebra.scaled(frozen, by: -1)), by: m * scale),
+                                layer.weightShape)
+    }
+
+    /// ∂parameters from ∂(m·ΔW): with G = m·s·∂(m·ΔW), Λ = diag(λ ⊙ μ): ∂P = G·(Λ·Q)ᵀ,
+    /// ∂Q = Λ·Pᵀ·G, ∂λᵢ = μᵢ·Σⱼ (Pᵀ·G)ᵢⱼ·Qᵢⱼ (summed in double).
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradient: A.Value,
+                                                       timestepMask: Tensor?, multiplier m: Float) -> [(String, A.Value)] {
+        let mu = algebra.constant(mask(timestepMask))
+        let f = trained(algebra, p)
+        let r = initial.lambda.count
+        let g = algebra.scaled(algebra.matrix(gradient), by: m * scale)
+        let weights = algebra.hadamard(f.lambda, mu, scale: 1)
+        let pg = algebra.matmul(f.p, transposeA: true, g)
+        return [
+            ("q_layer.weight", algebra.reshaped(algebra.scalingRows(pg, by: weights), Self.qShape(layer, rank: r))),
+            ("p_layer.weight", algebra.reshaped(algebra.matmul(g, algebra.scalingRows(f.q, by: weights), transposeB: true),
+                                                Self.pShape(layer, rank: r))),
+            ("lambda_layer", algebra.reshaped(algebra.hadamard(algebra.rowDots(pg, f.q, scale: 1), mu, scale: 1), [1, r])),
+        ]
     }
 
     public func savedTensors() -> [SavedTensor] {

@@ -42,6 +42,18 @@ package protocol WeightAlgebra {
     func columns(_ value: Value, _ range: Range<Int>) -> Value
     /// A (rows, width) matrix of zeros with `block` (rows, range.count) in columns `range`.
     func placing(_ block: Value, columns range: Range<Int>, width: Int) -> Value
+    /// Each leading-axis slice i of `value` times `factors[i]` (factors: one element per slice).
+    func scalingRows(_ value: Value, by factors: Value) -> Value
+    /// s · Σⱼ a[i, j]·b[i, j] per row i of two (rows, columns) matrices, accumulated in
+    /// double → (rows,).
+    func rowDots(_ a: Value, _ b: Value, scale s: Float) -> Value
+    /// A host tensor as a value of this algebra (a device copies it into its workspace).
+    func constant(_ tensor: Tensor) -> Value
+    /// A value as a host tensor (a device waits for it and reads it back; small values only).
+    func hostTensor(_ value: Value) -> Tensor
+    /// α · op(Aᵢ) · op(Bᵢ) for each i of a batch: A (batch, ·, ·), B (batch, ·, ·) →
+    /// (batch, m, n), each product as ``matmul(_:transposeA:_:transposeB:alpha:)``.
+    func batchedMatmul(_ a: Value, transposeA: Bool, _ b: Value, transposeB: Bool, alpha: Float) -> Value
 }
 
 /// The host engine's ``WeightAlgebra``: ``Tensor`` operations (OpenBLAS GEMMs), never throwing.
@@ -88,6 +100,40 @@ package struct TensorAlgebra: WeightAlgebra {
         var out = Tensor.zeros([rows, width])
         for row in 0..<rows {
             for (j, column) in range.enumerated() { out.scalars[row * width + column] = block.scalars[row * range.count + j] }
+        }
+        return out
+    }
+
+    package func scalingRows(_ value: Tensor, by factors: Tensor) -> Tensor { value.scalingRows(by: factors) }
+
+    package func rowDots(_ a: Tensor, _ b: Tensor, scale s: Float) -> Tensor {
+        let (rows, columns) = (a.shape[0], a.shape[1])
+        return Tensor(shape: [rows], scalars: (0..<rows).map { i in
+            s * Float((0..<columns).reduce(0.0) { $0 + Double(a.scalars[i * columns + $1]) * Double(b.scalars[i * columns + $1]) })
+        })
+    }
+
+    package func constant(_ tensor: Tensor) -> Tensor { tensor }
+
+    package func hostTensor(_ value: Tensor) -> Tensor { value }
+
+    /// One OpenBLAS SGEMM per product.
+    package func batchedMatmul(_ a: Tensor, transposeA: Bool, _ b: Tensor, transposeB: Bool, alpha: Float) -> Tensor {
+        let batch = a.shape[0]
+        let (m, k) = transposeA ? (a.shape[2], a.shape[1]) : (a.shape[1], a.shape[2])
+        let n = transposeB ? b.shape[1] : b.shape[2]
+        var out = Tensor.zeros([batch, m, n])
+        a.scalars.withUnsafeBufferPointer { pa in
+            b.scalars.withUnsafeBufferPointer { pb in
+                out.scalars.withUnsafeMutableBufferPointer { po in
+                    for i in 0..<batch {
+                        BLAS.sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha,
+                                   a: pa.baseAddress! + i * a.shape[1] * a.shape[2], lda: a.shape[2],
+                                   b: pb.baseAddress! + i * b.shape[1] * b.shape[2], ldb: b.shape[2],
+                                   beta: 0, c: po.baseAddress! + i * m * n, ldc: n)
+                    }
+                }
+            }
         }
         return out
     }

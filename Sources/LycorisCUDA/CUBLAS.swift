@@ -7,6 +7,9 @@
 ///     cublasSetStream_v2(cublasHandle_t, cudaStream_t)
 ///     cublasSgemm_v2(handle, transa, transb, m, n, k, const float *alpha, const float *A, lda,
 ///                    const float *B, ldb, const float *beta, float *C, ldc)   column-major
+///     cublasSgemmStridedBatched(handle, transa, transb, m, n, k, const float *alpha,
+///                    const float *A, lda, long long strideA, const float *B, ldb, long long strideB,
+///                    const float *beta, float *C, ldc, long long strideC, int batchCount)
 public final class CUBLAS: @unchecked Sendable {
     public static let libraryNames = ["libcublas.so.13", "libcublas.so.12", "libcublas.so"]
 
@@ -21,6 +24,10 @@ public final class CUBLAS: @unchecked Sendable {
     let setMathMode: @convention(c) (OpaquePointer?, Int32) -> Int32
     let setStream: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
     let sgemm: Sgemm
+    typealias SgemmStridedBatched = @convention(c) (OpaquePointer?, Int32, Int32, Int32, Int32, Int32, UnsafePointer<Float>,
+                                                    UInt64, Int32, Int64, UInt64, Int32, Int64, UnsafePointer<Float>, UInt64,
+                                                    Int32, Int64, Int32) -> Int32
+    let sgemmStridedBatched: SgemmStridedBatched
 
     public init(directories: [String]) throws(CUDAError) {
         library = try DynamicLibrary.load("libcublas (cuBLAS)", names: Self.libraryNames, directories: directories)
@@ -29,6 +36,7 @@ public final class CUBLAS: @unchecked Sendable {
         setMathMode = try library.function("cublasSetMathMode", as: type(of: setMathMode))
         setStream = try library.function("cublasSetStream_v2", as: type(of: setStream))
         sgemm = try library.function("cublasSgemm_v2", as: Sgemm.self)
+        sgemmStridedBatched = try library.function("cublasSgemmStridedBatched", as: SgemmStridedBatched.self)
         let property = try library.function("cublasGetProperty",
             as: (@convention(c) (Int32, UnsafeMutablePointer<Int32>) -> Int32).self)
         var parts: [Int] = []

@@ -36,6 +36,18 @@ public final class CUBLASHandle {
         try Self.check("cublasSgemm_v2", status)
     }
 
+    /// ``sgemm(transposeA:transposeB:m:n:k:alpha:a:lda:b:ldb:beta:c:ldc:)`` for each of `batch`
+    /// products, product i at a + i·strideA, b + i·strideB, c + i·strideC (strides in elements).
+    public func sgemmStridedBatched(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64,
+                                    lda: Int, strideA: Int, b: UInt64, ldb: Int, strideB: Int, beta: Float, c: UInt64,
+                                    ldc: Int, strideC: Int, batch: Int) throws(CUDAError) {
+        var alpha = alpha, beta = beta
+        let status = cublas.sgemmStridedBatched(handle, transposeA ? 1 : 0, transposeB ? 1 : 0, Int32(m), Int32(n), Int32(k),
+                                                &alpha, a, Int32(lda), Int64(strideA), b, Int32(ldb), Int64(strideB), &beta,
+                                                c, Int32(ldc), Int64(strideC), Int32(batch))
+        try Self.check("cublasSgemmStridedBatched", status)
+    }
+
     /// c (m × n) = alpha · a (m × k) · b (k × n), row-major device matrices.
     public func gemm(m: Int, n: Int, k: Int, alpha: Float, a: UInt64, b: UInt64, c: UInt64) throws(CUDAError) {
         try sgemm(transposeA: false, transposeB: false, m: n, n: m, k: k, alpha: alpha, a: b, lda: n, b: a, ldb: k,

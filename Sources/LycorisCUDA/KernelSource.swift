@@ -104,6 +104,22 @@ LYCORIS_KERNEL void lycoris_sum_parts(float *out, const double *partials, float 
     out[c] = (float)((double)s * sum);
 }
 
+/* DoRA's per-group scalars (one thread per group g), in double, from the group sums of
+ * V ⊙ V (squares) and ∂W' ⊙ V (dots, the backward's; pass squares again in the forward):
+ *     n = √squares,  factor = m·(mag/(n + eps) − 1) + 1,  grad_magnitude = m·dots/(n + eps),
+ *     norm_coefficient = −m·mag·dots/((n + eps)²·n)   (0 where n = 0)
+ * so that W' = V ⊙ factor and ∂V = ∂W' ⊙ factor + V ⊙ norm_coefficient, per group. */
+LYCORIS_KERNEL void lycoris_dora_scales(float *factor, float *grad_magnitude, float *norm_coefficient,
+                                        const float *squares, const float *dots, const float *magnitude, float m,
+                                        double eps, u64 groups) {
+    u64 g = LYCORIS_INDEX();
+    if (g >= groups) return;
+    double n = sqrt((double)squares[g]), shifted = n + eps, mag = (double)magnitude[g], dot = (double)dots[g];
+    factor[g] = (float)((double)m * (mag / shifted - 1) + 1);
+    grad_magnitude[g] = (float)((double)m * dot / shifted);
+    norm_coefficient[g] = n > 0 ? (float)(-(double)m * mag * dot / (shifted * shifted * n)) : 0.0f;
+}
+
 /* Normalised blocks times the affine weight, as LycorisCore's Normalization.forward: for each
  * block of `length` contiguous elements (one thread per block), μ and σ² (biased) in double,
  * out[e] = (x[e] − μ)/√(σ² + eps) · w[⌊e / stride⌋ mod channels]. */

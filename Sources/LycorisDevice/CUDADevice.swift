@@ -88,6 +88,15 @@ public final class CUDADevice: DeviceRuntime, @unchecked Sendable {
                        b: b, ldb: ldb, beta: beta, c: c, ldc: ldc)
     }
 
+    public func sgemmStridedBatched(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64,
+                                    lda: Int, strideA: Int, b: UInt64, ldb: Int, strideB: Int, beta: Float, c: UInt64,
+                                    ldc: Int, strideC: Int, batch: Int) throws {
+        try context.makeCurrent()
+        try blas.sgemmStridedBatched(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha, a: a,
+                                     lda: lda, strideA: strideA, b: b, ldb: ldb, strideB: strideB, beta: beta, c: c,
+                                     ldc: ldc, strideC: strideC, batch: batch)
+    }
+
     public func synchronize() throws {
         try context.makeCurrent()
         try context.synchronize(stream: stream)

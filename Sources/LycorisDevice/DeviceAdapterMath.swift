@@ -1,4 +1,5 @@
 import LycorisAlgorithms
+import LycorisCore
 import LycorisCUDA
 
 /// The weight path of one adapter module on a device — what the server computes for a
@@ -13,17 +14,24 @@ import LycorisCUDA
 /// `lora_down.weight`, `lora_mid.weight`, `hada_w1_a`, `lokr_w1`, `weight`, `diff`, `w_norm`,
 /// `scalar`, …: the names of ``AdapterModule/algorithm``'s ``AdapterAlgorithm/parameters``),
 /// read in place in device memory, each with exactly the module's shape; `gradients` has the
-/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA). `block` is
-/// DyLoRA's rank block of the step (nil: all blocks, as in eval). `rowMask` (out,) is
-/// rebuild-mode rank dropout on ΔW's rows (and Δb), as
+/// same names. `baseWeight` is W0 where the algorithm reads it (IA3, GLoRA, DoRA, Diag-OFT,
+/// BOFT). `block` is
+/// DyLoRA's rank block of the step (nil: all blocks, as in eval); `timestepMask` is T-LoRA's
+/// rank mask μ of the step (host values, cut or padded with 1s to r; nil: all 1s).
+/// `rowMask` (out,) is rebuild-mode rank dropout on ΔW's rows (and Δb), as
 /// ``AdapterModule/effectiveDeltaWeight(_:)`` applies it; nil: none. The math is the host
-/// engine's own — the generic weight-path functions of LoCon, LoHa, LoKr, DyLoRA and GLoRA
-/// over ``DeviceAlgebra`` — and, for the one-kernel algorithms, IA3 (W0 scaled per channel),
+/// engine's own — the generic weight-path functions of LoCon, LoHa, LoKr, DyLoRA, GLoRA and
+/// T-LoRA over ``DeviceAlgebra`` — and, for the one-kernel algorithms, IA3 (W0 scaled per channel),
 /// Full (diff) and Norm (w_norm, b_norm), a kernel each here.
 ///
 /// Computes: LoRA/LoCon (linear, convolutions as a reshaped GEMM, Tucker `lora_mid`,
-/// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DyLoRA, GLoRA, IA3, Full,
-/// Norm. Every other algorithm (DoRA, Diag-OFT, BOFT, T-LoRA) is refused by
+/// use_scalar), LoHa (+Tucker), LoKr (every factor form, Tucker), DoRA around LoCon, LoHa or
+/// LoKr on either axis (DeviceDoRA.swift; needs `baseWeight`), DyLoRA, GLoRA, T-LoRA (its
+/// frozen initial factors uploaded per call, no rank dropout as on the host), Diag-OFT and
+/// BOFT (``OrthogonalChain``: the Cayley transform of the small b×b blocks and ∂A from ∂R
+/// run on the host — `oft_blocks` read back, each Dᵢ uploaded, each ∂Dᵢ read back, so a call
+/// waits for the device; the rows' permutations and block-diagonal products run on the
+/// device), IA3, Full, Norm. Any other algorithm is refused by
 /// ``checkComputes(_:)`` with a ``DeviceError`` naming it.
 ///
 /// Work is queued on the runtime's stream; ``synchronize()`` waits for it (the server calls
@@ -34,7 +42,7 @@ import LycorisCUDA
 /// comparison on ``CUDADevice`` is ``DeviceSelfCheck``, run by scripts/gpu-check.sh.
 public final class DeviceAdapterMath: @unchecked Sendable {
     public let runtime: DeviceRuntime
-    private let workspace: DeviceWorkspace
+    let workspace: DeviceWorkspace
 
     public init(runtime: DeviceRuntime) {
         self.runtime = runtime
@@ -44,8 +52,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     /// Bytes of device memory this object holds between calls (its workspace).
     public var workspaceBytes: Int { workspace.bytes }
 
-    /// Throws a ``DeviceError`` ("`dora` does not compute on CUDA yet; use device \"cpu\"")
-    /// unless ``deltaWeight(of:parameters:multiplier:baseWeight:block:rowMask:into:bias:)``
+    /// Throws a ``DeviceError`` ("`<name>` does not compute on CUDA yet; use device \"cpu\"")
+    /// unless ``deltaWeight(of:parameters:multiplier:baseWeight:block:rowMask:timestepMask:into:bias:)``
     /// computes `module`'s algorithm.
     public static func checkComputes(_ module: AdapterModule) throws(DeviceError) { _ = try port(module) }
 
@@ -60,7 +68,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     /// algorithm adapts the bias (then required; otherwise it must be nil).
     public func deltaWeight(of module: AdapterModule, parameters: [String: DeviceTensor], multiplier: Float,
                             baseWeight: DeviceTensor?, block: Int? = nil, rowMask: DeviceTensor? = nil,
-                            into output: DeviceTensor, bias: DeviceTensor? = nil) throws {
+                            timestepMask: Tensor? = nil, into output: DeviceTensor, bias: DeviceTensor? = nil) throws {
         let port = try Self.port(module)
         try check(module, parameters: parameters, baseWeight: baseWeight, rowMask: rowMask)
         try expect(output, module.layer.weightShape, "\(module.name): the ΔW output")
@@ -70,17 +78,28 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         let p = Factors(parameters)
         let m = multiplier
         switch port {
-        case let .locon(a): try finish(algebra, a.deltaWeight(algebra, p, multiplier: m), into: output, rowMask: rowMask)
-        case let .loha(a): try finish(algebra, a.deltaWeight(algebra, p, multiplier: m), into: output, rowMask: rowMask)
-        case let .lokr(a): try finish(algebra, a.deltaWeight(algebra, p, multiplier: m), into: output, rowMask: rowMask)
+        case let .factored(a): try finish(algebra, a.deltaWeight(algebra, p, multiplier: m), into: output, rowMask: rowMask)
+        case let .dora(base, axis):
+            let w = try doraWeight(algebra, base, p, axis, baseWeight: baseWeight!, rowMask: rowMask)
+            let magnitude = parameters["dora_scale"]!
+            let scales = try doraScales(axis, squares: w.squares, dots: w.squares, magnitude: magnitude, multiplier: m)
+            // m·ΔW = V ⊙ c − W0.
+            let rescaled = algebra.scalingChannels(w.v, by: scales.factor, axis)
+            try algebra.check()
+            try runtime.launch(.add(out: output.address, a: rescaled.address, b: baseWeight!.address, s: -1, count: output.count))
         case let .dylora(a):
             let b = try a.block(block)
             try finish(algebra, a.deltaWeight(algebra, p, block: b, multiplier: m), into: output, rowMask: rowMask)
         case let .glora(a):
             try finish(algebra, a.deltaWeight(algebra, p, baseWeight: baseWeight!, multiplier: m), into: output, rowMask: rowMask)
+        case let .orthogonal(a):
+            try finish(algebra, try a.deltaWeight(algebra, p, baseWeight: baseWeight!, multiplier: m), into: output, rowMask: rowMask)
+        case let .tlora(a):
+            // LyCORIS's T-LoRA has no rank dropout: the row mask is not applied (as on the host).
+            try finish(algebra, a.deltaWeight(algebra, p, timestepMask: timestepMask, multiplier: m), into: output, rowMask: nil)
         case let .ia3(a):
             // m·ΔW = W0 ⊙ (m·w) along rows (output channels) or columns (train_on_input).
-            let axis = IA3Axis(a, module.layer)
+            let axis = ChannelAxis(onInput: a.onInput, module.layer)
             let scaled = rowMask == nil ? output : DeviceTensor(address: try workspace.buffer(output.count), shape: output.shape)
             try runtime.launch(.channelScale(out: scaled.address, x: baseWeight!.address, w: parameters["weight"]!.address,
                                              offset: 0, s: m, stride: axis.stride, channels: axis.channels, count: output.count))
@@ -99,7 +118,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     /// nil: zero).
     public func deltaWeightBackward(of module: AdapterModule, parameters: [String: DeviceTensor], multiplier: Float,
                                     baseWeight: DeviceTensor?, block: Int? = nil, rowMask: DeviceTensor? = nil,
-                                    gradient: DeviceTensor, biasGradient: DeviceTensor? = nil,
+                                    timestepMask: Tensor? = nil, gradient: DeviceTensor, biasGradient: DeviceTensor? = nil,
                                     into gradients: [String: DeviceTensor]) throws {
         let port = try Self.port(module)
         try check(module, parameters: parameters, baseWeight: baseWeight, rowMask: rowMask)
@@ -110,18 +129,30 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         let algebra = DeviceAlgebra(workspace: workspace)
         let p = Factors(parameters)
         let m = multiplier
-        let g = try masked(algebra, gradient, rowMask)
+        // T-LoRA has no rank dropout; DoRA masks the base algorithm's gradient, not its own.
+        let g = try masked(algebra, gradient, port.masksItsOutput ? rowMask : nil)
         let gBias = try biasGradient.map { try masked(algebra, $0, rowMask) }
         var results: [(String, DeviceTensor)]
         switch port {
-        case let .locon(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
-        case let .loha(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
-        case let .lokr(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
+        case let .factored(a): results = a.deltaWeightBackward(algebra, p, gradient: g, multiplier: m)
+        case let .dora(base, axis):
+            let w = try doraWeight(algebra, base, p, axis, baseWeight: baseWeight!, rowMask: rowMask)
+            let dots = try doraSums(algebra, g, w.v, axis)
+            let scales = try doraScales(axis, squares: w.squares, dots: dots, magnitude: parameters["dora_scale"]!, multiplier: m)
+            // ∂V = ∂W' ⊙ c + V ⊙ (the norm's coefficient); the base algorithm's ∂ΔW = mask ⊙ ∂V.
+            let gradV = algebra.adding(algebra.scalingChannels(g, by: scales.factor, axis),
+                                       algebra.scalingChannels(w.v, by: scales.normCoefficient, axis))
+            results = base.deltaWeightBackward(algebra, p, gradient: try masked(algebra, gradV, rowMask), multiplier: 1)
+            results.append(("dora_scale", algebra.reshaped(scales.gradMagnitude, parameters["dora_scale"]!.shape)))
         case let .dylora(a): results = a.deltaWeightBackward(algebra, p, gradient: g, block: try a.block(block), multiplier: m)
         case let .glora(a): results = a.deltaWeightBackward(algebra, p, baseWeight: baseWeight!, gradient: g, multiplier: m)
+        case let .orthogonal(a):
+            results = try a.deltaWeightBackward(algebra, p, baseWeight: baseWeight!, gradient: g, multiplier: m)
+        case let .tlora(a):
+            results = a.deltaWeightBackward(algebra, p, gradient: g, timestepMask: timestepMask, multiplier: m)
         case let .ia3(a):
             // ∂w = m · Σ ∂(m·ΔW) ⊙ W0 over every axis but w's.
-            let axis = IA3Axis(a, module.layer)
+            let axis = ChannelAxis(onInput: a.onInput, module.layer)
             let weight = gradients["weight"]!
             try algebra.channelDot(into: weight, g, baseWeight!, scale: m, stride: axis.stride, channels: axis.channels)
             results = []
@@ -143,19 +174,57 @@ public final class DeviceAdapterMath: @unchecked Sendable {
 
     /// The algorithms computed on a device, each with its host module.
     enum Port {
-        case locon(LoCon), loha(LoHa), lokr(LoKr), dylora(DyLoRA), glora(GLoRA), ia3(IA3), full(Full), norm(Norm)
+        case factored(FactoredWeight), dora(FactoredWeight, ChannelAxis), dylora(DyLoRA), glora(GLoRA), tlora(TLoRA),
+             orthogonal(any OrthogonalAdapter), ia3(IA3), full(Full), norm(Norm)
 
         init?(_ algorithm: any AdapterAlgorithm) {
             switch algorithm {
-            case let a as LoCon: self = .locon(a)
-            case let a as LoHa: self = .loha(a)
-            case let a as LoKr: self = .lokr(a)
+            case let a as LoCon: self = .factored(.locon(a))
+            case let a as LoHa: self = .factored(.loha(a))
+            case let a as LoKr: self = .factored(.lokr(a))
+            case let a as DoRA<LoCon>: self = .dora(.locon(a.base), ChannelAxis(onInput: !a.onOutput, a.layer))
+            case let a as DoRA<LoHa>: self = .dora(.loha(a.base), ChannelAxis(onInput: !a.onOutput, a.layer))
+            case let a as DoRA<LoKr>: self = .dora(.lokr(a.base), ChannelAxis(onInput: !a.onOutput, a.layer))
             case let a as DyLoRA: self = .dylora(a)
             case let a as GLoRA: self = .glora(a)
+            case let a as TLoRA: self = .tlora(a)
+            case let a as any OrthogonalAdapter: self = .orthogonal(a)
             case let a as IA3: self = .ia3(a)
             case let a as Full: self = .full(a)
             case let a as Norm: self = .norm(a)
             default: return nil
+            }
+        }
+
+        /// Whether the rank-dropout row mask applies to m·ΔW as a whole (T-LoRA has none; DoRA
+        /// applies it to its base algorithm's ΔW inside V).
+        var masksItsOutput: Bool {
+            switch self {
+            case .tlora, .dora: false
+            default: true
+            }
+        }
+    }
+
+    /// LoCon, LoHa and LoKr: the algorithms whose weight path needs only their factors (and
+    /// that DoRA wraps).
+    enum FactoredWeight {
+        case locon(LoCon), loha(LoHa), lokr(LoKr)
+
+        func deltaWeight(_ algebra: DeviceAlgebra, _ p: Factors<DeviceTensor>, multiplier m: Float) -> DeviceTensor {
+            switch self {
+            case let .locon(a): a.deltaWeight(algebra, p, multiplier: m)
+            case let .loha(a): a.deltaWeight(algebra, p, multiplier: m)
+            case let .lokr(a): a.deltaWeight(algebra, p, multiplier: m)
+            }
+        }
+
+        func deltaWeightBackward(_ algebra: DeviceAlgebra, _ p: Factors<DeviceTensor>, gradient: DeviceTensor,
+                                 multiplier m: Float) -> [(String, DeviceTensor)] {
+            switch self {
+            case let .locon(a): a.deltaWeightBackward(algebra, p, gradient: gradient, multiplier: m)
+            case let .loha(a): a.deltaWeightBackward(algebra, p, gradient: gradient, multiplier: m)
+            case let .lokr(a): a.deltaWeightBackward(algebra, p, gradient: gradient, multiplier: m)
             }
         }
     }
@@ -166,12 +235,13 @@ public final class DeviceAdapterMath: @unchecked Sendable {
         return algorithm.parameters["dora_scale"] != nil ? name + "+dora" : name
     }
 
-    /// IA3's w runs along W0's rows (stride Π later axes) or, on input, its columns (stride K).
-    struct IA3Axis {
+    /// A per-channel vector along W0's rows (stride Π later axes) or, on input, its columns
+    /// (stride K): IA3's w, DoRA's magnitude.
+    struct ChannelAxis {
         let stride: Int, channels: Int
-        init(_ ia3: IA3, _ layer: LayerSpec) {
+        init(onInput: Bool, _ layer: LayerSpec) {
             let shape = layer.weightShape
-            if ia3.onInput {
+            if onInput {
                 (stride, channels) = (shape.dropFirst(2).reduce(1, *), shape[1])
             } else {
                 (stride, channels) = (shape.dropFirst().reduce(1, *), shape[0])
@@ -192,7 +262,7 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     }
 
     /// `value` with rows masked, or itself.
-    private func masked(_ algebra: DeviceAlgebra, _ value: DeviceTensor, _ rowMask: DeviceTensor?) throws -> DeviceTensor {
+    func masked(_ algebra: DeviceAlgebra, _ value: DeviceTensor, _ rowMask: DeviceTensor?) throws -> DeviceTensor {
         guard let rowMask else { return value }
         let out = DeviceTensor(address: try workspace.buffer(value.count), shape: value.shape)
         try runtime.launch(.channelScale(out: out.address, x: value.address, w: rowMask.address, offset: 0, s: 1,
@@ -219,7 +289,8 @@ public final class DeviceAdapterMath: @unchecked Sendable {
     private func check(_ module: AdapterModule, parameters: [String: DeviceTensor], baseWeight: DeviceTensor?,
                        rowMask: DeviceTensor?) throws {
         try checkNames(module, parameters, "parameters")
-        if module.algorithm is IA3 || module.algorithm is GLoRA {
+        if module.algorithm is IA3 || module.algorithm is GLoRA || module.algorithm is any OrthogonalAdapter
+            || module.algorithm.parameters["dora_scale"] != nil {
             guard let baseWeight else {
                 throw AdapterError("\(module.name): \(Self.algorithmName(module.algorithm)) needs the base layer's weight")
             }

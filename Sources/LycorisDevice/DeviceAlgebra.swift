@@ -1,4 +1,5 @@
 import LycorisAlgorithms
+import LycorisCore
 
 /// The algorithms' ``WeightAlgebra`` on device memory: products by the runtime's SGEMM
 /// (cuBLAS semantics, column-major: a row-major C = op(A)·op(B) is the column-major
@@ -151,6 +152,63 @@ final class DeviceAlgebra: WeightAlgebra {
             try runtime.fillZero(out.address, count: rows * width)
             try runtime.launch(.columnCopy(out: out.address, input: block.address, rows: rows, width: range.count,
                                            outColumns: width, outFirst: range.lowerBound, inColumns: range.count, inFirst: 0))
+        }
+    }
+
+    func scalingRows(_ value: DeviceTensor, by factors: DeviceTensor) -> DeviceTensor {
+        guard factors.count > 0, value.count % factors.count == 0 else {
+            return fail("device row scale: \(value.shape) has no \(factors.count) equal rows", shape: value.shape)
+        }
+        return scalingChannels(value, by: factors, stride: value.count / factors.count, channels: factors.count)
+    }
+
+    /// x[e] · w[⌊e / stride⌋ mod channels].
+    func scalingChannels(_ value: DeviceTensor, by factors: DeviceTensor, stride: Int, channels: Int) -> DeviceTensor {
+        output(value.shape) { out in
+            try runtime.launch(.channelScale(out: out.address, x: value.address, w: factors.address, offset: 0, s: 1,
+                                             stride: stride, channels: channels, count: value.count))
+        }
+    }
+
+    func rowDots(_ a: DeviceTensor, _ b: DeviceTensor, scale s: Float) -> DeviceTensor {
+        guard a.shape.count == 2, a.shape == b.shape else {
+            return fail("device row dots: \(a.shape) and \(b.shape) are not one matrix shape", shape: [a.shape.first ?? 0])
+        }
+        return output([a.shape[0]]) { out in try channelDot(into: out, a, b, scale: s, stride: a.shape[1], channels: a.shape[0]) }
+    }
+
+    /// The host tensor copied into a workspace buffer.
+    func constant(_ tensor: Tensor) -> DeviceTensor {
+        output(tensor.shape) { out in try runtime.write(tensor.scalars, to: out.address) }
+    }
+
+    /// The value read back (waits for the queued work); zeros of its shape after a failure.
+    func hostTensor(_ value: DeviceTensor) -> Tensor {
+        guard failure == nil else { return Tensor.zeros(value.shape) }
+        do { return Tensor(shape: value.shape, scalars: try runtime.read(value.address, count: value.count)) } catch {
+            failure = error
+            return Tensor.zeros(value.shape)
+        }
+    }
+
+    /// One strided-batched SGEMM (each product as ``matmul(_:transposeA:_:transposeB:alpha:)``,
+    /// operands swapped for column-major).
+    func batchedMatmul(_ a: DeviceTensor, transposeA: Bool, _ b: DeviceTensor, transposeB: Bool, alpha: Float) -> DeviceTensor {
+        guard a.shape.count == 3, b.shape.count == 3, a.shape[0] == b.shape[0] else {
+            return fail("device batched matmul: \(a.shape) and \(b.shape) are not batches of one count", shape: a.shape)
+        }
+        let batch = a.shape[0]
+        let (m, k) = transposeA ? (a.shape[2], a.shape[1]) : (a.shape[1], a.shape[2])
+        let (kB, n) = transposeB ? (b.shape[2], b.shape[1]) : (b.shape[1], b.shape[2])
+        guard k == kB else {
+            return fail("device batched matmul: inner dimensions differ, \(a.shape) · \(b.shape)", shape: [batch, m, n])
+        }
+        return output([batch, m, n]) { c in
+            guard k > 0 else { return try runtime.fillZero(c.address, count: batch * m * n) }
+            try runtime.sgemmStridedBatched(transposeA: transposeB, transposeB: transposeA, m: n, n: m, k: k, alpha: alpha,
+                                            a: b.address, lda: b.shape[2], strideA: b.shape[1] * b.shape[2], b: a.address,
+                                            ldb: a.shape[2], strideB: a.shape[1] * a.shape[2], beta: 0, c: c.address, ldc: n,
+                                            strideC: m * n, batch: batch)
         }
     }
 }

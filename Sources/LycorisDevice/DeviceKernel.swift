@@ -23,6 +23,10 @@ public enum DeviceKernel: Sendable, Equatable {
     case channelDotParts(partials: UInt64, a: UInt64, b: UInt64, stride: Int, channels: Int, count: Int, parts: Int)
     /// out[c] = s · Σ_j partials[c·parts + j].
     case sumParts(out: UInt64, partials: UInt64, s: Float, channels: Int, parts: Int)
+    /// DoRA's per group g, in double: n = √squares, factor = m·(mag/(n + eps) − 1) + 1,
+    /// gradMagnitude = m·dots/(n + eps), normCoefficient = −m·mag·dots/((n + eps)²·n) (0 at n = 0).
+    case doraScales(factor: UInt64, gradMagnitude: UInt64, normCoefficient: UInt64, squares: UInt64, dots: UInt64,
+                    magnitude: UInt64, m: Float, eps: Double, groups: Int)
     /// in (batch, rows, columns, inner) → out (batch, columns, rows, inner).
     case transpose(out: UInt64, input: UInt64, batch: Int, rows: Int, columns: Int, inner: Int)
     /// out[row, outFirst + c] = in[row, inFirst + c] for c < width, rows of outColumns / inColumns.
@@ -31,7 +35,8 @@ public enum DeviceKernel: Sendable, Equatable {
 
     /// Every kernel a ``DeviceKernel`` launches (the functions ``CUDADevice`` loads).
     public static let names = ["lycoris_scale", "lycoris_hadamard", "lycoris_add", "lycoris_kronecker", "lycoris_channel_scale",
-                               "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_transpose", "lycoris_column_copy"]
+                               "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_dora_scales", "lycoris_transpose",
+                               "lycoris_column_copy"]
 
     public var name: String {
         switch self {
@@ -42,6 +47,7 @@ public enum DeviceKernel: Sendable, Equatable {
         case .channelScale: "lycoris_channel_scale"
         case .channelDotParts: "lycoris_channel_dot_parts"
         case .sumParts: "lycoris_sum_parts"
+        case .doraScales: "lycoris_dora_scales"
         case .transpose: "lycoris_transpose"
         case .columnCopy: "lycoris_column_copy"
         }
@@ -56,6 +62,7 @@ public enum DeviceKernel: Sendable, Equatable {
         case let .kronecker(_, _, _, _, p, q, r, t, k): p * q * r * t * k
         case let .channelDotParts(_, _, _, _, channels, _, parts): channels * parts
         case let .sumParts(_, _, _, channels, _): channels
+        case let .doraScales(_, _, _, _, _, _, _, _, groups): groups
         case let .transpose(_, _, batch, rows, columns, inner): batch * rows * columns * inner
         case let .columnCopy(_, _, rows, width, _, _, _, _): rows * width
         }
@@ -77,6 +84,9 @@ public enum DeviceKernel: Sendable, Equatable {
             return [.pointer(partials), .pointer(a), .pointer(b), size(stride), size(channels), size(count), size(parts)]
         case let .sumParts(out, partials, s, channels, parts):
             return [.pointer(out), .pointer(partials), .float(s), size(channels), size(parts)]
+        case let .doraScales(factor, gradMagnitude, normCoefficient, squares, dots, magnitude, m, eps, groups):
+            return [.pointer(factor), .pointer(gradMagnitude), .pointer(normCoefficient), .pointer(squares), .pointer(dots),
+                    .pointer(magnitude), .float(m), .double(eps), size(groups)]
         case let .transpose(out, input, batch, rows, columns, inner):
             return [.pointer(out), .pointer(input), size(batch), size(rows), size(columns), size(inner)]
         case let .columnCopy(out, input, rows, width, outColumns, outFirst, inColumns, inFirst):

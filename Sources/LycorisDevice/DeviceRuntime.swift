@@ -29,6 +29,12 @@ public protocol DeviceRuntime: AnyObject {
     /// C (m × n), each with its leading dimension (queued). With k = 0, C = β · C.
     func sgemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64, lda: Int,
                b: UInt64, ldb: Int, beta: Float, c: UInt64, ldc: Int) throws
+    /// ``sgemm(transposeA:transposeB:m:n:k:alpha:a:lda:b:ldb:beta:c:ldc:)`` for each of `batch`
+    /// products, product i reading A at a + i·strideA and B at b + i·strideB and writing C at
+    /// c + i·strideC (strides in elements): cuBLAS's `cublasSgemmStridedBatched` (queued).
+    func sgemmStridedBatched(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64, lda: Int,
+                             strideA: Int, b: UInt64, ldb: Int, strideB: Int, beta: Float, c: UInt64, ldc: Int, strideC: Int,
+                             batch: Int) throws
     /// Waits until everything queued has run.
     func synchronize() throws
 }

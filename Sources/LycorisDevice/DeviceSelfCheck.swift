@@ -25,13 +25,17 @@ public enum DeviceSelfCheck {
         let multiplier: Float
         let block: Int?
         let rowMask: Bool
+        /// T-LoRA's timestep rank mask μ of the step (nil: none).
+        let timestepMask: [Float]?
 
         init(_ name: String, _ algorithm: Algorithm, _ layer: LayerSpec, multiplier: Float = 0.7, hasBias: Bool = false,
-             block: Int? = nil, rowMask: Bool = false, _ configure: (inout AdapterOptions) -> Void = { _ in }) {
+             block: Int? = nil, rowMask: Bool = false, timestepMask: [Float]? = nil,
+             _ configure: (inout AdapterOptions) -> Void = { _ in }) {
             var options = AdapterOptions(rank: 4, alpha: 2)
             configure(&options)
             (self.name, self.algorithm, self.layer, self.options) = (name, algorithm, layer, options)
             (self.hasBias, self.multiplier, self.block, self.rowMask) = (hasBias, multiplier, block, rowMask)
+            self.timestepMask = timestepMask
         }
 
         public var description: String { name }
@@ -74,10 +78,35 @@ public enum DeviceSelfCheck {
             $0.rank = 2; $0.useTucker = true; $0.useScalar = true
         },
         Case("lokr conv2d full_matrix unbalanced", .lokr, conv) { $0.fullMatrix = true; $0.unbalancedFactorization = true },
+        Case("locon+dora linear", .locon, linear) { $0.weightDecompose = true },
+        Case("locon+dora conv2d tucker on input", .locon, conv, multiplier: -1.3) {
+            $0.weightDecompose = true; $0.wdOnOutput = false; $0.useTucker = true
+        },
+        Case("loha+dora conv2d rank-dropout rows", .loha, conv, rowMask: true) { $0.weightDecompose = true },
+        Case("loha+dora linear on input", .loha, linear, multiplier: 1.5) { $0.weightDecompose = true; $0.wdOnOutput = false },
+        Case("lokr+dora linear w2_a·w2_b", .lokr, .linear(inFeatures: 64, outFeatures: 48), multiplier: -1.3) {
+            $0.rank = 2; $0.factor = 8; $0.weightDecompose = true
+        },
+        Case("lokr+dora conv2d on input", .lokr, conv) { $0.weightDecompose = true; $0.wdOnOutput = false },
         Case("dylora linear block 1", .dylora, linear, block: 1) { $0.rank = 6; $0.blockSize = 2 },
         Case("dylora conv2d all blocks", .dylora, conv) { $0.rank = 6; $0.blockSize = 2 },
         Case("glora linear", .glora, linear),
         Case("glora conv2d use_scalar", .glora, conv, multiplier: -1.3) { $0.useScalar = true },
+        // μ shorter than r is padded with 1s; T-LoRA ignores rank dropout's row mask (as the host).
+        Case("tlora linear timestep mask", .tlora, linear, timestepMask: [1, 0.5, 0]),
+        Case("tlora linear rank-dropout rows ignored", .tlora, linear, rowMask: true),
+        Case("tlora conv2d 3x3 timestep mask", .tlora, conv, multiplier: -1.3, timestepMask: [1, 1, 0, 0, 1]),
+        Case("diag-oft linear", .diagOFT, linear),
+        Case("diag-oft linear constraint rescaled rank-dropout rows", .diagOFT, linear, multiplier: 1.5, rowMask: true) {
+            $0.constraint = 1e-2; $0.rescaled = true
+        },
+        Case("diag-oft conv2d rescaled", .diagOFT, conv, multiplier: -1.3) { $0.rescaled = true },
+        Case("boft linear 3 stages", .boft, .linear(inFeatures: 24, outFeatures: 16)),
+        Case("boft linear constraint rescaled", .boft, .linear(inFeatures: 24, outFeatures: 16), multiplier: 1.5) {
+            $0.constraint = 1e-2; $0.rescaled = true
+        },
+        Case("boft conv2d rescaled", .boft, .convolution(ConvGeometry(inChannels: 8, outChannels: 16, kernelSize: [3, 3])),
+             multiplier: -1.3) { $0.rescaled = true; $0.rank = 2 },
         Case("ia3 linear", .ia3, linear),
         Case("ia3 linear on_input", .ia3, linear) { $0.trainOnInput = true },
         Case("ia3 conv2d", .ia3, conv, rowMask: true),
@@ -100,6 +129,8 @@ public enum DeviceSelfCheck {
         })
         var module = AdapterModule(name: check.name, algorithm: algorithm, options: check.options, baseWeight: baseWeight)
         module.multiplier = check.multiplier
+        let timestepMask = check.timestepMask.map { Tensor(shape: [$0.count], scalars: $0) }
+        module.timestepMask = timestepMask
         var unused = RandomSource(seed: 0)
         var tape = module.makeTape(inputShape: [], random: &unused)
         tape.context.block = check.block
@@ -123,10 +154,11 @@ public enum DeviceSelfCheck {
         let base = try memory.upload(baseWeight)
         let mask = try tape.rowMask.map { try memory.upload($0) }
         try math.deltaWeight(of: module, parameters: parameters, multiplier: check.multiplier, baseWeight: base,
-                             block: check.block, rowMask: mask, into: output, bias: bias)
+                             block: check.block, rowMask: mask, timestepMask: timestepMask, into: output, bias: bias)
         let gradients = try memory.unwritten(like: algorithm.parameters)
         try math.deltaWeightBackward(of: module, parameters: parameters, multiplier: check.multiplier, baseWeight: base,
-                                     block: check.block, rowMask: mask, gradient: try memory.upload(gradient),
+                                     block: check.block, rowMask: mask, timestepMask: timestepMask,
+                                     gradient: try memory.upload(gradient),
                                      biasGradient: try biasGradient.map { try memory.upload($0) }, into: gradients)
         try math.synchronize()
         var comparisons = [try compare("m·ΔW", memory.download(output), expectedDelta)]

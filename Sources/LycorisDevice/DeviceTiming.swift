@@ -2,8 +2,8 @@ import Foundation
 import LycorisAlgorithms
 import LycorisCore
 
-/// Time of the device weight path per layer: one ``DeviceAdapterMath/deltaWeight(of:parameters:multiplier:baseWeight:block:rowMask:into:bias:)``
-/// plus one ``DeviceAdapterMath/deltaWeightBackward(of:parameters:multiplier:baseWeight:block:rowMask:gradient:biasGradient:into:)``,
+/// Time of the device weight path per layer: one ``DeviceAdapterMath/deltaWeight(of:parameters:multiplier:baseWeight:block:rowMask:timestepMask:into:bias:)``
+/// plus one ``DeviceAdapterMath/deltaWeightBackward(of:parameters:multiplier:baseWeight:block:rowMask:timestepMask:gradient:biasGradient:into:)``,
 /// then ``DeviceAdapterMath/synchronize()`` — what a training step costs the server per
 /// adapted layer on a device — on SD 1.5's layer shapes, median of the timed repeats, with
 /// the workspace each layer needs. `lycoris-server --device-bench cuda:0` prints it

@@ -82,6 +82,9 @@ public final class EmulatedDevice: DeviceRuntime, @unchecked Sendable {
             lycoris_cpu_channel_dot_parts(grid, block, try doubles(partials), try p(a), try p(b), u(stride), u(channels), u(n), u(parts))
         case let .sumParts(out, partials, s, channels, parts):
             lycoris_cpu_sum_parts(grid, block, try p(out), try doubles(partials), s, u(channels), u(parts))
+        case let .doraScales(factor, gradMagnitude, normCoefficient, squares, dots, magnitude, m, eps, groups):
+            lycoris_cpu_dora_scales(grid, block, try p(factor), try p(gradMagnitude), try p(normCoefficient), try p(squares),
+                                    try p(dots), try p(magnitude), m, eps, u(groups))
         case let .transpose(out, input, batch, rows, columns, inner):
             lycoris_cpu_transpose(grid, block, try p(out), try p(input), u(batch), u(rows), u(columns), u(inner))
         case let .columnCopy(out, input, rows, width, outColumns, outFirst, inColumns, inFirst):
@@ -101,6 +104,17 @@ public final class EmulatedDevice: DeviceRuntime, @unchecked Sendable {
         cblas_sgemm(CblasColMajor, transposeA ? CblasTrans : CblasNoTrans, transposeB ? CblasTrans : CblasNoTrans,
                     Int32(m), Int32(n), Int32(k), alpha, try pointer(a), Int32(lda), try pointer(b), Int32(ldb), beta,
                     output, Int32(ldc))
+    }
+
+    /// One ``sgemm(transposeA:transposeB:m:n:k:alpha:a:lda:b:ldb:beta:c:ldc:)`` per product.
+    public func sgemmStridedBatched(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64,
+                                    lda: Int, strideA: Int, b: UInt64, ldb: Int, strideB: Int, beta: Float, c: UInt64,
+                                    ldc: Int, strideC: Int, batch: Int) throws {
+        for i in 0..<batch {
+            try sgemm(transposeA: transposeA, transposeB: transposeB, m: m, n: n, k: k, alpha: alpha,
+                      a: a + UInt64(i * strideA * 4), lda: lda, b: b + UInt64(i * strideB * 4), ldb: ldb, beta: beta,
+                      c: c + UInt64(i * strideC * 4), ldc: ldc)
+        }
     }
 
     public func synchronize() throws {}

@@ -102,7 +102,7 @@ extension LycorisService {
             for (module, buffer, bias) in calls {
                 try session.math.deltaWeight(of: module, parameters: session.parameters[module.name]!.mapValues(\.tensor),
                                              multiplier: module.multiplier, baseWeight: session.baseWeights[module.name]?.tensor,
-                                             into: buffer.tensor, bias: bias?.tensor)
+                                             timestepMask: module.timestepMask, into: buffer.tensor, bias: bias?.tensor)
             }
         }
         return ["modules": JSONValue(calls.count)]
@@ -116,7 +116,8 @@ extension LycorisService {
             for (module, buffer, bias) in calls {
                 try session.math.deltaWeightBackward(of: module, parameters: session.parameters[module.name]!.mapValues(\.tensor),
                                                      multiplier: module.multiplier, baseWeight: session.baseWeights[module.name]?.tensor,
-                                                     gradient: buffer.tensor, biasGradient: bias?.tensor,
+                                                     timestepMask: module.timestepMask, gradient: buffer.tensor,
+                                                     biasGradient: bias?.tensor,
                                                      into: session.gradients[module.name]!.mapValues(\.tensor))
             }
         }

@@ -13,8 +13,8 @@ import Testing
     static let sourcePath = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("Sources/LycorisCUDA/Kernels/lycoris_kernels.cu").path
     static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_add", "lycoris_kronecker", "lycoris_channel_scale",
-                          "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_norm_affine", "lycoris_transpose", "lycoris_column_copy",
-                          "lycoris_dropout_mask"]
+                          "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_dora_scales", "lycoris_norm_affine",
+                          "lycoris_transpose", "lycoris_column_copy", "lycoris_dropout_mask"]
 
     /// ⌈count / block⌉ blocks of `block` threads.
     static func grid(_ count: Int, _ block: UInt32) -> UInt32 { UInt32((count + Int(block) - 1) / Int(block)) }

@@ -18,6 +18,8 @@ import Testing
         .channelScale(out: 1, x: 2, w: 3, offset: 0, s: 1, stride: 4, channels: 5, count: 6),
         .channelDotParts(partials: 1, a: 2, b: 3, stride: 4, channels: 5, count: 6, parts: 7),
         .sumParts(out: 1, partials: 2, s: 0.5, channels: 3, parts: 4),
+        .doraScales(factor: 1, gradMagnitude: 2, normCoefficient: 3, squares: 4, dots: 5, magnitude: 6, m: 0.5, eps: 1e-7,
+                    groups: 7),
         .transpose(out: 1, input: 2, batch: 3, rows: 4, columns: 5, inner: 6),
         .columnCopy(out: 1, input: 2, rows: 3, width: 4, outColumns: 5, outFirst: 6, inColumns: 7, inFirst: 8),
     ]
@@ -56,7 +58,7 @@ import Testing
     }
 
     @Test func threadCountsAreTheKernelsIndexRanges() {
-        #expect(Self.samples.map(\.threads) == [3, 3, 4, 1 * 2 * 3 * 4 * 5, 6, 5 * 7, 3, 3 * 4 * 5 * 6, 3 * 4])
+        #expect(Self.samples.map(\.threads) == [3, 3, 4, 1 * 2 * 3 * 4 * 5, 6, 5 * 7, 3, 7, 3 * 4 * 5 * 6, 3 * 4])
     }
 
     @Test func nvrtcEmitsEveryKernelTheBackendLaunches() throws {

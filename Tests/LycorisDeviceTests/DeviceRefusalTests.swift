@@ -7,8 +7,8 @@ import Testing
 /// What the device backend refuses, each with an error naming the problem: algorithms it does
 /// not compute (never a silent wrong path), parameters and buffers that do not fit the module.
 @Suite struct DeviceRefusalTests {
-    /// The algorithms ``DeviceAdapterMath`` computes; every other one must be refused.
-    static let ported: Set<Algorithm> = [.locon, .loha, .lokr, .dylora, .glora, .ia3, .full, .norms]
+    /// The algorithms ``DeviceAdapterMath`` computes (all of them); any other must be refused.
+    static let ported: Set<Algorithm> = [.locon, .loha, .lokr, .dylora, .glora, .tlora, .diagOFT, .boft, .ia3, .full, .norms]
 
     static func module(_ algorithm: Algorithm, _ configure: (inout AdapterOptions) -> Void = { _ in }) throws -> AdapterModule {
         let layer = algorithm == .norms ? LayerSpec.norm(Normalization(kind: .layer(normalizedShape: [8])))
@@ -48,13 +48,58 @@ import Testing
         }
     }
 
-    /// DoRA around a ported algorithm is not that algorithm: refused as `<base>+dora`.
-    @Test(arguments: [Algorithm.locon, .loha, .lokr])
-    func doraAroundAPortedAlgorithmIsRefused(algorithm: Algorithm) throws {
-        let module = try Self.module(algorithm) { $0.weightDecompose = true }
-        #expect(throws: DeviceError("`\(algorithm.rawValue)+dora` does not compute on CUDA yet; use device \"cpu\"")) {
-            try DeviceAdapterMath.checkComputes(module)
+    /// Every shipped algorithm computes on the device now, so the refusal is shown with an
+    /// algorithm type the backend does not know (it reports itself as `full`): refused by that
+    /// name before anything is written, never computed by another algorithm's path.
+    @Test func anAlgorithmTypeTheDeviceDoesNotKnowIsRefused() throws {
+        struct Unknown: AdapterAlgorithm {
+            static let algorithm = Algorithm.full
+            let layer: LayerSpec
+            var parameters: ParameterSet
+            init(layer: LayerSpec, options: AdapterOptions, random: inout RandomSource) {
+                self.layer = layer
+                parameters = ParameterSet([("diff", Tensor(repeating: 1, shape: layer.weightShape))])
+            }
+            var scale: Float { 1 }
+            var rank: Int? { nil }
+            func deltaWeight(_ context: DeltaContext) throws -> Tensor { parameters.required("diff") }
+            func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
+                ParameterSet([("diff", gradient)])
+            }
+            func savedTensors() -> [SavedTensor] { [] }
         }
+        var random = RandomSource(seed: 1)
+        let options = AdapterOptions(rank: 2, alpha: 1)
+        let module = AdapterModule(name: "layer", algorithm: Unknown(layer: .linear(inFeatures: 8, outFeatures: 8), options: options,
+                                                                     random: &random), options: options)
+        let device = EmulatedDevice()
+        let memory = DeviceSelfCheck.Uploads(device)
+        defer { memory.freeAll() }
+        let output = try memory.unwritten(module.layer.weightShape)
+        let expected = DeviceError("`full` does not compute on CUDA yet; use device \"cpu\"")
+        #expect(throws: expected) { try DeviceAdapterMath.checkComputes(module) }
+        #expect(throws: expected) {
+            try DeviceAdapterMath(runtime: device).deltaWeight(of: module, parameters: try memory.upload(module.algorithm.parameters),
+                                                               multiplier: 1, baseWeight: nil, into: output)
+        }
+        #expect(try memory.download(output).scalars.allSatisfy(\.isNaN), "a refused module wrote its output")
+    }
+
+    /// DoRA around LoCon, LoHa and LoKr computes, and without W0 (its V = W0 + ΔW) is refused
+    /// as `<base>+dora`.
+    @Test(arguments: [Algorithm.locon, .loha, .lokr])
+    func doraNeedsTheBaseWeight(algorithm: Algorithm) throws {
+        let module = try Self.module(algorithm) { $0.weightDecompose = true }
+        try DeviceAdapterMath.checkComputes(module)
+        let device = EmulatedDevice()
+        let memory = DeviceSelfCheck.Uploads(device)
+        defer { memory.freeAll() }
+        let output = try memory.unwritten(module.layer.weightShape)
+        #expect(throws: AdapterError("layer: \(algorithm.rawValue)+dora needs the base layer's weight")) {
+            try DeviceAdapterMath(runtime: device).deltaWeight(of: module, parameters: try memory.upload(module.algorithm.parameters),
+                                                               multiplier: 1, baseWeight: nil, into: output)
+        }
+        #expect(try memory.download(output).scalars.allSatisfy(\.isNaN), "a refused call wrote its output")
     }
 
     @Test func parametersThatDoNotFitTheModuleAreRefusedByName() throws {

@@ -1045,8 +1045,9 @@ def test_emulated_device_session(start_server, tmp_path):
 
 
 def test_device_refusals(start_server, tmp_path):
-    """The emulated device without the server's switch, a module the device path does not
-    compute, and the device methods on a CPU network."""
+    """The emulated device without the server's switch, modules the device path does not
+    compute (options and an algorithm that draw per step), and the device methods on a CPU
+    network."""
     layers = [{"name": "fc", "kind": "linear", "in_features": 4, "out_features": 3}]
     server = start_server("--arena-dir", str(tmp_path))
     assert "emulated_device" not in server.call("initialize")["capabilities"]
@@ -1058,9 +1059,12 @@ def test_device_refusals(start_server, tmp_path):
     refused = enabled.error("network.create", {"layers": layers, "device": "emulated", "options": {"rank_dropout": 0.1}}, -32009)
     assert "module fc does not compute on the device" in refused["message"] and "rank_dropout" in refused["message"]
     weighted = [{**layers[0], "weight": {"dtype": "F32", "shape": [3, 4], "data": base64.b64encode(bytes(48)).decode()}}]
-    unported = enabled.error("network.create", {"layers": weighted, "device": "emulated", "algo": "diag-oft"}, -32009)
-    assert "does not compute on CUDA yet" in unported["message"]
-    assert enabled.call("network.create", {"layers": layers, "device": "emulated"})["modules"]
+    # Every algorithm computes on the device (Diag-OFT, which reads W0, included); DyLoRA's
+    # per-step rank block does not travel on the batched path.
+    dylora = enabled.error("network.create", {"layers": layers, "device": "emulated", "algo": "dylora",
+                                               "options": {"lora_dim": 2, "block_size": 1}}, -32009)
+    assert "dylora draws a random rank block" in dylora["message"]
+    assert enabled.call("network.create", {"layers": weighted, "device": "emulated", "algo": "diag-oft"})["modules"]
 
 
 # MARK: - Coverage (keep last)

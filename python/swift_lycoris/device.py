@@ -200,8 +200,10 @@ class DevicePath:
         self.bias_index = {name: len(self.names) + i for i, name in enumerate(self.biased)}
         self.deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes + bias_shapes)), shapes + bias_shapes)
         self.grad_deltas = _views(memory.allocate(sum(math.prod(s) for s in shapes + bias_shapes)), shapes + bias_shapes)
-        # Modules whose ΔW reads the layer's weight (of those the device computes: IA3, GLoRA) bind it.
-        self.base_weight_modules = [n for n in self.names if needs_base_weight(network.modules_info[n]["algorithm"], {})]
+        # Modules whose ΔW reads the layer's weight (IA3, GLoRA, Diag-OFT, BOFT, T-LoRA, and DoRA,
+        # told by its dora_scale) bind it.
+        self.base_weight_modules = [n for n in self.names if needs_base_weight(network.modules_info[n]["algorithm"], {})
+                                    or any(p["key"].endswith(".dora_scale") for p in network.modules_info[n]["parameters"])]
         self._grad_flat = memory.allocate(sum(p.numel() for p in self.parameters))
         self._parameter_shapes = [tuple(p.shape) for p in self.parameters]
         self.grads = _views(self._grad_flat, self._parameter_shapes)

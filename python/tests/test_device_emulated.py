@@ -32,6 +32,10 @@ CASES = [
     ("ia3", {}),
     ("ia3", {"train_on_input": True}),
     ("glora", {}),
+    ("lora", {"dora_wd": True}),
+    ("loha", {"dora_wd": True, "wd_on_output": False}),
+    ("diag-oft", {}),
+    ("boft", {"linear_dim": 6, "conv_dim": 6}),
 ]
 IDS = [f"{a}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for a, o in CASES]
 
@@ -283,6 +287,31 @@ def test_close_releases_every_handle_and_file(emulated, tmp_path):
     ours.close()
     assert "device.release" in calls.methods
     assert not [f for f in os.listdir(directory) if f in mine]
+
+
+def test_tlora_follows_the_timestep_mask_on_the_device_path(emulated):
+    """T-LoRA on the device path: the mask of each step (none, timestep 600 of 1000, a short
+    mask padded with 1s) reaches the device math — output, ∂x and ∂parameters as LyCORIS's."""
+    import test_tlora
+
+    base, ref_model, lyco, our_model, ours = test_tlora.pair()
+    try:
+        x, upstream = test_tlora.inputs()
+        for mask in (None, test_tlora.lycoris_tlora.compute_timestep_mask(600, 1000, 4), torch.tensor([[1.0, 1.0, 1.0]])):
+            if mask is not None:
+                test_tlora.set_masks(mask)
+            for p in list(lyco.parameters()) + list(ours.parameters()):
+                p.grad = None
+            y_ref, gx_ref = run(ref_model, x, upstream)
+            y_our, gx_our = run(our_model, x, upstream)
+            assert isinstance(ours._device_path, devices.DevicePath), "the device path was not taken"
+            assert_rel(y_our, y_ref, RTOL, f"output, mask {mask}")
+            assert_rel(gx_our, gx_ref, RTOL, f"∂x, mask {mask}")
+            assert_grads_match(lyco, ours, RTOL, f"mask {mask}: ")
+    finally:
+        test_tlora.lycoris_tlora.clear_timestep_mask()
+        sl.clear_timestep_mask()
+        _close(ours)
 
 
 # MARK: selection and fallback (part 4)

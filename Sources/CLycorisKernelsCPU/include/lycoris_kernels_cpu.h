@@ -19,6 +19,9 @@ void lycoris_cpu_channel_dot_parts(unsigned grid, unsigned block, double *partia
                                    uint64_t stride, uint64_t channels, uint64_t n, uint64_t parts);
 void lycoris_cpu_sum_parts(unsigned grid, unsigned block, float *out, const double *partials, float s, uint64_t channels,
                            uint64_t parts);
+void lycoris_cpu_dora_scales(unsigned grid, unsigned block, float *factor, float *grad_magnitude,
+                             float *norm_coefficient, const float *squares, const float *dots,
+                             const float *magnitude, float m, double eps, uint64_t groups);
 void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,
                              uint64_t blocks, uint64_t length, uint64_t stride, uint64_t channels, double eps);
 void lycoris_cpu_transpose(unsigned grid, unsigned block, float *out, const float *in, uint64_t batch,
