@@ -38,12 +38,6 @@ struct OperatorChain {
 
     /// Multiplies channel c of `h` (the input of `op`) by `mask[c]`.
     static func scaleChannels(_ h: Tensor, by mask: Tensor, op: LayerSpec) -> Tensor {
-        var result = h
-        let channels = mask.count
-        let inner = op.isConvolution ? h.shape[2...].reduce(1, *) : 1
-        result.scalars.withUnsafeMutableBufferPointer { out in
-            for i in out.indices { out[i] *= mask.scalars[(i / inner) % channels] }
-        }
-        return result
+        h.channelAffine(op.channelLayout(of: h.shape, channels: mask.count), scales: mask.scalars)
     }
 }
