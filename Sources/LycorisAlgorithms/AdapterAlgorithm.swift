@@ -191,8 +191,7 @@ extension AdapterAlgorithm {
 extension Tensor {
     /// Each leading-axis slice i multiplied by `factors[i]` (a rank-dropout mask on ΔW's rows).
     func scalingRows(by factors: Tensor) -> Tensor {
-        let inner = count / factors.count
-        return Tensor(shape: shape, scalars: scalars.enumerated().map { $0.element * factors.scalars[$0.offset / inner] })
+        channelAffine(ChannelLayout(count: count, channels: factors.count, inner: count / factors.count), scales: factors.scalars)
     }
 }
 

@@ -123,8 +123,11 @@ public struct LoCon: AdapterAlgorithm {
         return (usesTucker ? r * inner + r * r * k : r * inner * k) + out * r
     }
 
-    private func chain(_ context: DeltaContext) -> OperatorChain {
+    /// down (→ mid) → up with up scaled by `factor` (m·s·σ), so that the chain's output is
+    /// m·Δ(x) itself and no pass over the activation applies the scale.
+    private func chain(_ context: DeltaContext, factor: Float) -> OperatorChain {
         let r = down.shape[0]
+        let up = self.up * factor
         switch layer {
         case let .linear(inFeatures, outFeatures):
             return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
@@ -147,25 +150,37 @@ public struct LoCon: AdapterAlgorithm {
     }
 
     public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        guard bypassApplies else { return layer.apply(x, weight: try deltaWeight(context)) }
-        return chain(context).forward(x).output * (scale * parameters.scalar)
+        try multipliedBypassForward(x, multiplier: 1, context)
     }
 
     public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        try multipliedBypassBackward(x, gradOutput: gradOutput, multiplier: 1, context)
+    }
+
+    /// m·Δ(x) through the chain with up' = m·s·σ·up.
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        guard bypassApplies else { return layer.apply(x, weight: try deltaWeight(context) * m) }
+        return chain(context, factor: m * scale * parameters.scalar).forward(x).output
+    }
+
+    /// Through the chain with up' = m·s·σ·up: ∂up = m·s·σ·∂up', and ∂σ = m·s·⟨∂y, up·h⟩ =
+    /// m·s·⟨∂up', up⟩ (h the input of the up stage, ∂up' = ∂y·hᵀ), so Δ(x) is not recomputed.
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
         guard bypassApplies else {
-            let delta = try deltaWeight(context)
+            let delta = try deltaWeight(context) * m
             return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
-                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput), context))
+                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput) * m, context))
         }
-        let chain = chain(context)
-        let factor = scale * parameters.scalar
-        let (raw, inputs) = chain.forward(x)
-        let back = chain.backward(stageInputs: inputs, gradOutput: gradOutput * factor)
+        let factor = m * scale * parameters.scalar
+        let chain = chain(context, factor: factor)
+        let back = chain.backward(stageInputs: chain.stageInputs(x), gradOutput: gradOutput)
+        let gradScaledUp = back.weights[back.weights.count - 1]
         var grads = ParameterSet()
         grads["lora_down.weight"] = back.weights[0]
         if usesTucker { grads["lora_mid.weight"] = back.weights[1] }
-        grads["lora_up.weight"] = back.weights[back.weights.count - 1]
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.dot(raw)) }
+        grads["lora_up.weight"] = gradScaledUp * factor
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledUp.dot(up)) }
         return (back.input, grads)
     }
 

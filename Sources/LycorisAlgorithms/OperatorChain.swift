@@ -9,6 +9,13 @@ struct OperatorChain {
 
     /// The output and the input of every stage (kept for the backward pass).
     func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
+        let inputs = stageInputs(x)
+        let last = stages[stages.count - 1]
+        return (last.op.apply(inputs[inputs.count - 1], weight: last.weight), inputs)
+    }
+
+    /// The input of every stage, the last op not applied: what the backward pass needs.
+    func stageInputs(_ x: Tensor) -> [Tensor] {
         var inputs: [Tensor] = []
         var h = x
         for (index, stage) in stages.enumerated() {
@@ -16,9 +23,9 @@ struct OperatorChain {
                 h = Self.scaleChannels(h, by: mask, op: stage.op)
             }
             inputs.append(h)
-            h = stage.op.apply(h, weight: stage.weight)
+            if index < stages.count - 1 { h = stage.op.apply(h, weight: stage.weight) }
         }
-        return (h, inputs)
+        return inputs
     }
 
     /// (∂x, ∂Wᵢ for every stage) given ∂output.
