@@ -59,45 +59,33 @@ struct ShiftedConvolution {
 
     /// y (N, O, out…) = conv(x, weight).
     func forward(_ x: UnsafePointer<Float>, weight: UnsafePointer<Float>, output y: UnsafeMutablePointer<Float>, batch: Int) {
-        let tapWeights = tapMajor(weight)
-        let padded = UnsafeMutablePointer<Float>.allocate(capacity: inGroup * channelLength)
-        let grid = UnsafeMutablePointer<Float>.allocate(capacity: outGroup * gridLength)
-        defer { padded.deallocate(); grid.deallocate() }
-        tapWeights.withUnsafeBufferPointer { wt in
-            for n in 0..<batch {
-                for g in 0..<plan.geometry.groups {
-                    pad(x + plan.inputOffset(sample: n, group: g), into: padded)
-                    for t in 0..<taps {
-                        BLAS.sgemm(transposeA: false, transposeB: false, m: outGroup, n: gridLength, k: inGroup, alpha: 1,
-                                   a: tapSlice(wt.baseAddress!, tap: t, group: g), lda: inGroup,
-                                   b: padded + tapOffsets[t], ldb: channelLength,
-                                   beta: t == 0 ? 0 : 1, c: grid, ldc: gridLength)
-                    }
-                    crop(grid, rows: outGroup, into: y + plan.outputOffset(sample: n, group: g))
+        tapMajor(weight).withUnsafeBufferPointer { wt in
+            forEachSampleGroup(batch: batch) { n, g, padded, grid in
+                pad(x + plan.inputOffset(sample: n, group: g), into: padded)
+                for t in 0..<taps {
+                    BLAS.sgemm(transposeA: false, transposeB: false, m: outGroup, n: gridLength, k: inGroup, alpha: 1,
+                               a: tapSlice(wt.baseAddress!, tap: t, group: g), lda: inGroup,
+                               b: padded + tapOffsets[t], ldb: channelLength,
+                               beta: t == 0 ? 0 : 1, c: grid, ldc: gridLength)
                 }
+                crop(grid, rows: outGroup, into: y + plan.outputOffset(sample: n, group: g))
             }
         }
     }
 
     /// ∂x (N, C, in…) from ∂y.
     func backwardInput(_ gy: UnsafePointer<Float>, weight: UnsafePointer<Float>, gradInput gx: UnsafeMutablePointer<Float>, batch: Int) {
-        let tapWeights = tapMajor(weight)
-        let padded = UnsafeMutablePointer<Float>.allocate(capacity: inGroup * channelLength)
-        let grid = UnsafeMutablePointer<Float>.allocate(capacity: outGroup * gridLength)
-        defer { padded.deallocate(); grid.deallocate() }
-        tapWeights.withUnsafeBufferPointer { wt in
-            for n in 0..<batch {
-                for g in 0..<plan.geometry.groups {
-                    spread(gy + plan.outputOffset(sample: n, group: g), rows: outGroup, into: grid)
-                    padded.update(repeating: 0, count: inGroup * channelLength)
-                    for t in 0..<taps {
-                        BLAS.sgemm(transposeA: true, transposeB: false, m: inGroup, n: gridLength, k: outGroup, alpha: 1,
-                                   a: tapSlice(wt.baseAddress!, tap: t, group: g), lda: inGroup,
-                                   b: grid, ldb: gridLength,
-                                   beta: 1, c: padded + tapOffsets[t], ldc: channelLength)
-                    }
-                    unpad(padded, into: gx + plan.inputOffset(sample: n, group: g))
+        tapMajor(weight).withUnsafeBufferPointer { wt in
+            forEachSampleGroup(batch: batch) { n, g, padded, grid in
+                spread(gy + plan.outputOffset(sample: n, group: g), rows: outGroup, into: grid)
+                padded.update(repeating: 0, count: inGroup * channelLength)
+                for t in 0..<taps {
+                    BLAS.sgemm(transposeA: true, transposeB: false, m: inGroup, n: gridLength, k: outGroup, alpha: 1,
+                               a: tapSlice(wt.baseAddress!, tap: t, group: g), lda: inGroup,
+                               b: grid, ldb: gridLength,
+                               beta: 1, c: padded + tapOffsets[t], ldc: channelLength)
                 }
+                unpad(padded, into: gx + plan.inputOffset(sample: n, group: g))
             }
         }
     }
@@ -106,25 +94,32 @@ struct ShiftedConvolution {
     func backwardWeight(_ x: UnsafePointer<Float>, gradOutput gy: UnsafePointer<Float>, gradWeight gw: UnsafeMutablePointer<Float>, batch: Int) {
         let sliceLength = plan.geometry.outChannels * inGroup
         var tapGrads = [Float](repeating: 0, count: taps * sliceLength)
-        let padded = UnsafeMutablePointer<Float>.allocate(capacity: inGroup * channelLength)
-        let grid = UnsafeMutablePointer<Float>.allocate(capacity: outGroup * gridLength)
-        defer { padded.deallocate(); grid.deallocate() }
         tapGrads.withUnsafeMutableBufferPointer { tg in
-            for n in 0..<batch {
-                for g in 0..<plan.geometry.groups {
-                    pad(x + plan.inputOffset(sample: n, group: g), into: padded)
-                    spread(gy + plan.outputOffset(sample: n, group: g), rows: outGroup, into: grid)
-                    for t in 0..<taps {
-                        BLAS.sgemm(transposeA: false, transposeB: true, m: outGroup, n: inGroup, k: gridLength, alpha: 1,
-                                   a: grid, lda: gridLength, b: padded + tapOffsets[t], ldb: channelLength,
-                                   beta: 1, c: tg.baseAddress! + t * sliceLength + g * outGroup * inGroup, ldc: inGroup)
-                    }
+            forEachSampleGroup(batch: batch) { n, g, padded, grid in
+                pad(x + plan.inputOffset(sample: n, group: g), into: padded)
+                spread(gy + plan.outputOffset(sample: n, group: g), rows: outGroup, into: grid)
+                for t in 0..<taps {
+                    BLAS.sgemm(transposeA: false, transposeB: true, m: outGroup, n: inGroup, k: gridLength, alpha: 1,
+                               a: grid, lda: gridLength, b: padded + tapOffsets[t], ldb: channelLength,
+                               beta: 1, c: tg.baseAddress! + t * sliceLength + g * outGroup * inGroup, ldc: inGroup)
                 }
             }
             // (K, O, C/g) → (O, C/g, K).
             for t in 0..<taps {
                 for row in 0..<sliceLength { gw[row * taps + t] = tg[t * sliceLength + row] }
             }
+        }
+    }
+
+    /// Runs `body(n, g, padded, grid)` for every sample n and group g, with scratch for one
+    /// padded group (C/g, L) and one grid (O/g, n) shared by all of them.
+    private func forEachSampleGroup(batch: Int, _ body: (_ n: Int, _ g: Int, _ padded: UnsafeMutablePointer<Float>,
+                                                         _ grid: UnsafeMutablePointer<Float>) -> Void) {
+        let padded = UnsafeMutablePointer<Float>.allocate(capacity: inGroup * channelLength)
+        let grid = UnsafeMutablePointer<Float>.allocate(capacity: outGroup * gridLength)
+        defer { padded.deallocate(); grid.deallocate() }
+        for n in 0..<batch {
+            for g in 0..<plan.geometry.groups { body(n, g, padded, grid) }
         }
     }
 
