@@ -126,27 +126,16 @@ public struct LoCon: AdapterAlgorithm {
     /// down (→ mid) → up with up scaled by `factor` (m·s·σ), so that the chain's output is
     /// m·Δ(x) itself and no pass over the activation applies the scale.
     private func chain(_ context: DeltaContext, factor: Float) -> OperatorChain {
-        let r = down.shape[0]
         let up = self.up * factor
-        switch layer {
-        case let .linear(inFeatures, outFeatures):
-            return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
-                                          (.linear(inFeatures: r, outFeatures: outFeatures), up)],
-                                 maskBeforeLast: context.rankMask)
-        case let .convolution(geometry):
-            let axes = geometry.spatialRank
-            let upOp = LayerSpec.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes))
-            if usesTucker {
-                return OperatorChain(stages: [
-                    (.convolution(.pointwise(inChannels: geometry.inChannels, outChannels: r, spatialRank: axes)), down),
-                    (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
-                    (upOp, up),
-                ], maskBeforeLast: context.rankMask)
-            }
-            return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (upOp, up)],
-                                 maskBeforeLast: context.rankMask)
-        case .norm: preconditionFailure("locon does not adapt norm layers (Algorithm.makeAdapter refuses them)")
+        guard usesTucker, case let .convolution(geometry) = layer else {
+            return OperatorChain.lowRank(layer, down: down, up: up, rankMask: context.rankMask)
         }
+        let (r, axes) = (down.shape[0], geometry.spatialRank)
+        return OperatorChain(stages: [
+            (.convolution(.pointwise(inChannels: geometry.inChannels, outChannels: r, spatialRank: axes)), down),
+            (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
+            (.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes)), up),
+        ], maskBeforeLast: context.rankMask)
     }
 
     public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {

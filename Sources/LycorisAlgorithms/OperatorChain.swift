@@ -7,6 +7,23 @@ struct OperatorChain {
     var stages: [(op: LayerSpec, weight: Tensor)]
     var maskBeforeLast: Tensor?
 
+    /// down → up on a linear layer or an ungrouped convolution: `down` (r, in, k…) with the
+    /// layer's geometry and r outputs, then `up` (out, r, 1…) pointwise; `rankMask` (r,) on
+    /// the rank axis between them.
+    static func lowRank(_ layer: LayerSpec, down: Tensor, up: Tensor, rankMask: Tensor?) -> OperatorChain {
+        let r = down.shape[0]
+        switch layer {
+        case let .linear(inFeatures, outFeatures):
+            return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
+                                          (.linear(inFeatures: r, outFeatures: outFeatures), up)], maskBeforeLast: rankMask)
+        case let .convolution(geometry):
+            let upOp = ConvGeometry.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: geometry.spatialRank)
+            return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (.convolution(upOp), up)],
+                                 maskBeforeLast: rankMask)
+        case .norm: preconditionFailure("a low-rank chain needs a linear or convolution layer")
+        }
+    }
+
     /// The output and the input of every stage (kept for the backward pass).
     func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
         let inputs = stageInputs(x)
