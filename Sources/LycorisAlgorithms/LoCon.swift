@@ -148,7 +148,7 @@ public struct LoCon: AdapterAlgorithm {
 
     /// m·Δ(x) through the chain with up' = m·s·σ·up.
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
-        guard bypassApplies else { return layer.apply(x, weight: try deltaWeight(context) * m) }
+        guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
         return chain(context, factor: m * scale * parameters.scalar).forward(x).output
     }
 
@@ -156,11 +156,7 @@ public struct LoCon: AdapterAlgorithm {
     /// m·s·⟨∂up', up⟩ (h the input of the up stage, ∂up' = ∂y·hᵀ), so Δ(x) is not recomputed.
     public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
                                          _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        guard bypassApplies else {
-            let delta = try deltaWeight(context) * m
-            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
-                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput) * m, context))
-        }
+        guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let factor = m * scale * parameters.scalar
         let chain = chain(context, factor: factor)
         let back = chain.backward(stageInputs: chain.stageInputs(x), gradOutput: gradOutput)

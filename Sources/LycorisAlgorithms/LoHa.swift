@@ -153,7 +153,7 @@ public struct LoHa: AdapterAlgorithm {
 
     /// m·Δ(x) through the rank-r² chain with up' = m·s·σ·U (op(x, m·ΔW) without a bypass).
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
-        guard bypassApplies else { return layer.apply(x, weight: try deltaWeight(context) * m) }
+        guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
         return chain(factor: m * scale * parameters.scalar).chain.forward(x).output
     }
 
@@ -161,11 +161,7 @@ public struct LoHa: AdapterAlgorithm {
     /// factors; ∂σ = m·s·⟨∂U', U⟩.
     public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
                                          _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        guard bypassApplies else {
-            let delta = try deltaWeight(context) * m
-            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
-                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput) * m, context))
-        }
+        guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let r = rank ?? 0
         let factor = m * scale * parameters.scalar
         let (chain, u) = chain(factor: factor)

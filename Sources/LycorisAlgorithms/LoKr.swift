@@ -224,7 +224,7 @@ public struct LoKr: AdapterAlgorithm {
     /// m·Δ(x) = Y[n, a, (b, p)] = Σ_m W1'[a, m]·Z[n, m, (b, p)] with W1' = m·s·σ·W1 (the
     /// scale rides on the small factor, not on the activation), Z from ``kroneckerInner``.
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
-        guard hasBypassPath else { return layer.apply(x, weight: try deltaWeight(context) * m) }
+        guard hasBypassPath else { return try weightPathForward(x, multiplier: m, context) }
         let input = x.reshaped(rowsFirst(x))
         let (rows, outL) = (input.shape[0], w1Shape[0])
         let zm = kroneckerInner(input, w2: w2).z
@@ -237,11 +237,7 @@ public struct LoKr: AdapterAlgorithm {
     /// ∂Z = W1'ᵀ·∂Y, then W2's op backward; ∂σ = m·s·⟨∂Y, W1·Z⟩ = m·s·⟨∂W1', W1⟩.
     public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
                                          _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        guard hasBypassPath else {
-            let delta = try deltaWeight(context) * m
-            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
-                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput) * m, context))
-        }
+        guard hasBypassPath else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let (w1, w2) = (w1, w2)
         let (outL, inM) = (w1Shape[0], w1Shape[1])
         let input = x.reshaped(rowsFirst(x))
