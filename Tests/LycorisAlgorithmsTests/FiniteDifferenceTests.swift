@@ -62,6 +62,7 @@ struct FiniteDifferenceTests {
         Case(label: "ia3 conv input bypass", algorithm: .ia3, layer: conv, options: options { $0.trainOnInput = true; $0.bypassMode = true }),
         Case(label: "ia3 linear output bypass", algorithm: .ia3, layer: linear, options: options { $0.bypassMode = true }),
         Case(label: "dylora conv", algorithm: .dylora, layer: conv, options: options { $0.rank = 4; $0.blockSize = 2 }),
+        Case(label: "dylora linear bypass", algorithm: .dylora, layer: linear, options: options { $0.rank = 4; $0.blockSize = 2; $0.bypassMode = true }),
         Case(label: "locon conv1d bypass tucker scalar", algorithm: .locon, layer: conv1d,
              options: options { $0.bypassMode = true; $0.useTucker = true; $0.useScalar = true }),
         Case(label: "loha conv1d", algorithm: .loha, layer: conv1d, options: options { _ in }),
