@@ -20,7 +20,7 @@ import LycorisCore
 /// convolutions so its own loader fails on them. This module saves
 /// `alpha` = α·bs (alpha/r then equals the full-rank forward's α/(r/bs)) and a 4-D
 /// (out, r, 1…) `lora_up.weight` for convolutions.
-public struct DyLoRA: AdapterAlgorithm {
+public struct DyLoRA: MultiplierInFactors {
     public static let algorithm = Algorithm.dylora
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -96,14 +96,6 @@ public struct DyLoRA: AdapterAlgorithm {
     public var bypassCost: Int? {
         guard bypassApplies, let r = rank else { return nil }
         return r * (layer.weightInFeatures * layer.kernelElements + layer.outFeatures)
-    }
-
-    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        try multipliedBypassForward(x, multiplier: 1, context)
-    }
-
-    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        try multipliedBypassBackward(x, gradOutput: gradOutput, multiplier: 1, context)
     }
 
     /// The chain of blocks 0…b with up scaled by `factor` (m·α/(b+1)).

@@ -16,7 +16,7 @@ import LycorisCore
 /// 4.1.3 shapes that mask (1, r, 1, 1) for 4-D activations only; on conv1d/conv3d it puts
 /// it on the last spatial axis, which fails unless that extent is r or 1 — and is wrong
 /// when it is. This masks the rank axis on every convolution, as LyCORIS does on conv2d.)
-public struct LoCon: AdapterAlgorithm {
+public struct LoCon: MultiplierInFactors {
     public static let algorithm = Algorithm.locon
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -136,14 +136,6 @@ public struct LoCon: AdapterAlgorithm {
             (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
             (.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes)), up),
         ], maskBeforeLast: context.rankMask)
-    }
-
-    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        try multipliedBypassForward(x, multiplier: 1, context)
-    }
-
-    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        try multipliedBypassBackward(x, gradOutput: gradOutput, multiplier: 1, context)
     }
 
     /// m·Δ(x) through the chain with up' = m·s·σ·up.

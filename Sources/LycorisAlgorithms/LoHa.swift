@@ -17,7 +17,7 @@ import LycorisCore
 /// U[o, i·r+j] = w1a[o,i]·w2a[o,j], and V (r², in·K), V[i·r+j, p] = w1b[i,p]·w2b[j,p]; so
 /// Δ(x) = s·σ·op(op(x, V), U), a LoCon chain of rank r² (cheaper than op(x, ΔW) when
 /// r²·(in·K + out) < out·in·K).
-public struct LoHa: AdapterAlgorithm {
+public struct LoHa: MultiplierInFactors {
     public static let algorithm = Algorithm.loha
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -141,14 +141,6 @@ public struct LoHa: AdapterAlgorithm {
         let chain = OperatorChain.lowRank(layer, down: v.reshaped([r * r] + Array(layer.weightShape.dropFirst())),
                                           up: (u * factor).reshaped([out, r * r] + ones), rankMask: nil)
         return (chain, u)
-    }
-
-    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        try multipliedBypassForward(x, multiplier: 1, context)
-    }
-
-    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        try multipliedBypassBackward(x, gradOutput: gradOutput, multiplier: 1, context)
     }
 
     /// m·Δ(x) through the rank-r² chain with up' = m·s·σ·U (op(x, m·ΔW) without a bypass).

@@ -16,7 +16,7 @@ import LycorisCore
 /// Bypass (linear, and convolutions without groups): Δ(x) = s·σ·vec(W1·X·W2ᵀ) with x's
 /// channels viewed as X (in_m, in_n), W2 applied as the layer's op — the Kronecker product
 /// is never built.
-public struct LoKr: AdapterAlgorithm {
+public struct LoKr: MultiplierInFactors {
     public static let algorithm = Algorithm.lokr
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -211,14 +211,6 @@ public struct LoKr: AdapterAlgorithm {
         let z = innerOp.apply(grouped, weight: w2)
         let width = z.count / (rows * inM)
         return (grouped, z.reshaped([rows, inM, width]).permuted([1, 0, 2]).reshaped([inM, rows * width]))
-    }
-
-    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        try multipliedBypassForward(x, multiplier: 1, context)
-    }
-
-    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        try multipliedBypassBackward(x, gradOutput: gradOutput, multiplier: 1, context)
     }
 
     /// m·Δ(x) = Y[n, a, (b, p)] = Σ_m W1'[a, m]·Z[n, m, (b, p)] with W1' = m·s·σ·W1 (the
