@@ -12,6 +12,8 @@ public struct DeltaContext: Sendable {
     public var rankMask: Tensor?
     /// T-LoRA: the timestep's rank mask (LyCORIS `set_timestep_mask`); nil: all ranks.
     public var timestepMask: Tensor?
+    /// The bypass forward's stage inputs for its backward (shared by copies of the context).
+    public let stageCache = StageCache()
 
     public init(baseWeight: Tensor? = nil, baseBias: Tensor? = nil, block: Int? = nil, rankMask: Tensor? = nil,
                 timestepMask: Tensor? = nil) {

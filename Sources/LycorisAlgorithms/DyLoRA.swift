@@ -107,10 +107,13 @@ public struct DyLoRA: MultiplierInFactors {
                                      rankMask: nil)
     }
 
+    /// What the chain's stage inputs depend on besides x: down and the block.
+    private func stageKey(block b: Int) -> [Tensor] { [parameters.required("lora_down.weight"), Tensor(scalar: Float(b))] }
+
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
         guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
         let b = try block(context)
-        return chain(block: b, factor: m * scale(block: b)).forward(x).output
+        return chain(block: b, factor: m * scale(block: b)).forward(x, caching: context.stageCache, key: stageKey(block: b))
     }
 
     /// Through the chain: ∂up = m·α/(b+1)·∂up' and ∂down, each kept on block b's columns /
@@ -121,7 +124,8 @@ public struct DyLoRA: MultiplierInFactors {
         let b = try block(context)
         let factor = m * scale(block: b)
         let chain = chain(block: b, factor: factor)
-        let back = chain.backward(stageInputs: chain.stageInputs(x), gradOutput: gradOutput)
+        let back = chain.backward(stageInputs: chain.stageInputs(x, cache: context.stageCache, key: stageKey(block: b)),
+                                  gradOutput: gradOutput)
         let trained = (b * blockSize)..<((b + 1) * blockSize)
         let down = parameters.required("lora_down.weight")
         var gradDown = Tensor.zeros(down.shape), gradUp = Tensor.zeros(up.shape)

@@ -138,10 +138,15 @@ public struct LoCon: MultiplierInFactors {
         ], maskBeforeLast: context.rankMask)
     }
 
+    /// What the chain's stage inputs depend on besides x: down, the Tucker core, the rank mask.
+    private func stageKey(_ context: DeltaContext) -> [Tensor] {
+        [down] + [parameters["lora_mid.weight"], context.rankMask].compactMap { $0 }
+    }
+
     /// m·Δ(x) through the chain with up' = m·s·σ·up.
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
         guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
-        return chain(context, factor: m * scale * parameters.scalar).forward(x).output
+        return chain(context, factor: m * scale * parameters.scalar).forward(x, caching: context.stageCache, key: stageKey(context))
     }
 
     /// Through the chain with up' = m·s·σ·up: ∂up = m·s·σ·∂up', and ∂σ = m·s·⟨∂y, up·h⟩ =
@@ -151,7 +156,8 @@ public struct LoCon: MultiplierInFactors {
         guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let factor = m * scale * parameters.scalar
         let chain = chain(context, factor: factor)
-        let back = chain.backward(stageInputs: chain.stageInputs(x), gradOutput: gradOutput)
+        let inputs = chain.stageInputs(x, cache: context.stageCache, key: stageKey(context))
+        let back = chain.backward(stageInputs: inputs, gradOutput: gradOutput)
         let gradScaledUp = back.weights[back.weights.count - 1]
         var grads = ParameterSet()
         grads["lora_down.weight"] = back.weights[0]

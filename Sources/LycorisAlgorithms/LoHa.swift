@@ -143,10 +143,13 @@ public struct LoHa: MultiplierInFactors {
         return (chain, u)
     }
 
+    /// What the chain's stage input op(x, V) depends on besides x: the b factors.
+    private var stageKey: [Tensor] { [parameters.required("hada_w1_b"), parameters.required("hada_w2_b")] }
+
     /// m·Δ(x) through the rank-r² chain with up' = m·s·σ·U (op(x, m·ΔW) without a bypass).
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
         guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
-        return chain(factor: m * scale * parameters.scalar).chain.forward(x).output
+        return chain(factor: m * scale * parameters.scalar).chain.forward(x, caching: context.stageCache, key: stageKey)
     }
 
     /// Through the chain: ∂U = m·s·σ·∂U', ∂V, then the pair products' backward to the four
@@ -157,7 +160,7 @@ public struct LoHa: MultiplierInFactors {
         let r = rank ?? 0
         let factor = m * scale * parameters.scalar
         let (chain, u) = chain(factor: factor)
-        let back = chain.backward(stageInputs: chain.stageInputs(x), gradOutput: gradOutput)
+        let back = chain.backward(stageInputs: chain.stageInputs(x, cache: context.stageCache, key: stageKey), gradOutput: gradOutput)
         let gradScaledU = back.weights[1].reshaped(u.shape)
         let a = Self.pairProductsBackward(gradScaledU * factor, parameters.required("hada_w1_a"), parameters.required("hada_w2_a"),
                                           n: layer.outFeatures, r: r, m: 1)

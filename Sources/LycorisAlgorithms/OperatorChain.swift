@@ -31,6 +31,18 @@ struct OperatorChain {
         return (last.op.apply(inputs[inputs.count - 1], weight: last.weight), inputs)
     }
 
+    /// ``forward(_:)``, its stage inputs kept in `cache` under `key` (x and the factors).
+    func forward(_ x: Tensor, caching cache: StageCache, key: [Tensor]) -> Tensor {
+        let (output, inputs) = forward(x)
+        cache.store(inputs, for: [x] + key)
+        return output
+    }
+
+    /// The stage inputs the forward kept for x and `key`, or computed again.
+    func stageInputs(_ x: Tensor, cache: StageCache, key: [Tensor]) -> [Tensor] {
+        cache.stageInputs(for: [x] + key) ?? stageInputs(x)
+    }
+
     /// The input of every stage, the last op not applied: what the backward pass needs.
     func stageInputs(_ x: Tensor) -> [Tensor] {
         var inputs: [Tensor] = []
