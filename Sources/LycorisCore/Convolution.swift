@@ -6,8 +6,7 @@
 /// `∂cols = W_gᵀ · ∂Y[n,g]` (then col2im). GEMMs read and write the tensors in place; one
 /// patch buffer serves every sample. A kernel-1, stride-1, unpadded convolution needs no
 /// patch matrix: the sample is one already. Every case runs as a 3-D convolution whose
-/// leading missing axes have extent 1 (kernel 1, stride 1, no padding). Stride-1 kernels
-/// larger than 1 skip the patch matrix too: ``ShiftedConvolution`` runs one GEMM per tap.
+/// leading missing axes have extent 1 (kernel 1, stride 1, no padding).
 public enum Convolution {
     /// y (N, O, out…) = conv(x (N, C, in…), weight (O, C/g, k…)).
     public static func forward(_ input: Tensor, weight: Tensor, geometry: ConvGeometry) -> Tensor {
@@ -17,16 +16,6 @@ public enum Convolution {
         let plan = Plan(geometry: geometry, inputShape: input.shape)
         let batch = input.shape[0]
         var output = Tensor(uninitializedShape: plan.outputShape(batch: batch))
-        if ShiftedConvolution.applies(to: plan, batch: batch) {
-            input.scalars.withUnsafeBufferPointer { x in
-                weight.scalars.withUnsafeBufferPointer { w in
-                    output.scalars.withUnsafeMutableBufferPointer { y in
-                        ShiftedConvolution(plan: plan).forward(x.baseAddress!, weight: w.baseAddress!, output: y.baseAddress!, batch: batch)
-                    }
-                }
-            }
-            return output
-        }
         var cols = plan.patchBuffer()
         input.scalars.withUnsafeBufferPointer { x in
             weight.scalars.withUnsafeBufferPointer { w in
@@ -53,18 +42,6 @@ public enum Convolution {
         let plan = Plan(geometry: geometry, inputShape: inputShape)
         precondition(gradOutput.shape == plan.outputShape(batch: inputShape[0]),
                      "\(geometry.kind) output gradient \(gradOutput.shape) does not match input \(inputShape)")
-        if ShiftedConvolution.applies(to: plan, batch: inputShape[0]) {
-            var gradInput = Tensor(uninitializedShape: inputShape)
-            gradOutput.scalars.withUnsafeBufferPointer { gy in
-                weight.scalars.withUnsafeBufferPointer { w in
-                    gradInput.scalars.withUnsafeMutableBufferPointer { gx in
-                        ShiftedConvolution(plan: plan).backwardInput(gy.baseAddress!, weight: w.baseAddress!, gradInput: gx.baseAddress!,
-                                                                     batch: inputShape[0])
-                    }
-                }
-            }
-            return gradInput
-        }
         var gradInput = plan.isPointwise ? Tensor(uninitializedShape: inputShape) : Tensor.zeros(inputShape)
         var cols = plan.patchBuffer()
         gradOutput.scalars.withUnsafeBufferPointer { gy in
@@ -92,18 +69,6 @@ public enum Convolution {
     /// ∂W (O, C/g, k…) from the input and ∂y.
     public static func backwardWeight(_ input: Tensor, gradOutput: Tensor, geometry: ConvGeometry) -> Tensor {
         let plan = Plan(geometry: geometry, inputShape: input.shape)
-        if ShiftedConvolution.applies(to: plan, batch: input.shape[0]) {
-            var gradWeight = Tensor(uninitializedShape: geometry.weightShape)
-            input.scalars.withUnsafeBufferPointer { x in
-                gradOutput.scalars.withUnsafeBufferPointer { gy in
-                    gradWeight.scalars.withUnsafeMutableBufferPointer { gw in
-                        ShiftedConvolution(plan: plan).backwardWeight(x.baseAddress!, gradOutput: gy.baseAddress!, gradWeight: gw.baseAddress!,
-                                                                      batch: input.shape[0])
-                    }
-                }
-            }
-            return gradWeight
-        }
         var gradWeight = Tensor.zeros(geometry.weightShape)
         var cols = plan.patchBuffer()
         input.scalars.withUnsafeBufferPointer { x in
