@@ -123,7 +123,7 @@ let package = Package(
         // bench/layers.py's in-process engine timings (goal (a)); not a product, built by bench/run.sh.
         .executableTarget(
             name: "layer-bench",
-            dependencies: ["LycorisAlgorithms", "LycorisCore"],
+            dependencies: ["LycorisAlgorithms", "LycorisCore", "CMalloc"],
             path: "bench/LayerBench",
             swiftSettings: strictSwift
         ),

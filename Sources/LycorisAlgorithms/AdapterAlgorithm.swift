@@ -12,6 +12,8 @@ public struct DeltaContext: Sendable {
     public var rankMask: Tensor?
     /// T-LoRA: the timestep's rank mask (LyCORIS `set_timestep_mask`); nil: all ranks.
     public var timestepMask: Tensor?
+    /// The bypass forward's stage inputs for its backward (shared by copies of the context).
+    public let stageCache = StageCache()
 
     public init(baseWeight: Tensor? = nil, baseBias: Tensor? = nil, block: Int? = nil, rankMask: Tensor? = nil,
                 timestepMask: Tensor? = nil) {
@@ -131,18 +133,32 @@ extension AdapterAlgorithm {
 
     /// op(x, ΔW) (+ Δb where the algorithm adapts the bias).
     public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        var y = layer.apply(x, weight: try deltaWeight(context))
-        if adaptsBias { layer.addBias(&y, bias: try deltaBias(context)) }
-        return y
+        try weightPathForward(x, multiplier: 1, context)
     }
 
     public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        let delta = try deltaWeight(context)
-        let gradInput = layer.backwardInput(gradOutput, weight: delta, input: x)
-        let gradDelta = layer.backwardWeight(x, gradOutput: gradOutput)
-        let gradBias = adaptsBias ? layer.biasGradient(gradOutput) : nil
+        try weightPathBackward(x, gradOutput: gradOutput, multiplier: 1, context)
+    }
+
+    /// m·op(x, ΔW) (+ m·Δb where the algorithm adapts the bias): the bypass of an algorithm,
+    /// or of a layer, without a factor path.
+    public func weightPathForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        var y = layer.apply(x, weight: Self.scaled(try deltaWeight(context), m))
+        if adaptsBias { layer.addBias(&y, bias: Self.scaled(try deltaBias(context), m)) }
+        return y
+    }
+
+    /// (∂x, ∂parameters) of ``weightPathForward(_:multiplier:_:)``.
+    public func weightPathBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                   _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        let gradInput = layer.backwardInput(gradOutput, weight: Self.scaled(try deltaWeight(context), m), input: x)
+        let gradDelta = Self.scaled(layer.backwardWeight(x, gradOutput: gradOutput), m)
+        let gradBias = adaptsBias ? Self.scaled(layer.biasGradient(gradOutput), m) : nil
         return (gradInput, try deltaWeightBackward(gradDelta, biasGradient: gradBias, context))
     }
+
+    /// m·t, without a pass when m is 1.
+    private static func scaled(_ t: Tensor, _ m: Float) -> Tensor { m == 1 ? t : t * m }
 
     public func multipliedDeltaWeight(_ m: Float, rowMask: Tensor?, _ context: DeltaContext) throws -> Tensor {
         var delta = try deltaWeight(context)
@@ -191,8 +207,7 @@ extension AdapterAlgorithm {
 extension Tensor {
     /// Each leading-axis slice i multiplied by `factors[i]` (a rank-dropout mask on ΔW's rows).
     func scalingRows(by factors: Tensor) -> Tensor {
-        let inner = count / factors.count
-        return Tensor(shape: shape, scalars: scalars.enumerated().map { $0.element * factors.scalars[$0.offset / inner] })
+        channelAffine(ChannelLayout(count: count, channels: factors.count, inner: count / factors.count), scales: factors.scalars)
     }
 }
 

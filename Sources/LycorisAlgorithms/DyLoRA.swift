@@ -12,12 +12,15 @@ import LycorisCore
 /// (b = r/bs − 1) — LyCORIS picks a random b even in eval mode, which this does not copy.
 /// Init: down kaiming-uniform(a=√5), up zeros.
 ///
+/// Bypass (linear and ungrouped conv): Δ(x) = α/(b+1)·op(op(x, down[:(b+1)·bs]), up[:, :(b+1)·bs]),
+/// a LoCon chain of rank (b+1)·bs whose gradients are kept for block b only.
+///
 /// Files are LoRA files. LyCORIS saves the raw α, so loaders (alpha/r) apply a scale bs
 /// times smaller than DyLoRA's own full-rank forward, and saves `lora_up.weight` 2-D for
 /// convolutions so its own loader fails on them. This module saves
 /// `alpha` = α·bs (alpha/r then equals the full-rank forward's α/(r/bs)) and a 4-D
 /// (out, r, 1…) `lora_up.weight` for convolutions.
-public struct DyLoRA: AdapterAlgorithm {
+public struct DyLoRA: MultiplierInFactors {
     public static let algorithm = Algorithm.dylora
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -93,6 +96,61 @@ public struct DyLoRA: AdapterAlgorithm {
                                    columns: (trained.lowerBound * width)..<(trained.upperBound * width), width: rank * width)
         return [("lora_down.weight", algebra.reshaped(flat, downShape)),
                 ("lora_up.weight", algebra.placing(gradUpBlock, columns: trained, width: rank))]
+    }
+
+    // MARK: Bypass: a LoRA chain over the used blocks
+
+    private var bypassApplies: Bool {
+        if case let .convolution(geometry) = layer { return geometry.groups == 1 }
+        return true
+    }
+
+    /// r·(in·K + out) per output position (all blocks used).
+    public var bypassCost: Int? {
+        guard bypassApplies, let r = rank else { return nil }
+        return r * (layer.weightInFeatures * layer.kernelElements + layer.outFeatures)
+    }
+
+    /// The chain of blocks 0…b with up scaled by `factor` (m·α/(b+1)).
+    private func chain(block b: Int, factor: Float) -> OperatorChain {
+        let used = (b + 1) * blockSize
+        let ones = layer.kernelSize.map { _ in 1 }
+        return OperatorChain.lowRank(layer, down: parameters.required("lora_down.weight").slice(axis: 0, 0..<used),
+                                     up: (up.slice(axis: 1, 0..<used) * factor).reshaped([layer.outFeatures, used] + ones),
+                                     rankMask: nil)
+    }
+
+    /// What the chain's stage inputs depend on besides x: down and the block.
+    private func stageKey(block b: Int) -> [Tensor] { [parameters.required("lora_down.weight"), Tensor(scalar: Float(b))] }
+
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
+        let b = try block(context.block)
+        return chain(block: b, factor: m * scale(block: b)).forward(x, caching: context.stageCache, key: stageKey(block: b))
+    }
+
+    /// Through the chain: ∂up = m·α/(b+1)·∂up' and ∂down, each kept on block b's columns /
+    /// rows (the earlier blocks are detached).
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
+        let b = try block(context.block)
+        let factor = m * scale(block: b)
+        let chain = chain(block: b, factor: factor)
+        let back = chain.backward(stageInputs: chain.stageInputs(x, cache: context.stageCache, key: stageKey(block: b)),
+                                  gradOutput: gradOutput)
+        let trained = (b * blockSize)..<((b + 1) * blockSize)
+        let down = parameters.required("lora_down.weight")
+        var gradDown = Tensor.zeros(down.shape), gradUp = Tensor.zeros(up.shape)
+        let width = down.count / down.shape[0]
+        gradDown.scalars.replaceSubrange((trained.lowerBound * width)..<(trained.upperBound * width),
+                                         with: back.weights[0].scalars[(trained.lowerBound * width)..<(trained.upperBound * width)])
+        let (rows, used, r) = (up.shape[0], (b + 1) * blockSize, up.shape[1])
+        let gradScaledUp = back.weights[1].scalars
+        for row in 0..<rows {
+            for column in trained { gradUp.scalars[row * r + column] = factor * gradScaledUp[row * used + column] }
+        }
+        return (back.input, ParameterSet([("lora_down.weight", gradDown), ("lora_up.weight", gradUp)]))
     }
 
     public func savedTensors() -> [SavedTensor] {

@@ -84,12 +84,11 @@ public struct IA3: AdapterAlgorithm {
         OperatorChain.scaleChannels(x, by: scales, op: layer)
     }
 
-    private func activationReduce(_ x: Tensor) -> Tensor {
-        let channels = channelScale.count
-        let inner = layer.channelStride(of: x.shape)
-        var sums = [Double](repeating: 0, count: channels)
-        for (i, v) in x.scalars.enumerated() { sums[(i / inner) % channels] += Double(v) }
-        return Tensor(shape: channelScale.shape, scalars: sums.map(Float.init))
+    /// Σ a ⊙ (b − d) over every axis but the channel axis (d per channel, nil: 0), shaped
+    /// like the parameter.
+    private func activationReduce(_ a: Tensor, times b: Tensor, minus d: [Float]? = nil) -> Tensor {
+        let layout = layer.channelLayout(of: a.shape, channels: channelScale.count)
+        return Tensor(shape: channelScale.shape, scalars: a.channelSums(layout, times: b, minus: d))
     }
 
     private func baseOutput(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
@@ -107,11 +106,11 @@ public struct IA3: AdapterAlgorithm {
         let weight = try base(context)
         if onInput {
             let gradScaled = layer.backwardInput(gradOutput, weight: weight, inputShape: x.shape)
-            return (activationChannels(gradScaled, channelScale), ParameterSet([("weight", activationReduce(gradScaled * x))]))
+            return (activationChannels(gradScaled, channelScale), ParameterSet([("weight", activationReduce(gradScaled, times: x))]))
         }
         let y = try baseOutput(x, context)
         let gradInput = layer.backwardInput(activationChannels(gradOutput, channelScale), weight: weight, inputShape: x.shape)
-        return (gradInput, ParameterSet([("weight", activationReduce(gradOutput * y))]))
+        return (gradInput, ParameterSet([("weight", activationReduce(gradOutput, times: y))]))
     }
 
     // MARK: Elementwise transfer: the scaled tensor itself
@@ -124,28 +123,22 @@ public struct IA3: AdapterAlgorithm {
     /// - on input, t = x (N, …, in): x' = x ⊙ (1 + m·w), so that op(x', W0) + b is the
     ///   adapted output (the client applies the base layer).
     public func elementwise(_ t: Tensor, multiplier m: Float, bias: Tensor?) -> Tensor {
-        var out = activationChannels(t, elementwiseScales(m))
-        if !onInput, let bias {
-            let w = channelScale.scalars
-            layer.addBias(&out, bias: Tensor(shape: [w.count], scalars: zip(w, bias.scalars).map { -m * $0 * $1 }))
-        }
-        return out
+        let w = channelScale.scalars
+        let shifts = onInput ? nil : bias.map { zip(w, $0.scalars).map { -m * $0 * $1 } }
+        return t.channelAffine(layer.channelLayout(of: t.shape, channels: w.count), scales: elementwiseScales(m), shifts: shifts)
     }
 
     /// (∂t, ∂w) of ``elementwise(_:multiplier:bias:)`` given ∂t':
     /// ∂t = ∂t' ⊙ (1 + m·w), ∂w = m·Σ ∂t' ⊙ (t − b) over every axis but the channel axis.
     public func elementwiseBackward(_ t: Tensor, gradOutput: Tensor, multiplier m: Float, bias: Tensor?) -> (input: Tensor, parameters: ParameterSet) {
-        let gradInput = activationChannels(gradOutput, elementwiseScales(m))
-        var sums = activationReduce(gradOutput * t).scalars
-        if !onInput, let bias {
-            let gradSums = layer.biasGradient(gradOutput).scalars
-            for c in sums.indices { sums[c] -= bias.scalars[c] * gradSums[c] }
-        }
-        return (gradInput, ParameterSet([("weight", Tensor(shape: channelScale.shape, scalars: sums.map { m * $0 }))]))
+        let layout = layer.channelLayout(of: t.shape, channels: channelScale.count)
+        let gradInput = gradOutput.channelAffine(layout, scales: elementwiseScales(m))
+        let sums = activationReduce(gradOutput, times: t, minus: onInput ? nil : bias?.scalars)
+        return (gradInput, ParameterSet([("weight", sums * m)]))
     }
 
-    private func elementwiseScales(_ m: Float) -> Tensor {
-        Tensor(shape: [channelScale.count], scalars: channelScale.scalars.map { 1 + m * $0 })
+    private func elementwiseScales(_ m: Float) -> [Float] {
+        channelScale.scalars.map { 1 + m * $0 }
     }
 
     public func savedTensors() -> [SavedTensor] {

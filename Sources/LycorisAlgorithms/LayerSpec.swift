@@ -141,30 +141,19 @@ public enum LayerSpec: Sendable, Equatable, Hashable {
 
     /// Adds the bias (``biasShape``) along the output-channel axis.
     public func addBias(_ y: inout Tensor, bias: Tensor) {
-        let channels = outFeatures
-        precondition(bias.count == channels, "bias of \(bias.count) for \(channels) outputs")
-        let inner = channelStride(of: y.shape)
-        bias.scalars.withUnsafeBufferPointer { b in
-            y.scalars.withUnsafeMutableBufferPointer { out in
-                // Blocks of `inner` elements share one channel; channels cycle.
-                var index = 0
-                while index < out.count {
-                    for channel in 0..<channels {
-                        let value = b[channel]
-                        for i in index..<(index + inner) { out[i] += value }
-                        index += inner
-                    }
-                }
-            }
-        }
+        precondition(bias.count == outFeatures, "bias of \(bias.count) for \(outFeatures) outputs")
+        y = y.channelAffine(channelLayout(of: y.shape), scales: nil, shifts: bias.scalars)
     }
 
     /// ∂b of `op(x, W) + b` given ∂y: ∂y summed over every axis but the channel axis.
     public func biasGradient(_ gradOutput: Tensor) -> Tensor {
-        let (channels, inner) = (outFeatures, channelStride(of: gradOutput.shape))
-        var sums = [Double](repeating: 0, count: channels)
-        for (i, value) in gradOutput.scalars.enumerated() { sums[(i / inner) % channels] += Double(value) }
-        return Tensor(shape: biasShape, scalars: sums.map(Float.init))
+        Tensor(shape: biasShape, scalars: gradOutput.channelSums(channelLayout(of: gradOutput.shape)))
+    }
+
+    /// A tensor of `shape` (an output of this layer, or an input of it with `channels` its
+    /// input channels) as (outer, channels, inner) around its channel axis.
+    public func channelLayout(of shape: [Int], channels: Int? = nil) -> ChannelLayout {
+        ChannelLayout(count: shape.product, channels: channels ?? outFeatures, inner: channelStride(of: shape))
     }
 
     /// Elements between consecutive output channels in a tensor of `shape`

@@ -16,7 +16,7 @@ import LycorisCore
 /// 4.1.3 shapes that mask (1, r, 1, 1) for 4-D activations only; on conv1d/conv3d it puts
 /// it on the last spatial axis, which fails unless that extent is r or 1 — and is wrong
 /// when it is. This masks the rank axis on every convolution, as LyCORIS does on conv2d.)
-public struct LoCon: AdapterAlgorithm {
+public struct LoCon: MultiplierInFactors {
     public static let algorithm = Algorithm.locon
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -134,49 +134,47 @@ public struct LoCon: AdapterAlgorithm {
         return (usesTucker ? r * inner + r * r * k : r * inner * k) + out * r
     }
 
-    private func chain(_ context: DeltaContext) -> OperatorChain {
-        let r = down.shape[0]
-        switch layer {
-        case let .linear(inFeatures, outFeatures):
-            return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
-                                          (.linear(inFeatures: r, outFeatures: outFeatures), up)],
-                                 maskBeforeLast: context.rankMask)
-        case let .convolution(geometry):
-            let axes = geometry.spatialRank
-            let upOp = LayerSpec.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes))
-            if usesTucker {
-                return OperatorChain(stages: [
-                    (.convolution(.pointwise(inChannels: geometry.inChannels, outChannels: r, spatialRank: axes)), down),
-                    (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
-                    (upOp, up),
-                ], maskBeforeLast: context.rankMask)
-            }
-            return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (upOp, up)],
-                                 maskBeforeLast: context.rankMask)
-        case .norm: preconditionFailure("locon does not adapt norm layers (Algorithm.makeAdapter refuses them)")
+    /// down (→ mid) → up with up scaled by `factor` (m·s·σ), so that the chain's output is
+    /// m·Δ(x) itself and no pass over the activation applies the scale.
+    private func chain(_ context: DeltaContext, factor: Float) -> OperatorChain {
+        let up = self.up * factor
+        guard usesTucker, case let .convolution(geometry) = layer else {
+            return OperatorChain.lowRank(layer, down: down, up: up, rankMask: context.rankMask)
         }
+        let (r, axes) = (down.shape[0], geometry.spatialRank)
+        return OperatorChain(stages: [
+            (.convolution(.pointwise(inChannels: geometry.inChannels, outChannels: r, spatialRank: axes)), down),
+            (.convolution(geometry.with(inChannels: r, outChannels: r)), parameters.required("lora_mid.weight")),
+            (.convolution(.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: axes)), up),
+        ], maskBeforeLast: context.rankMask)
     }
 
-    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        guard bypassApplies else { return layer.apply(x, weight: try deltaWeight(context)) }
-        return chain(context).forward(x).output * (scale * parameters.scalar)
+    /// What the chain's stage inputs depend on besides x: down, the Tucker core, the rank mask.
+    private func stageKey(_ context: DeltaContext) -> [Tensor] {
+        [down] + [parameters["lora_mid.weight"], context.rankMask].compactMap { $0 }
     }
 
-    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        guard bypassApplies else {
-            let delta = try deltaWeight(context)
-            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
-                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput), context))
-        }
-        let chain = chain(context)
-        let factor = scale * parameters.scalar
-        let (raw, inputs) = chain.forward(x)
-        let back = chain.backward(stageInputs: inputs, gradOutput: gradOutput * factor)
+    /// m·Δ(x) through the chain with up' = m·s·σ·up.
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
+        return chain(context, factor: m * scale * parameters.scalar).forward(x, caching: context.stageCache, key: stageKey(context))
+    }
+
+    /// Through the chain with up' = m·s·σ·up: ∂up = m·s·σ·∂up', and ∂σ = m·s·⟨∂y, up·h⟩ =
+    /// m·s·⟨∂up', up⟩ (h the input of the up stage, ∂up' = ∂y·hᵀ), so Δ(x) is not recomputed.
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
+        let factor = m * scale * parameters.scalar
+        let chain = chain(context, factor: factor)
+        let inputs = chain.stageInputs(x, cache: context.stageCache, key: stageKey(context))
+        let back = chain.backward(stageInputs: inputs, gradOutput: gradOutput)
+        let gradScaledUp = back.weights[back.weights.count - 1]
         var grads = ParameterSet()
         grads["lora_down.weight"] = back.weights[0]
         if usesTucker { grads["lora_mid.weight"] = back.weights[1] }
-        grads["lora_up.weight"] = back.weights[back.weights.count - 1]
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.dot(raw)) }
+        grads["lora_up.weight"] = gradScaledUp * factor
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledUp.dot(up)) }
         return (back.input, grads)
     }
 

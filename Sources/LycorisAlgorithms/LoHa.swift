@@ -11,7 +11,13 @@ import LycorisCore
 /// Backward (FedPara Prop. 3): with G' = s·σ·∂ΔW, ∂half₁ = G' ⊙ half₂ and
 /// ∂half₂ = G' ⊙ half₁, then each half's factor gradients. Only the factors are kept;
 /// the two products are recomputed in the backward pass, never stored between passes.
-public struct LoHa: AdapterAlgorithm {
+///
+/// Bypass (linear and ungrouped conv without Tucker): the Hadamard product of two rank-r
+/// products has rank ≤ r², (w1a·w1b) ⊙ (w2a·w2b) = U·V with U (out, r²),
+/// U[o, i·r+j] = w1a[o,i]·w2a[o,j], and V (r², in·K), V[i·r+j, p] = w1b[i,p]·w2b[j,p]; so
+/// Δ(x) = s·σ·op(op(x, V), U), a LoCon chain of rank r² (cheaper than op(x, ΔW) when
+/// r²·(in·K + out) < out·in·K).
+public struct LoHa: MultiplierInFactors {
     public static let algorithm = Algorithm.loha
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -122,6 +128,94 @@ public struct LoHa: AdapterAlgorithm {
         halfBackward(2, algebra, p, algebra.hadamard(g, h1, scale: factor), into: &grads)
         if p["scalar"] != nil { grads.append(("scalar", algebra.dot(g, algebra.hadamard(h1, h2, scale: 1), scale: m * scale))) }
         return grads
+    }
+
+    // MARK: Bypass: a chain of rank r²
+
+    private var bypassApplies: Bool {
+        if usesTucker { return false }
+        if case let .convolution(geometry) = layer { return geometry.groups == 1 }
+        return true
+    }
+
+    /// r²·in·K (V) + out·r² (U) per output position.
+    public var bypassCost: Int? {
+        guard bypassApplies, let r = rank else { return nil }
+        return r * r * (layer.weightInFeatures * layer.kernelElements + layer.outFeatures)
+    }
+
+    /// The chain x → op(x, V) → op(·, `factor`·U), V as (r², in, k…), U as (out, r², 1…).
+    private func chain(factor: Float) -> (chain: OperatorChain, u: Tensor) {
+        let r = rank ?? 0
+        let a1 = parameters.required("hada_w1_a"), a2 = parameters.required("hada_w2_a")
+        let (out, inner) = (layer.outFeatures, layer.weightInFeatures * layer.kernelElements)
+        let u = Self.pairProducts(a1, a2, n: out, r: r, m: 1)
+        let v = Self.pairProducts(parameters.required("hada_w1_b"), parameters.required("hada_w2_b"), n: 1, r: r, m: inner)
+        let ones = layer.kernelSize.map { _ in 1 }
+        let chain = OperatorChain.lowRank(layer, down: v.reshaped([r * r] + Array(layer.weightShape.dropFirst())),
+                                          up: (u * factor).reshaped([out, r * r] + ones), rankMask: nil)
+        return (chain, u)
+    }
+
+    /// What the chain's stage input op(x, V) depends on besides x: the b factors.
+    private var stageKey: [Tensor] { [parameters.required("hada_w1_b"), parameters.required("hada_w2_b")] }
+
+    /// m·Δ(x) through the rank-r² chain with up' = m·s·σ·U (op(x, m·ΔW) without a bypass).
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        guard bypassApplies else { return try weightPathForward(x, multiplier: m, context) }
+        return chain(factor: m * scale * parameters.scalar).chain.forward(x, caching: context.stageCache, key: stageKey)
+    }
+
+    /// Through the chain: ∂U = m·s·σ·∂U', ∂V, then the pair products' backward to the four
+    /// factors; ∂σ = m·s·⟨∂U', U⟩.
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
+        let r = rank ?? 0
+        let factor = m * scale * parameters.scalar
+        let (chain, u) = chain(factor: factor)
+        let back = chain.backward(stageInputs: chain.stageInputs(x, cache: context.stageCache, key: stageKey), gradOutput: gradOutput)
+        let gradScaledU = back.weights[1].reshaped(u.shape)
+        let a = Self.pairProductsBackward(gradScaledU * factor, parameters.required("hada_w1_a"), parameters.required("hada_w2_a"),
+                                          n: layer.outFeatures, r: r, m: 1)
+        let b = Self.pairProductsBackward(back.weights[0], parameters.required("hada_w1_b"), parameters.required("hada_w2_b"),
+                                          n: 1, r: r, m: layer.weightInFeatures * layer.kernelElements)
+        var grads = ParameterSet([("hada_w1_a", a.first), ("hada_w1_b", b.first), ("hada_w2_a", a.second), ("hada_w2_b", b.second)])
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledU.dot(u)) }
+        return (back.input, grads)
+    }
+
+    /// P (n, r², m) with P[x, i·r + j, y] = A[x, i, y]·B[x, j, y], for A and B (n, r, m) —
+    /// U with (n, m) = (out, 1), V with (1, in·K).
+    private static func pairProducts(_ a: Tensor, _ b: Tensor, n: Int, r: Int, m: Int) -> Tensor {
+        var p = Tensor.zeros([n, r * r * m])
+        for x in 0..<n {
+            for i in 0..<r {
+                for j in 0..<r {
+                    let (pa, pb, pp) = ((x * r + i) * m, (x * r + j) * m, ((x * r + i) * r + j) * m)
+                    for y in 0..<m { p.scalars[pp + y] = a.scalars[pa + y] * b.scalars[pb + y] }
+                }
+            }
+        }
+        return p.reshaped([n == 1 ? r * r : n, n == 1 ? m : r * r])
+    }
+
+    /// (∂A, ∂B) of ``pairProducts(_:_:n:r:m:)`` given ∂P:
+    /// ∂A[x, i, y] = Σ_j ∂P[x, i·r+j, y]·B[x, j, y], ∂B[x, j, y] = Σ_i ∂P[x, i·r+j, y]·A[x, i, y].
+    private static func pairProductsBackward(_ g: Tensor, _ a: Tensor, _ b: Tensor, n: Int, r: Int, m: Int) -> (first: Tensor, second: Tensor) {
+        var (ga, gb) = (Tensor.zeros(a.shape), Tensor.zeros(b.shape))
+        for x in 0..<n {
+            for i in 0..<r {
+                for j in 0..<r {
+                    let (pa, pb, pp) = ((x * r + i) * m, (x * r + j) * m, ((x * r + i) * r + j) * m)
+                    for y in 0..<m {
+                        ga.scalars[pa + y] += g.scalars[pp + y] * b.scalars[pb + y]
+                        gb.scalars[pb + y] += g.scalars[pp + y] * a.scalars[pa + y]
+                    }
+                }
+            }
+        }
+        return (ga, gb)
     }
 
     public func savedTensors() -> [SavedTensor] {

@@ -16,7 +16,7 @@ import LycorisCore
 /// Bypass (linear, and convolutions without groups): Δ(x) = s·σ·vec(W1·X·W2ᵀ) with x's
 /// channels viewed as X (in_m, in_n), W2 applied as the layer's op — the Kronecker product
 /// is never built.
-public struct LoKr: AdapterAlgorithm {
+public struct LoKr: MultiplierInFactors {
     public static let algorithm = Algorithm.lokr
     public let layer: LayerSpec
     public var parameters: ParameterSet
@@ -221,50 +221,51 @@ public struct LoKr: AdapterAlgorithm {
         }
     }
 
-    /// Δ(x) without scale, never building kron(W1, W2):
-    /// Z = op₂(x viewed as (n·in_m, in_n, …), W2) → (n, in_m, out_k·P);
-    /// Y[n, a, (b, p)] = Σ_m W1[a, m]·Z[n, m, (b, p)] → the output (n, out, …).
-    /// Returns Y, the grouped input and Z as (in_m, n·out_k·P) for the backward pass.
-    private func kroneckerApply(_ x: Tensor, w1: Tensor, w2: Tensor) -> (output: Tensor, groupedInput: Tensor, z: Tensor) {
-        let (outL, inM) = (w1Shape[0], w1Shape[1])
+    /// The first half of Δ(x), never building kron(W1, W2): Z = op₂(x viewed as
+    /// (n·in_m, in_n, …), W2) → (n, in_m, out_k·P), returned as (in_m, n·out_k·P) with the
+    /// grouped input (both kept for the backward pass).
+    private func kroneckerInner(_ x: Tensor, w2: Tensor) -> (groupedInput: Tensor, z: Tensor) {
+        let inM = w1Shape[1]
         let rows = x.shape[0]
         let grouped = x.reshaped([-1, w2Shape[1]] + (layer.isConvolution ? Array(x.shape[2...]) : []))
         let z = innerOp.apply(grouped, weight: w2)
         let width = z.count / (rows * inM)
-        let zm = z.reshaped([rows, inM, width]).permuted([1, 0, 2]).reshaped([inM, rows * width])
-        let y = Tensor.matmul(w1, zm).reshaped([outL, rows, width]).permuted([1, 0, 2])
-        return (y.reshaped(layer.outputShape(forInput: x.shape)), grouped, zm)
+        return (grouped, z.reshaped([rows, inM, width]).permuted([1, 0, 2]).reshaped([inM, rows * width]))
     }
 
-    public func bypassForward(_ x: Tensor, _ context: DeltaContext) throws -> Tensor {
-        guard hasBypassPath else { return layer.apply(x, weight: try deltaWeight(context)) }
-        return kroneckerApply(x.reshaped(rowsFirst(x)), w1: w1, w2: w2).output.reshaped(layer.outputShape(forInput: x.shape))
-            * (scale * parameters.scalar)
+    /// m·Δ(x) = Y[n, a, (b, p)] = Σ_m W1'[a, m]·Z[n, m, (b, p)] with W1' = m·s·σ·W1 (the
+    /// scale rides on the small factor, not on the activation), Z from ``kroneckerInner``.
+    public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
+        guard hasBypassPath else { return try weightPathForward(x, multiplier: m, context) }
+        let input = x.reshaped(rowsFirst(x))
+        let (rows, outL) = (input.shape[0], w1Shape[0])
+        let zm = kroneckerInner(input, w2: w2).z
+        let width = zm.count / (rows * w1Shape[1])
+        let y = Tensor.matmul(w1 * (m * scale * parameters.scalar), zm).reshaped([outL, rows, width]).permuted([1, 0, 2])
+        return y.reshaped(layer.outputShape(forInput: x.shape))
     }
 
-    public func bypassBackward(_ x: Tensor, gradOutput: Tensor, _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
-        guard hasBypassPath else {
-            let delta = try deltaWeight(context)
-            return (layer.backwardInput(gradOutput, weight: delta, inputShape: x.shape),
-                    try deltaWeightBackward(layer.backwardWeight(x, gradOutput: gradOutput), context))
-        }
+    /// With W1' = m·s·σ·W1 and ∂Y as (out_l, n·out_k·P): ∂W1' = ∂Y·Zᵀ, ∂W1 = m·s·σ·∂W1',
+    /// ∂Z = W1'ᵀ·∂Y, then W2's op backward; ∂σ = m·s·⟨∂Y, W1·Z⟩ = m·s·⟨∂W1', W1⟩.
+    public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
+                                         _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
+        guard hasBypassPath else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let (w1, w2) = (w1, w2)
         let (outL, inM) = (w1Shape[0], w1Shape[1])
         let input = x.reshaped(rowsFirst(x))
         let rows = input.shape[0]
-        let (raw, grouped, zm) = kroneckerApply(input, w1: w1, w2: w2)
+        let (grouped, zm) = kroneckerInner(input, w2: w2)
         let width = zm.count / (rows * inM)
-        let factor = scale * parameters.scalar
-        // ∂Y as (out_l, n·out_k·P).
-        let gy = (gradOutput * factor).reshaped([rows, outL, width]).permuted([1, 0, 2]).reshaped([outL, rows * width])
-        let gradW1 = Tensor.matmul(gy, zm, transposeB: true)
-        let gz = Tensor.matmul(w1, transposeA: true, gy).reshaped([inM, rows, width]).permuted([1, 0, 2])
-        let zShape = innerOp.outputShape(forInput: grouped.shape)
-        let gradZ = gz.reshaped(zShape)
+        let factor = m * scale * parameters.scalar
+        let gy = gradOutput.reshaped([rows, outL, width]).permuted([1, 0, 2]).reshaped([outL, rows * width])
+        let gradScaledW1 = Tensor.matmul(gy, zm, transposeB: true)
+        let gz = Tensor.matmul(w1 * factor, transposeA: true, gy).reshaped([inM, rows, width]).permuted([1, 0, 2])
+        let gradZ = gz.reshaped(innerOp.outputShape(forInput: grouped.shape))
         let gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ).reshaped(w2.shape)
         let gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
-        var grads = ParameterSet(factorGradients(TensorAlgebra(), Factors(parameters), gradW1: gradW1, gradW2: gradW2))
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.reshaped(raw.shape).dot(raw)) }
+        var grads = ParameterSet(factorGradients(TensorAlgebra(), Factors(parameters), gradW1: gradScaledW1 * factor,
+                                                 gradW2: gradW2))
+        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledW1.dot(w1)) }
         return (gradInput, grads)
     }
 

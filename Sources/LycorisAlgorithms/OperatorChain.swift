@@ -7,8 +7,44 @@ struct OperatorChain {
     var stages: [(op: LayerSpec, weight: Tensor)]
     var maskBeforeLast: Tensor?
 
+    /// down → up on a linear layer or an ungrouped convolution: `down` (r, in, k…) with the
+    /// layer's geometry and r outputs, then `up` (out, r, 1…) pointwise; `rankMask` (r,) on
+    /// the rank axis between them.
+    static func lowRank(_ layer: LayerSpec, down: Tensor, up: Tensor, rankMask: Tensor?) -> OperatorChain {
+        let r = down.shape[0]
+        switch layer {
+        case let .linear(inFeatures, outFeatures):
+            return OperatorChain(stages: [(.linear(inFeatures: inFeatures, outFeatures: r), down),
+                                          (.linear(inFeatures: r, outFeatures: outFeatures), up)], maskBeforeLast: rankMask)
+        case let .convolution(geometry):
+            let upOp = ConvGeometry.pointwise(inChannels: r, outChannels: geometry.outChannels, spatialRank: geometry.spatialRank)
+            return OperatorChain(stages: [(.convolution(geometry.with(outChannels: r)), down), (.convolution(upOp), up)],
+                                 maskBeforeLast: rankMask)
+        case .norm: preconditionFailure("a low-rank chain needs a linear or convolution layer")
+        }
+    }
+
     /// The output and the input of every stage (kept for the backward pass).
     func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
+        let inputs = stageInputs(x)
+        let last = stages[stages.count - 1]
+        return (last.op.apply(inputs[inputs.count - 1], weight: last.weight), inputs)
+    }
+
+    /// ``forward(_:)``, its stage inputs kept in `cache` under `key` (x and the factors).
+    func forward(_ x: Tensor, caching cache: StageCache, key: [Tensor]) -> Tensor {
+        let (output, inputs) = forward(x)
+        cache.store(inputs, for: [x] + key)
+        return output
+    }
+
+    /// The stage inputs the forward kept for x and `key`, or computed again.
+    func stageInputs(_ x: Tensor, cache: StageCache, key: [Tensor]) -> [Tensor] {
+        cache.stageInputs(for: [x] + key) ?? stageInputs(x)
+    }
+
+    /// The input of every stage, the last op not applied: what the backward pass needs.
+    func stageInputs(_ x: Tensor) -> [Tensor] {
         var inputs: [Tensor] = []
         var h = x
         for (index, stage) in stages.enumerated() {
@@ -16,9 +52,9 @@ struct OperatorChain {
                 h = Self.scaleChannels(h, by: mask, op: stage.op)
             }
             inputs.append(h)
-            h = stage.op.apply(h, weight: stage.weight)
+            if index < stages.count - 1 { h = stage.op.apply(h, weight: stage.weight) }
         }
-        return (h, inputs)
+        return inputs
     }
 
     /// (∂x, ∂Wᵢ for every stage) given ∂output.
@@ -38,12 +74,6 @@ struct OperatorChain {
 
     /// Multiplies channel c of `h` (the input of `op`) by `mask[c]`.
     static func scaleChannels(_ h: Tensor, by mask: Tensor, op: LayerSpec) -> Tensor {
-        var result = h
-        let channels = mask.count
-        let inner = op.isConvolution ? h.shape[2...].reduce(1, *) : 1
-        result.scalars.withUnsafeMutableBufferPointer { out in
-            for i in out.indices { out[i] *= mask.scalars[(i / inner) % channels] }
-        }
-        return result
+        h.channelAffine(op.channelLayout(of: h.shape, channels: mask.count), scales: mask.scalars)
     }
 }

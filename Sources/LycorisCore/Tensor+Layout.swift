@@ -2,21 +2,28 @@
 extension Tensor {
     /// `result[i₀…iₙ] = self[i at axes]`: result axis `k` is source axis `axes[k]`
     /// (NumPy `transpose(axes)` semantics).
+    ///
+    /// When the last axis stays last, its rows are copied whole (one run per outer index).
     public func permuted(_ axes: [Int]) -> Tensor {
         precondition(axes.sorted() == Array(0..<rank), "axes \(axes) are not a permutation of rank \(rank)")
         if axes == Array(0..<rank) { return self }
         let newShape = axes.map { shape[$0] }
         let sourceStrides = Tensor.strides(of: shape)
         let permutedStrides = axes.map { sourceStrides[$0] }
-        var result = [Float](repeating: 0, count: count)
-        var index = [Int](repeating: 0, count: rank)
+        // Walk the result's leading axes; copy `run` contiguous elements at each step.
+        let keepsLast = axes[rank - 1] == rank - 1
+        let walked = keepsLast ? rank - 1 : rank
+        let run = keepsLast ? shape[rank - 1] : 1
+        var result = Tensor(uninitializedShape: newShape)
+        guard count > 0 else { return result }
+        var index = [Int](repeating: 0, count: walked)
         scalars.withUnsafeBufferPointer { source in
-            result.withUnsafeMutableBufferPointer { target in
+            result.scalars.withUnsafeMutableBufferPointer { target in
                 var sourceOffset = 0
-                for flat in 0..<target.count {
-                    target[flat] = source[sourceOffset]
+                for step in 0..<(count / run) {
+                    (target.baseAddress! + step * run).update(from: source.baseAddress! + sourceOffset, count: run)
                     // Advance the multi-index in row-major order of the result.
-                    var axis = rank - 1
+                    var axis = walked - 1
                     while axis >= 0 {
                         index[axis] += 1
                         sourceOffset += permutedStrides[axis]
@@ -28,7 +35,7 @@ extension Tensor {
                 }
             }
         }
-        return Tensor(shape: newShape, scalars: result)
+        return result
     }
 
     /// Swaps the two axes of a matrix.

@@ -451,7 +451,7 @@ struct ComputeBehaviourTests {
         #expect(modules.map { $0["scale"]?.doubleValue } == [1, 0.5, 0.5, 1, 0.5, 1])
     }
 
-    @Test("factor_path: true where Δ(x) has a cheaper factor path (LoRA on a wide layer, LoKr), false for LoHa, norm, grouped and rank-heavy LoRA")
+    @Test("factor_path: true where Δ(x) has a cheaper factor path (LoRA on a wide layer, LoHa at low rank, LoKr), false for norm, grouped and rank-heavy LoRA and LoHa")
     func factorPath() throws {
         let harness = try ServerHarness()
         let linear: JSONValue = ["kind": "linear", "in_features": 64, "out_features": 64]
@@ -468,13 +468,15 @@ struct ComputeBehaviourTests {
                 // r·(in + out) = 8·(8 + 8) ≥ out·in = 64: the factors cost more than op(x, ΔW).
                 named("lora_rank_heavy", ["kind": "linear", "in_features": 8, "out_features": 8], ["options": ["lora_dim": 8]]),
                 named("lora_grouped", ["kind": "conv2d", "in_channels": 8, "out_channels": 8, "kernel_size": 3, "groups": 2]),
+                // LoHa's rank-r² chain: 16·(64 + 64) < 64·64, but 64·(64 + 64) is not.
                 named("loha", linear, ["algo": "loha"]),
+                named("loha_rank_heavy", linear, ["algo": "loha", "options": ["lora_dim": 8]]),
                 named("lokr", linear, ["algo": "lokr"]),
                 named("norm", ["kind": "layer_norm", "normalized_shape": 8], ["algo": "norm"]),
             ],
         ])
         let modules = try #require(info["modules"]?.arrayValue)
-        #expect(modules.map { $0["factor_path"]?.boolValue } == [true, false, false, false, true, false])
+        #expect(modules.map { $0["factor_path"]?.boolValue } == [true, false, false, true, false, true, false])
     }
 
     @Test("network.create's seed reproduces LyCORIS's initialisation from the library, layer by layer")

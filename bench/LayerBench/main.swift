@@ -14,6 +14,7 @@
 // with an elementwise transfer (IA3), forwardElementwise/backwardElementwise of the tensor it
 // scales; x, y and ∂y are made once, outside the timed region. A bad case answers
 // {"key", "error"} and the loop goes on.
+import CMalloc
 import Foundation
 import LycorisAlgorithms
 import LycorisCore
@@ -95,6 +96,10 @@ let arguments = CommandLine.arguments
 if let index = arguments.firstIndex(of: "--threads"), index + 1 < arguments.count, let threads = Int(arguments[index + 1]) {
     BLASThreads.set(threads)
 }
+// The server's allocator settings (Sources/lycoris-server): freed blocks stay in the heap, so
+// a step's buffers do not fault in fresh pages every iteration.
+mallopt(M_MMAP_MAX, 0)
+mallopt(M_TRIM_THRESHOLD, Int32.max)
 while let line = readLine() {
     guard !line.trimmingCharacters(in: .whitespaces).isEmpty else { continue }
     var key = "?"

@@ -17,10 +17,10 @@ from swift_lycoris import calibration
 IN, OUT, TOKENS = 64, 64, 2
 
 
-def _network(algo="lora"):
+def _network(algo="lora", rank=4):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(IN, OUT))
-    network = sl.create_lycoris(model, 1.0, 4, 1.0, algo=algo, threads=1)
+    network = sl.create_lycoris(model, 1.0, rank, 1.0, algo=algo, threads=1)
     network.apply_to()
     return model, network
 
@@ -67,9 +67,10 @@ def test_the_choice_follows_injected_costs(caplog):
 
 
 def test_the_server_multiply_adds_count_without_a_factor_path():
-    """LoHa has no cheaper factor path: the server's two op(x, ΔW) (2·2·4096 multiply-adds)
+    """LoHa r8 on 64→64 has no cheaper factor path (its rank-r² chain costs
+    64·(64 + 64) > 64·64 per position): the server's two op(x, ΔW) (2·2·4096 multiply-adds)
     tip a choice that copies alone would make for activations."""
-    model, network = _network("loha")
+    model, network = _network("loha", rank=8)
     (name,) = network.modules_info
     try:
         assert network.modules_info[name]["factor_path"] is False

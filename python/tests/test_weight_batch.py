@@ -251,16 +251,17 @@ def test_load_state_dict_with_assign_reaches_the_server():
         ours.close()
 
 
-@pytest.mark.parametrize("algo,path", [("lora", "activations"), ("loha", "weights")])
-def test_auto_transfer_counts_the_servers_work(algo, path):
+@pytest.mark.parametrize("algo,rank,path", [("lora", 4, "activations"), ("loha", 32, "weights")])
+def test_auto_transfer_counts_the_servers_work(algo, rank, path):
     """A wide Linear (|W| = 2^20) on 16 rows: LoRA's factor path makes the activations the
-    cheaper transfer; LoHa has none (factor_path false: the server would compute three
-    op(x, ΔW)), so ΔW crosses instead. The costs are injected (a multiply-add as dear as a
-    copy; test_transfer_choice.py covers the measured ones)."""
+    cheaper transfer; LoHa r32 has none (factor_path false: its rank-r² chain costs
+    1024·2048 > 1024·1024 per row, so the server would compute three op(x, ΔW)), so ΔW
+    crosses instead. The costs are injected (a multiply-add as dear as a copy;
+    test_transfer_choice.py covers the measured ones)."""
     from swift_lycoris.calibration import TransferCosts
 
     model = nn.Sequential(nn.Linear(1024, 1024))
-    network = sl.create_lycoris(model, 1.0, 4, 1.0, algo=algo, threads=1)
+    network = sl.create_lycoris(model, 1.0, rank, 1.0, algo=algo, threads=1)
     network.transfer_costs = TransferCosts(round_trip=150e-6, copy=1e-9, multiply_add=1e-9)
     counter = _MethodCounter(network)
     try:
