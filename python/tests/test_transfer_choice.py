@@ -29,7 +29,7 @@ def _step(model, network):
     """One training step's forward + backward; the methods the client called."""
     methods = []
     checked = network._checked_call
-    network._checked_call = lambda method, params: (methods.append(method), checked(method, params))[1]
+    network._checked_call = lambda method, params, *values: (methods.append(method), checked(method, params, *values))[1]
     server_call = network.server.call
     network.server.call = lambda method, params=None: (methods.append(method), server_call(method, params))[1]
     try:
