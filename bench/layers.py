@@ -39,6 +39,8 @@ ALGOS = [
     ("LoKr auto", "lokr", "LokrModule", {"linear_dim": 16, "linear_alpha": 8, "factor": -1}),
     ("IA3", "ia3", "IA3Module", {"linear_dim": 4, "linear_alpha": 1}),
     ("DyLoRA r16", "dylora", "DyLoraModule", {"linear_dim": 16, "linear_alpha": 8, "block_size": 4}),
+    # DoRA: LoRA with LyCORIS's weight_decompose (kohya's network_args dora_wd=True).
+    ("DoRA r16", "lora", "LoConModule", {"linear_dim": 16, "linear_alpha": 8, "weight_decompose": True}),
 ]
 ENGINE_ALGO = {"lora": "locon"}
 
