@@ -107,8 +107,36 @@ def timer(torch, forward, x, g, parameters, iters):
     return times
 
 
-def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, options, layer, shape, transfer):
-    """{column: [ms per iteration]} of one row, the columns interleaved round by round."""
+def saved_bytes(torch, forward, x):
+    """Bytes of the distinct storages autograd saves for backward during forward(x) (what a
+    training step holds between forward and backward), and the output."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = forward(x)
+    return sum(storages.values()), y
+
+
+def peak_rss_mib(pid):
+    """VmHWM (peak resident set) of process `pid`, MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, options, layer, shape, transfer,
+                memory=None):
+    """{column: [ms per iteration]} of one row, the columns interleaved round by round;
+    without `engine` no (a) column. With a dict `memory`, fills it (MiB): "lyc" and "b", the
+    adapter share of what autograd saves for backward (per LyCORIS mode: the better one's),
+    "server" the server's peak RSS and "arena" the arena's size after the row."""
     torch.manual_seed(0)
     base = base_layer(torch, layer)
     x = torch.randn(*shape, requires_grad=True)
@@ -142,10 +170,20 @@ def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, opti
                     # the rank blocks it draws: that mode is left out of the row.
                     progress(f"layers: {label}: LyCORIS {mode} mode fails ({str(error).splitlines()[0]}); left out")
                     del lyc[mode], columns[mode]
-            columns["a"] += engine.time(label, algo, layer, shape, options, args.iters)
+            if engine is not None:
+                columns["a"] += engine.time(label, algo, layer, shape, options, args.iters)
             columns["b"] += timer(torch, holder, x, g, params, args.iters)
+        if engine is None:
+            del columns["a"]
         (info,) = network.modules_info.values()
         via = info.get("transfer", transfer)
+        if memory is not None:
+            base_saved = saved_bytes(torch, base, x)[0]
+            for mode, module in lyc.items():
+                memory[mode] = (saved_bytes(torch, module, x)[0] - base_saved) / 2**20
+            memory["b"] = (saved_bytes(torch, holder, x)[0] - base_saved) / 2**20
+            memory["server"] = peak_rss_mib(network.server.pid)
+            memory["arena"] = network.arena.size / 2**20
     finally:
         network.close()
     return columns, via
@@ -156,11 +194,12 @@ def summarize(columns):
     mode = min((m for m in ("bypass", "rebuild") if m in med), key=med.get)
     lyc = med[mode] - med["base"]
     b = med["b"] - med["base"]
+    a = med.get("a", float("nan"))
     # A share under 2% of the base layer (or under 0.05 ms) is within the noise: "≈0".
     noise = max(0.02 * med["base"], 0.05)
-    return {"base": med["base"], "lyc": lyc, "mode": mode, "a": med["a"], "b": b,
+    return {"base": med["base"], "lyc": lyc, "mode": mode, "a": a, "b": b,
             "lyc_zero": lyc < noise,
-            "ratio_a": med["a"] / lyc if lyc >= noise else None,
+            "ratio_a": a / lyc if lyc >= noise else None,
             "ratio_b": b / lyc if lyc >= noise else None}
 
 
