@@ -143,7 +143,9 @@ def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, opti
     with torch.no_grad():
         g = torch.randn_like(base(x))
     lyc = {}
-    for mode in ("bypass", "rebuild"):
+    # LyCORIS 4.1.3's bypass forward drops DoRA's weight decomposition (it computes plain
+    # LoRA): DoRA rows compare against its rebuild mode only.
+    for mode in ("rebuild",) if options.get("weight_decompose") else ("bypass", "rebuild"):
         layer_copy = base_layer(torch, layer)
         layer_copy.load_state_dict(base.state_dict())
         extra = {k: v for k, v in options.items() if k not in ("linear_dim", "linear_alpha")}
