@@ -1,7 +1,8 @@
 """The shared-memory arena, client side: the server creates the file (and unlinks it when
 the session ends); this maps it and lays out each call's tensors in it.
 
-Space is handed out in blocks (64-byte aligned, kept in free lists by size and reused):
+Space is handed out in blocks (64-byte aligned; first fit, freed blocks merged with their
+free neighbours, so the arena stays about as large as what is alive at once plus one call):
 
 - a call's scratch: :meth:`Arena.begin` gives back the previous call's, :meth:`Arena.put`
   copies a tensor in (a CPU tensor that already lies in the arena is not copied: its own
@@ -13,7 +14,7 @@ Space is handed out in blocks (64-byte aligned, kept in free lists by size and r
 
 The arena grows (server ``arena.resize``, mapped again) when a block does not fit; tensors
 on an earlier mapping stay valid (the file only grows; an old mapping is unmapped when its
-last tensor goes). When no output block is alive, :meth:`begin` starts the layout afresh.
+last tensor goes).
 
 CUDA tensors: the first one to cross page-locks the mapping (``cudaHostRegister``), so the
 shared memory itself is the pinned staging buffer: a device tensor is copied by DMA straight
@@ -25,6 +26,7 @@ pageable memory (a warning says so).
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import math
@@ -57,9 +59,9 @@ class Arena:
         created = server.call("arena.create", {"size": size})
         self._map(created)
         self._top = 0  # end of the blocks handed out so far
-        self._free: dict[int, list[int]] = {}  # block size -> offsets of free blocks
-        self._scratch: list[tuple[int, int]] = []  # this call's scratch blocks (offset, size)
-        self._live = 0  # output blocks whose tensors are alive
+        self._free: list[tuple[int, int]] = []  # free (offset, size) below _top, by offset, merged
+        self._scratch: list[tuple[int, int]] = []  # this call's scratch blocks
+        self._returned: list[tuple[int, int]] = []  # output blocks whose storage was freed
 
     def _map(self, described: dict) -> None:
         self.path = described["path"]
@@ -103,32 +105,48 @@ class Arena:
     def begin(self) -> None:
         """Starts a call's layout: the previous call's scratch blocks are free again."""
         for offset, size in self._scratch:
-            self._free.setdefault(size, []).append(offset)
+            self._give_back(offset, size)
         self._scratch.clear()
-        if not self._live:
-            self._top = 0
-            self._free.clear()
 
     def _block(self, nbytes: int) -> tuple[int, int]:
-        """(offset, size) of a free block of at least `nbytes`, growing the arena if needed."""
+        """(offset, size) of the first free block that holds `nbytes` (first fit by offset),
+        else from the top, growing the arena if needed."""
+        while self._returned:
+            self._give_back(*self._returned.pop())
         size = (max(nbytes, 1) + _ALIGN - 1) // _ALIGN * _ALIGN
-        free = self._free.get(size)
-        if free:
-            return free.pop(), size
+        for index, (offset, length) in enumerate(self._free):
+            if length >= size:
+                if length == size:
+                    del self._free[index]
+                else:
+                    self._free[index] = (offset + size, length - size)
+                return offset, size
         offset = self._top
         self.ensure(offset + size)
         self._top = offset + size
         return offset, size
 
+    def _give_back(self, offset: int, size: int) -> None:
+        """Frees a block, merged with free neighbours; a free run that reaches the top lowers
+        it (so with nothing alive the layout starts again at 0)."""
+        free = self._free
+        index = bisect.bisect_left(free, (offset, 0))
+        if index > 0 and free[index - 1][0] + free[index - 1][1] == offset:
+            index -= 1
+            offset, size = free[index][0], free[index][1] + size
+            del free[index]
+        if index < len(free) and offset + size == free[index][0]:
+            size += free[index][1]
+            del free[index]
+        if offset + size == self._top:
+            self._top = offset
+        else:
+            free.insert(index, (offset, size))
+
     def _allocate(self, nbytes: int) -> int:
         offset, size = self._block(nbytes)
         self._scratch.append((offset, size))
         return offset
-
-    def _release(self, offset: int, size: int) -> None:
-        """An output block's tensor storage was freed."""
-        self._live -= 1
-        self._free.setdefault(size, []).append(offset)
 
     def plan(self, byte_counts: list[int]) -> None:
         """Grows the arena beforehand so one call's new blocks fit without a remap midway."""
@@ -157,8 +175,8 @@ class Arena:
             return self.reserve(shape, dtype), torch.empty(tuple(shape), dtype=dtype)
         offset, size = self._block(count * itemsize)
         block = (ctypes.c_char * size).from_buffer(self._mmap, offset)
-        self._live += 1
-        weakref.finalize(block, self._release, offset, size)
+        # Queued, not freed here: a finalizer may run (garbage collection) inside _block.
+        weakref.finalize(block, self._returned.append, (offset, size))
         tensor = torch.frombuffer(block, dtype=dtype, count=count).view(tuple(shape))
         return {"offset": offset, "dtype": name}, tensor
 

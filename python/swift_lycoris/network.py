@@ -534,9 +534,9 @@ class LycorisNetwork(nn.Module):
 
     def _weights_cheaper(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
         """Whether moving ΔW costs less than moving activations, by the costs measured on this
-        machine (:mod:`.calibration`): activations two round trips and 4·(|x| + |y|) element
+        machine (:mod:`.calibration`): activations two round trips and 3·(|x| + |y|) element
         copies, plus — for a module without a cheaper factor path (``factor_path`` false) —
-        the two op(x, ΔW) more that the server computes; weights 4·|W| copies."""
+        the two op(x, ΔW) more that the server computes; weights 3·|W| copies."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -712,21 +712,35 @@ class LycorisNetwork(nn.Module):
     def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[tuple[torch.Tensor, ...], int | None]]:
         """m·ΔW (and m·Δb of norm modules on layers with a bias) of `names` in one
         `delta_weight` call through the arena, with their tapes when kept:
-        name → ((ΔW,) or (ΔW, Δb), tape or None)."""
+        name → ((ΔW,) or (ΔW, Δb), tape or None). A training step's ΔWs on the CPU are
+        written by the server straight into the tensors returned (they live until their
+        layer's forward used them); others (evaluation ΔWs, kept until the parameters change;
+        other devices) are copied out."""
         shapes = {n: list(self._targets[n].weight.shape) for n in names}
         biased = [n for n in names if n in self._bias_deltas]
         # Δb: the norm's has W0's shape, Full's diff_b is (out,).
         bias_shapes = {n: shapes[n] if is_norm_layer(self._targets[n]) else shapes[n][:1] for n in biased}
+        device = _common_device([self._targets[n].weight for n in names])
+        in_place = keep_tapes and (device is None or device.type == "cpu")
         self.arena.begin()
         self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shape) * 4 for shape in bias_shapes.values()])
-        params = {"modules": names, "grad": keep_tapes,
-                  "outputs": {n: self.arena.reserve(shapes[n], torch.float32) for n in names}}
+
+        def outputs(shapes_of: dict[str, list[int]]) -> dict[str, tuple[dict, torch.Tensor | None]]:
+            if in_place:
+                return {n: self.arena.output(shape, torch.float32) for n, shape in shapes_of.items()}
+            return {n: (self.arena.reserve(shape, torch.float32), None) for n, shape in shapes_of.items()}
+
+        weight_outputs, bias_outputs = outputs(shapes), outputs(bias_shapes)
+        params = {"modules": names, "grad": keep_tapes, "outputs": {n: spec for n, (spec, _) in weight_outputs.items()}}
         if biased:
-            params["bias_outputs"] = {n: self.arena.reserve(bias_shapes[n], torch.float32) for n in biased}
+            params["bias_outputs"] = {n: spec for n, (spec, _) in bias_outputs.items()}
         results = self.server.call("delta_weight", params)["results"]
+        if in_place:
+            return {item["module"]: ((weight_outputs[item["module"]][1],)
+                                     + ((bias_outputs[item["module"]][1],) if "delta_bias" in item else ()), item.get("tape"))
+                    for item in results}
         parts = [[item["delta_weight"]] + ([item["delta_bias"]] if "delta_bias" in item else []) for item in results]
-        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors],
-                                          _common_device([self._targets[n].weight for n in names])))
+        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors], device))
         return {item["module"]: (tuple(next(taken) for _ in descriptors), item.get("tape"))
                 for item, descriptors in zip(results, parts)}
 

@@ -185,3 +185,55 @@ def test_request_template_encodes_like_json():
     expected["calls"][0]["input"]["offset"], expected["calls"][0]["output"]["offset"] = 128, 640
     expected["calls"][0]["tape"] = 7
     assert json.loads(text) == {"jsonrpc": "2.0", "id": 41, "method": "forward", "params": expected}
+
+
+def test_blocks_never_overlap_and_freeing_everything_returns_the_layout_to_zero():
+    """The allocator alone (no server): random sizes, random frees, some through the queue
+    output finalizers use; live blocks never overlap, and with all freed the top is 0."""
+    import random
+
+    from swift_lycoris.arena import Arena
+
+    arena = Arena.__new__(Arena)
+    arena._top, arena._free, arena._scratch, arena._returned, arena.size = 0, [], [], [], 1 << 40
+    arena.ensure = lambda size: None
+    rng = random.Random(5)
+    live: dict[int, int] = {}
+    high = 0
+    for _ in range(4000):
+        if live and rng.random() < 0.48:
+            offset = rng.choice(list(live))
+            block = (offset, live.pop(offset))
+            if rng.random() < 0.5:
+                arena._returned.append(block)
+            else:
+                arena._give_back(*block)
+        else:
+            nbytes = rng.choice([1, 64, 100, 4096, 5000, 1 << 16])
+            offset, size = arena._block(nbytes)
+            assert size >= nbytes and offset % 64 == 0 and size % 64 == 0
+            assert all(offset + size <= o or o + s <= offset for o, s in live.items()), "overlapping blocks"
+            live[offset] = size
+        high = max(high, sum(live.values()))
+        assert arena._top <= 4 * high + (1 << 16), "the layout grows past what is alive (no reuse)"
+    for block in list(live.items()):
+        arena._give_back(*block)
+    arena._block(1)  # drains the queue
+    assert arena._top == 64 and arena._free == []
+
+
+def test_a_training_steps_delta_weight_is_written_in_place_and_an_evaluation_one_copied():
+    _, network, name = _network()
+    try:
+        holder = network.adapters[name]
+        expected = MULTIPLIER * ALPHA / RANK * (holder.get("lora_up.weight").detach() @ holder.get("lora_down.weight").detach())
+        network.sync()  # (weight_delta syncs before it fetches; this calls the fetch itself)
+        (delta,), tape = network._fetch_delta_weights([name], keep_tapes=True)[name]
+        network._orphaned_tapes.append(tape)
+        assert _in_arena(network, delta), "a training step's ΔW was copied out"
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
+        (kept,), _ = network._fetch_delta_weights([name], keep_tapes=False)[name]
+        assert not _in_arena(network, kept), "an evaluation ΔW (kept until the parameters change) lies in the arena"
+        torch.testing.assert_close(kept, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        network.close()
