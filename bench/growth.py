@@ -28,7 +28,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from layers import measure_row, progress, summarize  # noqa: E402
+from layers import add_measure_arguments, import_stack, measure_row, progress, summarize  # noqa: E402
 
 RANK, ALPHA = 16, 8
 
@@ -106,26 +106,17 @@ def plot(points, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", help="lycoris-server for (b) (default: LYCORIS_SERVER / swift_lycoris's)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per point")
-    parser.add_argument("--iters", type=int, default=2, help="timed iterations per column per round")
+    add_measure_arguments(parser, rounds=2, iters=2)
     parser.add_argument("--only", default="", help="only points whose label or sweep contains TEXT")
     parser.add_argument("--plot", default="", help="write a matplotlib PNG there")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 iteration")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.iters = 1, 1
-    if args.server:
-        os.environ["LYCORIS_SERVER"] = args.server
-    try:
-        import torch
-        import lycoris.modules as lycoris_modules
-        import swift_lycoris as sl
-    except Exception as error:
-        print(f"section 6 growth UNAVAILABLE ({type(error).__name__}: {error})")
+    stack = import_stack(args, "section 6 growth")
+    if stack is None:
         return 0
-    torch.set_num_threads(args.threads)
+    torch, lycoris_modules, sl = stack
     points = []
     for sweep, x, label, layer, shape, rank in POINTS:
         if args.only and args.only not in f"{sweep} {label}":

@@ -259,13 +259,34 @@ def chart(rows, path):
     progress(f"layers: chart written to {path}")
 
 
+def add_measure_arguments(parser, rounds, iters):
+    """The options layers.py and growth.py share: server, threads, rounds, iterations."""
+    parser.add_argument("--server", help="lycoris-server for (b) (default: LYCORIS_SERVER / swift_lycoris's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds per row")
+    parser.add_argument("--iters", type=int, default=iters, help="timed iterations per column per round")
+
+
+def import_stack(args, section):
+    """(torch, lycoris.modules, swift_lycoris) with LYCORIS_SERVER and the threads set from
+    `args`; None (after printing `section` UNAVAILABLE and why) when one cannot be imported."""
+    if args.server:
+        os.environ["LYCORIS_SERVER"] = args.server
+    try:
+        import torch
+        import lycoris.modules as lycoris_modules
+        import swift_lycoris as sl
+    except Exception as error:
+        print(f"{section} UNAVAILABLE ({type(error).__name__}: {error})")
+        return None
+    torch.set_num_threads(args.threads)
+    return torch, lycoris_modules, sl
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer-bench", required=True, help="path of the layer-bench executable")
-    parser.add_argument("--server", help="lycoris-server for (b) (default: LYCORIS_SERVER / swift_lycoris's)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per column per round")
+    add_measure_arguments(parser, rounds=5, iters=3)
     parser.add_argument("--only", default="", help="only rows whose 'layer algo' label contains TEXT")
     parser.add_argument("--chart", default="", help="write a matplotlib PNG of the table there")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 iteration")
@@ -274,17 +295,10 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.iters = 2, 1
-    if args.server:
-        os.environ["LYCORIS_SERVER"] = args.server
-
-    try:
-        import torch
-        import lycoris.modules as lycoris_modules
-        import swift_lycoris as sl
-    except Exception as error:
-        print(f"section 6 layers UNAVAILABLE ({type(error).__name__}: {error})")
+    stack = import_stack(args, "section 6 layers")
+    if stack is None:
         return 0
-    torch.set_num_threads(args.threads)
+    torch, lycoris_modules, sl = stack
     engine = Engine(args.layer_bench, args.threads)
     rows = []
     try:
