@@ -35,6 +35,7 @@ let package = Package(
         .executable(name: "lycoris-server", targets: ["lycoris-server"]),
         .library(name: "LycorisRPC", targets: ["LycorisRPC"]),
         .library(name: "LycorisServer", targets: ["LycorisServer"]),
+        .library(name: "LycorisDevice", targets: ["LycorisDevice"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -62,16 +63,26 @@ let package = Package(
         // CUDA through dlopen (no link-time dependency): driver, cuBLAS, NVRTC.
         .target(
             name: "LycorisCUDA",
-            dependencies: ["LycorisCore"],
+            dependencies: ["LycorisCore", "CCUDAIPC"],
             exclude: ["Kernels"],
             swiftSettings: strictSwift
         ),
         // LycorisCUDA's kernel sources compiled as C with a CUDA emulation header, so tests
-        // check their index arithmetic on the CPU (not a product).
+        // check their index arithmetic on the CPU and LycorisDevice's emulated device runs
+        // them (not a product).
         .target(
             name: "CLycorisKernelsCPU",
             cSettings: [.headerSearchPath(".")]
         ),
+        // The device backend: adapters' ΔW and its backward in device memory (CUDA, or the
+        // emulated device for tests), from the algorithms' generic weight-path math.
+        .target(
+            name: "LycorisDevice",
+            dependencies: ["LycorisCore", "LycorisAlgorithms", "LycorisCUDA", "CLycorisKernelsCPU", "COpenBLAS"],
+            swiftSettings: strictSwift
+        ),
+        // The by-value call of cuIpcOpenMemHandle (its 64-byte handle struct), for LycorisCUDA.
+        .target(name: "CCUDAIPC"),
         // Stable Diffusion checkpoints (single files, diffusers folders) and their kohya names.
         .target(
             name: "LycorisCheckpoints",
@@ -86,7 +97,8 @@ let package = Package(
         .target(
             name: "LycorisServer",
             dependencies: [
-                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA",
+                "LycorisCore", "LycorisFormats", "LycorisAlgorithms", "LycorisRPC", "LycorisCUDA", "LycorisDevice",
+                "LycorisCheckpoints",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
@@ -94,7 +106,7 @@ let package = Package(
         .executableTarget(
             name: "lycoris-server",
             dependencies: [
-                "LycorisServer", "LycorisRPC", "LycorisCore", "LycorisFormats", "CMalloc",
+                "LycorisServer", "LycorisRPC", "LycorisCore", "LycorisFormats", "CMalloc", "LycorisDevice", "LycorisCUDA",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -141,12 +153,17 @@ let package = Package(
         ),
         .testTarget(
             name: "LycorisServerTests",
-            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
+            dependencies: ["LycorisServer", "LycorisRPC", "LycorisAlgorithms", "LycorisCheckpoints", "LycorisCore", "LycorisTestSupport", "lycoris-server"],
             swiftSettings: strictSwift
         ),
         .testTarget(
             name: "LycorisCUDATests",
             dependencies: ["LycorisCUDA", "CLycorisKernelsCPU", "LycorisCore", "LycorisTestSupport"],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "LycorisDeviceTests",
+            dependencies: ["LycorisDevice", "LycorisAlgorithms", "LycorisCUDA", "LycorisCore", "LycorisTestSupport"],
             swiftSettings: strictSwift
         ),
         .testTarget(

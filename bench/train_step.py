@@ -344,6 +344,23 @@ def peak_rss_mb(pid):
     return float("nan")
 
 
+def gpu_memory_mb(pid):
+    """The GPU memory process `pid` uses now (nvidia-smi's used_memory), MB; NaN where
+    nvidia-smi does not list it (the server has no CUDA context on the arena path)."""
+    import subprocess
+
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return float("nan")
+    for line in listing.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid):
+            return float(fields[1])
+    return float("nan")
+
+
 def null_call_us(network, count=300, warmup=50):
     """Median client-observed time of a call that does no work (network.set_training with the
     mode the server already has) through swift_lycoris's Server.call: the per-round-trip
@@ -579,8 +596,10 @@ def main():
                     row(f"{case}: ours calls/step", per_method(result), "-", "-")
                     if device.type == "cuda":
                         adapters = sum(p.numel() * p.element_size() for p in ours_net.parameters()) / 2**20
+                        path = "device path" if ours_net.core._device_path else "arena path"
                         row(f"{case}: memory",
-                            f"ours step working set {result['working_mb']['ours']:.0f} MB CUDA, server peak RSS "
+                            f"ours ({path}) step working set {result['working_mb']['ours']:.0f} MB CUDA, server "
+                            f"GPU {gpu_memory_mb(ours_net.core.server._process.pid):.0f} MB, peak RSS "
                             f"{peak_rss_mb(ours_net.core.server._process.pid):.0f} MB",
                             f"LyCORIS step working set {result['working_mb']['lyco']:.0f} MB CUDA",
                             f"adapters {adapters:.0f} MB")

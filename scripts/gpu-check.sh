@@ -8,10 +8,17 @@
 #   1. unpacks the bundled lycoris-server and the Python wheels the host lacks (into a
 #      temporary folder; python/ and that folder go on PYTHONPATH)
 #   2. prints the GPU, torch and the server's `initialize` capabilities
+#   2b. lycoris-server --device-check cuda:0: the device backend's m·ΔW and ∂parameters
+#      against the host engine, every ported algorithm, one line per case; then
+#      --device-bench cuda:0: its time per SD 1.5 layer shape (LoRA, LoHa, LoKr)
 #   3. pytest: python/tests/test_cuda*.py (the CUDA staging path, the server's CUDA probe, the
-#      backend's kernels compiled by NVRTC and launched with the driver API against torch)
+#      backend's kernels compiled by NVRTC and launched with the driver API against torch, and
+#      test_cuda_device.py: the device path — torch's tensors shared by CUDA IPC, two server
+#      calls per step — against LyCORIS, the stream-ordering rule, the fallback, a kohya step)
 #   4. bench/train_step.py --device cuda: a kohya training step on an SD 1.5-shaped UNet + CLIP
 #      (random weights, 64x64 latents, batch 1 and 4; LoRA, LoHa, LoKr), swift_lycoris.kohya
+#      (the device path, which swift_lycoris picks by itself for a model on the GPU; the log
+#      line "the adapters compute on cuda:0" or "stay on the arena path: <why>" says which)
 #      against lycoris.kohya on the same GPU, every figure printed
 #
 # --dry-run does the same on a machine without a GPU, in minutes: the bundled server, the
@@ -86,12 +93,23 @@ print("server CUDA probe:", json.dumps(cuda, indent=1))
 server.close()
 EOF
 
+phase "device check (lycoris-server --device-check)"
+# The dry run checks the emulated device (no driver here); the GPU run checks cuda:0.
+DEVICE=cuda:0
+[ "$DRY" = 1 ] && DEVICE=emulated
+mapfile -t LIBRARY_DIRS < <("$PYTHON" -c 'from swift_lycoris.cuda_libraries import torch_library_dirs
+for d in torch_library_dirs(): print("--cuda-library-dir"); print(d)')
+run "device check" 60 "$LYCORIS_SERVER" --device-check "$DEVICE" "${LIBRARY_DIRS[@]}"
+# The emulated device runs kernels one thread at a time: its timings would take minutes and mean nothing.
+[ "$DRY" = 0 ] && run "device bench" 60 "$LYCORIS_SERVER" --device-bench "$DEVICE" "${LIBRARY_DIRS[@]}"
+
 phase "tests (python/tests/test_cuda*.py)"
 run "pytest" 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rs "$ROOT"/python/tests/test_cuda*.py
 
 phase "benchmark (bench/train_step.py)"
+# swift_lycoris's INFO lines (which path the adapters take) reach stderr, not the server's.
 if [ "$DRY" = 0 ]; then
-    run "train_step" 330 "$PYTHON" "$ROOT/bench/train_step.py" --device cuda --model sd15 --latent 64 \
+    run "train_step" 330 "$PYTHON" -c 'import logging, runpy, sys; logging.basicConfig(level=logging.WARNING); logging.getLogger("swift_lycoris").setLevel(logging.INFO); logging.getLogger("swift_lycoris.server").setLevel(logging.WARNING); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' "$ROOT/bench/train_step.py" --device cuda --model sd15 --latent 64 \
         --algos lora,loha,lokr --batches 1,4 --threads 16 --warmup 1 --steps 5 --min-steps 2 --case-seconds 12
 else
     run "train_step" 240 "$PYTHON" "$ROOT/bench/train_step.py" --device cpu --model tiny --quick \

@@ -11,14 +11,28 @@ void lycoris_cpu_hadamard(unsigned grid, unsigned block, float *out, const float
     LYCORIS_LAUNCH(lycoris_hadamard, grid, block, out, a, b, s, n);
 }
 
+void lycoris_cpu_add(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_add, grid, block, out, a, b, s, n);
+}
+
 void lycoris_cpu_kronecker(unsigned grid, unsigned block, float *out, const float *a, const float *b, float s,
                            uint64_t p, uint64_t q, uint64_t r, uint64_t t, uint64_t k) {
     LYCORIS_LAUNCH(lycoris_kronecker, grid, block, out, a, b, s, p, q, r, t, k);
 }
 
 void lycoris_cpu_channel_scale(unsigned grid, unsigned block, float *out, const float *x, const float *w,
-                               float offset, uint64_t stride, uint64_t channels, uint64_t n) {
-    LYCORIS_LAUNCH(lycoris_channel_scale, grid, block, out, x, w, offset, stride, channels, n);
+                               float offset, float s, uint64_t stride, uint64_t channels, uint64_t n) {
+    LYCORIS_LAUNCH(lycoris_channel_scale, grid, block, out, x, w, offset, s, stride, channels, n);
+}
+
+void lycoris_cpu_channel_dot_parts(unsigned grid, unsigned block, double *partials, const float *a, const float *b,
+                                   uint64_t stride, uint64_t channels, uint64_t n, uint64_t parts) {
+    LYCORIS_LAUNCH(lycoris_channel_dot_parts, grid, block, partials, a, b, stride, channels, n, parts);
+}
+
+void lycoris_cpu_sum_parts(unsigned grid, unsigned block, float *out, const double *partials, float s, uint64_t channels,
+                           uint64_t parts) {
+    LYCORIS_LAUNCH(lycoris_sum_parts, grid, block, out, partials, s, channels, parts);
 }
 
 void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const float *x, const float *w,
@@ -27,13 +41,14 @@ void lycoris_cpu_norm_affine(unsigned grid, unsigned block, float *out, const fl
 }
 
 void lycoris_cpu_transpose(unsigned grid, unsigned block, float *out, const float *in, uint64_t batch,
-                           uint64_t rows, uint64_t columns) {
-    LYCORIS_LAUNCH(lycoris_transpose, grid, block, out, in, batch, rows, columns);
+                           uint64_t rows, uint64_t columns, uint64_t inner) {
+    LYCORIS_LAUNCH(lycoris_transpose, grid, block, out, in, batch, rows, columns, inner);
 }
 
-void lycoris_cpu_column_slice(unsigned grid, unsigned block, float *out, const float *in, uint64_t rows,
-                              uint64_t columns, uint64_t first, uint64_t width) {
-    LYCORIS_LAUNCH(lycoris_column_slice, grid, block, out, in, rows, columns, first, width);
+void lycoris_cpu_column_copy(unsigned grid, unsigned block, float *out, const float *in, uint64_t rows,
+                             uint64_t width, uint64_t out_columns, uint64_t out_first, uint64_t in_columns,
+                             uint64_t in_first) {
+    LYCORIS_LAUNCH(lycoris_column_copy, grid, block, out, in, rows, width, out_columns, out_first, in_columns, in_first);
 }
 
 void lycoris_cpu_dropout_mask(unsigned grid, unsigned block, float *out, float p, uint64_t n, uint64_t seed,

@@ -84,10 +84,10 @@ public struct AdapterFile {
         strayKeys = stray
     }
 
-    /// The module's tensors converted to Float32, by suffix.
-    public func tensors(of module: Module) throws -> [String: Tensor] {
+    /// The module's tensors converted to Float32, by suffix (only `suffixes` when given).
+    public func tensors(of module: Module, suffixes: [String]? = nil) throws -> [String: Tensor] {
         var result: [String: Tensor] = [:]
-        for suffix in module.tensors.keys {
+        for suffix in suffixes?.filter({ module.tensors[$0] != nil }) ?? Array(module.tensors.keys) {
             result[suffix] = try file.tensor(KeySchema.key(module: module.name, suffix: suffix))
         }
         return result

@@ -4,7 +4,8 @@ import LycorisFormats
 /// Merges an adapter file into one model's state dict: W' = W0 + m·ΔW per adapted layer,
 /// with ΔW as the adapter's *forward* computes it (LyCORIS 4.1.3's own merge applies the
 /// LoHa/LoKr scale twice; this does not); for algorithms that adapt the bias (norm) also
-/// b' = b0 + m·Δb where the base has the bias `a.b.c.bias`.
+/// b' = b0 + m·Δb where the base has the bias `a.b.c.bias`. A LoRA/LoCon module's sparse
+/// bias (``SparseBias``) is merged too: W' = W0 + m·s·(up·down + S).
 ///
 /// Module `PREFIX_a_b_c` (PREFIX one of ``KeySchema/prefixes``) applies to the base key
 /// `a.b.c.weight`: the base keys are flattened the same way and matched exactly, so dots
@@ -96,10 +97,19 @@ public enum AdapterMerge {
         guard let layer = algorithm == .norms ? .norm(normalization) : layer(forWeightShape: baseWeight.shape) else {
             throw AdapterError("base weight \(weightKey) has shape \(baseWeight.shape); only linear, conv1d/conv2d/conv3d and norm weights are merged")
         }
-        var merged = AdapterModule(name: module.name, algorithm: try adapter.adapter(for: module, layer: layer, baseWeight: baseWeight),
+        let algorithmOnLayer = try adapter.adapter(for: module, layer: layer, baseWeight: baseWeight)
+        var merged = AdapterModule(name: module.name, algorithm: algorithmOnLayer,
                                    options: AdapterOptions(), baseWeight: baseWeight, baseBias: baseBias)
         merged.multiplier = multiplier
-        let result = try merged.mergedWeight()
+        var result = try merged.mergedWeight()
+        if let sparse = try SparseBias(adapter.tensors(of: module, suffixes: SparseBias.suffixes)) {
+            // ΔW = s·(up·down + S): the sparse part is added with the factors' scale.
+            guard let locon = algorithmOnLayer as? LoCon, module.tensors["dora_scale"] == nil, module.tensors["scalar"] == nil else {
+                throw AdapterError("a sparse bias (bias_indices/bias_values/bias_size) is merged on plain LoRA/LoCon modules only, not \(algorithm.rawValue)"
+                                   + (module.tensors["dora_scale"] != nil ? " with DoRA" : ""))
+            }
+            result = result + (try sparse.dense(shape: baseWeight.shape)) * (multiplier * locon.scale)
+        }
         let bias = try merged.mergedBias()
         guard result.isFinite, bias?.isFinite ?? true else { throw AdapterError("the merged weight has non-finite values") }
         return (result, bias)

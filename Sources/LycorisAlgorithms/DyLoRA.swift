@@ -47,39 +47,52 @@ public struct DyLoRA: AdapterAlgorithm {
     /// The per-step scale α/(b+1).
     public func scale(block b: Int) -> Float { alpha / Float(b + 1) }
 
-    private func block(_ context: DeltaContext) throws -> Int {
-        let b = context.block ?? blockCount - 1
+    /// The block of this step: the context's, or every block (eval); throws when outside 0..<blockCount.
+    package func block(_ requested: Int?) throws -> Int {
+        let b = requested ?? blockCount - 1
         guard b >= 0 && b < blockCount else { throw AdapterError("dylora: block \(b) is outside 0..<\(blockCount)") }
         return b
     }
 
     private var up: Tensor { parameters.required("lora_up.weight") }
-    private var downMatrix: Tensor { parameters.required("lora_down.weight").flattenedToMatrix() }
 
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
-        let b = try block(context)
-        let used = (b + 1) * blockSize
-        return Tensor.matmul(up.slice(axis: 1, 0..<used), downMatrix.slice(axis: 0, 0..<used), alpha: scale(block: b))
-            .reshaped(layer.weightShape)
+        deltaWeight(TensorAlgebra(), Factors(parameters), block: try block(context.block), multiplier: 1)
     }
 
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
-        let b = try block(context)
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), gradient: gradient, block: try block(context.block),
+                                         multiplier: 1))
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// m·ΔW_b = m·α/(b+1) · up[:, :(b+1)·bs] · down[:(b+1)·bs] (weight shape); `b` checked by ``block(_:)``.
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, block b: Int, multiplier m: Float) -> A.Value {
+        let used = 0..<((b + 1) * blockSize)
+        let up = algebra.matrix(p.required("lora_up.weight")), down = algebra.matrix(p.required("lora_down.weight"))
+        return algebra.reshaped(algebra.matmul(algebra.columns(up, used), transposeA: false, algebra.rows(down, used),
+                                               transposeB: false, alpha: m * scale(block: b)),
+                                layer.weightShape)
+    }
+
+    /// ∂parameters from G = ∂(m·ΔW_b): only block b's columns of up and rows of down get
+    /// gradient, s = m·α/(b+1): ∂up[:, block] = s·G·down[block]ᵀ, ∂down[block] = s·up[:, block]ᵀ·G.
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradient: A.Value, block b: Int,
+                                                       multiplier m: Float) -> [(String, A.Value)] {
         let trained = (b * blockSize)..<((b + 1) * blockSize)
-        let g = gradient.flattenedToMatrix()
-        let s = scale(block: b)
-        let gradUpBlock = Tensor.matmul(g, downMatrix.slice(axis: 0, trained), transposeB: true, alpha: s)  // (out, bs)
-        let gradDownBlock = Tensor.matmul(up.slice(axis: 1, trained), transposeA: true, g, alpha: s)       // (bs, in·K)
-        var gradUp = Tensor.zeros(up.shape), gradDown = Tensor.zeros(downMatrix.shape)
-        for row in 0..<up.shape[0] {
-            for (j, column) in trained.enumerated() {
-                gradUp.scalars[row * up.shape[1] + column] = gradUpBlock.scalars[row * blockSize + j]
-            }
-        }
-        let width = downMatrix.shape[1]
-        gradDown.scalars.replaceSubrange((trained.lowerBound * width)..<(trained.upperBound * width), with: gradDownBlock.scalars)
-        return ParameterSet([("lora_down.weight", gradDown.reshaped(parameters.required("lora_down.weight").shape)),
-                             ("lora_up.weight", gradUp)])
+        let downShape = algebra.shape(of: p.required("lora_down.weight"))
+        let up = algebra.matrix(p.required("lora_up.weight")), down = algebra.matrix(p.required("lora_down.weight"))
+        let (rank, width) = (algebra.shape(of: up)[1], algebra.shape(of: down)[1])
+        let g = algebra.matrix(gradient)
+        let s = m * scale(block: b)
+        let gradUpBlock = algebra.matmul(g, transposeA: false, algebra.rows(down, trained), transposeB: true, alpha: s)     // (out, bs)
+        let gradDownBlock = algebra.matmul(algebra.columns(up, trained), transposeA: true, g, transposeB: false, alpha: s)  // (bs, in·K)
+        // down's block rows are one contiguous run of its flat storage.
+        let flat = algebra.placing(algebra.reshaped(gradDownBlock, [1, blockSize * width]),
+                                   columns: (trained.lowerBound * width)..<(trained.upperBound * width), width: rank * width)
+        return [("lora_down.weight", algebra.reshaped(flat, downShape)),
+                ("lora_up.weight", algebra.placing(gradUpBlock, columns: trained, width: rank))]
     }
 
     public func savedTensors() -> [SavedTensor] {

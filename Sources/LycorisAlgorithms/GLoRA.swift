@@ -78,49 +78,71 @@ public struct GLoRA: AdapterAlgorithm {
         return ([inner, r] + ones, [r, inner] + ones, [out, r] + ones, [r, inner] + layer.kernelSize)
     }
 
-    private func matrix(_ name: String) -> Tensor { parameters.required(name).flattenedToMatrix() }
-
-    /// A weight-shaped tensor as the (out·K, in) matrix with its input axis last, and back.
-    private func inputAxisLast(_ w: Tensor) -> Tensor {
-        guard w.rank > 2 else { return w }
-        return w.permuted([0] + Array(2..<w.rank) + [1]).reshaped([-1, layer.weightInFeatures])
-    }
-
-    private func weightLayout(_ m: Tensor) -> Tensor {
-        guard layer.isConvolution else { return m }
-        let shape = layer.weightShape
-        let rank = shape.count
-        return m.reshaped([shape[0]] + Array(shape[2...]) + [shape[1]]).permuted([0, rank - 1] + Array(1..<(rank - 1)))
-    }
-
     private func baseWeight(_ context: DeltaContext) throws -> Tensor {
         guard let w0 = context.baseWeight else { throw AdapterError("glora needs the base layer's weight") }
         return w0
     }
 
-    /// W0·A + B without scale and scalar, weight shape.
-    private func product(_ w0: Tensor) -> Tensor {
-        let wa = Tensor.matmul(Tensor.matmul(inputAxisLast(w0), matrix("a1.weight")), matrix("a2.weight"))
-        return weightLayout(wa) + Tensor.matmul(matrix("b1.weight"), matrix("b2.weight")).reshaped(layer.weightShape)
-    }
-
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
-        product(try baseWeight(context)) * (scale * parameters.scalar)
+        deltaWeight(TensorAlgebra(), Factors(parameters), baseWeight: try baseWeight(context), multiplier: 1)
     }
 
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
-        let w0 = try baseWeight(context)
-        let scaled = gradient * (scale * parameters.scalar)
-        let (w0t, gt) = (inputAxisLast(w0), inputAxisLast(scaled))
-        let (a1, a2, b1, b2) = (matrix("a1.weight"), matrix("a2.weight"), matrix("b1.weight"), matrix("b2.weight"))
-        let gm = scaled.flattenedToMatrix()
-        var grads = ParameterSet()
-        grads["a1.weight"] = Tensor.matmul(Tensor.matmul(w0t, transposeA: true, gt), a2, transposeB: true)
-            .reshaped(parameters.required("a1.weight").shape)
-        grads["a2.weight"] = Tensor.matmul(Tensor.matmul(w0t, a1), transposeA: true, gt).reshaped(parameters.required("a2.weight").shape)
-        grads["b1.weight"] = Tensor.matmul(gm, b2, transposeB: true).reshaped(parameters.required("b1.weight").shape)
-        grads["b2.weight"] = Tensor.matmul(b1, transposeA: true, gm).reshaped(parameters.required("b2.weight").shape)
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradient.dot(product(w0))) }
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), baseWeight: try baseWeight(context),
+                                         gradient: gradient, multiplier: 1))
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// A weight-shaped tensor as the (out·K, in) matrix with its input axis last.
+    private func inputAxisLast<A: WeightAlgebra>(_ algebra: A, _ w: A.Value) -> A.Value {
+        guard layer.isConvolution else { return w }
+        let (out, inner, k) = (layer.outFeatures, layer.weightInFeatures, layer.kernelElements)
+        return algebra.reshaped(algebra.swappingMiddleAxes(w, [out, inner, k, 1]), [out * k, inner])
+    }
+
+    /// The (out·K, in) matrix back in the weight's layout.
+    private func weightLayout<A: WeightAlgebra>(_ algebra: A, _ m: A.Value) -> A.Value {
+        guard layer.isConvolution else { return m }
+        let (out, inner, k) = (layer.outFeatures, layer.weightInFeatures, layer.kernelElements)
+        return algebra.reshaped(algebra.swappingMiddleAxes(m, [out, k, inner, 1]), layer.weightShape)
+    }
+
+    /// α·(W0·A + B), weight shape.
+    private func product<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, _ w0: A.Value, alpha: Float) -> A.Value {
+        let (a1, a2) = (algebra.matrix(p.required("a1.weight")), algebra.matrix(p.required("a2.weight")))
+        let (b1, b2) = (algebra.matrix(p.required("b1.weight")), algebra.matrix(p.required("b2.weight")))
+        let wa = algebra.matmul(algebra.matmul(inputAxisLast(algebra, w0), a1), transposeA: false, a2, transposeB: false, alpha: alpha)
+        let b = algebra.matmul(b1, transposeA: false, b2, transposeB: false, alpha: alpha)
+        return algebra.adding(weightLayout(algebra, wa), algebra.reshaped(b, layer.weightShape))
+    }
+
+    /// m·ΔW = m·s·σ·(W0·A + B) (weight shape); W0 is read, never changed.
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, baseWeight w0: A.Value,
+                                               multiplier m: Float) -> A.Value {
+        product(algebra, p, w0, alpha: m * scale * p.scalar(algebra))
+    }
+
+    /// ∂parameters from G = ∂(m·ΔW), with f = m·s·σ (G'ᵗ = f·G with its input axis last):
+    /// ∂a1 = W0ᵗᵀ·G'ᵗ·a2ᵀ, ∂a2 = (W0ᵗ·a1)ᵀ·G'ᵗ, ∂b1 = G'·b2ᵀ, ∂b2 = b1ᵀ·G', ∂σ = m·s·⟨G, W0·A + B⟩.
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, baseWeight w0: A.Value,
+                                                       gradient: A.Value, multiplier m: Float) -> [(String, A.Value)] {
+        let factor = m * scale * p.scalar(algebra)
+        let (w0t, gt) = (inputAxisLast(algebra, w0), inputAxisLast(algebra, gradient))
+        let (a1, a2) = (algebra.matrix(p.required("a1.weight")), algebra.matrix(p.required("a2.weight")))
+        let (b1, b2) = (algebra.matrix(p.required("b1.weight")), algebra.matrix(p.required("b2.weight")))
+        let gm = algebra.matrix(gradient)
+        func shaped(_ value: A.Value, _ name: String) -> (String, A.Value) {
+            (name, algebra.reshaped(value, algebra.shape(of: p.required(name))))
+        }
+        var grads = [
+            shaped(algebra.matmul(algebra.matmul(w0t, transposeA: true, gt), transposeA: false, a2, transposeB: true, alpha: factor),
+                   "a1.weight"),
+            shaped(algebra.matmul(algebra.matmul(w0t, a1), transposeA: true, gt, transposeB: false, alpha: factor), "a2.weight"),
+            shaped(algebra.matmul(gm, transposeA: false, b2, transposeB: true, alpha: factor), "b1.weight"),
+            shaped(algebra.matmul(b1, transposeA: true, gm, transposeB: false, alpha: factor), "b2.weight"),
+        ]
+        if p["scalar"] != nil { grads.append(("scalar", algebra.dot(gradient, product(algebra, p, w0, alpha: 1), scale: m * scale))) }
         return grads
     }
 

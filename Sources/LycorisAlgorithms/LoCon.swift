@@ -71,40 +71,51 @@ public struct LoCon: AdapterAlgorithm {
 
     private var up: Tensor { parameters.required("lora_up.weight") }
     private var down: Tensor { parameters.required("lora_down.weight") }
-    private var upMatrix: Tensor { up.flattenedToMatrix() }
-
-    /// up·down (or the Tucker rebuild) without scale and scalar, weight shape.
-    private func product() -> Tensor {
-        if usesTucker {
-            return TuckerProduct.rebuild(core: parameters.required("lora_mid.weight"), a: upMatrix.transposed,
-                                         b: down.flattenedToMatrix()).reshaped(layer.weightShape)
-        }
-        return Tensor.matmul(upMatrix, down.flattenedToMatrix()).reshaped(layer.weightShape)
-    }
 
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
-        product() * (scale * parameters.scalar)
+        deltaWeight(TensorAlgebra(), Factors(parameters), multiplier: 1)
     }
 
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
-        let factor = scale * parameters.scalar
-        let scaled = gradient * factor
-        var grads = ParameterSet()
-        let downMatrix = down.flattenedToMatrix()
-        if usesTucker {
-            let mid = parameters.required("lora_mid.weight")
-            let g = TuckerProduct.backward(scaled, core: mid, a: upMatrix.transposed, b: downMatrix)
-            grads["lora_down.weight"] = g.b.reshaped(down.shape)
-            grads["lora_mid.weight"] = g.core
-            grads["lora_up.weight"] = g.a.transposed.reshaped(up.shape)
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), gradient: gradient, multiplier: 1))
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// α · up·down (or the Tucker rebuild), weight shape.
+    private func product<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, alpha: Float) -> A.Value {
+        let up = algebra.matrix(p.required("lora_up.weight")), down = algebra.matrix(p.required("lora_down.weight"))
+        if let mid = p["lora_mid.weight"] {
+            return algebra.reshaped(TuckerProduct.rebuild(algebra, core: mid, a: algebra.transposed(up), b: down, alpha: alpha),
+                                    layer.weightShape)
+        }
+        return algebra.reshaped(algebra.matmul(up, transposeA: false, down, transposeB: false, alpha: alpha), layer.weightShape)
+    }
+
+    /// m·ΔW = m·s·σ·up·down (weight shape).
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, multiplier m: Float) -> A.Value {
+        product(algebra, p, alpha: m * scale * p.scalar(algebra))
+    }
+
+    /// ∂parameters (in ``parameters``' order) from G = ∂(m·ΔW): with f = m·s·σ,
+    /// ∂down = f·upᵀ·G, ∂up = f·G·downᵀ (Tucker: ``TuckerProduct/backward(_:_:core:a:b:alpha:)``),
+    /// ∂σ = m·s·⟨G, up·down⟩.
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradient: A.Value,
+                                                       multiplier m: Float) -> [(String, A.Value)] {
+        let factor = m * scale * p.scalar(algebra)
+        let upShape = algebra.shape(of: p.required("lora_up.weight")), downShape = algebra.shape(of: p.required("lora_down.weight"))
+        let up = algebra.matrix(p.required("lora_up.weight")), down = algebra.matrix(p.required("lora_down.weight"))
+        var grads: [(String, A.Value)]
+        if let mid = p["lora_mid.weight"] {
+            let g = TuckerProduct.backward(algebra, gradient, core: mid, a: algebra.transposed(up), b: down, alpha: factor)
+            grads = [("lora_down.weight", algebra.reshaped(g.b, downShape)), ("lora_mid.weight", g.core),
+                     ("lora_up.weight", algebra.reshaped(algebra.transposed(g.a), upShape))]
         } else {
-            let gm = scaled.flattenedToMatrix()
-            grads["lora_down.weight"] = Tensor.matmul(upMatrix, transposeA: true, gm).reshaped(down.shape)
-            grads["lora_up.weight"] = Tensor.matmul(gm, downMatrix, transposeB: true).reshaped(up.shape)
+            let gm = algebra.matrix(gradient)
+            grads = [("lora_down.weight", algebra.reshaped(algebra.matmul(up, transposeA: true, gm, transposeB: false, alpha: factor), downShape)),
+                     ("lora_up.weight", algebra.reshaped(algebra.matmul(gm, transposeA: false, down, transposeB: true, alpha: factor), upShape))]
         }
-        if parameters["scalar"] != nil {
-            grads["scalar"] = Tensor(scalar: scale * gradient.dot(product()))
-        }
+        if p["scalar"] != nil { grads.append(("scalar", algebra.dot(gradient, product(algebra, p, alpha: 1), scale: m * scale))) }
         return grads
     }
 

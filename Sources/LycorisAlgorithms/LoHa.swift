@@ -74,39 +74,53 @@ public struct LoHa: AdapterAlgorithm {
         return ([layer.outFeatures, r], [r, layer.weightInFeatures * layer.kernelElements], [])
     }
 
-    /// Half i of the Hadamard product, (out, in·K) or weight-shaped with Tucker.
-    private func half(_ i: Int) -> Tensor {
-        let a = parameters.required("hada_w\(i)_a"), b = parameters.required("hada_w\(i)_b")
-        if usesTucker { return TuckerProduct.rebuild(core: parameters.required("hada_t\(i)"), a: a, b: b) }
-        return Tensor.matmul(a, b)
-    }
-
-    /// Factor gradients of half i given ∂half.
-    private func halfBackward(_ i: Int, _ gradient: Tensor, into grads: inout ParameterSet) {
-        let a = parameters.required("hada_w\(i)_a"), b = parameters.required("hada_w\(i)_b")
-        if usesTucker {
-            let g = TuckerProduct.backward(gradient, core: parameters.required("hada_t\(i)"), a: a, b: b)
-            grads["hada_w\(i)_a"] = g.a
-            grads["hada_w\(i)_b"] = g.b
-            grads["hada_t\(i)"] = g.core
-        } else {
-            grads["hada_w\(i)_a"] = Tensor.matmul(gradient, b, transposeB: true)
-            grads["hada_w\(i)_b"] = Tensor.matmul(a, transposeA: true, gradient)
-        }
-    }
-
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
-        ((half(1) * half(2)) * (scale * parameters.scalar)).reshaped(layer.weightShape)
+        deltaWeight(TensorAlgebra(), Factors(parameters), multiplier: 1)
     }
 
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
-        let (h1, h2) = (half(1), half(2))
-        let g = gradient.reshaped(h1.shape)
-        let scaled = g * (scale * parameters.scalar)
-        var grads = ParameterSet()
-        halfBackward(1, scaled * h2, into: &grads)
-        halfBackward(2, scaled * h1, into: &grads)
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * g.dot(h1 * h2)) }
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), gradient: gradient, multiplier: 1))
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// Half i of the Hadamard product, (out, in·K) or weight-shaped with Tucker.
+    private func half<A: WeightAlgebra>(_ i: Int, _ algebra: A, _ p: Factors<A.Value>) -> A.Value {
+        let a = p.required("hada_w\(i)_a"), b = p.required("hada_w\(i)_b")
+        if let core = p["hada_t\(i)"] { return TuckerProduct.rebuild(algebra, core: core, a: a, b: b) }
+        return algebra.matmul(a, b)
+    }
+
+    /// Factor gradients of half i given ∂half.
+    private func halfBackward<A: WeightAlgebra>(_ i: Int, _ algebra: A, _ p: Factors<A.Value>, _ gradient: A.Value,
+                                                into grads: inout [(String, A.Value)]) {
+        let a = p.required("hada_w\(i)_a"), b = p.required("hada_w\(i)_b")
+        if let core = p["hada_t\(i)"] {
+            let g = TuckerProduct.backward(algebra, gradient, core: core, a: a, b: b)
+            grads += [("hada_w\(i)_a", g.a), ("hada_w\(i)_b", g.b), ("hada_t\(i)", g.core)]
+        } else {
+            grads += [("hada_w\(i)_a", algebra.matmul(gradient, b, transposeB: true)),
+                      ("hada_w\(i)_b", algebra.matmul(a, transposeA: true, gradient))]
+        }
+    }
+
+    /// m·ΔW = m·s·σ·half₁ ⊙ half₂ (weight shape).
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, multiplier m: Float) -> A.Value {
+        algebra.reshaped(algebra.hadamard(half(1, algebra, p), half(2, algebra, p), scale: m * scale * p.scalar(algebra)),
+                         layer.weightShape)
+    }
+
+    /// ∂parameters from G = ∂(m·ΔW): with f = m·s·σ, ∂half₁ = f·G ⊙ half₂, ∂half₂ = f·G ⊙ half₁,
+    /// then each half's factors; ∂σ = m·s·⟨G, half₁ ⊙ half₂⟩.
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradient: A.Value,
+                                                       multiplier m: Float) -> [(String, A.Value)] {
+        let (h1, h2) = (half(1, algebra, p), half(2, algebra, p))
+        let g = algebra.reshaped(gradient, algebra.shape(of: h1))
+        let factor = m * scale * p.scalar(algebra)
+        var grads: [(String, A.Value)] = []
+        halfBackward(1, algebra, p, algebra.hadamard(g, h2, scale: factor), into: &grads)
+        halfBackward(2, algebra, p, algebra.hadamard(g, h1, scale: factor), into: &grads)
+        if p["scalar"] != nil { grads.append(("scalar", algebra.dot(g, algebra.hadamard(h1, h2, scale: 1), scale: m * scale))) }
         return grads
     }
 

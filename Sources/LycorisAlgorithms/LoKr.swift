@@ -121,55 +121,75 @@ public struct LoKr: AdapterAlgorithm {
         }
     }
 
-    private var w1: Tensor {
-        if let full = parameters["lokr_w1"] { return full }
-        return Tensor.matmul(parameters.required("lokr_w1_a"), parameters.required("lokr_w1_b"))
-    }
+    private var w1: Tensor { w1(TensorAlgebra(), Factors(parameters)) }
 
     /// W2 with kernel axes: (out_k, in_n, k…).
-    private var w2: Tensor {
-        if let full = parameters["lokr_w2"] { return full }
-        let a = parameters.required("lokr_w2_a"), b = parameters.required("lokr_w2_b")
-        if let core = parameters["lokr_t2"] { return TuckerProduct.rebuild(core: core, a: a, b: b) }
-        return Tensor.matmul(a, b).reshaped(w2Shape + layer.kernelSize)
-    }
+    private var w2: Tensor { w2(TensorAlgebra(), Factors(parameters)) }
 
     public func deltaWeight(_ context: DeltaContext) throws -> Tensor {
-        Tensor.kronecker(w1, w2) * (scale * parameters.scalar)
+        deltaWeight(TensorAlgebra(), Factors(parameters), multiplier: 1)
     }
 
     public func deltaWeightBackward(_ gradient: Tensor, _ context: DeltaContext) throws -> ParameterSet {
-        let (w1, w2) = (w1, w2)
-        let g = gradient * (scale * parameters.scalar)
-        let (gradW1, gradW2) = Tensor.kroneckerBackward(g, w1, w2)
-        var grads = factorGradients(gradW1: gradW1, gradW2: gradW2)
-        if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradient.dot(Tensor.kronecker(w1, w2))) }
+        ParameterSet(deltaWeightBackward(TensorAlgebra(), Factors(parameters), gradient: gradient, multiplier: 1))
+    }
+
+    // MARK: Weight path, generic over the algebra (host and device)
+
+    /// W1 (out_l, in_m): `lokr_w1`, or `lokr_w1_a`·`lokr_w1_b`.
+    private func w1<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>) -> A.Value {
+        if let full = p["lokr_w1"] { return full }
+        return algebra.matmul(p.required("lokr_w1_a"), p.required("lokr_w1_b"))
+    }
+
+    /// W2 with kernel axes (out_k, in_n, k…): `lokr_w2`, the Tucker rebuild, or `lokr_w2_a`·`lokr_w2_b`.
+    private func w2<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>) -> A.Value {
+        if let full = p["lokr_w2"] { return full }
+        let a = p.required("lokr_w2_a"), b = p.required("lokr_w2_b")
+        if let core = p["lokr_t2"] { return TuckerProduct.rebuild(algebra, core: core, a: a, b: b) }
+        return algebra.reshaped(algebra.matmul(a, b), w2Shape + layer.kernelSize)
+    }
+
+    /// m·ΔW = m·s·σ·kron(W1, W2) (weight shape).
+    package func deltaWeight<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, multiplier m: Float) -> A.Value {
+        algebra.kronecker(w1(algebra, p), w2(algebra, p), scale: m * scale * p.scalar(algebra))
+    }
+
+    /// ∂parameters from G = ∂(m·ΔW): ∂W1, ∂W2 of f·kron(W1, W2) (f = m·s·σ) chained to the stored
+    /// factors; ∂σ = m·s·⟨G, kron(W1, W2)⟩.
+    package func deltaWeightBackward<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradient: A.Value,
+                                                       multiplier m: Float) -> [(String, A.Value)] {
+        let (w1, w2) = (w1(algebra, p), w2(algebra, p))
+        let (gradW1, gradW2) = algebra.kroneckerBackward(gradient, w1, w2, scale: m * scale * p.scalar(algebra))
+        var grads = factorGradients(algebra, p, gradW1: gradW1, gradW2: gradW2)
+        if p["scalar"] != nil {
+            grads.append(("scalar", algebra.dot(gradient, algebra.kronecker(w1, w2, scale: 1), scale: m * scale)))
+        }
         return grads
     }
 
     /// Chains ∂W1 and ∂W2 (kernel-shaped) to the stored factors.
-    private func factorGradients(gradW1: Tensor, gradW2: Tensor) -> ParameterSet {
-        var grads = ParameterSet()
-        if parameters["lokr_w1"] != nil {
-            grads["lokr_w1"] = gradW1
+    private func factorGradients<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradW1: A.Value,
+                                                   gradW2: A.Value) -> [(String, A.Value)] {
+        var grads: [(String, A.Value)] = []
+        if p["lokr_w1"] != nil {
+            grads.append(("lokr_w1", gradW1))
         } else {
-            let a = parameters.required("lokr_w1_a"), b = parameters.required("lokr_w1_b")
-            grads["lokr_w1_a"] = Tensor.matmul(gradW1, b, transposeB: true)
-            grads["lokr_w1_b"] = Tensor.matmul(a, transposeA: true, gradW1)
+            let a = p.required("lokr_w1_a"), b = p.required("lokr_w1_b")
+            grads += [("lokr_w1_a", algebra.matmul(gradW1, b, transposeB: true)),
+                      ("lokr_w1_b", algebra.matmul(a, transposeA: true, gradW1))]
         }
-        if parameters["lokr_w2"] != nil {
-            grads["lokr_w2"] = gradW2
+        if p["lokr_w2"] != nil {
+            grads.append(("lokr_w2", gradW2))
         } else {
-            let a = parameters.required("lokr_w2_a"), b = parameters.required("lokr_w2_b")
-            if let core = parameters["lokr_t2"] {
-                let g = TuckerProduct.backward(gradW2, core: core, a: a, b: b)
-                grads["lokr_t2"] = g.core
-                grads["lokr_w2_a"] = g.a
-                grads["lokr_w2_b"] = g.b
+            let a = p.required("lokr_w2_a"), b = p.required("lokr_w2_b")
+            if let core = p["lokr_t2"] {
+                let g = TuckerProduct.backward(algebra, gradW2, core: core, a: a, b: b)
+                grads += [("lokr_t2", g.core), ("lokr_w2_a", g.a), ("lokr_w2_b", g.b)]
             } else {
-                let gm = gradW2.flattenedToMatrix()
-                grads["lokr_w2_a"] = Tensor.matmul(gm, b, transposeB: true)
-                grads["lokr_w2_b"] = Tensor.matmul(a, transposeA: true, gm)
+                let gm = algebra.matrix(gradW2)
+                grads += [("lokr_w2_a", algebra.matmul(gm, b, transposeB: true)),
+                          ("lokr_w2_b", algebra.matmul(a, transposeA: true, gm))]
             }
         }
         return grads
@@ -243,7 +263,7 @@ public struct LoKr: AdapterAlgorithm {
         let gradZ = gz.reshaped(zShape)
         let gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ).reshaped(w2.shape)
         let gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
-        var grads = factorGradients(gradW1: gradW1, gradW2: gradW2)
+        var grads = ParameterSet(factorGradients(TensorAlgebra(), Factors(parameters), gradW1: gradW1, gradW2: gradW2))
         if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: scale * gradOutput.reshaped(raw.shape).dot(raw)) }
         return (gradInput, grads)
     }

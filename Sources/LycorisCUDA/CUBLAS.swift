@@ -4,6 +4,7 @@
 ///     cublasGetProperty(libraryPropertyType, int *)   0 major, 1 minor, 2 patch level
 ///     cublasCreate_v2(cublasHandle_t *) / cublasDestroy_v2(cublasHandle_t)
 ///     cublasSetMathMode(cublasHandle_t, cublasMath_t)  0 = CUBLAS_DEFAULT_MATH (no TF32)
+///     cublasSetStream_v2(cublasHandle_t, cudaStream_t)
 ///     cublasSgemm_v2(handle, transa, transb, m, n, k, const float *alpha, const float *A, lda,
 ///                    const float *B, ldb, const float *beta, float *C, ldc)   column-major
 public final class CUBLAS: @unchecked Sendable {
@@ -18,6 +19,7 @@ public final class CUBLAS: @unchecked Sendable {
     let create: @convention(c) (UnsafeMutablePointer<OpaquePointer?>) -> Int32
     let destroy: @convention(c) (OpaquePointer?) -> Int32
     let setMathMode: @convention(c) (OpaquePointer?, Int32) -> Int32
+    let setStream: @convention(c) (OpaquePointer?, OpaquePointer?) -> Int32
     let sgemm: Sgemm
 
     public init(directories: [String]) throws(CUDAError) {
@@ -25,6 +27,7 @@ public final class CUBLAS: @unchecked Sendable {
         create = try library.function("cublasCreate_v2", as: type(of: create))
         destroy = try library.function("cublasDestroy_v2", as: type(of: destroy))
         setMathMode = try library.function("cublasSetMathMode", as: type(of: setMathMode))
+        setStream = try library.function("cublasSetStream_v2", as: type(of: setStream))
         sgemm = try library.function("cublasSgemm_v2", as: Sgemm.self)
         let property = try library.function("cublasGetProperty",
             as: (@convention(c) (Int32, UnsafeMutablePointer<Int32>) -> Int32).self)

@@ -1,10 +1,12 @@
 /// A cuBLAS handle in the current CUDA context, in the default math mode (no TF32, so products
-/// match the CPU engine's float32 to rounding), with row-major SGEMM on device memory.
+/// match the CPU engine's float32 to rounding): cuBLAS's column-major SGEMM on device memory,
+/// and a row-major product on top of it.
 ///
 /// Row-major C (m × n) = α · A (m × k) · B (k × n) is column-major Cᵀ = α · Bᵀ · Aᵀ: one
 /// `cublasSgemm` with the operands swapped, no transposes, leading dimensions n, k, n.
 ///
-/// NOT YET RUN ON A GPU: the CUDA probe's kernel check uses it where a device is available.
+/// NOT YET RUN ON A GPU: the CUDA probe's kernel check and LycorisDevice's `CUDADevice` use it
+/// where a device is available.
 public final class CUBLASHandle {
     public let cublas: CUBLAS
     private let handle: OpaquePointer?
@@ -19,11 +21,25 @@ public final class CUBLASHandle {
 
     deinit { _ = cublas.destroy(handle) }
 
+    /// Queues this handle's work on `stream` (nil: the default stream).
+    public func use(stream: OpaquePointer?) throws(CUDAError) {
+        try Self.check("cublasSetStream_v2", cublas.setStream(handle, stream))
+    }
+
+    /// cuBLAS's `C = α · op(A) · op(B) + β · C`, column-major: op(A) (m × k), op(B) (k × n),
+    /// C (m × n), each with its leading dimension.
+    public func sgemm(transposeA: Bool, transposeB: Bool, m: Int, n: Int, k: Int, alpha: Float, a: UInt64, lda: Int,
+                      b: UInt64, ldb: Int, beta: Float, c: UInt64, ldc: Int) throws(CUDAError) {
+        var alpha = alpha, beta = beta
+        let status = cublas.sgemm(handle, transposeA ? 1 : 0, transposeB ? 1 : 0, Int32(m), Int32(n), Int32(k), &alpha,
+                                  a, Int32(lda), b, Int32(ldb), &beta, c, Int32(ldc))
+        try Self.check("cublasSgemm_v2", status)
+    }
+
     /// c (m × n) = alpha · a (m × k) · b (k × n), row-major device matrices.
     public func gemm(m: Int, n: Int, k: Int, alpha: Float, a: UInt64, b: UInt64, c: UInt64) throws(CUDAError) {
-        var alpha = alpha, beta: Float = 0
-        let status = cublas.sgemm(handle, 0, 0, Int32(n), Int32(m), Int32(k), &alpha, b, Int32(n), a, Int32(k), &beta, c, Int32(n))
-        try Self.check("cublasSgemm_v2", status)
+        try sgemm(transposeA: false, transposeB: false, m: n, n: m, k: k, alpha: alpha, a: b, lda: n, b: a, ldb: k,
+                  beta: 0, c: c, ldc: n)
     }
 
     private static func check(_ function: String, _ status: Int32) throws(CUDAError) {

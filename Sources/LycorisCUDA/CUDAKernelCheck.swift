@@ -16,13 +16,14 @@ public enum CUDAKernelCheck {
             let ptx = try nvrtc.compile(KernelSource.text, name: "lycoris_kernels.cu",
                                         options: ["--gpu-architecture=compute_\(capability.major)\(capability.minor)"])
             let context = try CUDAContext(driver: driver, device: device)
-            let hadamard = try context.function("lycoris_hadamard", ptx: ptx)
+            let hadamard = try context.function("lycoris_hadamard", in: context.module(ptx: ptx))
             let count = 4096
             let a = try context.allocate(count, from: (0..<count).map(Float.init))
             let b = try context.allocate(count, from: [Float](repeating: 2, count: count))
             let out = try context.allocate(count)
             defer { for address in [a, b, out] { try? context.free(address) } }
             try context.launch(hadamard, count: count, [.pointer(out), .pointer(a), .pointer(b), .float(0.5), .u64(UInt64(count))])
+            try context.synchronize()
             let result = try context.read(out, count: count)
             if let wrong = result.indices.first(where: { result[$0] != Float($0) }) {
                 throw .wrongResult("lycoris_hadamard gave \(result[wrong]) at \(wrong), expected \(wrong)")

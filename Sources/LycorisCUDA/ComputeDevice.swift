@@ -3,10 +3,10 @@
 /// `device`).
 ///
 /// Selection of `cuda:N` succeeds only when CUDA was probed (`initialize {cuda}`), is
-/// available, lists device N, and the server has a CUDA compute backend. This server has
-/// none yet (issue 8: the device backend is not written), so today every `cuda:N` is
-/// refused with the first of those reasons that applies; ``CUDAStatus`` is a plain value so
-/// tests choose each case with a fake device.
+/// available, lists device N, and the server has a CUDA compute backend; otherwise it is
+/// refused with the first of those reasons that applies. ``CUDAStatus`` is a plain value so
+/// tests choose each case with a fake device. The backend is LycorisDevice's `CUDABackend`
+/// (its `status` has the backend); ``CUDAStatus/init(_:)`` is the view without it.
 public enum ComputeDevice: Equatable, Sendable, CustomStringConvertible {
     case cpu
     case cuda(Int)
@@ -54,7 +54,8 @@ public struct CUDAStatus: Sendable, Equatable {
         self.hasComputeBackend = hasComputeBackend
     }
 
-    /// This server's view of a probed environment. No CUDA compute backend exists yet.
+    /// A probed environment seen by a server without the device backend (LycorisDevice's
+    /// `CUDABackend.status` is the same with `hasComputeBackend` true).
     public init(_ environment: CUDAEnvironment) {
         self.init(devices: (try? environment.driver.get())?.devices ?? [],
                   unavailableReason: environment.unavailableReason, hasComputeBackend: false)

@@ -68,13 +68,16 @@ public enum AdapterResize {
         return min(rank, maxRank, s.count)
     }
 
-    public static func resize(input: String, output: String, rank maxRank: Int, rule: Rule, dtype: DType?) throws -> Report {
+    /// `progress(done, total)` follows the modules.
+    public static func resize(input: String, output: String, rank maxRank: Int, rule: Rule, dtype: DType?,
+                              progress: (Int, Int) -> Void = { _, _ in }) throws -> Report {
         let adapter = try AdapterFile(path: input)
         let raw = try SafetensorsFile(path: input)
         var report = Report()
         var writer = SafetensorsWriter(metadata: adapter.metadata)
         var lastAlpha: Float = 0
-        for module in adapter.modules {
+        for (index, module) in adapter.modules.enumerated() {
+            defer { progress(index + 1, adapter.modules.count) }
             let tensors = try adapter.tensors(of: module)
             guard module.algorithm == .locon || module.algorithm == .dylora, let up = tensors["lora_up.weight"],
                   let down = tensors["lora_down.weight"] else {
@@ -113,6 +116,11 @@ public enum AdapterResize {
             try writer.add(KeySchema.key(module: module.name, suffix: "lora_up.weight"),
                            newUp.reshaped([out, newRank] + kernel.map { _ in 1 }), as: storage)
             try writer.add(KeySchema.key(module: module.name, suffix: "alpha"), Tensor(scalar: alpha), as: storage)
+            // A sparse bias (ΔW = s·(up·down + S)) stays as it is: s is kept.
+            for suffix in SparseBias.suffixes where module.tensors[suffix] != nil {
+                let key = KeySchema.key(module: module.name, suffix: suffix), info = module.tensors[suffix]!
+                try writer.addRaw(key, dtype: info.dtype, shape: info.shape, bytes: try raw.rawBytes(key))
+            }
             let total = svd.s.reduce(0, +), squares = svd.s.reduce(0) { $0 + $1 * $1 }
             let kept = svd.s.prefix(newRank)
             report.resized.append(ModuleReport(

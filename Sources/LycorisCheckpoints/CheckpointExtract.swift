@@ -123,17 +123,11 @@ public enum CheckpointExtract {
         return (weight, bias)
     }
 
-    /// Hands the mapped pages of a layer's weight back to the kernel once it is decoded
-    /// (`madvise(MADV_DONTNEED)` on the read-only private mapping: a later read refetches
-    /// them from the file), so the resident set stays the layers in flight, not both files.
+    /// Hands the mapped pages of a layer's weight back once it is decoded
+    /// (``SafetensorsFile/releasePages(_:)``), so the resident set stays the layers in
+    /// flight, not both files.
     static func release(_ layer: AdaptableLayer, in checkpoint: Checkpoint) {
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        _ = try? checkpoint.parts[layer.part].file.withRawBytes(layer.weightKey) { bytes in
-            guard let start = bytes.baseAddress else { return }
-            let first = Int(bitPattern: start) / page * page
-            let end = (Int(bitPattern: start) + bytes.count + page - 1) / page * page
-            madvise(UnsafeMutableRawPointer(bitPattern: first), end - first, MADV_DONTNEED)
-        }
+        checkpoint.parts[layer.part].file.releasePages(layer.weightKey)
     }
 
     static func extractLayer(_ job: Job, base: Checkpoint, tuned: Checkpoint, options: LowRankExtraction.Options,

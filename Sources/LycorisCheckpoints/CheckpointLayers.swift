@@ -25,6 +25,16 @@ public struct AdaptableLayer: Sendable, Equatable {
     public var otherLayoutKey: String?
 }
 
+extension Checkpoint {
+    /// A layer's weight shape: its tensor's, with the row count of its block of a fused
+    /// tensor; empty when the key is missing.
+    public func weightShape(of layer: AdaptableLayer) -> [Int] {
+        var shape = parts[layer.part].file.info(layer.weightKey)?.shape ?? []
+        if let rows = layer.rows, !shape.isEmpty { shape[0] = rows.count }
+        return shape
+    }
+}
+
 /// Every adaptable layer of a checkpoint with its kohya name — the one table that
 /// `merge`, `extract` and `layers` use.
 ///

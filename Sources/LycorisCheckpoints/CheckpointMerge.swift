@@ -12,9 +12,14 @@ import LycorisFormats
 /// is W0 + Σ m_i·ΔW_i; for ones whose ΔW depends on W0, such as DoRA or OFT, none sees
 /// another's change), and the same for biases of algorithms that adapt them (norm). Modules
 /// are found by their kohya names in the ``CheckpointLayers`` table (an OpenCLIP `q_proj`
-/// merges into its third of the fused `in_proj`). Each merged or re-typed tensor is read
-/// memory-mapped and converted one at a time; a file's output is assembled and written
-/// atomically, a folder's output goes to a temporary folder renamed into place at the end.
+/// merges into its third of the fused `in_proj`).
+///
+/// The output is streamed: each file's header is written first (names, dtypes and shapes are
+/// the input's), then tensor by tensor in file order, each merged or re-typed one computed
+/// just before its bytes are written from the memory-mapped input, whose pages are handed
+/// back after use — the resident set is a few layers, not the checkpoint. A file goes to a
+/// temporary file renamed over the output, a folder to a temporary folder renamed into
+/// place, so a failed job leaves no output.
 public enum CheckpointMerge {
     /// An adapter file and its multiplier m.
     public struct Adapter: Sendable {
@@ -55,10 +60,11 @@ public enum CheckpointMerge {
     }
 
     /// Merges and writes `output`; with `strict`, unmatched or failed modules mean nothing is
-    /// written (``Report/written`` false). `progress(done, total)` follows the merged tensors.
+    /// written (``Report/written`` false). `progress(done, total)` follows the tensors written
+    /// (copied ones too: on a real checkpoint the copying is most of the time).
     public static func merge(checkpoint path: String, adapters: [Adapter], output: String, dtype: DType? = nil,
                              family: ModelFamily? = nil, strict: Bool = false,
-                             progress: (Int, Int) -> Void = { _, _ in }) throws -> Report {
+                             progress: @escaping (Int, Int) -> Void = { _, _ in }) throws -> Report {
         guard !adapters.isEmpty else { throw CheckpointError("no adapter to merge") }
         for adapter in adapters where !adapter.multiplier.isFinite {
             throw CheckpointError("\(adapter.path): the multiplier must be finite")
@@ -82,15 +88,75 @@ public enum CheckpointMerge {
         }
         if strict && !report.unmatched.isEmpty { return report }
 
-        // Compute every merged weight and bias (biases may live in another shard).
-        var mergedTensors: [String: Tensor] = [:]
-        var done = 0
-        for (weightLocation, applications) in byWeight.sorted(by: { $0.key < $1.key }) {
+        let layers = MergedLayers(checkpoint: checkpoint, adapters: adapters, files: files, byWeight: byWeight, strict: strict)
+        do {
+            try write(checkpoint, layers, dtype: dtype, to: output, report: &report, progress: progress)
+        } catch is MergedLayers.StrictFailure {
+            layers.finish(into: &report)
+            return report
+        }
+        layers.finish(into: &report)
+        report.written = true
+        return report
+    }
+
+    static func location(_ part: Int, _ key: String) -> String { "\(part)/\(key)" }
+
+    /// The merged weights and biases, computed one layer at a time when the writer reaches
+    /// the first of its tensors; the other one (a norm's weight when its bias comes first in
+    /// the file, or the bias) is kept until its turn. Used by one writer on one thread.
+    final class MergedLayers: @unchecked Sendable {
+        /// Thrown by a producer when `strict` and a module failed: the write stops, nothing is kept.
+        struct StrictFailure: Error {}
+
+        let checkpoint: Checkpoint
+        let adapters: [Adapter]
+        let files: [AdapterFile]
+        let byWeight: [String: [Application]]
+        /// Bias location → its layer's weight location.
+        let weightOfBias: [String: String]
+        let strict: Bool
+        /// Results not yet written (nil: that bias is unchanged and written as it is).
+        private var pending: [String: Tensor?] = [:]
+        /// Report lines by weight location, put in location order by ``finish(into:)``.
+        private var merged: [String: [Report.Merged]] = [:]
+        private var failed: [String: [(adapter: String, module: String, reason: String)]] = [:]
+        private var mergedBiases: [String: String] = [:]
+
+        init(checkpoint: Checkpoint, adapters: [Adapter], files: [AdapterFile], byWeight: [String: [Application]], strict: Bool) {
+            self.checkpoint = checkpoint
+            self.adapters = adapters
+            self.files = files
+            self.byWeight = byWeight
+            self.strict = strict
+            var weightOfBias: [String: String] = [:]
+            for (weightLocation, applications) in byWeight {
+                let layer = applications[0].layer
+                if let part = layer.biasPart, let key = layer.biasKey { weightOfBias[location(part, key)] = weightLocation }
+            }
+            self.weightOfBias = weightOfBias
+        }
+
+        /// Whether the tensor at `location` may change (a merged weight, or the bias of one).
+        func adapts(_ location: String) -> Bool { byWeight[location] != nil || weightOfBias[location] != nil }
+
+        /// The merged tensor at `location`, or nil for a bias no module changed.
+        func take(_ location: String) throws -> Tensor? {
+            if pending[location] == nil {
+                try compute(byWeight[location] != nil ? location : weightOfBias[location]!)
+            }
+            return pending.removeValue(forKey: location)!
+        }
+
+        /// Computes one layer: every application against the original weight, changes summed.
+        private func compute(_ weightLocation: String) throws {
+            let applications = byWeight[weightLocation]!
             let layer = applications[0].layer
             let baseFile = checkpoint.parts[layer.part].file
             let original = try baseFile.tensor(layer.weightKey)
-            let biasLocation = layer.biasPart.flatMap { part in layer.biasKey.map { location(part, $0) } }
-            let originalBias = try layer.biasPart.flatMap { part in try layer.biasKey.map { try checkpoint.parts[part].file.tensor($0) } }
+            let biasFile = layer.biasPart.map { checkpoint.parts[$0].file }
+            let originalBias = try biasFile.flatMap { file in try layer.biasKey.map { try file.tensor($0) } }
+            baseFile.releasePages(layer.weightKey)
             var (weight, bias) = (original, originalBias)
             var biasMerged = false
             for application in applications {
@@ -116,44 +182,64 @@ public enum CheckpointMerge {
                         bias?.addRows(rows, newBias - baseBias)
                         biasMerged = true
                     }
-                    report.merged.append(.init(adapter: adapterName, module: application.module.name, key: layer.weightKey,
-                                               rows: rows, algorithm: algorithm))
+                    merged[weightLocation, default: []].append(
+                        .init(adapter: adapterName, module: application.module.name, key: layer.weightKey, rows: rows, algorithm: algorithm))
                 } catch {
-                    report.failed.append((adapterName, application.module.name, "\(error)"))
+                    failed[weightLocation, default: []].append((adapterName, application.module.name, "\(error)"))
                 }
             }
-            mergedTensors[weightLocation] = weight
-            if biasMerged, let biasLocation, let bias, let key = layer.biasKey {
-                mergedTensors[biasLocation] = bias
-                report.mergedBiases.append(key)
+            if strict && failed[weightLocation] != nil { throw StrictFailure() }
+            pending[weightLocation] = weight
+            if let part = layer.biasPart, let key = layer.biasKey {
+                let biasLocation = location(part, key)
+                if biasMerged, let bias {
+                    pending[biasLocation] = .some(bias)
+                    mergedBiases[weightLocation] = key
+                } else {
+                    pending[biasLocation] = .some(nil)
+                }
             }
-            done += 1
-            progress(done, byWeight.count)
         }
-        if strict && !report.failed.isEmpty { return report }
 
-        try write(checkpoint, mergedTensors, dtype: dtype, to: output, report: &report)
-        report.written = true
-        return report
+        /// Puts the report lines into `report` in weight-location order.
+        func finish(into report: inout Report) {
+            for location in byWeight.keys.sorted() {
+                report.merged += merged[location] ?? []
+                report.failed += failed[location] ?? []
+                if let bias = mergedBiases[location] { report.mergedBiases.append(bias) }
+            }
+        }
     }
 
-    static func location(_ part: Int, _ key: String) -> String { "\(part)/\(key)" }
-
-    /// Writes every part with the merged tensors in place (others byte for byte, or converted
+    /// Streams every part with the merged tensors in place (others byte for byte, or converted
     /// to `dtype`), in the checkpoint's layout.
-    static func write(_ checkpoint: Checkpoint, _ merged: [String: Tensor], dtype: DType?, to output: String,
-                      report: inout Report) throws {
+    static func write(_ checkpoint: Checkpoint, _ layers: MergedLayers, dtype: DType?, to output: String,
+                      report: inout Report, progress: @escaping (Int, Int) -> Void) throws {
+        /// Tensors written so far, reported through `progress` (one writer, one thread).
+        final class Progress: @unchecked Sendable {
+            var done = 0
+            let total: Int, report: (Int, Int) -> Void
+            init(total: Int, report: @escaping (Int, Int) -> Void) { (self.total, self.report) = (total, report) }
+            func step() { done += 1; report(done, total) }
+        }
+        let count = Progress(total: checkpoint.parts.reduce(0) { $0 + $1.file.tensors.count }, report: progress)
         func writePart(_ index: Int, to path: String) throws {
             let file = checkpoint.parts[index].file
             var writer = SafetensorsWriter(metadata: file.metadata)
             for info in file.tensors {
                 let target = info.dtype.isFloatingPoint ? dtype ?? info.dtype : info.dtype
-                if let tensor = merged[location(index, info.name)] {
-                    try writer.add(info.name, tensor, as: target)
-                } else if target != info.dtype {
-                    try writer.add(info.name, try file.tensor(info.name), as: target)
-                } else {
-                    try writer.addRaw(info.name, dtype: info.dtype, shape: info.shape, bytes: file.rawBytes(info.name))
+                let tensorLocation = location(index, info.name)
+                let adapted = layers.adapts(tensorLocation)
+                try writer.addStreamed(info.name, dtype: target, shape: info.shape) { sink in
+                    if adapted, let tensor = try layers.take(tensorLocation) {
+                        try SafetensorsWriter.streamFloats(tensor.scalars, as: target, into: sink)
+                    } else if target != info.dtype {
+                        try SafetensorsWriter.streamFloats(try file.tensor(info.name).scalars, as: target, into: sink)
+                    } else {
+                        try file.withRawBytes(info.name, sink)
+                    }
+                    file.releasePages(info.name)
+                    count.step()
                 }
             }
             try writer.write(toPath: path)
@@ -180,6 +266,7 @@ public enum CheckpointMerge {
                 try manager.moveItem(atPath: temporary, toPath: output)
             } catch {
                 try? manager.removeItem(atPath: temporary)
+                report.files = []
                 throw error
             }
         }

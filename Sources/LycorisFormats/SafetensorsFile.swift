@@ -3,6 +3,13 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import LycorisCore
 
 /// A safetensors file opened for reading: memory-mapped read-only, its header validated by every
@@ -94,6 +101,21 @@ public final class SafetensorsFile: Sendable {
     /// - Throws: ``SafetensorsError/tensorNotFound(path:name:)``.
     public func rawBytes(_ name: String) throws -> [UInt8] {
         try withRawBytes(name) { [UInt8]($0) }
+    }
+
+    /// Hands the mapped pages of tensor `name` back to the kernel (`madvise(MADV_DONTNEED)` on
+    /// the read-only private mapping: a later read refetches them from the file), so a reader
+    /// that goes through a large file once keeps only the tensors in use resident. Pages
+    /// shared with a neighbouring tensor are handed back too; nothing is lost but time.
+    public func releasePages(_ name: String) {
+        guard let info = info(name) else { return }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        withBytes(of: info) { bytes in
+            guard let start = bytes.baseAddress, bytes.count > 0 else { return }
+            let first = Int(bitPattern: start) / page * page
+            let end = (Int(bitPattern: start) + bytes.count + page - 1) / page * page
+            _ = madvise(UnsafeMutableRawPointer(bitPattern: first), end - first, MADV_DONTNEED)
+        }
     }
 
     private func requireInfo(_ name: String) throws -> TensorInfo {

@@ -14,6 +14,11 @@ import LycorisCore
 
 /// Builds a safetensors file from tensors and writes it atomically.
 ///
+/// Entries hold their data in memory (``add(_:_:as:)``, ``addRaw(_:dtype:shape:bytes:)``) or
+/// produce it while the file is written (``addStreamed(_:dtype:shape:produce:)``): the header
+/// needs only names, dtypes and shapes, so a file far larger than memory is written one
+/// tensor at a time, each computed just before its bytes go out.
+///
 /// ## Output format
 /// - 8-byte little-endian header length N, then N bytes of compact JSON, then the data.
 /// - The JSON starts with `{"`; `"__metadata__"` comes first (only when the metadata is non-empty,
@@ -35,7 +40,13 @@ public struct SafetensorsWriter: Sendable {
         case floats([Float])
         /// Bytes written as they are (little-endian elements of the entry's dtype).
         case raw([UInt8])
+        /// Bytes produced when the file is written: `produce` is called once, in entry order, and
+        /// must pass exactly `byteCount` bytes to its sink (in any number of calls).
+        case streamed(byteCount: Int, produce: @Sendable (_ sink: ByteSink) throws -> Void)
     }
+
+    /// Where a streamed entry writes its bytes; valid only during the `produce` call.
+    public typealias ByteSink = (UnsafeRawBufferPointer) throws -> Void
 
     /// One tensor to write.
     public struct Entry: Sendable {
@@ -49,6 +60,7 @@ public struct SafetensorsWriter: Sendable {
             switch payload {
             case .floats(let values): return values.count * dtype.byteSize
             case .raw(let bytes): return bytes.count
+            case .streamed(let byteCount, _): return byteCount
             }
         }
     }
@@ -79,6 +91,30 @@ public struct SafetensorsWriter: Sendable {
     /// - Throws: ``SafetensorsError/invalidEntry(name:reason:)`` for a duplicate or reserved name, a
     ///   negative dimension, or a byte count other than prod(shape) × dtype size.
     public mutating func addRaw(_ name: String, dtype: DType, shape: [Int], bytes: [UInt8]) throws {
+        let expected = try Self.byteCount(name, dtype: dtype, shape: shape)
+        guard expected == bytes.count else {
+            throw SafetensorsError.invalidEntry(
+                name: name, reason: "shape \(shape) of \(dtype.rawValue) needs \(expected) bytes, but \(bytes.count) were given")
+        }
+        try register(name)
+        entries.append(Entry(name: name, dtype: dtype, shape: shape, payload: .raw(bytes)))
+    }
+
+    /// Adds a tensor whose prod(shape) × dtype-size bytes `produce` passes to its sink when the
+    /// file is written (the entry's turn comes in the order added). What `produce` throws
+    /// fails the write, as does a byte count other than the shape's (the target is then left
+    /// untouched). ``streamFloats(_:as:into:)`` encodes Float values for it.
+    /// - Throws: ``SafetensorsError/invalidEntry(name:reason:)`` for a duplicate or reserved name or
+    ///   a negative dimension.
+    public mutating func addStreamed(_ name: String, dtype: DType, shape: [Int],
+                                     produce: @escaping @Sendable (_ sink: ByteSink) throws -> Void) throws {
+        let byteCount = try Self.byteCount(name, dtype: dtype, shape: shape)
+        try register(name)
+        entries.append(Entry(name: name, dtype: dtype, shape: shape, payload: .streamed(byteCount: byteCount, produce: produce)))
+    }
+
+    /// prod(shape) × dtype size, refusing negative dimensions and overflow.
+    private static func byteCount(_ name: String, dtype: DType, shape: [Int]) throws -> Int {
         var elements = 1
         for dimension in shape {
             guard dimension >= 0 else {
@@ -91,13 +127,10 @@ public struct SafetensorsWriter: Sendable {
             elements = product
         }
         let (expected, overflow) = elements.multipliedReportingOverflow(by: dtype.byteSize)
-        guard !overflow, expected == bytes.count else {
-            throw SafetensorsError.invalidEntry(
-                name: name,
-                reason: "shape \(shape) of \(dtype.rawValue) needs \(overflow ? "more than Int.max" : String(expected)) bytes, but \(bytes.count) were given")
+        guard !overflow else {
+            throw SafetensorsError.invalidEntry(name: name, reason: "shape \(shape) of \(dtype.rawValue) needs more than Int.max bytes")
         }
-        try register(name)
-        entries.append(Entry(name: name, dtype: dtype, shape: shape, payload: .raw(bytes)))
+        return expected
     }
 
     /// Adds 64-bit integers as an `I64` tensor (pass `shape: []` for a 0-dim scalar).
@@ -168,43 +201,64 @@ public struct SafetensorsWriter: Sendable {
     }
 
     /// The whole file in memory.
-    public func serialized() -> [UInt8] {
+    /// - Throws: what a streamed entry's `produce` throws, or a byte count that does not match.
+    public func serialized() throws -> [UInt8] {
         var result = headerBytes()
         result.reserveCapacity(result.count + entries.reduce(0) { $0 + $1.byteCount })
-        forEachDataChunk { result.append(contentsOf: $0) }
+        try forEachDataChunk { result.append(contentsOf: $0) }
         return result
     }
 
-    /// Calls `body` with the data bytes of every entry in order, in chunks of at most 1 MiB for
-    /// float payloads (so a large tensor is never encoded into one more full-size copy).
-    private func forEachDataChunk(_ body: (UnsafeRawBufferPointer) throws -> Void) rethrows {
+    /// Encodes `values` to `dtype` (F64, F32, F16 or BF16; narrowing rounds to nearest even) and
+    /// passes the bytes to `sink` in chunks of at most 2^18 elements, so a large tensor is never
+    /// encoded into one more full-size copy.
+    /// - Throws: ``SafetensorsError/invalidEntry(name:reason:)`` for a dtype that cannot be encoded
+    ///   from Float, or what `sink` throws.
+    public static func streamFloats(_ values: [Float], as dtype: DType, into sink: ByteSink) throws {
+        guard dtype.isEncodable else {
+            throw SafetensorsError.invalidEntry(name: "", reason: "dtype \(dtype.rawValue) cannot be encoded from Float")
+        }
         let chunkElements = 1 << 18
-        var scratch = [UInt8](repeating: 0, count: 0)
+        let size = dtype.byteSize
+        var scratch = [UInt8](repeating: 0, count: min(values.count, chunkElements) * size)
+        try values.withUnsafeBufferPointer { source in
+            var start = 0
+            while start < source.count {
+                let end = min(start + chunkElements, source.count)
+                let chunk = UnsafeBufferPointer(rebasing: source[start..<end])
+                let byteCount = chunk.count * size
+                try scratch.withUnsafeMutableBytes { destination in
+                    let window = UnsafeMutableRawBufferPointer(rebasing: destination[0..<byteCount])
+                    try encodeFloats(chunk, as: dtype, into: window)
+                    try sink(UnsafeRawBufferPointer(window))
+                }
+                start = end
+            }
+        }
+    }
+
+    /// Calls `body` with the data bytes of every entry in order (float payloads through
+    /// ``streamFloats(_:as:into:)``, streamed ones as their producer passes them, checked to
+    /// add up to the entry's byte count).
+    private func forEachDataChunk(_ body: ByteSink) throws {
         for entry in entries {
             switch entry.payload {
             case .raw(let bytes):
                 try bytes.withUnsafeBytes(body)
             case .floats(let values):
-                let size = entry.dtype.byteSize
-                if scratch.count < min(values.count, chunkElements) * size {
-                    scratch = [UInt8](repeating: 0, count: min(values.count, chunkElements) * size)
-                }
-                try values.withUnsafeBufferPointer { source in
-                    var start = 0
-                    while start < source.count {
-                        let end = min(start + chunkElements, source.count)
-                        let chunk = UnsafeBufferPointer(rebasing: source[start..<end])
-                        let byteCount = chunk.count * size
-                        try scratch.withUnsafeMutableBytes { destination in
-                            let window = UnsafeMutableRawBufferPointer(rebasing: destination[0..<byteCount])
-                            // The dtype was checked to be encodable in add(_:_:as:), so this cannot throw.
-                            guard (try? encodeFloats(chunk, as: entry.dtype, into: window)) != nil else {
-                                preconditionFailure("\(entry.dtype) passed add(_:_:as:) but is not encodable")
-                            }
-                            try body(UnsafeRawBufferPointer(window))
-                        }
-                        start = end
+                try Self.streamFloats(values, as: entry.dtype, into: body)
+            case .streamed(let byteCount, let produce):
+                var produced = 0
+                try produce { chunk in
+                    produced += chunk.count
+                    guard produced <= byteCount else {
+                        throw SafetensorsError.invalidEntry(name: entry.name, reason: "its producer passed more than the \(byteCount) bytes of its shape")
                     }
+                    try body(chunk)
+                }
+                guard produced == byteCount else {
+                    throw SafetensorsError.invalidEntry(
+                        name: entry.name, reason: "its producer passed \(produced) bytes; its shape needs \(byteCount)")
                 }
             }
         }

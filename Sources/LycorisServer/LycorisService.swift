@@ -3,6 +3,7 @@ import Logging
 import LycorisAlgorithms
 import LycorisCore
 import LycorisCUDA
+import LycorisDevice
 import LycorisRPC
 
 /// The server's state and its methods. One instance serves one client over one stream;
@@ -33,6 +34,12 @@ public final class LycorisService {
     var optimizer: OptimizerSettings?
     /// The CUDA libraries found by the last `initialize {cuda: …}` (nil until one asks).
     var cuda: CUDAEnvironment?
+    /// The CUDA compute backend over that probe (each device's math made on first use).
+    var cudaBackend: CUDABackend?
+    /// The device network's session (`network.create`/`network.bind` with a device); nil on the CPU.
+    var deviceSession: DeviceSession?
+    /// Whether the test device `emulated` is accepted (`LYCORIS_EMULATED_DEVICE=1`).
+    let emulatedDeviceEnabled: Bool
 
     /// The most forward calls awaiting backward at once.
     static let maximumPending = 1 << 16
@@ -48,9 +55,11 @@ public final class LycorisService {
         let kind: Kind
     }
 
-    public init(arenaDirectory: String = "/dev/shm", logger: Logger = Logger(label: "lycoris-server")) {
+    public init(arenaDirectory: String = "/dev/shm", logger: Logger = Logger(label: "lycoris-server"),
+                emulatedDevice: Bool = ProcessInfo.processInfo.environment["LYCORIS_EMULATED_DEVICE"] == "1") {
         self.arenaDirectory = arenaDirectory
         self.logger = logger
+        self.emulatedDeviceEnabled = emulatedDevice
     }
 
     /// Methods callable before `initialize`.
@@ -83,6 +92,7 @@ public final class LycorisService {
         "network.save": { $0.networkSave },
         "network.load": { $0.networkLoad },
         "file.describe": { $0.fileDescribe },
+        "network.suggest": { $0.networkSuggest },
         "network.set_multiplier": { $0.networkSetMultiplier },
         "network.set_training": { $0.networkSetTraining },
         "network.set_timestep_mask": { $0.networkSetTimestepMask },
@@ -92,6 +102,10 @@ public final class LycorisService {
         "delta_weight": { $0.deltaWeight },
         "delta_weight_backward": { $0.deltaWeightBackward },
         "tapes.release": { $0.tapesRelease },
+        "network.bind": { $0.networkBind },
+        "network.delta_weights": { $0.networkDeltaWeights },
+        "network.delta_weights_backward": { $0.networkDeltaWeightsBackward },
+        "device.release": { $0.deviceRelease },
         "parameters.get": { $0.parametersGet },
         "parameters.set": { $0.parametersSet },
         "gradients.get": { $0.gradientsGet },
@@ -127,6 +141,7 @@ public final class LycorisService {
             "blas_threads": .integer(Int64(BLASThreads.current)),
         ]
         if p.has("cuda") { capabilities["cuda"] = try probeCUDA(p) }
+        if emulatedDeviceEnabled { capabilities["emulated_device"] = true }
         initialized = true
         return [
             "server": ["name": "lycoris-server", "version": .string(Self.serverVersion)],
@@ -143,6 +158,8 @@ public final class LycorisService {
 
     /// Drops the network, pending calls and the arena (unlinking its file).
     public func releaseAll() {
+        deviceSession?.close()
+        deviceSession = nil
         pending.removeAll()
         network = nil
         transport.arena = nil

@@ -229,7 +229,7 @@ enum OpenRPCDocument {
         },
         {
           "name": "device",
-          "description": "Where the network computes: \"cpu\" (default), \"cuda\" or \"cuda:N\". A CUDA device needs initialize with cuda, CUDA available, device N listed, and a server with a CUDA compute backend; this server has none yet, so every CUDA device is refused with -32009 naming the first reason that applies.",
+          "description": "Where the network computes: \"cpu\" (default), \"cuda\" (= \"cuda:0\"), \"cuda:N\", or the test device \"emulated\" (only with LYCORIS_EMULATED_DEVICE=1). A CUDA device needs initialize with cuda, CUDA available, device N listed, and the server's CUDA compute backend started on it; on a device every module must be one the device computes (no dropout, rank_dropout, module_dropout; a ported algorithm). Otherwise -32009 naming the first reason that applies.",
           "schema": {
             "type": "string"
           }
@@ -415,6 +415,68 @@ enum OpenRPCDocument {
         },
         {
           "$ref": "#/components/errors/IOError"
+        }
+      ]
+    },
+    {
+      "name": "network.suggest",
+      "summary": "Plan per layer the LoRA, LoHa or LoKr configuration with the highest attainable rank of delta W under a size budget (what lycoris suggest prints; clients' algo=auto).",
+      "description": "For the linear and conv layers described as for network.create (norm layers: -32602), the plan of lycoris suggest: every layer attains at least a fraction `target` of its full rank min(out, in*k), `target` as high as the budget allows; per layer the cheapest of LoRA (rank r, r*(out+n) parameters), LoHa (rank up to r^2, 2r(out+n)) and LoKr with both Kronecker halves full (LyCORIS's factor -1, or a common divisor f of out and in with f^2 <= min(out, in); rank min(a1,b1)*min(out/a1, n/b1)). Each layer's algo and options build exactly the planned module when sent back as network.create's layers[].algo and layers[].options. Needs no network and changes no state. A budget too small for rank 1 everywhere is -32602 naming what rank 1 needs.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "layers",
+          "description": "The layers to plan (linear, conv1d, conv2d, conv3d), in network order; names unique.",
+          "required": true,
+          "schema": {
+            "type": "array",
+            "items": {
+              "$ref": "#/components/schemas/LayerInput"
+            }
+          }
+        },
+        {
+          "name": "budget",
+          "description": "A parameter count, or a size with a decimal unit (\"10MB\", \"500KB\", \"1GB\", \"800B\") counted at dtype.",
+          "required": true,
+          "schema": {
+            "oneOf": [
+              {
+                "type": "integer",
+                "minimum": 1
+              },
+              {
+                "type": "string"
+              }
+            ]
+          }
+        },
+        {
+          "name": "dtype",
+          "description": "The dtype the adapter is stored in, for a budget in bytes: f16 (default), bf16 or f32.",
+          "required": false,
+          "schema": {
+            "type": "string",
+            "enum": [
+              "f16",
+              "bf16",
+              "f32",
+              "F16",
+              "BF16",
+              "F32"
+            ]
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "$ref": "#/components/schemas/NetworkSuggestion"
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
         }
       ]
     },
@@ -1221,6 +1283,233 @@ enum OpenRPCDocument {
         },
         {
           "$ref": "#/components/errors/ShapeMismatch"
+        }
+      ]
+    },
+    {
+      "name": "network.bind",
+      "summary": "Bind the client's device buffers of a device network.",
+      "description": "Names, once, where each parameter's value and gradient live in the client's device memory (protocol/README.md §9.7); replaces any earlier binding. Every parameter key must be given in both maps (-32602 naming a missing one). Reads no element. With device, opens that device for a network created on cpu.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "device",
+          "description": "\"cuda:N\" or \"emulated\": opens the device for a network created on cpu (checked as at network.create); on a device network it must name that device.",
+          "schema": {
+            "type": "string"
+          }
+        },
+        {
+          "name": "parameters",
+          "required": true,
+          "description": "Every parameter key → its value's device reference.",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        },
+        {
+          "name": "gradients",
+          "required": true,
+          "description": "Every parameter key → where network.delta_weights_backward writes its gradient.",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        },
+        {
+          "name": "base_weights",
+          "description": "Module → W0's device reference, required for each module whose ΔW reads the base weight (on a device: IA3, GLoRA).",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "type": "object",
+          "required": [
+            "bound",
+            "open_handles"
+          ],
+          "properties": {
+            "bound": {
+              "type": "integer",
+              "minimum": 0,
+              "description": "References bound."
+            },
+            "open_handles": {
+              "type": "integer",
+              "minimum": 0,
+              "description": "Allocations the server has open."
+            }
+          },
+          "additionalProperties": false
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        },
+        {
+          "$ref": "#/components/errors/StateError"
+        },
+        {
+          "$ref": "#/components/errors/UnknownModule"
+        },
+        {
+          "$ref": "#/components/errors/ShapeMismatch"
+        },
+        {
+          "$ref": "#/components/errors/DtypeError"
+        },
+        {
+          "$ref": "#/components/errors/DeviceError"
+        }
+      ]
+    },
+    {
+      "name": "network.delta_weights",
+      "summary": "m·ΔW of many modules into device buffers, in one call.",
+      "description": "Computes m·ΔW of every named module from the bound parameters on the network's device and writes it in place. The client has finished its GPU work on the buffers before the call; the server synchronizes its stream before answering (§9.7). Keeps no tape.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "outputs",
+          "required": true,
+          "description": "Module → where its m·ΔW goes (W0's shape).",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        },
+        {
+          "name": "bias_outputs",
+          "description": "Module → where its m·Δb goes (the bias's shape): required for each named module that adapts the bias (norm on a layer with a bias, full with diff_b), refused for the others.",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "$ref": "#/components/schemas/DeviceModulesResult"
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        },
+        {
+          "$ref": "#/components/errors/StateError"
+        },
+        {
+          "$ref": "#/components/errors/UnknownModule"
+        },
+        {
+          "$ref": "#/components/errors/ShapeMismatch"
+        },
+        {
+          "$ref": "#/components/errors/DtypeError"
+        },
+        {
+          "$ref": "#/components/errors/DeviceError"
+        }
+      ]
+    },
+    {
+      "name": "network.delta_weights_backward",
+      "summary": "∂parameters of many modules from their ∂(m·ΔW), in one call.",
+      "description": "From each named module's ∂L/∂(m·ΔW) writes its parameters' gradients into the bound gradient buffers, overwriting them. Ordering as network.delta_weights.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "grads",
+          "required": true,
+          "description": "Module → ∂L/∂(m·ΔW) (W0's shape).",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        },
+        {
+          "name": "bias_grads",
+          "description": "Module → ∂L/∂(m·Δb) for modules that adapt the bias (omitted: zero).",
+          "schema": {
+            "$ref": "#/components/schemas/DeviceTensorMap"
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "$ref": "#/components/schemas/DeviceModulesResult"
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        },
+        {
+          "$ref": "#/components/errors/StateError"
+        },
+        {
+          "$ref": "#/components/errors/UnknownModule"
+        },
+        {
+          "$ref": "#/components/errors/ShapeMismatch"
+        },
+        {
+          "$ref": "#/components/errors/DtypeError"
+        },
+        {
+          "$ref": "#/components/errors/DeviceError"
+        }
+      ]
+    },
+    {
+      "name": "device.release",
+      "summary": "Close the server's mappings of client allocations.",
+      "description": "Closes each handle's mapping (cuIpcCloseMemHandle; emulated: unmaps the file) before the client frees the allocation; handles not open are ignored; a binding that used one is dropped. Works without a network.",
+      "paramStructure": "by-name",
+      "params": [
+        {
+          "name": "handles",
+          "required": true,
+          "description": "Handles to close.",
+          "schema": {
+            "type": "array",
+            "items": {
+              "$ref": "#/components/schemas/Base64Handle"
+            }
+          }
+        }
+      ],
+      "result": {
+        "name": "result",
+        "schema": {
+          "type": "object",
+          "required": [
+            "released",
+            "open_handles"
+          ],
+          "properties": {
+            "released": {
+              "type": "integer",
+              "minimum": 0
+            },
+            "open_handles": {
+              "type": "integer",
+              "minimum": 0
+            }
+          },
+          "additionalProperties": false
+        }
+      },
+      "errors": [
+        {
+          "$ref": "#/components/errors/InvalidParams"
+        },
+        {
+          "$ref": "#/components/errors/DeviceError"
         }
       ]
     }
@@ -2552,6 +2841,10 @@ enum OpenRPCDocument {
               },
               "cuda": {
                 "$ref": "#/components/schemas/CUDAReport"
+              },
+              "emulated_device": {
+                "const": true,
+                "description": "Present when the server was started with LYCORIS_EMULATED_DEVICE=1: network.create accepts device \"emulated\" (a test device)."
               }
             },
             "additionalProperties": false
@@ -2995,7 +3288,7 @@ enum OpenRPCDocument {
                 "type": "string"
               },
               "pass": {
-                "description": "Which pass: forward (an input), backward (an output or \u0394W gradient), parameters (parameters.set), save (network.save).",
+                "description": "Which pass: forward (an input), backward (an output or ΔW gradient), parameters (parameters.set), save (network.save).",
                 "enum": [
                   "forward",
                   "backward",
@@ -3199,6 +3492,160 @@ enum OpenRPCDocument {
           }
         }
       },
+      "NetworkSuggestion": {
+        "type": "object",
+        "required": [
+          "layers",
+          "blocks",
+          "parameters",
+          "bytes",
+          "budget",
+          "target"
+        ],
+        "additionalProperties": false,
+        "properties": {
+          "layers": {
+            "description": "Every layer, in the order given.",
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "name",
+                "algo",
+                "options",
+                "rank",
+                "w1_shape",
+                "attainable_rank",
+                "full_rank",
+                "parameters"
+              ],
+              "additionalProperties": false,
+              "properties": {
+                "name": {
+                  "type": "string"
+                },
+                "algo": {
+                  "description": "locon, loha or lokr.",
+                  "type": "string",
+                  "enum": [
+                    "locon",
+                    "loha",
+                    "lokr"
+                  ]
+                },
+                "options": {
+                  "description": "network.create layer options that build the planned module: lora_dim and conv_dim = rank and use_tucker false (locon, loha); factor, full_matrix true, decompose_both false, use_tucker false, unbalanced_factorization false, lora_dim and conv_dim 1 (lokr).",
+                  "$ref": "#/components/schemas/AdapterOptions"
+                },
+                "rank": {
+                  "description": "LoRA/LoHa dimension; for LoKr min(a1, b1).",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "w1_shape": {
+                  "description": "LoKr: the first Kronecker factor's shape (a1, b1); null otherwise.",
+                  "oneOf": [
+                    {
+                      "type": "array",
+                      "items": {
+                        "type": "integer",
+                        "minimum": 1
+                      },
+                      "minItems": 2,
+                      "maxItems": 2
+                    },
+                    {
+                      "type": "null"
+                    }
+                  ]
+                },
+                "attainable_rank": {
+                  "description": "The highest rank of delta W the module can reach.",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "full_rank": {
+                  "description": "min(out, in/groups * prod(kernel)).",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "parameters": {
+                  "description": "The module's trained elements (alpha not counted).",
+                  "type": "integer",
+                  "minimum": 1
+                }
+              }
+            }
+          },
+          "blocks": {
+            "description": "The layers grouped by block (the name up to its first number), in order of first appearance.",
+            "type": "array",
+            "items": {
+              "type": "object",
+              "required": [
+                "name",
+                "layers",
+                "algorithms",
+                "min_rank",
+                "max_rank",
+                "parameters"
+              ],
+              "additionalProperties": false,
+              "properties": {
+                "name": {
+                  "type": "string"
+                },
+                "layers": {
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "algorithms": {
+                  "description": "Algorithm name to layer count.",
+                  "type": "object",
+                  "additionalProperties": {
+                    "type": "integer",
+                    "minimum": 1
+                  }
+                },
+                "min_rank": {
+                  "description": "The lowest attainable rank in the block.",
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "max_rank": {
+                  "type": "integer",
+                  "minimum": 1
+                },
+                "parameters": {
+                  "type": "integer",
+                  "minimum": 1
+                }
+              }
+            }
+          },
+          "parameters": {
+            "description": "The plan's total, at most budget.",
+            "type": "integer",
+            "minimum": 0
+          },
+          "bytes": {
+            "description": "parameters times the dtype's size.",
+            "type": "integer",
+            "minimum": 0
+          },
+          "budget": {
+            "description": "The budget in parameters.",
+            "type": "integer",
+            "minimum": 1
+          },
+          "target": {
+            "description": "The fraction of its full rank every layer attains at least (0 to 1).",
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1
+          }
+        }
+      },
       "FileDescription": {
         "type": "object",
         "required": [
@@ -3375,6 +3822,67 @@ enum OpenRPCDocument {
               }
             },
             "additionalProperties": false
+          }
+        },
+        "additionalProperties": false
+      },
+      "Base64Handle": {
+        "type": "string",
+        "description": "The 64 bytes of a cudaIpcMemHandle_t (emulated device: a file name in the arena directory, zero-padded), standard base64.",
+        "pattern": "^[A-Za-z0-9+/]{86}==$"
+      },
+      "DeviceTensorRef": {
+        "type": "object",
+        "description": "A float32 tensor in the client's device memory, read or written in place (protocol/README.md §5.3).",
+        "required": [
+          "dtype",
+          "shape",
+          "cuda_ipc"
+        ],
+        "properties": {
+          "dtype": {
+            "const": "F32"
+          },
+          "shape": {
+            "$ref": "#/components/schemas/Shape"
+          },
+          "cuda_ipc": {
+            "type": "object",
+            "required": [
+              "handle",
+              "offset"
+            ],
+            "properties": {
+              "handle": {
+                "$ref": "#/components/schemas/Base64Handle"
+              },
+              "offset": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Byte offset of the first element from the allocation's start; a multiple of 4."
+              }
+            },
+            "additionalProperties": false
+          }
+        }
+      },
+      "DeviceTensorMap": {
+        "type": "object",
+        "description": "Module name or parameter key → device reference.",
+        "additionalProperties": {
+          "$ref": "#/components/schemas/DeviceTensorRef"
+        }
+      },
+      "DeviceModulesResult": {
+        "type": "object",
+        "required": [
+          "modules"
+        ],
+        "properties": {
+          "modules": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Modules computed."
           }
         },
         "additionalProperties": false

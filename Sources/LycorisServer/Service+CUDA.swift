@@ -1,18 +1,28 @@
 import LycorisCUDA
+import LycorisDevice
 import LycorisRPC
 
 /// `initialize {cuda: {library_dirs}}`: the CUDA probe and its report under
 /// `capabilities.cuda`; `network.create {device}`: the device choice against it
-/// (protocol/README.md §9). Nothing computes on CUDA yet.
+/// (protocol/README.md §9; computing there: Service+Device.swift).
 extension LycorisService {
-    /// The `device` of `network.create` (default `cpu`), checked against the probe; -32009 when
-    /// the server cannot compute there (every `cuda:N` until the CUDA backend exists).
-    func requestedDevice(_ p: Params) throws -> ComputeDevice {
-        do {
-            return try ComputeDevice(parsing: try p.string("device", default: "cpu"))
-                .checked(against: cuda.map(CUDAStatus.init))
-        } catch let error as DeviceError {
-            throw RPCError.device(error.message, path: "device")
+    /// A `device` of `network.create`/`network.bind` other than `emulated`, checked against
+    /// the probe; -32009 when the server cannot compute there.
+    func checkedDevice(_ text: String) throws -> ComputeDevice {
+        let status = cudaBackend?.status
+        switch Result(catching: { () throws(DeviceError) in try ComputeDevice(parsing: text).checked(against: status) }) {
+        case let .success(device): return device
+        case let .failure(error): throw RPCError.device(error.message, path: "device")
+        }
+    }
+
+    /// The CUDA backend's math for `device` (made on first use and kept); -32009 when it
+    /// cannot start there.
+    func cudaMath(_ device: ComputeDevice) throws -> DeviceAdapterMath {
+        guard let cudaBackend else { throw RPCError.device("\(device) needs CUDA, which was not probed", path: "device") }
+        switch Result(catching: { () throws(DeviceError) in try cudaBackend.math(for: device) }) {
+        case let .success(math): return math
+        case let .failure(error): throw RPCError.device(error.message, path: "device")
         }
     }
 
@@ -22,6 +32,7 @@ extension LycorisService {
         let directories = request.has("library_dirs") ? try request.strings("library_dirs") : []
         let environment = CUDAEnvironment(directories: directories)
         cuda = environment
+        cudaBackend = CUDABackend(environment: environment)
         return Self.report(environment)
     }
 

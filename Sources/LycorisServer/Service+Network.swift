@@ -102,7 +102,7 @@ extension LycorisService {
 
     func networkCreate(_ p: Params) throws -> JSONValue {
         guard network == nil else { throw RPCError.state("a network exists already (one network per server)") }
-        _ = try requestedDevice(p)  // only "cpu" passes until the CUDA compute backend exists
+        let device = try p.string("device", default: "cpu")
         // A local generator: a call that fails leaves the server's random state untouched.
         var random = p.has("seed") ? RandomSource(seed: try Self.seed(p)) : self.random
         let defaultAlgorithm = try Self.algorithm(named: try p.string("algo", default: "lora"), path: "algo")
@@ -151,6 +151,7 @@ extension LycorisService {
                 throw RPCError.invalidParams(error.description, path: layer.at("name"))
             }
         }
+        deviceSession = try openDeviceSession(device, network: created)
         network = created
         self.random = random
         gradients = [:]
@@ -270,6 +271,8 @@ extension LycorisService {
         gradients = [:]
         // Tapes recorded with the replaced adapters would mix old inputs with new weights.
         pending.removeAll()
+        // The modules may have other parameters now: a device network is bound again.
+        deviceSession?.unbind()
         // Loaded parameters start a new optimisation: moments of the old values (possibly of
         // other shapes) no longer apply.
         optimizer?.optimizer.state = [:]

@@ -22,7 +22,19 @@ struct ServerCommand: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical (env LYCORIS_LOG_LEVEL).")
     var logLevel: String = ProcessInfo.processInfo.environment["LYCORIS_LOG_LEVEL"] ?? "info"
 
+    @Option(name: .customLong("device-check"), help: .hidden)
+    var deviceCheck: String?
+
+    @Option(name: .customLong("device-bench"), help: .hidden)
+    var deviceBench: String?
+
+    @Option(name: .customLong("cuda-library-dir"), help: .hidden)
+    var cudaLibraryDirectories: [String] = []
+
     func run() throws {
+        if let device = deviceCheck ?? deviceBench {
+            throw ExitCode(DeviceCheck.run(device, libraryDirectories: cudaLibraryDirectories, timing: deviceCheck == nil))
+        }
         let protocolFD = StdioServer.claimStandardOutput()
         guard let level = Logger.Level(rawValue: logLevel) else { throw ValidationError("unknown log level \(logLevel)") }
         LoggingSystem.bootstrap { label in

@@ -11,7 +11,7 @@ struct ConvertCommand: ParsableCommand {
 
     static let configuration = CommandConfiguration(
         commandName: "convert",
-        abstract: "Rewrite an adapter file: dtype, module-name prefixes, modules kept or dropped, DyLoRA conv lora_up repaired; or to/from an HF PEFT LoRA folder.")
+        abstract: "Rewrite an adapter file: dtype, module-name prefixes, modules kept or dropped, DyLoRA conv lora_up repaired; or to/from an HF PEFT LoRA, LoHa or LoKr folder.")
 
     @Argument(help: "The adapter file.") var input: String
     @Argument(help: "Where to write the converted file.") var output: String
@@ -20,7 +20,7 @@ struct ConvertCommand: ParsableCommand {
     var rename: [String] = []
     @Option(help: "Keep only modules whose name matches this regular expression (repeatable).") var keep: [String] = []
     @Option(help: "Drop modules whose name matches this regular expression (repeatable).") var drop: [String] = []
-    @Option(help: "peft: write IN's LoRA modules as a PEFT folder OUT; kohya: read the PEFT folder IN into a kohya file OUT.")
+    @Option(help: "peft: write IN's LoRA, LoHa or LoKr modules as a PEFT folder OUT; kohya: read the PEFT folder IN into a kohya file OUT.")
     var to: Target?
     @Option(help: "The checkpoint whose layers name the modules (with --to).") var model: String?
     @Option(help: "The model the PEFT adapter belongs to: unet, text_encoder, text_encoder_2.") var component: CheckpointComponent = .unet
@@ -39,7 +39,7 @@ struct ConvertCommand: ParsableCommand {
             let report = to == .peft
                 ? try PEFTInterchange.export(adapter: input, checkpoint: model, component: component, family: modelType, output: output)
                 : try PEFTInterchange.import(peft: input, checkpoint: model, component: component, family: modelType, output: output)
-            print("converted \(report.converted.count) LoRA modules into \(output) (\(to.rawValue))")
+            print("converted \(report.converted.count) modules into \(output) (\(to.rawValue)\(report.peftType.isEmpty ? "" : ", " + report.peftType))")
             if !report.skipped.isEmpty { print("skipped: \(report.skipped.count)") }
             for (module, reason) in report.skipped { print("  \(module): \(reason)") }
             return

@@ -27,16 +27,9 @@ struct LayersCommand: ParsableCommand {
         print("names: \(table.namingDescription)")
         let width = min(72, table.layers.map(\.name.count).max() ?? 0)
         for layer in table.layers {
-            let shape = Self.shape(of: layer, in: opened).map(String.init).joined(separator: "x")
+            let shape = opened.weightShape(of: layer).map(String.init).joined(separator: "x")
             print(layer.name.padding(toLength: max(width, layer.name.count), withPad: " ", startingAt: 0) + " " + shape)
         }
-    }
-
-    /// The layer's weight shape (the row block of a fused tensor).
-    static func shape(of layer: AdaptableLayer, in checkpoint: Checkpoint) -> [Int] {
-        var shape = checkpoint.parts[layer.part].file.info(layer.weightKey)?.shape ?? []
-        if let rows = layer.rows, !shape.isEmpty { shape[0] = rows.count }
-        return shape
     }
 
     static func jsonObject(_ checkpoint: Checkpoint, _ table: CheckpointLayers) -> [String: Any] {
@@ -47,7 +40,7 @@ struct LayersCommand: ParsableCommand {
                     "name": layer.name, "aliases": layer.aliases, "component": layer.component?.rawValue ?? NSNull(),
                     "file": checkpoint.parts[layer.part].relativePath, "key": layer.weightKey,
                     "bias": layer.biasKey ?? NSNull(), "bias_file": layer.biasPart.map { checkpoint.parts[$0].relativePath } ?? NSNull(), "rows": layer.rows.map { [$0.lowerBound, $0.upperBound] } ?? NSNull(),
-                    "shape": shape(of: layer, in: checkpoint), "other_key": layer.otherLayoutKey ?? NSNull(),
+                    "shape": checkpoint.weightShape(of: layer), "other_key": layer.otherLayoutKey ?? NSNull(),
                 ]
             },
         ]

@@ -52,7 +52,7 @@ struct MergeCommand: ParsableCommand {
         var bar: ProgressBar?
         let report = try CheckpointMerge.merge(checkpoint: base, adapters: adapters, output: out, dtype: dtype, family: modelType,
                                                strict: strict) { done, total in
-            if bar == nil { bar = ProgressBar("merge", total: total, quiet: quiet || json) }
+            if bar == nil { bar = ProgressBar("merge", total: total, unit: "tensors", quiet: quiet || json) }
             bar?.update(done)
         }
         if json {

@@ -19,6 +19,7 @@ struct ResizeCommand: ParsableCommand {
     @Option(help: "Choose each module's rank: sv_ratio, sv_cumulative or sv_fro.") var dynamicMethod: Method?
     @Option(help: "The dynamic method's target (ratio of S₁, cumulative fraction, Frobenius fraction).") var dynamicParam: Float?
     @Option(help: "Store the factors as this dtype (default: as in the input).") var dtype: DType?
+    @Flag(help: "No progress bar.") var quiet = false
     @Flag(help: "Print the per-module report as JSON.") var json = false
 
     func validate() throws {
@@ -35,7 +36,11 @@ struct ResizeCommand: ParsableCommand {
         default: .fixed
         }
         let start = Date()
-        let report = try AdapterResize.resize(input: input, output: output, rank: rank, rule: rule, dtype: dtype)
+        var bar: ProgressBar?
+        let report = try AdapterResize.resize(input: input, output: output, rank: rank, rule: rule, dtype: dtype) { done, total in
+            if bar == nil { bar = ProgressBar("resize", total: total, unit: "modules", quiet: quiet || json) }
+            bar?.update(done)
+        }
         let seconds = Date().timeIntervalSince(start)
         if json {
             let object: [String: Any] = [
@@ -49,7 +54,8 @@ struct ResizeCommand: ParsableCommand {
             print(String(decoding: data, as: UTF8.self))
             return
         }
-        let width = min(60, report.resized.map(\.name.count).max() ?? 6)
+        // The row after the name takes 45 columns: names are cut to fit 100.
+        let width = min(54, max(6, report.resized.map(\.name.count).max() ?? 6))
         print("module".padding(toLength: width, withPad: " ", startingAt: 0) + "  rank → new   alpha    sum(S)   fro    S1/Sr")
         for m in report.resized {
             let name = m.name.count > width ? "…" + m.name.suffix(width - 1) : Substring(m.name)

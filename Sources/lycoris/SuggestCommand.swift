@@ -17,19 +17,8 @@ struct SuggestCommand: ParsableCommand {
     @Option(help: "The model family (sd1, sd2, sdxl) instead of detecting it from the keys.") var modelType: ModelFamily?
     @Flag(help: "Print the plan as JSON, every layer.") var json = false
 
-    /// Parameters for `--budget`: `N` parameters, or `N[KB|MB|GB]` bytes ÷ the dtype's size.
-    static func parameters(_ budget: String, dtype: DType) -> Int? {
-        let units: [(String, Double)] = [("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("B", 1)]
-        let text = budget.uppercased()
-        for (unit, scale) in units where text.hasSuffix(unit) {
-            guard let value = Double(text.dropLast(unit.count)), value > 0 else { return nil }
-            return Int(value * scale) / dtype.byteSize
-        }
-        return Int(text).flatMap { $0 > 0 ? $0 : nil }
-    }
-
     func validate() throws {
-        guard Self.parameters(budget, dtype: dtype) != nil else { throw ValidationError("--budget: '\(budget)' is not a size (10MB) or a count") }
+        guard AlgorithmSuggestion.parameters(budget: budget, dtype: dtype) != nil else { throw ValidationError("--budget: '\(budget)' is not a size (10MB) or a count") }
     }
 
     func run() throws {
@@ -37,16 +26,17 @@ struct SuggestCommand: ParsableCommand {
         let table = try CheckpointLayers(checkpoint, family: modelType)
         let layers = table.layers.compactMap { layer -> AlgorithmSuggestion.Layer? in
             guard textEncoder || layer.component == .unet || layer.component == nil else { return nil }
-            let shape = LayersCommand.shape(of: layer, in: checkpoint)
+            let shape = checkpoint.weightShape(of: layer)
             return shape.count == 2 || shape.count == 4 ? .init(name: layer.name, shape: shape) : nil
         }
-        let plan = try AlgorithmSuggestion.plan(layers, budget: Self.parameters(budget, dtype: dtype)!)
+        let plan = try AlgorithmSuggestion.plan(layers, budget: AlgorithmSuggestion.parameters(budget: budget, dtype: dtype)!)
         if json {
             let object: [String: Any] = [
                 "budget": plan.budget, "parameters": plan.parameters, "bytes": plan.parameters * dtype.byteSize, "target": plan.target,
                 "layers": plan.layers.map { entry -> [String: Any] in
                     ["name": entry.layer.name, "shape": entry.layer.shape, "algorithm": entry.choice.algorithm.rawValue,
                      "rank": entry.choice.rank, "factor": entry.choice.factor.map { [$0.0, $0.1] } ?? NSNull(),
+                     "lokr_factor": entry.choice.lokrFactor ?? NSNull(),
                      "attainable_rank": entry.choice.attainableRank, "parameters": entry.choice.parameters]
                 },
             ]
@@ -55,32 +45,15 @@ struct SuggestCommand: ParsableCommand {
             return
         }
         print("block".padding(toLength: 48, withPad: " ", startingAt: 0) + " layers  algorithms          ranks      size (MB)")
-        var order: [String] = []
-        var blocks: [String: [(AlgorithmSuggestion.Layer, AlgorithmSuggestion.Choice)]] = [:]
-        for (layer, choice) in plan.layers {
-            let block = Self.block(of: layer.name)
-            if blocks[block] == nil { order.append(block) }
-            blocks[block, default: []].append((layer, choice))
-        }
-        for block in order {
-            let entries = blocks[block]!
-            let counts = Dictionary(grouping: entries, by: { $0.1.algorithm.rawValue }).map { "\($0.key) \($0.value.count)" }.sorted()
-            let ranks = entries.map(\.1.attainableRank)
-            let size = Double(entries.reduce(0) { $0 + $1.1.parameters } * dtype.byteSize) / 1e6
-            print(block.padding(toLength: 48, withPad: " ", startingAt: 0) + String(format: " %6d  ", entries.count)
+        for block in AlgorithmSuggestion.blocks(plan) {
+            let counts = block.algorithms.map { "\($0.key) \($0.value)" }.sorted()
+            let size = Double(block.parameters * dtype.byteSize) / 1e6
+            print(block.name.padding(toLength: 48, withPad: " ", startingAt: 0) + String(format: " %6d  ", block.choices.count)
                   + counts.joined(separator: ", ").padding(toLength: 18, withPad: " ", startingAt: 0)
-                  + "\(ranks.min()!)–\(ranks.max()!)".padding(toLength: 10, withPad: " ", startingAt: 0) + String(format: " %9.2f", size))
+                  + "\(block.ranks.lowerBound)–\(block.ranks.upperBound)".padding(toLength: 10, withPad: " ", startingAt: 0)
+                  + String(format: " %9.2f", size))
         }
         print(String(format: "total: %d parameters, %.2f MB (%@), budget %d parameters; every layer reaches ≥ %.1f%% of its full rank",
                      plan.parameters, Double(plan.parameters * dtype.byteSize) / 1e6, dtype.rawValue, plan.budget, 100 * plan.target))
-    }
-
-    /// The kohya name up to its block index (`lora_unet_down_blocks_1`, `lora_te_text_model_encoder_layers_3`, …).
-    static func block(of name: String) -> String {
-        let parts = name.split(separator: "_")
-        for (index, part) in parts.enumerated() where Int(part) != nil {
-            return parts[...index].joined(separator: "_")
-        }
-        return name
     }
 }

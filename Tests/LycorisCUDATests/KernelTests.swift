@@ -12,8 +12,9 @@ import Testing
 @Suite struct KernelTests {
     static let sourcePath = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("Sources/LycorisCUDA/Kernels/lycoris_kernels.cu").path
-    static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_kronecker", "lycoris_channel_scale",
-                          "lycoris_norm_affine", "lycoris_transpose", "lycoris_column_slice", "lycoris_dropout_mask"]
+    static let kernels = ["lycoris_scale", "lycoris_hadamard", "lycoris_add", "lycoris_kronecker", "lycoris_channel_scale",
+                          "lycoris_channel_dot_parts", "lycoris_sum_parts", "lycoris_norm_affine", "lycoris_transpose", "lycoris_column_copy",
+                          "lycoris_dropout_mask"]
 
     /// ⌈count / block⌉ blocks of `block` threads.
     static func grid(_ count: Int, _ block: UInt32) -> UInt32 { UInt32((count + Int(block) - 1) / Int(block)) }
@@ -40,12 +41,14 @@ import Testing
         for kernel in Self.kernels { #expect(ptx.contains(".entry \(kernel)("), "\(kernel) is not in the PTX") }
     }
 
-    @Test func scaleAndHadamardAreTheEnginesProducts() {
+    @Test func scaleHadamardAndAddAreTheEnginesOperations() {
         let a = randomTensor([5, 9], seed: 1), b = randomTensor([5, 9], seed: 2)
         let scaled = Self.launched(a.count) { lycoris_cpu_scale($0, $1, $2, a.scalars, 0.75, UInt64(a.count)) }
         expectClose(Tensor(shape: a.shape, scalars: scaled), a * 0.75, tolerance: 1e-7, "scale")
         let product = Self.launched(a.count) { lycoris_cpu_hadamard($0, $1, $2, a.scalars, b.scalars, 0.5, UInt64(a.count)) }
         expectClose(Tensor(shape: a.shape, scalars: product), a * b * 0.5, tolerance: 1e-7, "hadamard")
+        let sum = Self.launched(a.count) { lycoris_cpu_add($0, $1, $2, a.scalars, b.scalars, -2, UInt64(a.count)) }
+        expectClose(Tensor(shape: a.shape, scalars: sum), a - b * 2, tolerance: 1e-7, "add")
     }
 
     @Test(arguments: [[4, 5, 3, 3], [4, 5]])
@@ -60,23 +63,56 @@ import Testing
         expectClose(Tensor(shape: expected.shape, scalars: out), expected, tolerance: 1e-7, "kron")
     }
 
-    @Test func channelScaleRunsAlongRowsOrColumnsWithAnOffset() {
+    @Test func channelScaleRunsAlongRowsOrColumnsWithAnOffsetAndAScale() {
         // W0 (O=4, I=3, kernel 2×2): IA3 on output scales rows (stride I·4), on input columns (stride 4).
         let w0 = randomTensor([4, 3, 2, 2], seed: 5), rows = randomTensor([4], seed: 6), columns = randomTensor([3], seed: 7)
         var expectedRows = w0, expectedColumns = w0
         for o in 0..<4 { for i in 0..<3 { for e in 0..<4 {
             let index = (o * 3 + i) * 4 + e
-            expectedRows.scalars[index] = w0.scalars[index] * rows.scalars[o]
-            expectedColumns.scalars[index] = w0.scalars[index] * (1 + columns.scalars[i])
+            expectedRows.scalars[index] = w0.scalars[index] * (0.5 * rows.scalars[o])
+            expectedColumns.scalars[index] = w0.scalars[index] * (1 + 0.25 * columns.scalars[i])
         } } }
         let alongRows = Self.launched(w0.count) {
-            lycoris_cpu_channel_scale($0, $1, $2, w0.scalars, rows.scalars, 0, 12, 4, UInt64(w0.count))
+            lycoris_cpu_channel_scale($0, $1, $2, w0.scalars, rows.scalars, 0, 0.5, 12, 4, UInt64(w0.count))
         }
         let alongColumns = Self.launched(w0.count) {
-            lycoris_cpu_channel_scale($0, $1, $2, w0.scalars, columns.scalars, 1, 4, 3, UInt64(w0.count))
+            lycoris_cpu_channel_scale($0, $1, $2, w0.scalars, columns.scalars, 1, 0.25, 4, 3, UInt64(w0.count))
         }
-        expectClose(Tensor(shape: w0.shape, scalars: alongRows), expectedRows, tolerance: 1e-7, "IA3 rows, ΔW")
+        expectClose(Tensor(shape: w0.shape, scalars: alongRows), expectedRows, tolerance: 1e-7, "IA3 rows, m·ΔW")
         expectClose(Tensor(shape: w0.shape, scalars: alongColumns), expectedColumns, tolerance: 1e-7, "IA3 columns, W'")
+    }
+
+    /// The reduction of channel_scale: per-channel sums of a ⊙ b along rows or columns, and a
+    /// whole dot product (one channel), each split into parts, against sums written out here
+    /// in Double.
+    @Test(arguments: [1, 2, 5])
+    func channelDotSumsEachChannelsProducts(parts: Int) {
+        let a = randomTensor([4, 3, 2, 2], seed: 20), b = randomTensor([4, 3, 2, 2], seed: 21)
+        var rows = [Double](repeating: 0, count: 4), columns = [Double](repeating: 0, count: 3), total = 0.0
+        for o in 0..<4 { for i in 0..<3 { for e in 0..<4 {
+            let index = (o * 3 + i) * 4 + e
+            let product = Double(a.scalars[index]) * Double(b.scalars[index])
+            rows[o] += product
+            columns[i] += product
+            total += product
+        } } }
+        /// The two launches: parts, then their sums times s.
+        func reduced(scale s: Float, stride: Int, channels: Int) -> [Float] {
+            var partials = [Double](repeating: .nan, count: channels * parts)
+            partials.withUnsafeMutableBufferPointer {
+                lycoris_cpu_channel_dot_parts(Self.grid(channels * parts, 3), 3, $0.baseAddress!, a.scalars, b.scalars,
+                                              UInt64(stride), UInt64(channels), UInt64(a.count), UInt64(parts))
+            }
+            return Self.launched(channels, block: 2) {
+                lycoris_cpu_sum_parts($0, $1, $2, partials, s, UInt64(channels), UInt64(parts))
+            }
+        }
+        expectClose(Tensor(shape: [4], scalars: reduced(scale: 2, stride: 12, channels: 4)),
+                    Tensor(shape: [4], scalars: rows.map { Float(2 * $0) }), tolerance: 1e-6, "rows")
+        expectClose(Tensor(shape: [3], scalars: reduced(scale: 1, stride: 4, channels: 3)),
+                    Tensor(shape: [3], scalars: columns.map { Float($0) }), tolerance: 1e-6, "columns")
+        let dot = reduced(scale: 0.5, stride: 1, channels: 1)
+        #expect(abs(dot[0] - Float(0.5 * total)) <= 1e-6 * abs(Float(total)))
     }
 
     @Test func normAffineIsTheEnginesLayerAndGroupNorm() {
@@ -96,17 +132,20 @@ import Testing
         expectClose(Tensor(shape: y.shape, scalars: grouped), group.forward(y, weight: v), tolerance: 1e-6, "group norm")
     }
 
-    @Test func transposeIsTheEnginesPermutation() {
-        let x = randomTensor([3, 4, 5], seed: 12)
-        let out = Self.launched(x.count) { lycoris_cpu_transpose($0, $1, $2, x.scalars, 3, 4, 5) }
-        #expect(out == x.permuted([0, 2, 1]).scalars)
+    @Test(arguments: [1, 3])
+    func transposeSwapsTheMiddleAxesOfBlocks(inner: Int) {
+        let x = randomTensor([3, 4, 5, inner], seed: 12)
+        let out = Self.launched(x.count) { lycoris_cpu_transpose($0, $1, $2, x.scalars, 3, 4, 5, UInt64(inner)) }
+        #expect(out == x.permuted([0, 2, 1, 3]).scalars)
     }
 
-    @Test func columnSliceTakesDyLoRAsRankBlock() {
+    @Test func columnCopyTakesAndPutsBackDyLoRAsRankBlock() {
         let up = randomTensor([6, 8], seed: 13)
-        let out = Self.launched(6 * 3) { lycoris_cpu_column_slice($0, $1, $2, up.scalars, 6, 8, 2, 3) }
-        let expected = (0..<6).flatMap { row in (2..<5).map { up.scalars[row * 8 + $0] } }
-        #expect(out == expected)
+        let block = Self.launched(6 * 3) { lycoris_cpu_column_copy($0, $1, $2, up.scalars, 6, 3, 3, 0, 8, 2) }
+        #expect(block == (0..<6).flatMap { row in (2..<5).map { up.scalars[row * 8 + $0] } })
+        var placed = [Float](repeating: 0, count: 6 * 8)
+        placed.withUnsafeMutableBufferPointer { lycoris_cpu_column_copy(Self.grid(6 * 3, 7), 7, $0.baseAddress!, block, 6, 3, 8, 2, 3, 0) }
+        #expect(placed == up.scalars.enumerated().map { (2..<5).contains($0.offset % 8) ? $0.element : 0 })
     }
 
     /// Known-answer vectors of Philox4x32-10 from the Random123 distribution (kat_vectors).

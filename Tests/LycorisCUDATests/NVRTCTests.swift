@@ -1,4 +1,5 @@
 import LycorisCUDA
+import LycorisTestSupport
 import Testing
 
 /// NVRTC and cuBLAS from torch's PyPI wheels, on a machine without a GPU: they load, report

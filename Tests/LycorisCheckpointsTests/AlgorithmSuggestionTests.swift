@@ -1,10 +1,12 @@
+import LycorisAlgorithms
 import LycorisCheckpoints
 import Testing
 
 @Suite("algorithm suggestion")
 struct AlgorithmSuggestionTests {
     /// Every candidate of the documented rule, enumerated independently: LoRA r, LoHa r
-    /// (rank min(m, r²)), LoKr over every factor pair.
+    /// (rank min(m, r²)), LoKr with the first factor of LyCORIS's factor −1 or (f, f) for a
+    /// common divisor f with f² ≤ min(out, in).
     static func bruteForceCost(shape: [Int], rank wanted: Int) -> Int {
         let (out, inChannels, kernel) = (shape[0], shape[1], shape.dropFirst(2).reduce(1, *))
         let n = inChannels * kernel, full = min(out, n), target = min(wanted, full)
@@ -13,10 +15,12 @@ struct AlgorithmSuggestionTests {
             if r >= target { best = min(best, r * (out + n)) }
             if min(full, r * r) >= target { best = min(best, 2 * r * (out + n)) }
         }
-        for a1 in 1...out where out % a1 == 0 {
-            for b1 in 1...inChannels where inChannels % b1 == 0 {
-                if min(a1, b1) * min(out / a1, n / b1) >= target { best = min(best, a1 * b1 + (out / a1) * (n / b1)) }
-            }
+        var firstFactors = [(factorization(out).m, factorization(inChannels).m)]
+        for f in 1...min(out, inChannels) where out % f == 0 && inChannels % f == 0 && f * f <= min(out, inChannels) {
+            firstFactors.append((f, f))
+        }
+        for (a1, b1) in firstFactors where min(a1, b1) * min(out / a1, n / b1) >= target {
+            best = min(best, a1 * b1 + (out / a1) * (n / b1))
         }
         return best
     }

@@ -27,7 +27,7 @@ struct WriterTests {
     func matchesGolden() throws {
         let golden = try Array(Data(contentsOf: Fixtures.url("swift_writer_golden.safetensors")))
         let writer = try Self.goldenWriter()
-        #expect(writer.serialized() == golden)
+        #expect(try writer.serialized() == golden)
 
         let directory = try TemporaryDirectory()
         defer { directory.cleanUp() }
@@ -100,7 +100,7 @@ struct WriterTests {
         try writer.addRaw("mask", dtype: .bool, shape: [3], bytes: [1, 0, 1])
         try writer.addRaw("f8", dtype: .f8e4m3, shape: [2], bytes: [0x38, 0x7E])
         try writer.add("weird \"name\"\\\n\t\u{7}/é", int64: [-5, 6], shape: [2, 1])
-        let bytes = writer.serialized()
+        let bytes = try writer.serialized()
         let header = try bytes.withUnsafeBytes { try SafetensorsHeader.validate(file: $0) }
         #expect(header.tensors.map(\.name) == ["on_input", "mask", "f8", "weird \"name\"\\\n\t\u{7}/é"])
         #expect(header.tensors.map(\.dtype) == [.i64, .bool, .f8e4m3, .i64])
@@ -153,6 +153,81 @@ struct WriterTests {
         #expect(file.metadata == ["k": "v"])
         #expect(file.info("w")?.dtype == .bf16)
         #expect(try file.tensor("w").scalars == [1, 2])
+    }
+
+    /// The golden tensors again, each one streamed: floats encoded by `streamFloats` in the
+    /// producer, raw bytes passed in two pieces.
+    static func streamedGoldenWriter() throws -> SafetensorsWriter {
+        let golden = try goldenWriter()
+        var writer = SafetensorsWriter(metadata: golden.metadata)
+        for entry in golden.entries {
+            switch entry.payload {
+            case .floats(let values):
+                try writer.addStreamed(entry.name, dtype: entry.dtype, shape: entry.shape) { sink in
+                    try SafetensorsWriter.streamFloats(values, as: entry.dtype, into: sink)
+                }
+            case .raw(let bytes):
+                try writer.addStreamed(entry.name, dtype: entry.dtype, shape: entry.shape) { sink in
+                    try bytes.withUnsafeBytes { all in
+                        try sink(UnsafeRawBufferPointer(rebasing: all[..<(all.count / 2)]))
+                        try sink(UnsafeRawBufferPointer(rebasing: all[(all.count / 2)...]))
+                    }
+                }
+            case .streamed:
+                Issue.record("the golden writer holds its data")
+            }
+        }
+        return writer
+    }
+
+    @Test("streamed entries write the same bytes as the golden file, produced in entry order")
+    func streamedMatchesGolden() throws {
+        let golden = try Array(Data(contentsOf: Fixtures.url("swift_writer_golden.safetensors")))
+        #expect(try Self.streamedGoldenWriter().serialized() == golden)
+        let directory = try TemporaryDirectory()
+        defer { directory.cleanUp() }
+        let url = directory.file("streamed.safetensors")
+        try Self.streamedGoldenWriter().write(to: url)
+        #expect(try Array(Data(contentsOf: url)) == golden)
+        // Producers run once each, in the order added.
+        final class Order: @unchecked Sendable { var names: [String] = [] }
+        let order = Order()
+        var writer = SafetensorsWriter()
+        for name in ["b", "a", "c"] {
+            try writer.addStreamed(name, dtype: .f32, shape: [1]) { sink in
+                order.names.append(name)
+                try SafetensorsWriter.streamFloats([1], as: .f32, into: sink)
+            }
+        }
+        _ = try writer.serialized()
+        #expect(order.names == ["b", "a", "c"])
+    }
+
+    @Test("a producer that throws or passes the wrong byte count fails the write; the target is untouched",
+          arguments: [0, 1, 2])
+    func streamedFailure(_ kind: Int) throws {
+        struct Refused: Error {}
+        let directory = try TemporaryDirectory()
+        defer { directory.cleanUp() }
+        let url = directory.file("model.safetensors")
+        try Data("old contents".utf8).write(to: url)
+        var writer = SafetensorsWriter()
+        try writer.add("first", Tensor(shape: [2], scalars: [1, 2]))
+        try writer.addStreamed("w", dtype: .f16, shape: [3]) { sink in
+            switch kind {
+            case 0: throw Refused()
+            case 1: try SafetensorsWriter.streamFloats([1, 2], as: .f16, into: sink)
+            default: try SafetensorsWriter.streamFloats([1, 2, 3, 4], as: .f16, into: sink)
+            }
+        }
+        if kind == 0 {
+            #expect(throws: Refused.self) { try writer.write(to: url) }
+        } else {
+            let error = try #require(throws: SafetensorsError.self) { try writer.write(to: url) }
+            #expect("\(error)".contains("w") && "\(error)".contains("6"), "names the tensor and its byte count: \(error)")
+        }
+        #expect(try directory.contents() == ["model.safetensors"])
+        #expect(try Data(contentsOf: url) == Data("old contents".utf8))
     }
 
     @Test("a failure at any step removes the temporary file and leaves the target untouched",

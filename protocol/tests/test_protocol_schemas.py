@@ -8,6 +8,7 @@ error code of the table in protocol/README.md.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import mmap
@@ -403,6 +404,43 @@ def test_base64_session_drives_every_method(start_server, tmp_path):
     assert server.call("shutdown") is None
     assert server.read_eof() == b""
     assert server.process.wait(timeout=30) == 0
+
+
+def test_network_suggest_plans_within_the_budget_and_builds_it(start_server):
+    """network.suggest: the plan fits the budget, every layer reaches ⌈target·full rank⌉, and
+    the planned algo/options given to network.create build modules of the planned size."""
+    server = start_server()
+    layers = [{"name": "lora_unet_down_blocks_0_attn_to_q", "kind": "linear", "in_features": 64, "out_features": 64},
+              {"name": "lora_unet_down_blocks_0_ff", "kind": "linear", "in_features": 64, "out_features": 256},
+              {"name": "lora_unet_down_blocks_1_conv", "kind": "conv2d", "in_channels": 32, "out_channels": 48,
+               "kernel_size": 3, "padding": 1},
+              {"name": "lora_te_layers_0_fc", "kind": "linear", "in_features": 30, "out_features": 7}]
+    full = {"lora_unet_down_blocks_0_attn_to_q": 64, "lora_unet_down_blocks_0_ff": 64,
+            "lora_unet_down_blocks_1_conv": 48, "lora_te_layers_0_fc": 7}
+    previous = -1.0
+    for budget in (1200, 4000, 9000, "30KB"):
+        plan = server.call("network.suggest", {"layers": layers, "budget": budget})
+        limit = budget if isinstance(budget, int) else 30_000 // 2
+        assert plan["budget"] == limit and plan["parameters"] <= limit and plan["bytes"] == 2 * plan["parameters"]
+        assert plan["parameters"] == sum(entry["parameters"] for entry in plan["layers"])
+        assert [entry["name"] for entry in plan["layers"]] == [layer["name"] for layer in layers]
+        for entry in plan["layers"]:
+            assert entry["full_rank"] == full[entry["name"]]
+            assert entry["attainable_rank"] >= min(full[entry["name"]], max(1, math.ceil(plan["target"] * entry["full_rank"])))
+        assert [b["name"] for b in plan["blocks"]] == ["lora_unet_down_blocks_0", "lora_unet_down_blocks_1", "lora_te_layers_0"]
+        assert plan["target"] >= previous
+        previous = plan["target"]
+    assert {entry["algo"] for entry in plan["layers"]} <= {"locon", "loha", "lokr"}
+    created = server.call("network.create", {"layers": [
+        {**layer, "algo": entry["algo"], "options": entry["options"]} for layer, entry in zip(layers, plan["layers"])]})
+    for module, entry in zip(created["modules"], plan["layers"]):
+        assert module["algorithm"] == entry["algo"]
+        assert sum(math.prod(p["shape"]) for p in module["parameters"]) == entry["parameters"], module
+    assert "too small" in server.error("network.suggest", {"layers": layers, "budget": 10}, -32602)["message"]
+    for bad in ({"layers": layers, "budget": "12 parsecs"}, {"layers": layers, "budget": 0},
+                {"layers": layers, "budget": 100, "dtype": "f8"},
+                {"layers": [{"name": "n", "kind": "layer_norm", "normalized_shape": 8}], "budget": 100}):
+        server.error("network.suggest", bad, -32602)
 
 
 def test_other_algorithms_and_options(start_server):
@@ -923,6 +961,106 @@ def test_shutdown_before_initialize_and_stdin_eof(start_server):
     assert server.process.wait(timeout=30) == 0
     server = start_server()
     assert server.close() == 0
+
+
+# MARK: - Device networks (the emulated test device, §5.3 and §9.7)
+
+
+def _emulated_allocation(directory, name: str, values: np.ndarray):
+    """A client "device allocation" of the emulated device: a file in the arena directory,
+    mapped here; its handle is the name zero-padded to 64 bytes."""
+    path = os.path.join(directory, name)
+    data = np.ascontiguousarray(values, dtype="<f4")
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
+    handle = open(path, "r+b")
+    memory = mmap.mmap(handle.fileno(), data.nbytes)
+    handle.close()
+    return memory, base64.b64encode(name.encode().ljust(64, b"\0")).decode()
+
+
+def _reference(handle: str, shape, offset: int = 0, dtype: str = "F32") -> dict:
+    return {"dtype": dtype, "shape": list(shape), "cuda_ipc": {"handle": handle, "offset": offset}}
+
+
+def test_emulated_device_session(start_server, tmp_path):
+    """network.create on the emulated device; bind parameters and gradient buffers that live
+    in the client's memory; m·ΔW and every ∂parameter written in place, equal to the LoRA
+    formulas; device.release drops the binding; each error code of the device path."""
+    rng = np.random.default_rng(5)
+    server = start_server("--arena-dir", str(tmp_path), env={"LYCORIS_EMULATED_DEVICE": "1"})
+    assert server.call("initialize")["capabilities"]["emulated_device"] is True
+    layers = [{"name": "lora_unet_q", "kind": "linear", "in_features": 8, "out_features": 6}]
+    created = server.call("network.create", {"device": "emulated", "multiplier": 0.5,
+                                             "options": {"lora_dim": 2, "alpha": 1}, "layers": layers})
+    assert [p["key"] for p in created["modules"][0]["parameters"]] == ["lora_unet_q.lora_down.weight", "lora_unet_q.lora_up.weight"]
+    down = rng.standard_normal((2, 8)).astype(np.float32)
+    up = rng.standard_normal((6, 2)).astype(np.float32)
+    # One allocation holds both parameters (down at 0, up at 64), as torch's allocator packs them.
+    params, params_handle = _emulated_allocation(tmp_path, "lycoris-emulated-params", np.concatenate([down.ravel(), up.ravel()]))
+    grads, grads_handle = _emulated_allocation(tmp_path, "lycoris-emulated-grads", np.zeros(28))
+    delta, delta_handle = _emulated_allocation(tmp_path, "lycoris-emulated-delta", np.zeros(48))
+    gradient = rng.standard_normal((6, 8)).astype(np.float32)
+    grad_delta, grad_delta_handle = _emulated_allocation(tmp_path, "lycoris-emulated-grad-delta", gradient)
+    bind = {"parameters": {"lora_unet_q.lora_down.weight": _reference(params_handle, [2, 8]),
+                           "lora_unet_q.lora_up.weight": _reference(params_handle, [6, 2], 64)},
+            "gradients": {"lora_unet_q.lora_down.weight": _reference(grads_handle, [2, 8]),
+                          "lora_unet_q.lora_up.weight": _reference(grads_handle, [6, 2], 64)}}
+    assert server.error("network.delta_weights", {"outputs": {}}, -32007)["message"].startswith("State error: nothing is bound")
+    assert server.call("network.bind", bind) == {"bound": 4, "open_handles": 2}
+    assert server.call("network.delta_weights", {"outputs": {"lora_unet_q": _reference(delta_handle, [6, 8])}}) == {"modules": 1}
+    scale, m = 1 / 2, 0.5
+    np.testing.assert_allclose(np.frombuffer(delta, "<f4").reshape(6, 8), m * scale * up @ down, rtol=1e-5, atol=1e-6)
+    assert server.call("network.delta_weights_backward", {"grads": {"lora_unet_q": _reference(grad_delta_handle, [6, 8])}}) == {"modules": 1}
+    written = np.frombuffer(grads, "<f4")
+    np.testing.assert_allclose(written[:16].reshape(2, 8), m * scale * up.T @ gradient, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(written[16:].reshape(6, 2), m * scale * gradient @ down.T, rtol=1e-5, atol=1e-6)
+    # The server reads the parameters in place: a change here is the next ΔW.
+    np.frombuffer(params, "<f4")[16:] *= 2
+    server.call("network.delta_weights", {"outputs": {"lora_unet_q": _reference(delta_handle, [6, 8])}})
+    np.testing.assert_allclose(np.frombuffer(delta, "<f4").reshape(6, 8), 2 * m * scale * up @ down, rtol=1e-5, atol=1e-6)
+
+    out = {"lora_unet_q": _reference(delta_handle, [6, 8])}
+    assert server.error("network.delta_weights", {"outputs": {"nope": out["lora_unet_q"]}}, -32001)["data"] == {"module": "nope"}
+    assert server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(delta_handle, [8, 6])}}, -32002)
+    assert server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(delta_handle, [6, 8], dtype="F16")}}, -32003)
+    short = base64.b64encode(b"lycoris-emulated-delta").decode()
+    assert server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(short, [6, 8])}}, -32602)
+    assert server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(delta_handle, [6, 8], 2)}}, -32009)
+    beyond = server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(delta_handle, [6, 8], 64)}}, -32009)
+    assert "outside the 192-byte allocation" in beyond["message"] and beyond["data"] == {"path": "outputs.lora_unet_q"}
+    missing = base64.b64encode(b"lycoris-emulated-missing".ljust(64, b"\0")).decode()
+    assert server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(missing, [6, 8])}}, -32009)
+    foreign = base64.b64encode(b"lycoris-arena-1".ljust(64, b"\0")).decode()
+    assert "lycoris-emulated-" in server.error("network.delta_weights", {"outputs": {"lora_unet_q": _reference(foreign, [6, 8])}}, -32009)["message"]
+    incomplete = {"parameters": bind["parameters"], "gradients": {"lora_unet_q.lora_up.weight": bind["gradients"]["lora_unet_q.lora_up.weight"]}}
+    assert server.error("network.bind", incomplete, -32602)["data"] == {"path": "gradients.lora_unet_q.lora_down.weight"}
+    assert server.error("network.bind", {**bind, "device": "cuda:0"}, -32009)
+
+    released = server.call("device.release", {"handles": [params_handle, params_handle, grads_handle]})
+    assert released == {"released": 2, "open_handles": 2}
+    assert server.error("network.delta_weights", {"outputs": out}, -32007)  # the binding used a released handle
+    assert server.call("network.bind", bind)["open_handles"] == 4
+    assert server.call("network.info")["modules"][0]["name"] == "lora_unet_q"
+
+
+def test_device_refusals(start_server, tmp_path):
+    """The emulated device without the server's switch, a module the device path does not
+    compute, and the device methods on a CPU network."""
+    layers = [{"name": "fc", "kind": "linear", "in_features": 4, "out_features": 3}]
+    server = start_server("--arena-dir", str(tmp_path))
+    assert "emulated_device" not in server.call("initialize")["capabilities"]
+    assert "LYCORIS_EMULATED_DEVICE=1" in server.error("network.create", {"layers": layers, "device": "emulated"}, -32009)["message"]
+    server.call("network.create", {"layers": layers})
+    assert server.error("network.delta_weights", {"outputs": {}}, -32007)["message"].endswith("name a device in network.create or network.bind")
+    assert server.call("device.release", {"handles": []}) == {"released": 0, "open_handles": 0}
+    enabled = start_server("--arena-dir", str(tmp_path), env={"LYCORIS_EMULATED_DEVICE": "1"})
+    refused = enabled.error("network.create", {"layers": layers, "device": "emulated", "options": {"rank_dropout": 0.1}}, -32009)
+    assert "module fc does not compute on the device" in refused["message"] and "rank_dropout" in refused["message"]
+    weighted = [{**layers[0], "weight": {"dtype": "F32", "shape": [3, 4], "data": base64.b64encode(bytes(48)).decode()}}]
+    unported = enabled.error("network.create", {"layers": weighted, "device": "emulated", "algo": "diag-oft"}, -32009)
+    assert "does not compute on CUDA yet" in unported["message"]
+    assert enabled.call("network.create", {"layers": layers, "device": "emulated"})["modules"]
 
 
 # MARK: - Coverage (keep last)

@@ -26,7 +26,11 @@ option lycoris.kohya does not pass on), ``seed`` (initialisation seed of the ser
 ``nan_policy`` (``error``, the default: a NaN or ±∞ in a layer's input, output gradient or
 parameters raises :class:`~swift_lycoris.nonfinite.NonFiniteError` naming the module and the
 pass; ``skip_step``: a warning, and the step leaves the adapters unchanged — see
-:mod:`swift_lycoris.nonfinite`).
+:mod:`swift_lycoris.nonfinite`), and ``algo=auto`` with ``budget`` (``10MB`` at
+``budget_dtype``, f16 by default, or a parameter count): every selected Linear/Conv layer
+gets the algorithm (LoRA, LoHa or LoKr) and rank or Kronecker factor of ``lycoris
+suggest``'s plan (:mod:`swift_lycoris.suggestion`), printed per block when the network is
+created; network_alpha/conv_alpha still apply, network_dim/conv_dim only select layers.
 
 **Booleans are parsed** (``true/false``, ``1/0``, ``yes/no``, ``on/off``, any case; anything
 else is an error). LyCORIS counts every string but ``"false"`` as true (``"0"`` is true) and
@@ -107,6 +111,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import suggestion
 from .network import LycorisNetwork, is_norm_layer, layer_description
 from .nonfinite import check_nan_policy
 from .presets import resolve_preset
@@ -142,7 +147,7 @@ KNOWN_NETWORK_ARGS = {
     "bypass_mode", "rs_lora", "unbalanced_factorization", "factor", "decompose_both",
     "train_t5xxl", "train_llm_adapter", "loraplus_lr_ratio", "loraplus_unet_lr_ratio",
     "loraplus_text_encoder_lr_ratio", "warn_on_unmatched",
-    "rank_dropout_scale", "seed", "server_threads", "nan_policy",
+    "rank_dropout_scale", "seed", "server_threads", "nan_policy", "budget", "budget_dtype",
 }
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
@@ -259,6 +264,8 @@ class NetworkArgs:
     seed: int = 0
     server_threads: int | None = None
     nan_policy: str = "error"
+    budget: str | None = None
+    budget_dtype: str = "f16"
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -278,7 +285,10 @@ class NetworkArgs:
         conv_alpha = _parse_float(kw.get("conv_alpha"), "conv_alpha", None)
         # As LyCORIS: conv_alpha=0 is kept (a layer alpha of 0 means α = r), unset means network_alpha.
         args.conv_alpha = args.network_alpha if conv_alpha is None else conv_alpha
-        args.algo = _check_algorithm(kw.get("algo") or "lora", "network_args algo")
+        algo = str(kw.get("algo") or "lora").strip().lower()
+        args.algo = "auto" if algo == "auto" else _check_algorithm(algo, "network_args algo")
+        args.budget = None if _is_unset(kw.get("budget")) else str(kw["budget"]).strip()
+        args.budget_dtype = str(kw.get("budget_dtype") or "f16").strip().lower()
         args.preset = kw.get("preset") or "full"
         dropout = _parse_float(kw.get("dropout"), "dropout", None)
         if dropout is None:
@@ -1091,10 +1101,28 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     preset = resolve_preset(args.preset)
     if args.algo == "ia3" and args.preset != "ia3":
         log.warning("swift_lycoris.kohya: preset ia3 is recommended for the ia3 algorithm")
+    auto = args.algo == "auto"
+    if auto:
+        args.algo = "lora"  # the selection's placeholder; the plan sets each layer's algorithm
     targets = select_targets(text_encoder, unet, preset, args)
+    if auto:
+        _apply_plan(targets, args)
     log.info("swift_lycoris.kohya: algo %s, preset %s, dim %d alpha %s, conv dim %d alpha %s: %d layers",
              args.algo, args.preset, args.network_dim, args.network_alpha, args.conv_dim, args.conv_alpha, len(targets))
     return LycorisNetworkKohya(targets, args, multiplier=multiplier)
+
+
+def _apply_plan(targets: "OrderedDict[str, _Target]", args: NetworkArgs) -> None:
+    """algo=auto: the server's plan for the non-norm targets, each target's algorithm and
+    options set from it (alpha kept), and the plan printed per block."""
+    planned = {name: target.module for name, target in targets.items() if target.algo != "norm"}
+    result = suggestion.plan(planned, args.budget, args.budget_dtype)
+    for name, entry in suggestion.layer_options(result).items():
+        targets[name].algo = entry["algo"]
+        targets[name].options.update(entry["options"])
+    print(f"swift_lycoris.kohya algo=auto, budget {args.budget} ({args.budget_dtype}):")
+    for line in suggestion.plan_lines(result, args.budget_dtype):
+        print("  " + line)
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,

@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from . import calibration, timestep
+from . import device as devices
 from .arena import Arena, wire_dtype
 from .nonfinite import NonFiniteError, SkipCall, check_nan_policy, count_non_finite, describe_server_error
-from .server import AdapterFileError, RequestTemplate, Server, ServerError, Slot
+from .server import AdapterFileError, RequestTemplate, Server, ServerDied, ServerError, Slot
 
 log = logging.getLogger("swift_lycoris")
 
@@ -251,12 +252,20 @@ class LycorisNetwork(nn.Module):
         base_weights_for: Iterable[str] | None = None,
         transfer: str = "auto",
         nan_policy: str = "error",
+        device: str = "auto",
     ):
         """`base_weights_for`: layers whose base weight and bias the server must hold
         although their algorithm does not read W0 yet (a file loaded later may make them
         IA3, GLoRA or DoRA).
-        `nan_policy`: ``"error"`` or ``"skip_step"`` (see :mod:`.nonfinite`)."""
+        `nan_policy`: ``"error"`` or ``"skip_step"`` (see :mod:`.nonfinite`).
+        `device`: ``"auto"`` (layers on a CUDA device take the device path where the server
+        computes there, see :mod:`.device`), ``"cpu"`` (always the arena path), ``"cuda"``,
+        ``"cuda:N"`` or the test device ``"emulated"``; ``$SWIFT_LYCORIS_DEVICE`` overrides it."""
         super().__init__()
+        self.device_request = devices.requested_device(device)
+        # The device path (a devices.DevicePath), False once the arena path is chosen, None
+        # until the first adapted forward decides.
+        self._device_path: devices.DevicePath | bool | None = None
         self.nan_policy = check_nan_policy(nan_policy)
         self._gradient_drop_queued = False
         self.server = server or Server(threads=threads)
@@ -466,6 +475,17 @@ class LycorisNetwork(nn.Module):
 
     def _adapted_forward(self, name: str, layer: nn.Module, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._sync_timestep_mask()
+        if self._device_path is None:
+            self._device_path = devices.choose(self, layer) or False
+        if (self._device_path and not args and not kwargs and name not in self._bypass_layers
+                and getattr(original, "__func__", None) is type(layer).forward):
+            self._chose(name, "device")
+            delta_weight, *delta_bias = self._device_path.delta(name)
+            bias = layer.bias
+            if delta_bias:
+                delta = delta_bias[0].to(layer.weight.dtype)
+                bias = delta if bias is None else bias + delta.to(bias.dtype)
+            return _forward_with(layer, x, layer.weight + delta_weight.to(layer.weight.dtype), bias)
         side = None if args or kwargs else self._elementwise_side(name, layer, original)
         if side is not None:
             self._chose(name, "elementwise")
@@ -973,6 +993,8 @@ class LycorisNetwork(nn.Module):
 
     def set_multiplier(self, multiplier: float) -> None:
         self.drop_prefetched()
+        if self._device_path:
+            self._device_path.invalidate()
         self.multiplier = float(multiplier)
         self.server.call("network.set_multiplier", {"multiplier": self.multiplier})
 
@@ -1005,11 +1027,19 @@ class LycorisNetwork(nn.Module):
                 raise AdapterFileError.from_server_error(path, error) from None
             raise
         self._rebuild_parameters(self.server.call("network.info"), reuse_parameters=reuse_parameters)
+        if self._device_path:
+            # The file may bring other modules and Parameters: bind anew at the next forward.
+            self._device_path.release()
+            self._device_path = None
         return result
 
     def close(self) -> None:
         """Ends the server (which unlinks the arena file; if it had died, this does)."""
         self.restore()
+        if self._device_path:
+            path, self._device_path = self._device_path, False
+            with contextlib.suppress(ServerError, ServerDied):  # a dead server has closed its mappings
+                path.release()
         self.arena.close()
         self.server.close()
         self.arena.remove_if_left()

@@ -4,12 +4,16 @@ Conv1d/2d/3d, and with ``train_norm`` every LayerNorm/GroupNorm (names
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
+from . import suggestion
 from .network import BASE_WEIGHT_SUFFIXES, LycorisNetwork, is_norm_layer, layer_description
 from .server import Server, describe_file
 
 PREFIX = "lycoris_"
+log = logging.getLogger("swift_lycoris")
 
 
 def _targets(model: nn.Module, norms, prefix: str = PREFIX) -> dict[str, nn.Module]:
@@ -27,6 +31,7 @@ def _targets(model: nn.Module, norms, prefix: str = PREFIX) -> dict[str, nn.Modu
 def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 4, linear_alpha: float = 1.0,
                    algo: str = "lora", conv_dim: int | None = None, conv_alpha: float | None = None,
                    seed: int = 0, threads: int | None = None, transfer: str = "auto", nan_policy: str = "error",
+                   budget: int | str | None = None, budget_dtype: str = "f16", device: str = "auto",
                    **kwargs) -> LycorisNetwork:
     """Adapters of `algo` on every Linear (rank `linear_dim`, alpha `linear_alpha`) and
     Conv1d/2d/3d (kernels whose first extent is not 1: `conv_dim`/`conv_alpha`, defaulting to
@@ -42,7 +47,14 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     (debug, logger ``swift_lycoris``) when it changes. `nan_policy`: "error" (a NaN or ±∞ in a layer's
     input, output gradient or parameters raises NonFiniteError naming the module and the
     pass) or "skip_step" (a warning, and the step leaves the adapters unchanged; see
-    :mod:`swift_lycoris.nonfinite`)."""
+    :mod:`swift_lycoris.nonfinite`). `device`: "auto" (layers on a CUDA device compute there
+    through the device path when the server can, see :mod:`swift_lycoris.device`), "cpu",
+    "cuda", "cuda:N" or the test device "emulated"; ``$SWIFT_LYCORIS_DEVICE`` overrides it.
+    ``algo="auto"`` with ``budget`` (a size such as ``"10MB"`` at `budget_dtype`, or a
+    parameter count): each Linear/Conv layer gets the algorithm (LoRA, LoHa or LoKr) and rank
+    or Kronecker factor of ``lycoris suggest``'s plan (:mod:`swift_lycoris.suggestion`),
+    logged per block at info; `linear_alpha`/`conv_alpha` still apply, `linear_dim`/`conv_dim`
+    do not (``conv_dim=0`` still leaves k×k convolutions out)."""
     train_norm = kwargs.pop("train_norm", False)
     if not isinstance(train_norm, bool):
         raise TypeError(f"train_norm must be a bool, not {train_norm!r}")
@@ -54,8 +66,18 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
         options["conv_dim"] = int(conv_dim)
     if conv_alpha is not None:
         options["conv_alpha"] = float(conv_alpha)
-    return LycorisNetwork(_targets(model, train_norm), algo=algo, options=options, multiplier=multiplier, seed=seed,
-                          threads=threads, transfer=transfer, nan_policy=nan_policy)
+    targets = _targets(model, train_norm)
+    layer_options = None
+    if str(algo).lower() == "auto":
+        planned = {name: layer for name, layer in targets.items()
+                   if not (conv_dim == 0 and isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.kernel_size[0] != 1)}
+        result = suggestion.plan(planned, budget, budget_dtype)
+        for line in suggestion.plan_lines(result, budget_dtype):
+            log.info("swift_lycoris algo=auto: %s", line)
+        algo, layer_options = "lora", suggestion.layer_options(result)
+    return LycorisNetwork(targets, algo=algo, options=options, layer_options=layer_options, multiplier=multiplier,
+                          seed=seed, threads=threads, transfer=transfer, nan_policy=nan_policy,
+                          device=device)
 
 
 def create_lycoris_from_weights(multiplier: float, file: str, module: nn.Module, algo: str = "lora",

@@ -105,6 +105,7 @@ def train(mode: str, rank: int, world: int) -> dict:
         # what the server computes with: an eval forward after training
         with torch.no_grad():
             out["final_output"] = model(data()[0]).clone()
+        out["device_path"] = bool(network._device_path)  # (test_distributed runs both paths)
         return out
     finally:
         network.close()

@@ -136,6 +136,14 @@ def randomize_lycoris(lyco_net, seed: int = 99, std: float = 0.3) -> None:
 
 
 @torch.no_grad()
+def randomize_ours(network, seed: int = 5, std: float = 0.3) -> None:
+    """Every adapter parameter of one of our networks random, N(0, std²)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in network.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
 def copy_lycoris_into_ours(lyco_net, network) -> None:
     """Copies LyCORIS's parameter values into ours, name by name (in place, through torch,
     so the version counters move and the values reach the server)."""
@@ -248,3 +256,19 @@ def sgd_step(*networks, lr: float = 0.05) -> None:
                 if p.grad is not None:
                     p.sub_(lr * p.grad)
                     p.grad = None
+
+
+def assert_checkpointing_matches(model: nn.Module, network, reentrant: bool = False) -> None:
+    """∂x and every ∂parameter of `model` run under torch.utils.checkpoint equal a plain run's
+    (kohya's gradient_checkpointing: the first pass builds no graph, the recomputation inside
+    backward does)."""
+    x, upstream = inputs()
+    _, gx_plain = run(model, x, upstream)
+    plain = {n: p.grad.clone() for n, p in network.named_parameters()}
+    network.zero_grad()
+    xr = x.clone().requires_grad_(True)
+    y = torch.utils.checkpoint.checkpoint(model, xr, use_reentrant=reentrant)
+    (y * upstream).sum().backward()
+    assert_rel(xr.grad, gx_plain, 1e-5, "checkpointed ∂x")
+    for n, p in network.named_parameters():
+        assert_rel(p.grad, plain[n], 1e-5, f"checkpointed ∂{n}")

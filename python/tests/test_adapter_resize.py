@@ -121,3 +121,27 @@ def test_resized_tucker_conv_keeps_its_kernel(adapter, tmp_path):
     result, _ = grouped(out)
     assert result["lora_unet_c_conv2"]["lora_down.weight"].shape == (2, 16, 3, 3)
     assert result["lora_unet_c_conv2"]["lora_up.weight"].shape == (24, 2, 1, 1)
+
+
+def test_sparse_bias_kept_and_progress_quiet(tmp_path):
+    """A LoRA module's sparse bias (ΔW = (alpha/r)·(up·down + S)) is copied unchanged, as alpha/r
+    is kept; --json and --quiet leave stderr empty; the table (a long name cut) fits 100 columns."""
+    g = torch.Generator().manual_seed(11)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q_with_a_long_tail"
+    tensors = {f"{name}.lora_up.weight": torch.randn(12, 6, generator=g), f"{name}.lora_down.weight": torch.randn(6, 10, generator=g),
+               f"{name}.alpha": torch.tensor(3.0), f"{name}.bias_indices": torch.tensor([[0, 5, 11], [9, 0, 3]], dtype=torch.int16),
+               f"{name}.bias_values": torch.tensor([0.5, -1.0, 2.0], dtype=torch.float16),
+               f"{name}.bias_size": torch.tensor([12, 10], dtype=torch.int16)}
+    source = tmp_path / "sparse.safetensors"
+    save_file(tensors, str(source))
+    for flags in (["--json"], ["--quiet"]):
+        out = tmp_path / f"resized{flags[0]}.safetensors"
+        result = run("resize", str(source), str(out), "--rank", "2", *flags)
+        assert result.stderr == ""
+        if flags == ["--quiet"]:
+            table = [line for line in result.stdout.splitlines() if "→" in line]
+            assert len(table) == 2 and max(len(line) for line in table) <= 100, result.stdout
+        with safe_open(str(out), "pt") as handle:
+            for suffix in ("bias_indices", "bias_values", "bias_size"):
+                assert torch.equal(handle.get_tensor(f"{name}.{suffix}"), tensors[f"{name}.{suffix}"]), suffix
+            assert handle.get_tensor(f"{name}.alpha").item() == pytest.approx(3.0 / 6 * 2)

@@ -160,7 +160,7 @@ def test_lycoris_merges_the_file_to_the_reported_error(pair, tmp_path):
     states (Tucker cores and whole `diff` layers included)."""
     from lycoris.utils import merge
 
-    _, (base_unet, base_te), (tuned_unet, tuned_te) = pair
+    _, (base_unet, base_te), _ = pair
     state, report = ours(pair, tmp_path, "--linear-dim", "4", "--conv-dim", "3", "--dtype", "f32")
     # LyCORIS names the transformers-5 CLIPTextModel's layers without `text_model`.
     state = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in state.items()}
@@ -168,14 +168,64 @@ def test_lycoris_merges_the_file_to_the_reported_error(pair, tmp_path):
     merge([te], unet, state, 1.0)
     errors = {layer["name"]: layer["relative_error"] for layer in report["layers"]}
     checked = 0
+    for name, module, w0, wt in merged_layers(pair, unet, te, errors):
+        error = ((module.weight.detach() - wt).norm() / (wt - w0).norm()).item()
+        assert error == pytest.approx(errors[name], abs=1e-4), name
+        checked += 1
+    assert checked == len(errors)
+
+
+def merged_layers(pair, unet, te, names):
+    """(kohya name, module of the merged models `unet`/`te`, base weight, tuned weight) for
+    every layer named in `names`."""
+    _, (base_unet, base_te), (tuned_unet, tuned_te) = pair
     for prefix, merged, base, tuned in [("lora_unet", unet, base_unet, tuned_unet), ("lora_te", te, base_te, tuned_te)]:
         tuned_modules, base_modules = dict(tuned.named_modules()), dict(base.named_modules())
         for path, module in merged.named_modules():
             name = prefix + "_" + (path if prefix == "lora_unet" else "text_model." + path).replace(".", "_")
-            if name not in errors or not hasattr(module, "weight"):
-                continue
-            delta = tuned_modules[path].weight - base_modules[path].weight
-            error = ((module.weight - tuned_modules[path].weight).norm() / delta.norm()).item()
-            assert error == pytest.approx(errors[name], abs=1e-4), name
-            checked += 1
-    assert checked == len(errors)
+            if name in names and hasattr(module, "weight"):
+                yield name, module, base_modules[path].weight.detach(), tuned_modules[path].weight.detach()
+
+
+def test_merge_applies_the_sparse_bias(pair, tmp_path):
+    """`lycoris merge` of a file extracted with --sparse-bias adds the sparse residual S to
+    up·(mid)·down (ΔW = (alpha/r)·(up·down + S), as the LyCORIS author's A1111 extension
+    rebuilt it): the merged weights are base + that, computed here in torch from the file,
+    and reproduce per layer the relative error extract reports. LyCORIS 4.1.3's own loader
+    (lycoris.utils.merge, through get_module/make_module as create_lycoris_from_weights)
+    drops the three keys: its merge is ours minus S."""
+    from lycoris.utils import merge
+
+    root, (base_unet, base_te), _ = pair
+    state, report = ours(pair, tmp_path, "--linear-dim", "4", "--conv-dim", "3", "--sparse-bias", "--dtype", "f32")
+    extracted = tmp_path / "extracted.safetensors"
+    merged_folder = tmp_path / "merged"
+    result = json.loads(run("merge", "--base", str(root / "base"), "--adapter", str(extracted), "--out", str(merged_folder),
+                            "--json").stdout)
+    assert result["written"] and not result["failed"] and not result["unmatched"]
+    merged = {}
+    for part, prefix in [("unet/diffusion_pytorch_model.safetensors", "lora_unet_"), ("text_encoder/model.safetensors", "lora_te_")]:
+        with safe_open(str(merged_folder / part), "pt") as handle:
+            for key in handle.keys():
+                if key.endswith(".weight"):
+                    merged[prefix + key[: -len(".weight")].replace(".", "_")] = handle.get_tensor(key)
+    lycoris_state = {k.replace("lora_te_text_model_", "lora_te_"): v.clone() for k, v in state.items()}
+    unet, te = copy.deepcopy(base_unet), copy.deepcopy(base_te)
+    merge([te], unet, lycoris_state, 1.0)
+    errors = {layer["name"]: layer["relative_error"] for layer in report["layers"]}
+    sparse_layers = 0
+    for name, module, w0, wt in merged_layers(pair, unet, te, errors):
+        parts = modules(state)[name]
+        ours_w = merged[name]
+        sparse = torch.zeros(w0.shape[0], w0[0].numel())
+        if "bias_indices" in parts:
+            sparse = torch.sparse_coo_tensor(parts["bias_indices"].long(), parts["bias_values"].float(),
+                                             tuple(parts["bias_size"].tolist()), check_invariants=True).to_dense()
+            sparse_layers += 1
+        scale = parts["alpha"].item() / parts["lora_down.weight"].shape[0] if "alpha" in parts else 1.0
+        want = w0 + scale * (reconstruction(parts) + sparse.reshape(w0.shape))
+        assert torch.allclose(ours_w, want, atol=1e-6), name
+        assert torch.allclose(module.weight.detach(), ours_w - scale * sparse.reshape(w0.shape), atol=1e-6), name
+        error = ((ours_w - wt).norm() / (wt - w0).norm()).item()
+        assert error == pytest.approx(errors[name], abs=1e-4), name
+    assert sparse_layers > 100

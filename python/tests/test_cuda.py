@@ -1,7 +1,8 @@
-"""The CUDA staging path (a machine with a CUDA device only; elsewhere these tests report
-themselves skipped with the reason): a model and its adapters on the GPU give the CPU run's
-outputs and gradients through both transfers, the arena is page-locked, and kohya's flow
-(fp16 autocast, optimizer step, save) works on the device."""
+"""The CUDA staging path, i.e. the arena path with ``device="cpu"`` (a machine with a CUDA
+device only; elsewhere these tests report themselves skipped with the reason): a model and
+its adapters on the GPU give the CPU run's outputs and gradients through both transfers, the
+arena is page-locked, and kohya's flow (fp16 autocast, optimizer step, save) works on the
+device."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here: the CUDA staging path runs where a GPU is lent")
 
 RTOL = 1e-4  # cuDNN/cuBLAS against CPU float32
+
+
+@pytest.fixture(autouse=True)
+def staging_path(monkeypatch):
+    """These tests are about the arena path: keep swift_lycoris off the device path it would
+    pick by itself for a model on the GPU (test_cuda_device.py tests that one)."""
+    monkeypatch.setenv("SWIFT_LYCORIS_DEVICE", "cpu")
 
 
 def _run(model, network, x, upstream):
@@ -56,14 +64,17 @@ def test_gpu_run_equals_cpu_run(algo, transfer):
         assert_rel(grads_gpu[key], grad, RTOL, f"∂{key}")
 
 
-def test_kohya_step_on_gpu_with_fp16_autocast(tmp_path):
+def kohya_fp16_steps(algo: str, tmp_path, steps: int = 3):
+    """`steps` kohya training steps (AdamW) of a tiny UNet + text encoder on the GPU under
+    fp16 autocast, then a save: the losses must be finite and go down. Returns the path the
+    adapters took (the core's ``_device_path``: a DevicePath, or False for the arena path)."""
     from test_kohya import Models
 
     import swift_lycoris.kohya as sk
 
     te, unet = Models().copy()
     te, unet = te.cuda(), unet.cuda()
-    network = sk.create_network(1.0, 4, 2.0, None, te, unet, algo="loha")
+    network = sk.create_network(1.0, 4, 2.0, None, te, unet, algo=algo)
     network.apply_to(te, unet, True, True)
     network.cuda()
     groups, _ = network.prepare_optimizer_params(1e-3, 1e-3, 1e-3)
@@ -73,7 +84,7 @@ def test_kohya_step_on_gpu_with_fp16_autocast(tmp_path):
     timesteps = torch.tensor([10, 500], device="cuda")
     losses = []
     try:
-        for _ in range(3):
+        for _ in range(steps):
             network.on_step_start(te, unet)
             with torch.autocast("cuda", dtype=torch.float16):
                 out = unet(x, timesteps, te(ids).last_hidden_state).sample
@@ -82,7 +93,13 @@ def test_kohya_step_on_gpu_with_fp16_autocast(tmp_path):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
         network.save_weights(str(tmp_path / "gpu.safetensors"), torch.float16, {})
+        assert (tmp_path / "gpu.safetensors").stat().st_size > 0
+        return network.core._device_path
     finally:
         network.core.close()
+
+
+def test_kohya_step_on_gpu_with_fp16_autocast(tmp_path):
+    assert kohya_fp16_steps("loha", tmp_path) is False, "the staging test took the device path"

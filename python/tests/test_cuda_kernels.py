@@ -109,13 +109,15 @@ def empty_like(x):
     return torch.full_like(x, float("nan"))
 
 
-def test_scale_and_hadamard(module):
+def test_scale_hadamard_and_add(module):
     a, b = randn(1000, 3, seed=1), randn(1000, 3, seed=2)
     out = empty_like(a)
     module.launch("lycoris_scale", a.numel(), out, a, F(0.75), U64(a.numel()))
     torch.testing.assert_close(out, a * 0.75, rtol=0, atol=0)
     module.launch("lycoris_hadamard", a.numel(), out, a, b, F(0.5), U64(a.numel()), block=96)
     torch.testing.assert_close(out, 0.5 * a * b, rtol=1e-6, atol=0)
+    module.launch("lycoris_add", a.numel(), out, a, b, F(-2), U64(a.numel()), block=96)
+    torch.testing.assert_close(out, a - 2 * b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("b_shape", [(4, 5, 3, 3), (4, 5)])
@@ -132,10 +134,29 @@ def test_kronecker(module, b_shape):
 def test_channel_scale_rows_and_columns(module):
     w0, rows, columns = randn(4, 3, 2, 2, seed=5), randn(4, seed=6), randn(3, seed=7)
     out = empty_like(w0)
-    module.launch("lycoris_channel_scale", w0.numel(), out, w0, rows, F(0), U64(12), U64(4), U64(w0.numel()))
-    torch.testing.assert_close(out, w0 * rows.view(4, 1, 1, 1), rtol=0, atol=0)
-    module.launch("lycoris_channel_scale", w0.numel(), out, w0, columns, F(1), U64(4), U64(3), U64(w0.numel()))
-    torch.testing.assert_close(out, w0 * (1 + columns.view(1, 3, 1, 1)), rtol=1e-6, atol=0)
+    module.launch("lycoris_channel_scale", w0.numel(), out, w0, rows, F(0), F(0.5), U64(12), U64(4), U64(w0.numel()))
+    torch.testing.assert_close(out, w0 * (0.5 * rows.view(4, 1, 1, 1)), rtol=1e-6, atol=0)
+    module.launch("lycoris_channel_scale", w0.numel(), out, w0, columns, F(1), F(0.25), U64(4), U64(3), U64(w0.numel()))
+    torch.testing.assert_close(out, w0 * (1 + 0.25 * columns.view(1, 3, 1, 1)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 64])
+def test_channel_dot_rows_columns_and_whole(module, parts):
+    """The two-launch reduction: per-channel parts in double, then their sums times s."""
+    a, b = randn(40, 30, 3, 3, seed=14), randn(40, 30, 3, 3, seed=15)
+    product = (a.double() * b.double())
+
+    def reduced(s, stride, channels):
+        partials = torch.full((channels * parts,), float("nan"), dtype=torch.float64, device="cuda")
+        module.launch("lycoris_channel_dot_parts", channels * parts, partials, a, b, U64(stride), U64(channels),
+                      U64(a.numel()), U64(parts), block=64)
+        out = torch.full((channels,), float("nan"), device="cuda")
+        module.launch("lycoris_sum_parts", channels, out, partials, F(s), U64(channels), U64(parts), block=16)
+        return out
+
+    torch.testing.assert_close(reduced(2, 270, 40), (2 * product.sum((1, 2, 3))).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(reduced(1, 9, 30), product.sum((0, 2, 3)).float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(reduced(0.5, 1, 1), (0.5 * product.sum()).float().view(1), rtol=1e-6, atol=1e-6)
 
 
 def test_norm_affine_layer_and_group(module):
@@ -150,15 +171,20 @@ def test_norm_affine_layer_and_group(module):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_transpose_and_column_slice(module):
-    x = randn(3, 40, 50, seed=12)
-    out = torch.empty(3, 50, 40, device="cuda")
-    module.launch("lycoris_transpose", x.numel(), out, x, U64(3), U64(40), U64(50))
+def test_transpose_and_column_copy(module):
+    x = randn(3, 40, 50, 2, seed=12)
+    out = torch.empty(3, 50, 40, 2, device="cuda")
+    module.launch("lycoris_transpose", x.numel(), out, x, U64(3), U64(40), U64(50), U64(2))
     assert torch.equal(out, x.transpose(1, 2))
     up = randn(6, 8, seed=13)
     out = torch.empty(6, 3, device="cuda")
-    module.launch("lycoris_column_slice", out.numel(), out, up, U64(6), U64(8), U64(2), U64(3), block=7)
+    module.launch("lycoris_column_copy", out.numel(), out, up, U64(6), U64(3), U64(3), U64(0), U64(8), U64(2), block=7)
     assert torch.equal(out, up[:, 2:5])
+    placed = torch.zeros(6, 8, device="cuda")
+    module.launch("lycoris_column_copy", out.numel(), placed, out, U64(6), U64(3), U64(8), U64(2), U64(3), U64(0), block=7)
+    expected = torch.zeros(6, 8, device="cuda")
+    expected[:, 2:5] = up[:, 2:5]
+    assert torch.equal(placed, expected)
 
 
 def test_dropout_mask_from_philox(module):

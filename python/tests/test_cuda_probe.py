@@ -85,22 +85,24 @@ def test_no_probe_without_the_request():
         server.close()
 
 
-def test_network_create_refuses_cuda_devices_with_the_reason(report):
+def test_network_create_on_cuda_follows_the_probe(report):
+    """Without a GPU, cuda:0 is refused with the probe's reason; on a GPU host the CUDA
+    backend computes there (issue 8), so the network is created on it."""
     directories, cuda = report
     layers = [{"name": "fc", "kind": "linear", "in_features": 4, "out_features": 3}]
     server = Server(cuda_library_dirs=directories)
     try:
-        with pytest.raises(ServerError) as refused:
-            server.call("network.create", {"layers": layers, "device": "cuda:0"})
-        assert refused.value.code == -32009 and refused.value.data == {"path": "device"}
-        if cuda["state"] == "unavailable":
-            assert f"cuda:0: CUDA is unavailable: {cuda['reason']}" in str(refused.value)
-        else:  # a GPU host: the probe sees it, but no compute backend is built in yet
-            assert "this server has no CUDA compute backend yet" in str(refused.value)
         with pytest.raises(ServerError, match="is not a device") as malformed:
             server.call("network.create", {"layers": layers, "device": "gpu0"})
         assert malformed.value.code == -32009
-        assert server.call("network.create", {"layers": layers, "device": "cpu"})["modules"]
+        if cuda["state"] == "unavailable":
+            with pytest.raises(ServerError) as refused:
+                server.call("network.create", {"layers": layers, "device": "cuda:0"})
+            assert refused.value.code == -32009 and refused.value.data == {"path": "device"}
+            assert f"cuda:0: CUDA is unavailable: {cuda['reason']}" in str(refused.value)
+            assert server.call("network.create", {"layers": layers, "device": "cpu"})["modules"]
+        else:
+            assert server.call("network.create", {"layers": layers, "device": "cuda:0"})["modules"]
     finally:
         server.close()
 

@@ -5,7 +5,8 @@ a single-process run on the whole batch.
 Modes (see _ddp_worker.py): DistributedDataParallel over model + network; a hand-written
 all-reduce of `network.parameters()` gradients (what kohya does with accelerate); and DDP
 when the ranks start from different adapter values (DDP's initial broadcast must reach
-every rank's server).
+every rank's server). Each runs on the arena path and on the device path (the emulated
+device: one server per rank computing on its rank's device, as on a GPU host).
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """{rank: {mode: result}} of a 2-process run, and the 1-process reference."""
+PATHS = {"arena": {"SWIFT_LYCORIS_DEVICE": "cpu"},
+         "device": {"SWIFT_LYCORIS_DEVICE": "emulated", "LYCORIS_EMULATED_DEVICE": "1"}}
+
+
+@pytest.fixture(scope="module", params=list(PATHS))
+def results(request, tmp_path_factory):
+    """{rank: {mode: result}} of a 2-process run, and the 1-process reference, on the arena
+    path or on the (emulated) device path."""
     tmp = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ)
+    path_env = PATHS[request.param]
+    env = {**os.environ, **path_env}
     env.update({"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1",
                 "PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE), env.get("PYTHONPATH", "")])})
     port = _free_port()
@@ -57,7 +64,20 @@ def results(tmp_path_factory):
     for rank, proc in enumerate(procs):
         assert proc.returncode == 0, f"rank {rank} failed (exit {proc.returncode}):\n{logs[rank][-4000:]}"
     ranks = {rank: torch.load(out, weights_only=False) for rank, out in enumerate(outs)}
-    reference = worker.train("ddp", 0, 1)
+    saved = {key: os.environ.get(key) for key in path_env}
+    os.environ.update(path_env)
+    try:
+        reference = worker.train("ddp", 0, 1)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    on_device = request.param == "device"
+    for by_mode in [*ranks.values(), {"reference": reference}]:
+        for mode, result in by_mode.items():
+            assert result["device_path"] == on_device, f"{mode} did not take the {request.param} path"
     return ranks, reference
 
 

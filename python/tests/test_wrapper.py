@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from _sl_oracle import (
-    MODULE_NAMES, assert_grads_match, assert_rel, base_model, copy_lycoris_into_ours, inputs, lycoris,
-    lycoris_gradients, make_pair, our_parameters, randomize_lycoris, run, significant_delta, sl,
+    MODULE_NAMES, assert_checkpointing_matches, assert_grads_match, assert_rel, base_model, copy_lycoris_into_ours,
+    inputs, lycoris, lycoris_gradients, make_pair, our_parameters, randomize_lycoris, run, significant_delta, sl,
 )
 
 RTOL = 1e-4
@@ -691,16 +691,7 @@ def test_update_through_data_reaches_server(how):
 def test_gradient_checkpointing_gives_the_same_gradients():
     base, ref_model, lyco, our_model, ours = make_pair("lora")
     try:
-        x, upstream = inputs()
-        _, gx_plain = run(our_model, x, upstream)
-        plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
-        ours.zero_grad()
-        xr = x.clone().requires_grad_(True)
-        y = torch.utils.checkpoint.checkpoint(our_model, xr, use_reentrant=False)
-        (y * upstream).sum().backward()
-        assert_rel(xr.grad, gx_plain, 1e-5, "checkpointed ∂x")
-        for n, p in ours.named_parameters():
-            assert_rel(p.grad, plain[n], 1e-5, f"checkpointed ∂{n}")
+        assert_checkpointing_matches(our_model, ours)
     finally:
         _close(ours)
 

@@ -8,7 +8,9 @@
  * lycoris_norm_affine), with the 1-D launch i = blockIdx.x·blockDim.x + threadIdx.x and
  * grid = ⌈count / block⌉; threads past the end return. Tensors are row-major float32.
  * The GEMMs (LoRA's up·down, LoHa's two products, Tucker's mode products) go to cuBLAS;
- * Tucker's reshapes between them are lycoris_transpose.
+ * Tucker's reshapes between them are lycoris_transpose. Sources/LycorisDevice launches them
+ * (DeviceKernel) on a CUDA stream, or on the CPU through this same text for its emulated
+ * device.
  *
  * NOT YET RUN ON A GPU: these compile with NVRTC and their arithmetic is tested on the CPU. */
 
@@ -37,6 +39,12 @@ LYCORIS_KERNEL void lycoris_hadamard(float *out, const float *a, const float *b,
     if (i < n) out[i] = s * a[i] * b[i];
 }
 
+/* out = a + s · b   (GLoRA: ΔW = W0·A + B, the two terms added) */
+LYCORIS_KERNEL void lycoris_add(float *out, const float *a, const float *b, float s, u64 n) {
+    u64 i = LYCORIS_INDEX();
+    if (i < n) out[i] = a[i] + s * b[i];
+}
+
 /* out = s · kron(A, B): A (p, q), B (r, t, k) → out (p·r, q·t, k) with
  * out[i·r + j, l·t + m, κ] = s · A[i, l] · B[j, m, κ]   (LoKr's ΔW; k = Π kernel axes, 1 for
  * linear) */
@@ -51,14 +59,42 @@ LYCORIS_KERNEL void lycoris_kronecker(float *out, const float *a, const float *b
     out[index] = s * a[i * q + l] * b[(j * t + m) * k + kappa];
 }
 
-/* out[e] = x[e] · (offset + w[⌊e / stride⌋ mod channels])   — a per-channel scale along
- * any axis: IA3's ΔW = W0 ⊙ w (offset 0) or W' = W0 ⊙ (1 + w) (offset 1), rows (stride =
- * Π later axes) or columns; the norm adapter's affine x̂ ⊙ W (stride 1 for layer norm,
- * Π spatial for group norm). */
-LYCORIS_KERNEL void lycoris_channel_scale(float *out, const float *x, const float *w, float offset,
+/* out[e] = x[e] · (offset + s · w[⌊e / stride⌋ mod channels])   — a per-channel scale along
+ * any axis: IA3's m·ΔW = W0 ⊙ (m·w) (offset 0, s = m) or W' = W0 ⊙ (1 + m·w) (offset 1), rows
+ * (stride = Π later axes) or columns; a rank-dropout mask on ΔW's rows (offset 0, s = 1); the
+ * norm adapter's affine x̂ ⊙ W (stride 1 for layer norm, Π spatial for group norm). */
+LYCORIS_KERNEL void lycoris_channel_scale(float *out, const float *x, const float *w, float offset, float s,
                                           u64 stride, u64 channels, u64 n) {
     u64 e = LYCORIS_INDEX();
-    if (e < n) out[e] = x[e] * (offset + w[e / stride % channels]);
+    if (e < n) out[e] = x[e] * (offset + s * w[e / stride % channels]);
+}
+
+/* The reduction of lycoris_channel_scale, Σ a[e]·b[e] over the elements e of each channel c
+ * (⌊e / stride⌋ mod channels = c), in two launches so that every channel is summed by
+ * `parts` threads: IA3's ∂w = m · Σ ∂(m·ΔW) ⊙ W0 along its axis, and with one channel and
+ * stride 1 a dot product (use_scalar's ∂σ). Thread t = c·parts + j sums, in double, the
+ * stride-long runs of channel c that start at (o·channels + c)·stride for o ≡ j (mod parts)
+ * — for a dot product, elements j, j + parts, … (adjacent threads read adjacent elements). */
+LYCORIS_KERNEL void lycoris_channel_dot_parts(double *partials, const float *a, const float *b, u64 stride,
+                                              u64 channels, u64 n, u64 parts) {
+    u64 t = LYCORIS_INDEX();
+    if (t >= channels * parts) return;
+    u64 c = t / parts, j = t % parts, o, e;
+    double sum = 0;
+    for (o = j; (o * channels + c) * stride < n; o += parts) {
+        u64 start = (o * channels + c) * stride;
+        for (e = start; e < start + stride; e++) sum += (double)a[e] * (double)b[e];
+    }
+    partials[t] = sum;
+}
+
+/* out[c] = s · Σ_j partials[c·parts + j]   (the second launch of the channel reduction). */
+LYCORIS_KERNEL void lycoris_sum_parts(float *out, const double *partials, float s, u64 channels, u64 parts) {
+    u64 c = LYCORIS_INDEX(), j;
+    if (c >= channels) return;
+    double sum = 0;
+    for (j = 0; j < parts; j++) sum += partials[c * parts + j];
+    out[c] = (float)((double)s * sum);
 }
 
 /* Normalised blocks times the affine weight, as LycorisCore's Normalization.forward: for each
@@ -78,23 +114,30 @@ LYCORIS_KERNEL void lycoris_norm_affine(float *out, const float *x, const float 
         out[e] = (float)(((double)x[e] - mean) * rstd * (double)w[e / stride % channels]);
 }
 
-/* out (columns × rows) = in (rows × columns)ᵀ for each of `batch` matrices — the reshapes
- * between Tucker's mode products (ΔW[o, i, κ] = Σ_ab t[a, b, κ] · up[o, a] · down[b, i]). */
-LYCORIS_KERNEL void lycoris_transpose(float *out, const float *in, u64 batch, u64 rows, u64 columns) {
+/* The two middle axes of in (batch, rows, columns, inner) swapped: out (batch, columns, rows,
+ * inner) — a batch of matrix transposes whose elements are blocks of `inner` floats (inner 1:
+ * plain transposes). Tucker's reshapes between its mode products (ΔW[o, i, κ] =
+ * Σ_ab t[a, b, κ] · up[o, a] · down[b, i]) and the Kronecker product's backward, which views
+ * ∂ΔW (p·r, q·t·k) as (p, r, q, t·k). */
+LYCORIS_KERNEL void lycoris_transpose(float *out, const float *in, u64 batch, u64 rows, u64 columns,
+                                      u64 inner) {
     u64 index = LYCORIS_INDEX();
-    if (index >= batch * rows * columns) return;
-    u64 matrix = index / (rows * columns), within = index % (rows * columns);
+    if (index >= batch * rows * columns * inner) return;
+    u64 element = index % inner, block = index / inner;
+    u64 matrix = block / (rows * columns), within = block % (rows * columns);
     u64 row = within / columns, column = within % columns;
-    out[matrix * rows * columns + column * rows + row] = in[index];
+    out[((matrix * columns + column) * rows + row) * inner + element] = in[index];
 }
 
-/* DyLoRA's rank slice: out (rows × width) = in[:, first : first + width] of in (rows × columns)
- * (the down factor's rows are the same slice of its transpose). */
-LYCORIS_KERNEL void lycoris_column_slice(float *out, const float *in, u64 rows, u64 columns, u64 first,
-                                         u64 width) {
+/* out[row, outFirst + c] = in[row, inFirst + c] for c < width, rows of `outColumns` and
+ * `inColumns` floats: DyLoRA's rank block taken out of lora_up (out, r) and its gradient put
+ * back into a zeroed (out, r); the other elements of out are left alone. */
+LYCORIS_KERNEL void lycoris_column_copy(float *out, const float *in, u64 rows, u64 width, u64 outColumns,
+                                        u64 outFirst, u64 inColumns, u64 inFirst) {
     u64 index = LYCORIS_INDEX();
     if (index >= rows * width) return;
-    out[index] = in[index / width * columns + first + index % width];
+    u64 row = index / width, c = index % width;
+    out[row * outColumns + outFirst + c] = in[row * inColumns + inFirst + c];
 }
 
 /* Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011): a

@@ -3,8 +3,8 @@ import Foundation
 /// The CUDA library folders of the test environment's torch wheels: `$LYCORIS_CUDA_LIBRARY_DIRS`
 /// (colon-separated) or else the repository's `.venv/lib/python3*/site-packages/nvidia/*/lib`
 /// (made by `make venv`: torch's Linux wheels bring `nvidia-cuda-nvrtc` and `nvidia-cublas`).
-enum TorchLibraries {
-    static let directories: [String] = {
+public enum TorchLibraries {
+    public static let directories: [String] = {
         if let explicit = ProcessInfo.processInfo.environment["LYCORIS_CUDA_LIBRARY_DIRS"], !explicit.isEmpty {
             return explicit.split(separator: ":").map(String.init)
         }
@@ -20,6 +20,6 @@ enum TorchLibraries {
     }()
 
     /// Why the wheel folders are missing, for a test that needs them to fail with.
-    static let missing = "no torch CUDA wheel folders: run `make venv` (torch's Linux wheels bring NVRTC and cuBLAS) "
+    public static let missing = "no torch CUDA wheel folders: run `make venv` (torch's Linux wheels bring NVRTC and cuBLAS) "
         + "or set LYCORIS_CUDA_LIBRARY_DIRS"
 }
