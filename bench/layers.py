@@ -39,6 +39,8 @@ ALGOS = [
     ("LoKr auto", "lokr", "LokrModule", {"linear_dim": 16, "linear_alpha": 8, "factor": -1}),
     ("IA3", "ia3", "IA3Module", {"linear_dim": 4, "linear_alpha": 1}),
     ("DyLoRA r16", "dylora", "DyLoraModule", {"linear_dim": 16, "linear_alpha": 8, "block_size": 4}),
+    # DoRA: LoRA with LyCORIS's weight_decompose (kohya's network_args dora_wd=True).
+    ("DoRA r16", "lora", "LoConModule", {"linear_dim": 16, "linear_alpha": 8, "weight_decompose": True}),
 ]
 ENGINE_ALGO = {"lora": "locon"}
 
@@ -105,15 +107,45 @@ def timer(torch, forward, x, g, parameters, iters):
     return times
 
 
-def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, options, layer, shape, transfer):
-    """{column: [ms per iteration]} of one row, the columns interleaved round by round."""
+def saved_bytes(torch, forward, x):
+    """Bytes of the distinct storages autograd saves for backward during forward(x) (what a
+    training step holds between forward and backward), and the output."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = forward(x)
+    return sum(storages.values()), y
+
+
+def peak_rss_mib(pid):
+    """VmHWM (peak resident set) of process `pid`, MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, options, layer, shape, transfer,
+                memory=None):
+    """{column: [ms per iteration]} of one row, the columns interleaved round by round;
+    without `engine` no (a) column. With a dict `memory`, fills it (MiB): "lyc" and "b", the
+    adapter share of what autograd saves for backward (per LyCORIS mode: the better one's),
+    "server" the server's peak RSS and "arena" the arena's size after the row."""
     torch.manual_seed(0)
     base = base_layer(torch, layer)
     x = torch.randn(*shape, requires_grad=True)
     with torch.no_grad():
         g = torch.randn_like(base(x))
     lyc = {}
-    for mode in ("bypass", "rebuild"):
+    # LyCORIS 4.1.3's bypass forward drops DoRA's weight decomposition (it computes plain
+    # LoRA): DoRA rows compare against its rebuild mode only.
+    for mode in ("rebuild",) if options.get("weight_decompose") else ("bypass", "rebuild"):
         layer_copy = base_layer(torch, layer)
         layer_copy.load_state_dict(base.state_dict())
         extra = {k: v for k, v in options.items() if k not in ("linear_dim", "linear_alpha")}
@@ -140,10 +172,20 @@ def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, opti
                     # the rank blocks it draws: that mode is left out of the row.
                     progress(f"layers: {label}: LyCORIS {mode} mode fails ({str(error).splitlines()[0]}); left out")
                     del lyc[mode], columns[mode]
-            columns["a"] += engine.time(label, algo, layer, shape, options, args.iters)
+            if engine is not None:
+                columns["a"] += engine.time(label, algo, layer, shape, options, args.iters)
             columns["b"] += timer(torch, holder, x, g, params, args.iters)
+        if engine is None:
+            del columns["a"]
         (info,) = network.modules_info.values()
         via = info.get("transfer", transfer)
+        if memory is not None:
+            base_saved = saved_bytes(torch, base, x)[0]
+            for mode, module in lyc.items():
+                memory[mode] = (saved_bytes(torch, module, x)[0] - base_saved) / 2**20
+            memory["b"] = (saved_bytes(torch, holder, x)[0] - base_saved) / 2**20
+            memory["server"] = peak_rss_mib(network.server.pid)
+            memory["arena"] = network.arena.size / 2**20
     finally:
         network.close()
     return columns, via
@@ -154,11 +196,12 @@ def summarize(columns):
     mode = min((m for m in ("bypass", "rebuild") if m in med), key=med.get)
     lyc = med[mode] - med["base"]
     b = med["b"] - med["base"]
+    a = med.get("a", float("nan"))
     # A share under 2% of the base layer (or under 0.05 ms) is within the noise: "≈0".
     noise = max(0.02 * med["base"], 0.05)
-    return {"base": med["base"], "lyc": lyc, "mode": mode, "a": med["a"], "b": b,
+    return {"base": med["base"], "lyc": lyc, "mode": mode, "a": a, "b": b,
             "lyc_zero": lyc < noise,
-            "ratio_a": med["a"] / lyc if lyc >= noise else None,
+            "ratio_a": a / lyc if lyc >= noise else None,
             "ratio_b": b / lyc if lyc >= noise else None}
 
 
@@ -216,13 +259,34 @@ def chart(rows, path):
     progress(f"layers: chart written to {path}")
 
 
+def add_measure_arguments(parser, rounds, iters):
+    """The options layers.py and growth.py share: server, threads, rounds, iterations."""
+    parser.add_argument("--server", help="lycoris-server for (b) (default: LYCORIS_SERVER / swift_lycoris's)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds per row")
+    parser.add_argument("--iters", type=int, default=iters, help="timed iterations per column per round")
+
+
+def import_stack(args, section):
+    """(torch, lycoris.modules, swift_lycoris) with LYCORIS_SERVER and the threads set from
+    `args`; None (after printing `section` UNAVAILABLE and why) when one cannot be imported."""
+    if args.server:
+        os.environ["LYCORIS_SERVER"] = args.server
+    try:
+        import torch
+        import lycoris.modules as lycoris_modules
+        import swift_lycoris as sl
+    except Exception as error:
+        print(f"{section} UNAVAILABLE ({type(error).__name__}: {error})")
+        return None
+    torch.set_num_threads(args.threads)
+    return torch, lycoris_modules, sl
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layer-bench", required=True, help="path of the layer-bench executable")
-    parser.add_argument("--server", help="lycoris-server for (b) (default: LYCORIS_SERVER / swift_lycoris's)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per column per round")
+    add_measure_arguments(parser, rounds=5, iters=3)
     parser.add_argument("--only", default="", help="only rows whose 'layer algo' label contains TEXT")
     parser.add_argument("--chart", default="", help="write a matplotlib PNG of the table there")
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 iteration")
@@ -231,17 +295,10 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.iters = 2, 1
-    if args.server:
-        os.environ["LYCORIS_SERVER"] = args.server
-
-    try:
-        import torch
-        import lycoris.modules as lycoris_modules
-        import swift_lycoris as sl
-    except Exception as error:
-        print(f"section 6 layers UNAVAILABLE ({type(error).__name__}: {error})")
+    stack = import_stack(args, "section 6 layers")
+    if stack is None:
         return 0
-    torch.set_num_threads(args.threads)
+    torch, lycoris_modules, sl = stack
     engine = Engine(args.layer_bench, args.threads)
     rows = []
     try:

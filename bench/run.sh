@@ -21,7 +21,8 @@
 # mode vs this engine in-process (bench/LayerBench, built here as `layer-bench`) vs delegated
 # through swift_lycoris; same interpreter as section 5. It takes --quick and the last of
 # --threads (default 2); LYCORIS_BENCH_LAYERS_ARGS adds layers.py's own options. Its chart
-# goes to .build-bench/layers.png.
+# goes to .build-bench/layers.png. Then bench/growth.py (cost growth against tokens, rank and
+# width; same --quick and --threads, LYCORIS_BENCH_GROWTH_ARGS), plot .build-bench/growth.png.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -114,6 +115,12 @@ if has_section 6; then
         PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" "$TRAIN_PYTHON" "$BENCH/layers.py" \
             --layer-bench "$LAYER_BENCH" --server "$SERVER" --chart "$ROOT/.build-bench/layers.png" \
             ${LAYER_ARGS[@]+"${LAYER_ARGS[@]}"} ${LYCORIS_BENCH_LAYERS_ARGS:-} || STATUS=$?
+        echo
+        echo "section 6: cost growth ($TRAIN_PYTHON)" >&2
+        # shellcheck disable=SC2086  # LYCORIS_BENCH_GROWTH_ARGS is split on purpose
+        PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" "$TRAIN_PYTHON" "$BENCH/growth.py" \
+            --server "$SERVER" --plot "$ROOT/.build-bench/growth.png" \
+            ${LAYER_ARGS[@]+"${LAYER_ARGS[@]}"} ${LYCORIS_BENCH_GROWTH_ARGS:-} || STATUS=$?
     fi
 fi
 exit "$STATUS"

@@ -5,7 +5,8 @@
 
     python bench/train_step.py [--server PATH] [--threads 1,2] [--algos lora,loha] [--batches 4,1]
                                [--steps 20] [--min-steps 10] [--case-seconds 10] [--warmup 3]
-                               [--dim 8] [--alpha 4] [--quick] [--profile STEPS] [--device cuda]
+                               [--dim 8] [--alpha 4] [--modes default,bypass] [--quick]
+                               [--profile STEPS] [--device cuda]
 
 The models are swift_lycoris.demo's tiny diffusers UNet2DConditionModel + transformers
 CLIPTextModel (``tiny_models``) with its synthetic data (``synthetic_data``), or with
@@ -15,6 +16,9 @@ use the "full" preset, the same dim/alpha/conv_dim/conv_alpha, and start from th
 random parameter values. One step is kohya's sequence: ``on_step_start``, text-encoder
 forward, UNet forward, MSE loss, backward, AdamW step, ``zero_grad(set_to_none=True)``
 (text encoder and UNet adapters both trained; no gradient clipping, which demo.py adds).
+Each case runs in each of ``--modes``: ``default`` (LyCORIS's rebuild mode) and ``bypass``
+(``bypass_mode=True`` in both networks' kwargs, kohya's ``network_args``: LyCORIS computes
+op(x, W0) + Δ(x) instead of rebuilding W0 + ΔW; ours moves activations for every layer).
 ``torch.set_num_threads(N)`` for both sides and ``server_threads=N`` for ours. The two
 networks step alternately (ours, LyCORIS, ours, …) so both see the same machine load; the
 row is the median over the timed steps after the warm-up steps.
@@ -26,7 +30,7 @@ allocated during its timed steps per side and the server process's resident memo
 what scripts/gpu-check.sh runs on a GPU host (``--model sd15 --latent 64``, LoRA, LoHa,
 LoKr, batch 1 and 4).
 
-For ours, ``swift_lycoris.server.Server.call`` / ``notify`` and ``swift_lycoris.arena.Arena.put``
+For ours, ``swift_lycoris.server.Server.call`` / ``call_encoded`` / ``notify`` and ``swift_lycoris.arena.Arena.put``
 / ``take`` are wrapped *in this process only* (monkeypatching; the package is not edited) to
 count round trips and time the client-observed wait inside server calls (JSON encode, pipe
 write, server work, pipe read, JSON decode) against everything else (torch base layers,
@@ -66,8 +70,9 @@ def progress(text):
 
 
 class Meter:
-    """Counts and times Server.call / Server.notify / Arena.put / Arena.take (wrapped on the
-    classes, in this process only)."""
+    """Counts and times Server.call / call_encoded / notify / queue_encoded (a notification
+    sent with the next request) / Arena.put / Arena.take (wrapped on the classes, in this
+    process only)."""
 
     def __init__(self):
         self.enabled = False
@@ -110,8 +115,10 @@ class Meter:
             meter.copy_ns += elapsed
 
         server_cls.call = timed(server_cls.call, record_call)
+        server_cls.call_encoded = timed(server_cls.call_encoded, record_call)
         server_cls.notify = timed(server_cls.notify, record_notify)
-        for name in ("put", "take", "put_many", "take_many"):
+        server_cls.queue_encoded = timed(server_cls.queue_encoded, record_notify)
+        for name in ("put", "take", "put_many", "take_many", "output"):
             setattr(arena_cls, name, timed(getattr(arena_cls, name), record_copy))
 
 
@@ -155,7 +162,7 @@ def lycoris_preset_file(directory):
     return path, preset
 
 
-def build_lycoris(te, unet, algo, dim, alpha, preset_path, preset):
+def build_lycoris(te, unet, algo, dim, alpha, preset_path, preset, extra):
     import lycoris.kohya as lk
 
     # LyCORIS keeps the preset in class attributes: start from a clean state.
@@ -163,16 +170,16 @@ def build_lycoris(te, unet, algo, dim, alpha, preset_path, preset):
     cls.MODULE_ALGO_MAP, cls.NAME_ALGO_MAP, cls.USE_FNMATCH, cls.TARGET_EXCLUDE_NAME = {}, {}, False, []
     cls.apply_preset(preset)
     network = lk.create_network(1.0, dim, alpha, None, te, unet, algo=algo, preset=preset_path,
-                                conv_dim=str(dim), conv_alpha=str(alpha))
+                                conv_dim=str(dim), conv_alpha=str(alpha), **extra)
     network.apply_to(te, unet, True, True)
     return network
 
 
-def build_ours(te, unet, algo, dim, alpha, threads):
+def build_ours(te, unet, algo, dim, alpha, threads, extra):
     from swift_lycoris import kohya
 
     network = kohya.create_network(1.0, dim, alpha, None, te, unet, algo=algo, preset="full",
-                                   conv_dim=str(dim), conv_alpha=str(alpha), server_threads=str(threads))
+                                   conv_dim=str(dim), conv_alpha=str(alpha), server_threads=str(threads), **extra)
     network.apply_to(te, unet, True, True)
     return network
 
@@ -443,6 +450,8 @@ def main():
     parser.add_argument("--dim", type=int, default=8, help="network_dim = conv_dim")
     parser.add_argument("--alpha", type=float, default=4.0, help="network_alpha = conv_alpha")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--modes", default="default,bypass",
+                        help="network modes: default (rebuild) and/or bypass (bypass_mode=True on both sides)")
     parser.add_argument("--quick", action="store_true", help="fewer steps (smoke test)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="also cProfile STEPS steps of each side per case (stderr)")
@@ -495,6 +504,9 @@ def main():
     meter.install(sl_server.Server, sl_arena.Arena)
     threads_list = [int(t) for t in args.threads.split(",")]
     algos = args.algos.split(",")
+    modes = args.modes.split(",")
+    if not set(modes) <= {"default", "bypass"}:
+        parser.error(f"--modes takes default and/or bypass, not {args.modes}")
     batches = [int(b) for b in args.batches.split(",")]
     if args.model == "tiny":
         base_unet, base_te = tiny_models(0)
@@ -543,62 +555,62 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="train_step_") as tmp:
         preset_path, preset = lycoris_preset_file(tmp)
-        for algo in algos:
-            label = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(algo, algo)
-            for threads in threads_list:
-                torch.set_num_threads(threads)
-                progress(f"section 5: {algo}, N={threads}")
-                te_o, unet_o = models()
-                te_l, unet_l = models()
-                ours_net = build_ours(te_o, unet_o, algo, args.dim, args.alpha, threads)
-                try:
-                    lyco_net = build_lycoris(te_l, unet_l, algo, args.dim, args.alpha, preset_path, preset)
-                    ours_net.to(device)
-                    lyco_net.to(device)
-                    if set(ours_net.lora_names) != {m.lora_name for m in lyco_net.loras}:
-                        raise RuntimeError("the two networks adapt different layers")
-                    modules, _ = same_values(ours_net, lyco_net, std.get(algo, 0.05))
-                    blas = ours_net.core.server.info.get("capabilities", {}).get("blas_threads", "?")
-                    ours = Side("ours", ours_net, te_o, unet_o, args.lr)
-                    lyco = Side("LyCORIS", lyco_net, te_l, unet_l, args.lr)
-                    floor = null_call_us(ours_net)
-                    for batch in batches:
-                        first = []
-                        result = measure_case(ours, lyco, data, batch, steps, min_steps, warmup, args.case_seconds,
-                                              meter, first)
-                        o, l = median(result["ours"]), median(result["lyco"])
-                        rpc = median(result["rpc"])
-                        python = median([t - r for t, r in zip(result["ours"], result["rpc"])])
-                        copies = median(result["copy"])
-                        case = f"{label} d{args.dim} full ({modules} modules), batch {batch}, N={threads}"
-                        row(f"{case} (server BLAS {blas})", f"ours {o:.1f} ms, n={len(result['ours'])}",
-                            f"LyCORIS {l:.1f} ms, n={len(result['lyco'])}", f"{o / l:.2f}x")
-                        ratios.append((f"{label} b{batch} N={threads}", o / l))
-                        trips = sum(result["calls"].values())
-                        notes = sum(result["notifies"].values())
-                        row(f"{case}: ours split",
-                            f"in server calls {rpc:.1f} ms = {trips:g} round trips x {1e3 * rpc / max(trips, 1):.0f} us "
-                            f"(null call {floor:.0f} us)" + (f", +{notes:g} notification" if notes else ""),
-                            f"Python {python:.1f} ms (arena put/take {copies:.1f})",
-                            f"{100 * rpc / o:.0f}% rpc")
-                        row(f"{case}: ours calls/step", per_method(result), "-", "-")
-                        if device.type == "cuda":
-                            adapters = sum(p.numel() * p.element_size() for p in ours_net.parameters()) / 2**20
-                            path = "device path" if ours_net.core._device_path else "arena path"
-                            row(f"{case}: memory",
-                                f"ours ({path}) step working set {result['working_mb']['ours']:.0f} MB CUDA, server "
-                                f"GPU {gpu_memory_mb(ours_net.core.server._process.pid):.0f} MB, peak RSS "
-                                f"{peak_rss_mb(ours_net.core.server._process.pid):.0f} MB",
-                                f"LyCORIS step working set {result['working_mb']['lyco']:.0f} MB CUDA",
-                                f"adapters {adapters:.0f} MB")
-                        if first:
-                            (lo, ll), = first
-                            loss_diffs.append(abs(lo - ll) / max(abs(ll), 1e-12))
-                        if args.profile:
-                            profile_case(ours, data, batch, args.profile, args.profile_top)
-                            profile_case(lyco, data, batch, args.profile, args.profile_top)
-                finally:
-                    ours_net.close()
+        for algo, mode, threads in [(a, m, t) for a in algos for m in modes for t in threads_list]:
+            label = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}.get(algo, algo) + (" bypass" if mode == "bypass" else "")
+            extra = {"bypass_mode": "True"} if mode == "bypass" else {}
+            torch.set_num_threads(threads)
+            progress(f"section 5: {algo} ({mode}), N={threads}")
+            te_o, unet_o = models()
+            te_l, unet_l = models()
+            ours_net = build_ours(te_o, unet_o, algo, args.dim, args.alpha, threads, extra)
+            try:
+                lyco_net = build_lycoris(te_l, unet_l, algo, args.dim, args.alpha, preset_path, preset, extra)
+                ours_net.to(device)
+                lyco_net.to(device)
+                if set(ours_net.lora_names) != {m.lora_name for m in lyco_net.loras}:
+                    raise RuntimeError("the two networks adapt different layers")
+                modules, _ = same_values(ours_net, lyco_net, std.get(algo, 0.05))
+                blas = ours_net.core.server.info.get("capabilities", {}).get("blas_threads", "?")
+                ours = Side("ours", ours_net, te_o, unet_o, args.lr)
+                lyco = Side("LyCORIS", lyco_net, te_l, unet_l, args.lr)
+                floor = null_call_us(ours_net)
+                for batch in batches:
+                    first = []
+                    result = measure_case(ours, lyco, data, batch, steps, min_steps, warmup, args.case_seconds,
+                                          meter, first)
+                    o, l = median(result["ours"]), median(result["lyco"])
+                    rpc = median(result["rpc"])
+                    python = median([t - r for t, r in zip(result["ours"], result["rpc"])])
+                    copies = median(result["copy"])
+                    case = f"{label} d{args.dim} full ({modules} modules), batch {batch}, N={threads}"
+                    row(f"{case} (server BLAS {blas})", f"ours {o:.1f} ms, n={len(result['ours'])}",
+                        f"LyCORIS {l:.1f} ms, n={len(result['lyco'])}", f"{o / l:.2f}x")
+                    ratios.append((f"{label} b{batch} N={threads}", o / l))
+                    trips = sum(result["calls"].values())
+                    notes = sum(result["notifies"].values())
+                    row(f"{case}: ours split",
+                        f"in server calls {rpc:.1f} ms = {trips:g} round trips x {1e3 * rpc / max(trips, 1):.0f} us "
+                        f"(null call {floor:.0f} us)" + (f", +{notes:g} notification" if notes else ""),
+                        f"Python {python:.1f} ms (arena put/take {copies:.1f})",
+                        f"{100 * rpc / o:.0f}% rpc")
+                    row(f"{case}: ours calls/step", per_method(result), "-", "-")
+                    if device.type == "cuda":
+                        adapters = sum(p.numel() * p.element_size() for p in ours_net.parameters()) / 2**20
+                        path = "device path" if ours_net.core._device_path else "arena path"
+                        row(f"{case}: memory",
+                            f"ours ({path}) step working set {result['working_mb']['ours']:.0f} MB CUDA, server "
+                            f"GPU {gpu_memory_mb(ours_net.core.server._process.pid):.0f} MB, peak RSS "
+                            f"{peak_rss_mb(ours_net.core.server._process.pid):.0f} MB",
+                            f"LyCORIS step working set {result['working_mb']['lyco']:.0f} MB CUDA",
+                            f"adapters {adapters:.0f} MB")
+                    if first:
+                        (lo, ll), = first
+                        loss_diffs.append(abs(lo - ll) / max(abs(ll), 1e-12))
+                    if args.profile:
+                        profile_case(ours, data, batch, args.profile, args.profile_top)
+                        profile_case(lyco, data, batch, args.profile, args.profile_top)
+            finally:
+                ours_net.close()
         footer.append(f"both networks: {modules} modules, the same parameter values at the start; first-step loss "
                       f"ours vs LyCORIS: max relative difference {max(loss_diffs, default=float('nan')):.1e} "
                       f"over {len(loss_diffs)} cases")

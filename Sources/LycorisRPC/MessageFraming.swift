@@ -45,16 +45,22 @@ public final class MessageReader {
             if !fill() { return nil }
         }
         // Read only while the bytes so far could still be the start of "Content-Length"
-        // (so a short line such as `[]` is answered at once).
-        let header = Array("content-length".utf8)
+        // (so a short line such as `[]` is answered at once). Compared in place: no
+        // allocation per message.
+        let header = Self.contentLengthHeader
         while true {
-            let available = buffer[start..<min(buffer.count, start + header.count)].map { $0 | 0x20 }
-            if available.count == header.count {
-                return available == header ? readContentLength() : readLine()
+            let available = min(buffer.count - start, header.count)
+            var matches = true
+            for i in 0..<available where buffer[start + i] | 0x20 != header[i] {
+                matches = false
+                break
             }
-            if available != Array(header[..<available.count]) || !fill() { return readLine() }
+            if available == header.count { return matches ? readContentLength() : readLine() }
+            if !matches || !fill() { return readLine() }
         }
     }
+
+    private static let contentLengthHeader = Array("content-length".utf8)
 
     private func readLine() -> FramedMessage {
         var searchFrom = start

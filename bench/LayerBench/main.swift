@@ -54,8 +54,9 @@ func measure(_ bench: BenchCase) throws -> [Double] {
     let spec = bench.layer.spec
     if let problem = spec.inputProblem(bench.input) { throw BenchError(description: problem) }
     var random = RandomSource(seed: 0)
-    let adapter = try algorithm.makeAdapter(layer: spec, options: bench.options, random: &random)
     let weight = Tensor.normal(spec.weightShape, std: 0.02, using: &random)
+    // (W0 too: DoRA's magnitude starts from ‖W0‖ and its ΔW reads W0.)
+    let adapter = try algorithm.makeAdapter(layer: spec, options: bench.options, random: &random, baseWeight: weight)
     var module = AdapterModule(name: bench.key, algorithm: adapter, options: bench.options, baseWeight: weight)
     module.isTraining = true
     let x = Tensor.normal(bench.input, std: 1, using: &random)

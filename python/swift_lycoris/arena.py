@@ -1,10 +1,20 @@
 """The shared-memory arena, client side: the server creates the file (and unlinks it when
 the session ends); this maps it and lays out each call's tensors in it.
 
-Layout is per call: :meth:`Arena.begin` starts an empty layout, :meth:`Arena.put` copies a
-tensor in and returns its descriptor, :meth:`Arena.reserve` sets aside room for an output.
-The server reads inputs and writes outputs during the call; outputs are copied out right
-after it, so the next call may reuse the space.
+Space is handed out in blocks (64-byte aligned; first fit, freed blocks merged with their
+free neighbours, so the arena stays about as large as what is alive at once plus one call):
+
+- a call's scratch: :meth:`Arena.begin` gives back the previous call's, :meth:`Arena.put`
+  copies a tensor in (a CPU tensor that already lies in the arena is not copied: its own
+  offset is sent) and :meth:`Arena.reserve` sets aside room for an output copied out after
+  the call (:meth:`Arena.take`);
+- outputs the server writes straight into the tensor torch gets (:meth:`Arena.output`): the
+  tensor is a view of its block, which returns to the free list when the tensor's storage
+  is freed (the last view gone) — no copy out.
+
+The arena grows (server ``arena.resize``, mapped again) when a block does not fit; tensors
+on an earlier mapping stay valid (the file only grows; an old mapping is unmapped when its
+last tensor goes).
 
 CUDA tensors: the first one to cross page-locks the mapping (``cudaHostRegister``), so the
 shared memory itself is the pinned staging buffer: a device tensor is copied by DMA straight
@@ -16,10 +26,13 @@ pageable memory (a warning says so).
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import logging
 import math
 import mmap
 import os
+import weakref
 
 import torch
 
@@ -28,6 +41,9 @@ log = logging.getLogger("swift_lycoris")
 _DTYPES = {torch.float32: ("F32", 4), torch.float16: ("F16", 2), torch.bfloat16: ("BF16", 2)}
 _TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _ALIGN = 64
+# CPU tensors up to this size are copied in with one memmove (larger ones by torch, which
+# copies with several threads).
+_MEMMOVE_BYTES = 64 << 10
 
 
 def wire_dtype(dtype: torch.dtype) -> str:
@@ -42,7 +58,10 @@ class Arena:
         self._pinning_failed = False
         created = server.call("arena.create", {"size": size})
         self._map(created)
-        self._used = 0
+        self._top = 0  # end of the blocks handed out so far
+        self._free: list[tuple[int, int]] = []  # free (offset, size) below _top, by offset, merged
+        self._scratch: list[tuple[int, int]] = []  # this call's scratch blocks
+        self._returned: list[tuple[int, int]] = []  # output blocks whose storage was freed
 
     def _map(self, described: dict) -> None:
         self.path = described["path"]
@@ -53,6 +72,7 @@ class Arena:
         finally:
             os.close(fd)
         self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self._base = self._bytes.data_ptr()
 
     def ensure(self, size: int) -> None:
         """Grows the arena (server and mapping) to hold at least `size` bytes."""
@@ -60,8 +80,9 @@ class Arena:
             return
         new_size = max(size, self.size * 2)
         self._unpin()
-        del self._bytes
-        self._mmap.close()
+        # The old mapping is not closed: tensors may view it (outputs, views of _bytes); it is
+        # unmapped when the last of them goes.
+        self._bytes = self._mmap = None
         self._map(self._server.call("arena.resize", {"size": new_size}))
 
     def _pin_for(self, device: torch.device) -> None:
@@ -82,17 +103,82 @@ class Arena:
             self._pinned = False
 
     def begin(self) -> None:
-        self._used = 0
+        """Starts a call's layout: the previous call's scratch blocks are free again."""
+        for offset, size in self._scratch:
+            self._give_back(offset, size)
+        self._scratch.clear()
+
+    def _block(self, nbytes: int) -> tuple[int, int]:
+        """(offset, size) of the first free block that holds `nbytes` (first fit by offset),
+        else from the top, growing the arena if needed."""
+        while self._returned:
+            self._give_back(*self._returned.pop())
+        size = (max(nbytes, 1) + _ALIGN - 1) // _ALIGN * _ALIGN
+        for index, (offset, length) in enumerate(self._free):
+            if length >= size:
+                if length == size:
+                    del self._free[index]
+                else:
+                    self._free[index] = (offset + size, length - size)
+                return offset, size
+        offset = self._top
+        self.ensure(offset + size)
+        self._top = offset + size
+        return offset, size
+
+    def _give_back(self, offset: int, size: int) -> None:
+        """Frees a block, merged with free neighbours; a free run that reaches the top lowers
+        it (so with nothing alive the layout starts again at 0)."""
+        free = self._free
+        index = bisect.bisect_left(free, (offset, 0))
+        if index > 0 and free[index - 1][0] + free[index - 1][1] == offset:
+            index -= 1
+            offset, size = free[index][0], free[index][1] + size
+            del free[index]
+        if index < len(free) and offset + size == free[index][0]:
+            size += free[index][1]
+            del free[index]
+        if offset + size == self._top:
+            self._top = offset
+        else:
+            free.insert(index, (offset, size))
 
     def _allocate(self, nbytes: int) -> int:
-        offset = (self._used + _ALIGN - 1) // _ALIGN * _ALIGN
-        self._used = offset + nbytes
+        offset, size = self._block(nbytes)
+        self._scratch.append((offset, size))
         return offset
 
     def plan(self, byte_counts: list[int]) -> None:
-        """Grows the arena beforehand so one call's tensors all fit."""
+        """Grows the arena beforehand so one call's new blocks fit without a remap midway."""
         total = sum((n + _ALIGN - 1) // _ALIGN * _ALIGN for n in byte_counts)
-        self.ensure(total)
+        self.ensure(self._top + total)
+
+    def locate(self, tensor: torch.Tensor) -> dict | None:
+        """The descriptor of a contiguous CPU tensor that lies in the current mapping (an
+        output of an earlier call, still alive, so its block is not handed out): sent as it
+        is, not copied. None for any other tensor."""
+        if tensor.device.type != "cpu" or tensor.dtype not in _DTYPES or not tensor.is_contiguous():
+            return None
+        name, itemsize = _DTYPES[tensor.dtype]
+        offset = tensor.data_ptr() - self._base
+        if offset < 0 or offset + tensor.numel() * itemsize > self.size or tensor.numel() == 0:
+            return None
+        return {"dtype": name, "shape": list(tensor.shape), "offset": offset}
+
+    def output(self, shape, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+        """(output spec, tensor): a block for an output the server writes, and the CPU tensor
+        that views it — the call's result, with no copy out. The block is reused only once
+        the tensor's storage is freed."""
+        name, itemsize = _DTYPES[dtype]
+        count = math.prod(shape)
+        if count == 0:
+            return self.reserve(shape, dtype), torch.empty(tuple(shape), dtype=dtype)
+        offset, size = self._block(count * itemsize)
+        block = (ctypes.c_char * size).from_buffer(self._mmap, offset)
+        # Queued, not freed here: a finalizer may run (garbage collection) inside _block.
+        weakref.finalize(block, self._returned.append, (offset, size))
+        tensor = torch.frombuffer(block, dtype=dtype, count=count).view(tuple(shape))
+        return {"offset": offset, "dtype": name}, tensor
 
     def view(self, offset: int, shape, dtype: torch.dtype) -> torch.Tensor:
         itemsize = _DTYPES[dtype][1]
@@ -103,10 +189,18 @@ class Arena:
         """Copies `tensor` (any device; non-float dtypes as F32) into the arena."""
         if tensor.dtype not in _DTYPES:
             tensor = tensor.float()
-        self._pin_for(tensor.device)
+        located = self.locate(tensor)
+        if located is not None:
+            return located
         name, itemsize = _DTYPES[tensor.dtype]
-        offset = self._allocate(tensor.numel() * itemsize)
-        self.view(offset, tuple(tensor.shape), tensor.dtype).copy_(tensor.detach())
+        nbytes = tensor.numel() * itemsize
+        offset = self._allocate(nbytes)
+        if nbytes <= _MEMMOVE_BYTES and tensor.device.type == "cpu" and tensor.is_contiguous():
+            # One C call: a small tensor's copy costs less than torch's view + copy_ dispatch.
+            ctypes.memmove(self._base + offset, tensor.data_ptr(), nbytes)
+        else:
+            self._pin_for(tensor.device)
+            self.view(offset, tuple(tensor.shape), tensor.dtype).copy_(tensor.detach())
         return {"dtype": name, "shape": list(tensor.shape), "offset": offset}
 
     def put_many(self, tensors: list[torch.Tensor]) -> list[dict]:
@@ -160,8 +254,11 @@ class Arena:
     def close(self) -> None:
         if getattr(self, "_mmap", None) is not None:
             self._unpin()
-            del self._bytes
-            self._mmap.close()
+            self._bytes = None
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # output tensors still view it: unmapped when the last one goes
             self._mmap = None
 
     def remove_if_left(self) -> None:

@@ -4,11 +4,12 @@ is created (a few milliseconds); ``transfer="auto"`` chooses per call by these n
 
 Per forward + backward of one layer with input x (|x| elements), output y, weight W:
 
-- activations: 2 round trips; x, y, ∂y and ∂x cross the arena, each copied twice (client and
-  server), 4·(|x| + |y|) copies; for a module without a cheaper factor path the server also
-  computes two op(x, ΔW) more than the weight path does (2·positions·|W| multiply-adds);
-- weights: ΔW out and ∂ΔW in, 4·|W| copies; their round trips are shared by a whole group of
-  modules, so none is counted.
+- activations: 2 round trips; x and ∂y are copied in by the client and read by the server,
+  y and ∂x written by the server straight into the tensors torch gets (CPU),
+  3·(|x| + |y|) copies; for a module without a cheaper factor path the server also computes
+  two op(x, ΔW) more than the weight path does (2·positions·|W| multiply-adds);
+- weights: ΔW written in place, ∂ΔW copied in and read, 3·|W| copies; their round trips are
+  shared by a whole group of modules, so none is counted.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ class TransferCosts:
     def activations(self, inputs: int, outputs: int, server_multiply_adds: float) -> float:
         """Seconds of the activation transfer for a call with `inputs` elements of x,
         `outputs` of y, and `server_multiply_adds` the server computes beyond the weight path."""
-        return 2 * self.round_trip + 4 * (inputs + outputs) * self.copy + server_multiply_adds * self.multiply_add
+        return 2 * self.round_trip + 3 * (inputs + outputs) * self.copy + server_multiply_adds * self.multiply_add
 
     def weights(self, weight_elements: int) -> float:
         """Seconds of the weight transfer for a layer whose ΔW has `weight_elements`."""
-        return 4 * weight_elements * self.copy
+        return 3 * weight_elements * self.copy
 
     def describe(self) -> dict:
         return {"round_trip_us": self.round_trip * 1e6, "copy_ns_per_element": self.copy * 1e9,

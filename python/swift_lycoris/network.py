@@ -34,7 +34,7 @@ from . import calibration, timestep
 from . import device as devices
 from .arena import Arena, wire_dtype
 from .nonfinite import NonFiniteError, SkipCall, check_nan_policy, count_non_finite, describe_server_error
-from .server import AdapterFileError, Server, ServerDied, ServerError
+from .server import AdapterFileError, RequestTemplate, Server, ServerDied, ServerError, Slot
 
 log = logging.getLogger("swift_lycoris")
 
@@ -44,6 +44,9 @@ _ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 # bounded arena and host memory at any model size, a handful of round trips per step.
 _DELTA_GROUP_BYTES = 256 << 20
 
+
+# Per-call requests kept encoded (RequestTemplate), per module, shape and kind.
+_TEMPLATES = 4096
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -277,6 +280,8 @@ class LycorisNetwork(nn.Module):
         # choice transfer="auto" makes; assign one to override the measurement.
         self.transfer_costs: calibration.TransferCosts | None = None
         self._orphaned_tapes: list[int] = []
+        # Requests of the per-call path, encoded once per module, shape and kind.
+        self._templates: dict[tuple, RequestTemplate] = {}
         # Weight-path modules in the order of their first use; the ΔWs fetched with tapes for
         # this step, not used yet; the modules fetched this step (see weight_delta).
         self._weight_order: dict[str, None] = {}
@@ -447,11 +452,13 @@ class LycorisNetwork(nn.Module):
     # MARK: forward / backward through the server
 
     def release_orphaned_tapes(self) -> None:
-        """Tells the server to drop the tapes whose autograd graphs are gone (a notification:
-        no round trip)."""
+        """Tells the server to drop the tapes whose autograd graphs are gone: a notification,
+        sent in the same write as the next request (no round trip, no write of its own)."""
         if self._orphaned_tapes:
             tapes, self._orphaned_tapes[:] = list(self._orphaned_tapes), []
-            self.server.notify("tapes.release", {"tapes": tapes})
+            # (Encoded by hand: a list of integers, once per call of the per-call path.)
+            self.server.queue_encoded(b'{"jsonrpc":"2.0","method":"tapes.release","params":{"tapes":[%s]}}\n'
+                                      % ",".join(map(str, tapes)).encode())
 
     def adapted_forward(self, name: str, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The adapted layer's output: op(x, W0 + m·ΔW) + b in torch with ΔW from the server
@@ -547,9 +554,9 @@ class LycorisNetwork(nn.Module):
 
     def _weights_cheaper(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
         """Whether moving ΔW costs less than moving activations, by the costs measured on this
-        machine (:mod:`.calibration`): activations two round trips and 4·(|x| + |y|) element
+        machine (:mod:`.calibration`): activations two round trips and 3·(|x| + |y|) element
         copies, plus — for a module without a cheaper factor path (``factor_path`` false) —
-        the two op(x, ΔW) more that the server computes; weights 4·|W| copies."""
+        the two op(x, ΔW) more that the server computes; weights 3·|W| copies."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -595,44 +602,84 @@ class LycorisNetwork(nn.Module):
         return delta if delta.dtype == base.dtype else delta.to(base.dtype)
 
     def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool, elementwise: bool = False):
+        """(output, tape) of one ``forward`` call; on the CPU the server writes the output
+        straight into the tensor returned (an arena block, no copy out)."""
         self.sync(module=name)
         dtype = x.dtype if x.dtype in _ITEMSIZE else torch.float32
         self.arena.begin()
         self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]])
-        call = {"module": name, "input": self.arena.put(x.to(dtype)), "output": self.arena.reserve(output_shape, dtype)}
-        if elementwise:
-            call["elementwise"] = True
-        result = self._checked_call("forward", {"calls": [call], "grad": keep_tape})["results"][0]
-        delta = self.arena.take(result["output"], x.device)
+        source = self.arena.put(x.to(dtype))
+        output, delta = self._output(output_shape, dtype, x.device)
+        key = ("forward", name, tuple(x.shape), dtype, tuple(output_shape), keep_tape, elementwise)
+        template = self._templates.get(key)
+        if template is None:
+            call = {"module": name, "input": {**source, "offset": Slot(0)}, "output": {**output, "offset": Slot(1)}}
+            if elementwise:
+                call["elementwise"] = True
+            template = self._template(key, "forward", {"calls": [call], "grad": keep_tape})
+        result = self._checked_call("forward", template, source["offset"], output["offset"])["results"][0]
+        if delta is None:
+            delta = self.arena.take(result["output"], x.device)
         return delta, result.get("tape")
 
+    def _template(self, key: tuple, method: str, params: dict) -> RequestTemplate:
+        """Encodes and keeps a per-call request (at most :data:`_TEMPLATES` of them: inputs
+        of ever new shapes start the cache afresh)."""
+        if len(self._templates) >= _TEMPLATES:
+            self._templates.clear()
+        template = self._templates[key] = RequestTemplate(method, params)
+        return template
+
+    def _output(self, shape, dtype: torch.dtype, device: torch.device | None) -> tuple[dict, torch.Tensor | None]:
+        """(output spec, tensor the server writes into) for a CPU result; (spec, None) for one
+        on another device, copied there after the call (:meth:`Arena.take`)."""
+        if device is None or device.type == "cpu":
+            return self.arena.output(shape, dtype)
+        return self.arena.reserve(shape, dtype), None
+
     def _server_backward(self, name: str, tape: int, grad_output: torch.Tensor, input_meta):
+        """(∂x, ∂parameters) of one ``backward`` call, written by the server into the tensors
+        returned (CPU) or copied to the device."""
         shape, dtype, device = input_meta
         dtype = dtype if dtype in _ITEMSIZE else torch.float32
         grad_output = grad_output.to(dtype)
         keys = self._keys_of[name]
-        shapes = [p.shape for p in self._module_parameters(name)]
+        params = self._module_parameters(name)
         self.arena.begin()
-        self.arena.plan([grad_output.numel() * _ITEMSIZE[dtype], _numel(shape) * _ITEMSIZE[dtype]] + [_numel(s) * 4 for s in shapes])
-        call = {
-            "tape": tape,
-            "keep": True,
-            "grad_output": self.arena.put(grad_output.contiguous()),
-            "grad_input": self.arena.reserve(shape, dtype),
-            "parameter_grads": {key: self.arena.reserve(s, torch.float32) for key, s in zip(keys, shapes)},
-        }
-        result = self._checked_call("backward", {"calls": [call], "return_parameter_grads": True, "accumulate": False})["results"][0]
-        grad_input = self.arena.take(result["grad_input"], device)
-        grads = self.arena.take_many([result["parameter_grads"][key] for key in keys],
-                                     _common_device(self._module_parameters(name)))
+        self.arena.plan([grad_output.numel() * _ITEMSIZE[dtype], _numel(shape) * _ITEMSIZE[dtype]] + [p.numel() * 4 for p in params])
+        source = self.arena.put(grad_output.contiguous())
+        input_spec, grad_input = self._output(shape, dtype, device)
+        grads_device = _common_device(params)
+        grad_outputs = [self._output(p.shape, torch.float32, grads_device) for p in params]
+        key = ("backward", name, tuple(grad_output.shape), dtype, tuple(shape))
+        template = self._templates.get(key)
+        if template is None:
+            call = {
+                "tape": Slot(0), "keep": True,
+                "grad_output": {**source, "offset": Slot(1)},
+                "grad_input": {**input_spec, "offset": Slot(2)},
+                "parameter_grads": {k: {**spec, "offset": Slot(3 + i)} for i, (k, (spec, _)) in enumerate(zip(keys, grad_outputs))},
+            }
+            template = self._template(key, "backward", {"calls": [call], "return_parameter_grads": True, "accumulate": False})
+        result = self._checked_call("backward", template, tape, source["offset"], input_spec["offset"],
+                                    *[spec["offset"] for spec, _ in grad_outputs])["results"][0]
+        if grad_input is None:
+            grad_input = self.arena.take(result["grad_input"], device)
+        if any(tensor is None for _, tensor in grad_outputs):
+            grads = self.arena.take_many([result["parameter_grads"][key] for key in keys], grads_device)
+        else:
+            grads = [tensor for _, tensor in grad_outputs]
         return grad_input, grads
 
     # MARK: non-finite values
 
-    def _checked_call(self, method: str, params: dict):
-        """A compute call whose -32004 (a non-finite input or gradient) becomes
-        :class:`NonFiniteError` or, under skip_step, :class:`SkipCall`."""
+    def _checked_call(self, method: str, params, *values: int):
+        """A compute call (`params` a dict, or a :class:`RequestTemplate` that `values`
+        fill) whose -32004 (a non-finite input or gradient) becomes :class:`NonFiniteError`
+        or, under skip_step, :class:`SkipCall`."""
         try:
+            if isinstance(params, RequestTemplate):
+                return self.server.call_encoded(method, params, *values)
             return self.server.call(method, params)
         except ServerError as error:
             if error.code != -32004:
@@ -685,21 +732,35 @@ class LycorisNetwork(nn.Module):
     def _fetch_delta_weights(self, names: list[str], keep_tapes: bool) -> dict[str, tuple[tuple[torch.Tensor, ...], int | None]]:
         """m·ΔW (and m·Δb of norm modules on layers with a bias) of `names` in one
         `delta_weight` call through the arena, with their tapes when kept:
-        name → ((ΔW,) or (ΔW, Δb), tape or None)."""
+        name → ((ΔW,) or (ΔW, Δb), tape or None). A training step's ΔWs on the CPU are
+        written by the server straight into the tensors returned (they live until their
+        layer's forward used them); others (evaluation ΔWs, kept until the parameters change;
+        other devices) are copied out."""
         shapes = {n: list(self._targets[n].weight.shape) for n in names}
         biased = [n for n in names if n in self._bias_deltas]
         # Δb: the norm's has W0's shape, Full's diff_b is (out,).
         bias_shapes = {n: shapes[n] if is_norm_layer(self._targets[n]) else shapes[n][:1] for n in biased}
+        device = _common_device([self._targets[n].weight for n in names])
+        in_place = keep_tapes and (device is None or device.type == "cpu")
         self.arena.begin()
         self.arena.plan([_numel(shape) * 4 for shape in shapes.values()] + [_numel(shape) * 4 for shape in bias_shapes.values()])
-        params = {"modules": names, "grad": keep_tapes,
-                  "outputs": {n: self.arena.reserve(shapes[n], torch.float32) for n in names}}
+
+        def outputs(shapes_of: dict[str, list[int]]) -> dict[str, tuple[dict, torch.Tensor | None]]:
+            if in_place:
+                return {n: self.arena.output(shape, torch.float32) for n, shape in shapes_of.items()}
+            return {n: (self.arena.reserve(shape, torch.float32), None) for n, shape in shapes_of.items()}
+
+        weight_outputs, bias_outputs = outputs(shapes), outputs(bias_shapes)
+        params = {"modules": names, "grad": keep_tapes, "outputs": {n: spec for n, (spec, _) in weight_outputs.items()}}
         if biased:
-            params["bias_outputs"] = {n: self.arena.reserve(bias_shapes[n], torch.float32) for n in biased}
+            params["bias_outputs"] = {n: spec for n, (spec, _) in bias_outputs.items()}
         results = self.server.call("delta_weight", params)["results"]
+        if in_place:
+            return {item["module"]: ((weight_outputs[item["module"]][1],)
+                                     + ((bias_outputs[item["module"]][1],) if "delta_bias" in item else ()), item.get("tape"))
+                    for item in results}
         parts = [[item["delta_weight"]] + ([item["delta_bias"]] if "delta_bias" in item else []) for item in results]
-        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors],
-                                          _common_device([self._targets[n].weight for n in names])))
+        taken = iter(self.arena.take_many([d for descriptors in parts for d in descriptors], device))
         return {item["module"]: (tuple(next(taken) for _ in descriptors), item.get("tape"))
                 for item, descriptors in zip(results, parts)}
 

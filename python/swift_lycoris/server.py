@@ -107,6 +107,46 @@ def _forward_stderr(stream, tail: collections.deque) -> None:
         log.info("%s", line)
 
 
+class Slot(int):
+    """An integer a :class:`RequestTemplate` fills in at each call (its value: the slot's
+    position among the values)."""
+
+
+class RequestTemplate:
+    """A request encoded once: JSON text with the id and every :class:`Slot` left as
+    ``%d``, so that a call formats integers into it instead of encoding a dict (the per-call
+    path of a layer sends the same request with new offsets and tapes)."""
+
+    _MARK = "\x00slot%d\x00"
+
+    def __init__(self, method: str, params: dict):
+        def mark(value):
+            if isinstance(value, Slot):
+                return self._MARK % int(value)
+            if isinstance(value, dict):
+                return {k: mark(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [mark(v) for v in value]
+            return value
+
+        text = json.dumps({"jsonrpc": "2.0", "id": "\x00id\x00", "method": method, "params": mark(params)},
+                          separators=(",", ":")).replace("%", "%%")
+        # Slots in the order they appear in the text, the id first.
+        marks = [(text.index('"\\u0000id\\u0000"'), -1)]
+        index = 0
+        while ('"\\u0000slot%d\\u0000"' % index) in text:
+            marks.append((text.index('"\\u0000slot%d\\u0000"' % index), index))
+            index += 1
+        self._order = [slot for _, slot in sorted(marks)]
+        text = text.replace('"\\u0000id\\u0000"', "%d")
+        for slot in range(index):
+            text = text.replace('"\\u0000slot%d\\u0000"' % slot, "%d")
+        self._text = text + "\n"
+
+    def fill(self, request_id: int, values) -> bytes:
+        return (self._text % tuple(request_id if slot < 0 else values[slot] for slot in self._order)).encode()
+
+
 class Server:
     """One running lycoris-server, owned by this object (it ends with :meth:`close`)."""
 
@@ -129,6 +169,9 @@ class Server:
         )
         self._ids = itertools.count(1)
         self._buffer = bytearray()
+        self._queued = b""
+        self._stdin, self._stdout = self._process.stdin.fileno(), self._process.stdout.fileno()
+        os.set_blocking(self._stdout, False)
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         # The thread holds the stream and the tail, not this object, so an unused Server can
         # be collected (and its process ended by __del__).
@@ -151,54 +194,82 @@ class Server:
         return ServerDied(f"lycoris-server exited with status {self._process.returncode}; its last stderr lines:\n{tail}")
 
     def call(self, method: str, params: dict | None = None):
-        """Sends one request and returns its result (raises ServerError / ServerDied)."""
+        """Sends one request (after any queued notifications, in the same write) and returns
+        its result (raises ServerError / ServerDied)."""
+        request = {"jsonrpc": "2.0", "id": 0, "method": method}
+        if params is not None:
+            request["params"] = params
         with self._lock:
-            if self._process.poll() is not None:
-                raise self._died()
-            request = {"jsonrpc": "2.0", "id": next(self._ids), "method": method}
-            if params is not None:
-                request["params"] = params
-            self._write(request)
-            line = self._read_line()
+            request["id"] = next(self._ids)
+            line = self._exchange(json.dumps(request, separators=(",", ":")).encode() + b"\n")
+        return self._result(method, line)
+
+    def call_encoded(self, method: str, template: "RequestTemplate", *values: int):
+        """:meth:`call` with a request encoded once (:class:`RequestTemplate`): `values` fill
+        its integer slots, in order."""
+        with self._lock:
+            line = self._exchange(template.fill(next(self._ids), values))
+        return self._result(method, line)
+
+    @staticmethod
+    def _result(method: str, line: bytes):
         response = json.loads(line)
         if "error" in response:
             raise ServerError(method, response["error"])
         return response.get("result")
 
     def notify(self, method: str, params: dict | None = None) -> None:
-        """Sends a notification (no response is sent back, none is awaited)."""
+        """Sends a notification now (no response is sent back, none is awaited)."""
+        message = {"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})}
         with self._lock:
-            if self._process.poll() is not None:
-                raise self._died()
-            self._write({"jsonrpc": "2.0", "method": method, **({"params": params} if params is not None else {})})
+            self._send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
-    def _write(self, message: dict) -> None:
-        data = memoryview(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+    def queue_encoded(self, notification: bytes) -> None:
+        """A notification (one JSON text and its newline, encoded) sent with the next
+        request, in the same write: one system call and one wake-up of the server fewer than
+        :meth:`notify`; the server handles it first."""
+        with self._lock:
+            self._queued += notification
+
+    def _exchange(self, request: bytes) -> bytes:
+        """Writes the queued notifications and `request` in one write; the response line."""
+        self._send(request)
+        return self._read_line()
+
+    def _send(self, message: bytes) -> None:
+        """Writes the queued notifications and `message` (a dead server: ServerDied, as the
+        pipe is broken)."""
+        data = memoryview(self._queued + message if self._queued else message)
+        self._queued = b""
         try:
             while data:
-                written = os.write(self._process.stdin.fileno(), data)
+                written = os.write(self._stdin, data)
                 data = data[written:]
         except (BrokenPipeError, OSError):
             raise self._died() from None
 
     def _read_line(self) -> bytes:
-        """The next response line, read with os.read into our own buffer (select with a
-        1 s timeout between reads, so a dead server is noticed promptly)."""
-        fd = self._process.stdout.fileno()
+        """The next response line, read with os.read into our own buffer. The pipe is
+        non-blocking: the answer is usually there when the write returns (the server ran
+        meanwhile); else select with a 1 s timeout between reads, so a dead server is noticed
+        promptly."""
+        fd = self._stdout
         while True:
             newline = self._buffer.find(b"\n")
             if newline >= 0:
                 line = bytes(self._buffer[:newline])
                 del self._buffer[: newline + 1]
                 return line
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if ready:
+            try:
                 chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    raise self._died()
-                self._buffer += chunk
-            elif self._process.poll() is not None:
+            except BlockingIOError:
+                ready, _, _ = select.select([fd], [], [], 1.0)
+                if not ready and self._process.poll() is not None:
+                    raise self._died() from None
+                continue
+            if not chunk:
                 raise self._died()
+            self._buffer += chunk
 
     @property
     def pid(self) -> int:

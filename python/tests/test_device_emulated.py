@@ -52,13 +52,17 @@ class CallLog:
 
     def __init__(self, network):
         self.methods: list[str] = []
-        server, original = network.server, network.server.call
+        server, original, encoded = network.server, network.server.call, network.server.call_encoded
 
         def call(method, params=None):
             self.methods.append(method)
             return original(method, params)
 
-        server.call = call
+        def call_encoded(method, template, *values):  # the per-call path's forward/backward
+            self.methods.append(method)
+            return encoded(method, template, *values)
+
+        server.call, server.call_encoded = call, call_encoded
 
     def count(self, method: str) -> int:
         return self.methods.count(method)

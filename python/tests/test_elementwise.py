@@ -8,6 +8,8 @@ adapted layer took the elementwise transfer, no ΔW was fetched).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,9 +23,10 @@ def _record_calls(network):
     calls = []
     checked = network._checked_call
 
-    def recording(method, params):
-        calls.append((method, params))
-        return checked(method, params)
+    def recording(method, params, *values):
+        # A per-call request comes as a RequestTemplate and the integers it is filled with.
+        calls.append((method, params if isinstance(params, dict) else json.loads(params.fill(0, values))["params"]))
+        return checked(method, params, *values)
 
     network._checked_call = recording
     return calls

@@ -5,6 +5,7 @@ and tapes (kept only when a backward can come)."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import signal
@@ -57,16 +58,23 @@ def _process_gone(pid: int) -> bool:
 
 
 class _CallSpy:
-    """Wraps Server.call on one instance and records (method, params, result)."""
+    """Wraps Server.call and call_encoded on one instance and records (method, params,
+    result); an encoded request's params are decoded from its text."""
 
     def __init__(self, server):
         self.calls = []
-        self._call = server.call
+        self._call, self._call_encoded = server.call, server.call_encoded
         server.call = self
+        server.call_encoded = self.encoded
 
     def __call__(self, method, params=None):
         result = self._call(method, params)
         self.calls.append((method, params, result))
+        return result
+
+    def encoded(self, method, template, *values):
+        result = self._call_encoded(method, template, *values)
+        self.calls.append((method, json.loads(template.fill(0, values))["params"], result))
         return result
 
     def tapes_made(self):

@@ -29,7 +29,7 @@ def _step(model, network):
     """One training step's forward + backward; the methods the client called."""
     methods = []
     checked = network._checked_call
-    network._checked_call = lambda method, params: (methods.append(method), checked(method, params))[1]
+    network._checked_call = lambda method, params, *values: (methods.append(method), checked(method, params, *values))[1]
     server_call = network.server.call
     network.server.call = lambda method, params=None: (methods.append(method), server_call(method, params))[1]
     try:
@@ -44,17 +44,17 @@ def test_the_choice_follows_injected_costs(caplog):
     model, network = _network()
     (name,) = network.modules_info
     try:
-        # Free round trips: activations cost 4·256 copies, weights 4·4096 → activations.
+        # Free round trips: activations cost 3·256 copies, weights 3·4096 → activations.
         network.transfer_costs = calibration.TransferCosts(round_trip=0.0, copy=1e-9, multiply_add=1e-12)
         with caplog.at_level(logging.DEBUG, logger="swift_lycoris"):
             methods = _step(model, network)
         assert "forward" in methods and "delta_weight" not in methods
         assert network.modules_info[name]["transfer"] == "activations"
         costs = network.modules_info[name]["transfer_costs_ms"]
-        assert math.isclose(costs["activations"], 4 * 256 * 1e-9 * 1e3)
-        assert math.isclose(costs["weights"], 4 * 4096 * 1e-9 * 1e3)
+        assert math.isclose(costs["activations"], 3 * 256 * 1e-9 * 1e3)
+        assert math.isclose(costs["weights"], 3 * 4096 * 1e-9 * 1e3)
         assert any(f"{name} takes the activations transfer" in r.getMessage() for r in caplog.records)
-        # A round trip of 1 ms outweighs 4·(4096 − 256) ns of copies → weights.
+        # A round trip of 1 ms outweighs 3·(4096 − 256) ns of copies → weights.
         network.transfer_costs = calibration.TransferCosts(round_trip=1e-3, copy=1e-9, multiply_add=1e-12)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="swift_lycoris"):
@@ -81,7 +81,7 @@ def test_the_server_multiply_adds_count_without_a_factor_path():
         _step(model, network)
         assert network.modules_info[name]["transfer"] == "weights"
         assert math.isclose(network.modules_info[name]["transfer_costs_ms"]["activations"],
-                            (4 * 256 * 1e-9 + 2 * TOKENS * 4096 * 1e-9) * 1e3)
+                            (3 * 256 * 1e-9 + 2 * TOKENS * 4096 * 1e-9) * 1e3)
     finally:
         network.close()
 

@@ -30,12 +30,17 @@ class _MethodCounter:
 
     def __init__(self, network):
         self.counts: dict[str, int] = {}
-        self._call = network.server.call
+        self._call, self._call_encoded = network.server.call, network.server.call_encoded
         network.server.call = self
+        network.server.call_encoded = self.encoded
 
     def __call__(self, method, params=None):
         self.counts[method] = self.counts.get(method, 0) + 1
         return self._call(method, params)
+
+    def encoded(self, method, template, *values):
+        self.counts[method] = self.counts.get(method, 0) + 1
+        return self._call_encoded(method, template, *values)
 
     def take(self) -> dict[str, int]:
         counts, self.counts = self.counts, {}
