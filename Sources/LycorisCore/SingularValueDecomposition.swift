@@ -33,60 +33,54 @@ public struct LAPACKError: Error, CustomStringConvertible, Sendable {
     public var description: String { "\(routine) failed with info \(info)\(info > 0 ? " (no convergence)" : " (bad argument)")" }
 }
 
+/// LAPACK's `?gesdd_` over its element type (`sgesdd_` for Float, `dgesdd_` for Double):
+/// jobz, m, n, a, lda, s, u, ldu, vt, ldvt, work, lwork, iwork, info, jobz's hidden length.
+private typealias DivideAndConquerSVD<T> = (UnsafePointer<CChar>?, UnsafePointer<Int32>?, UnsafePointer<Int32>?,
+                                    UnsafeMutablePointer<T>?, UnsafePointer<Int32>?, UnsafeMutablePointer<T>?,
+                                    UnsafeMutablePointer<T>?, UnsafePointer<Int32>?, UnsafeMutablePointer<T>?,
+                                    UnsafePointer<Int32>?, UnsafeMutablePointer<T>?, UnsafePointer<Int32>?,
+                                    UnsafeMutablePointer<Int32>?, UnsafeMutablePointer<Int32>?, Int) -> Void
+
 extension Tensor {
-    /// The exact thin SVD by LAPACK `sgesdd` (divide and conquer). LAPACK is column-major,
-    /// so the row-major (m, n) buffer is passed as the column-major (n, m) matrix Aᵀ =
-    /// V·S·Uᵀ: its left factor, read row-major, is Vt (k, n) and its right factor is U (m, k).
+    /// The exact thin SVD by LAPACK `sgesdd` (divide and conquer).
     public func singularValueDecomposition() throws -> SingularValueDecomposition {
-        precondition(rank == 2, "an SVD needs a matrix, not shape \(shape)")
-        let (m, n) = (shape[0], shape[1]), k = Swift.min(m, n)
-        var a = scalars
-        var s = [Float](repeating: 0, count: k)
-        var left = [Float](repeating: 0, count: n * k)    // column-major (n, k): Vt row-major
-        var right = [Float](repeating: 0, count: k * m)   // column-major (k, m): U row-major
-        var (rows, columns, lda, ldu, ldvt) = (Int32(n), Int32(m), Int32(n), Int32(n), Int32(k))
-        var iwork = [Int32](repeating: 0, count: 8 * k)
-        var info: Int32 = 0
-        var query: Float = 0
-        var lwork: Int32 = -1
-        let job = "S"
-        job.withCString { jobz in
-            sgesdd_(jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &query, &lwork, &iwork, &info, 1)
-        }
-        guard info == 0 else { throw LAPACKError(routine: "sgesdd", info: Int(info)) }
-        lwork = Int32(query)
-        var work = [Float](repeating: 0, count: Int(lwork))
-        job.withCString { jobz in
-            sgesdd_(jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &work, &lwork, &iwork, &info, 1)
-        }
-        guard info == 0 else { throw LAPACKError(routine: "sgesdd", info: Int(info)) }
-        return SingularValueDecomposition(u: Tensor(shape: [m, k], scalars: right), s: s, vt: Tensor(shape: [k, n], scalars: left))
+        try Self.thinSVD(scalars, shape: shape, routine: "sgesdd", sgesdd_) { $0 }
     }
 
-    /// The exact thin SVD computed in double precision by LAPACK `dgesdd` (same layout as
-    /// ``singularValueDecomposition()``), rounded to Float at the end: for factors that must
-    /// not carry float32 rounding noise of the decomposition itself (T-LoRA's frozen term).
+    /// The exact thin SVD computed in double precision by LAPACK `dgesdd`, rounded to Float
+    /// at the end: for factors that must not carry float32 rounding noise of the
+    /// decomposition itself (T-LoRA's frozen term).
     public func doublePrecisionSingularValueDecomposition() throws -> SingularValueDecomposition {
-        precondition(rank == 2, "an SVD needs a matrix, not shape \(shape)")
+        try Self.thinSVD(scalars.map(Double.init), shape: shape, routine: "dgesdd", dgesdd_) { $0.map(Float.init) }
+    }
+
+    /// U (m, k), S (k) and Vt (k, n), k = min(m, n), of the row-major (m, n) matrix `a` by
+    /// `gesdd` in T's precision. LAPACK is column-major, so the buffer is passed as the
+    /// column-major (n, m) matrix Aᵀ = V·S·Uᵀ: its left factor, read row-major, is Vt (k, n)
+    /// and its right factor is U (m, k). `float` turns T's results into the Float factors.
+    private static func thinSVD<T: BinaryFloatingPoint>(_ a: [T], shape: [Int], routine: String,
+                                                       _ gesdd: DivideAndConquerSVD<T>,
+                                                       float: ([T]) -> [Float]) throws -> SingularValueDecomposition {
+        precondition(shape.count == 2, "an SVD needs a matrix, not shape \(shape)")
         let (m, n) = (shape[0], shape[1]), k = Swift.min(m, n)
-        var a = scalars.map(Double.init)
-        var s = [Double](repeating: 0, count: k)
-        var left = [Double](repeating: 0, count: n * k)    // column-major (n, k): Vt row-major
-        var right = [Double](repeating: 0, count: k * m)   // column-major (k, m): U row-major
+        var a = a
+        var s = [T](repeating: 0, count: k)
+        var left = [T](repeating: 0, count: n * k)    // column-major (n, k): Vt row-major
+        var right = [T](repeating: 0, count: k * m)   // column-major (k, m): U row-major
         var (rows, columns, lda, ldu, ldvt) = (Int32(n), Int32(m), Int32(n), Int32(n), Int32(k))
         var iwork = [Int32](repeating: 0, count: 8 * k)
         var info: Int32 = 0
-        var query: Double = 0
+        var query: T = 0
         var lwork: Int32 = -1
         var jobz: CChar = 83  // "S": the k leading vectors
-        dgesdd_(&jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &query, &lwork, &iwork, &info, 1)
-        guard info == 0 else { throw LAPACKError(routine: "dgesdd", info: Int(info)) }
+        gesdd(&jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &query, &lwork, &iwork, &info, 1)
+        guard info == 0 else { throw LAPACKError(routine: routine, info: Int(info)) }
         lwork = Int32(query)
-        var work = [Double](repeating: 0, count: Int(lwork))
-        dgesdd_(&jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &work, &lwork, &iwork, &info, 1)
-        guard info == 0 else { throw LAPACKError(routine: "dgesdd", info: Int(info)) }
-        return SingularValueDecomposition(u: Tensor(shape: [m, k], scalars: right.map(Float.init)), s: s.map(Float.init),
-                                          vt: Tensor(shape: [k, n], scalars: left.map(Float.init)))
+        var work = [T](repeating: 0, count: Int(lwork))
+        gesdd(&jobz, &rows, &columns, &a, &lda, &s, &left, &ldu, &right, &ldvt, &work, &lwork, &iwork, &info, 1)
+        guard info == 0 else { throw LAPACKError(routine: routine, info: Int(info)) }
+        return SingularValueDecomposition(u: Tensor(shape: [m, k], scalars: float(right)), s: float(s),
+                                          vt: Tensor(shape: [k, n], scalars: float(left)))
     }
 
     /// The leading `rank` singular triplets by a randomised range finder (Halko, Martinsson
