@@ -247,6 +247,19 @@ def significant_delta(adapted: torch.Tensor, base: torch.Tensor, low: float = 1e
     assert ratio > low, f"the adapter barely changes the output (max |Δy| / max |y0| = {ratio:.2e})"
 
 
+def assert_step_matches(ref_model, our_model, lyco_net, network, x, upstream, y0, rtol: float, what: str = ""):
+    """One forward + backward of LyCORIS's adapted model and ours on (x, upstream): the
+    adapter changes the output visibly against the base model's `y0`, and the outputs, ∂x
+    and every parameter gradient agree within `rtol`. Returns our output."""
+    y_ref, gx_ref = run(ref_model, x, upstream)
+    y_our, gx_our = run(our_model, x, upstream)
+    significant_delta(y_ref, y0)
+    assert_rel(y_our, y_ref, rtol, f"{what}output")
+    assert_rel(gx_our, gx_ref, rtol, f"{what}∂x")
+    assert_grads_match(lyco_net, network, rtol, what)
+    return y_our
+
+
 def sgd_step(*networks, lr: float = 0.05) -> None:
     """p ← p − lr·∂p on every parameter of each network that has a gradient (in place:
     version counters move); gradients set to None."""

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from _sl_oracle import assert_grads_match, assert_rel, inputs, make_pair, run, sgd_step, significant_delta, sl
+from _sl_oracle import assert_step_matches, inputs, make_pair, run, sgd_step, sl
 
 RTOL = 1e-4
 
@@ -50,12 +50,7 @@ def test_ia3_elementwise_transfer_matches_lycoris(options, side):
         y0, _ = run(base, x)
         for step in range(2):
             calls.clear()
-            y_ref, gx_ref = run(ref_model, x, upstream)
-            y_our, gx_our = run(our_model, x, upstream)
-            significant_delta(y_ref, y0)
-            assert_rel(y_our, y_ref, RTOL, f"step {step} output")
-            assert_rel(gx_our, gx_ref, RTOL, f"step {step} ∂x")
-            assert_grads_match(lyco, ours, RTOL, f"step {step} ")
+            assert_step_matches(ref_model, our_model, lyco, ours, x, upstream, y0, RTOL, f"step {step} ")
             forwards = [params for method, params in calls if method == "forward"]
             assert len(forwards) == len(ours.modules_info), [m for m, _ in calls]
             assert all(call.get("elementwise") for params in forwards for call in params["calls"])

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from _sl_oracle import (
-    MODULE_NAMES, assert_checkpointing_matches, assert_grads_match, assert_rel, base_model, copy_lycoris_into_ours,
-    inputs, lycoris, lycoris_gradients, make_pair, our_parameters, randomize_lycoris, randomize_ours, run,
-    significant_delta, sl,
+    MODULE_NAMES, assert_checkpointing_matches, assert_grads_match, assert_rel, assert_step_matches, base_model,
+    copy_lycoris_into_ours, inputs, lycoris, lycoris_gradients, make_pair, our_parameters, randomize_lycoris,
+    randomize_ours, run, significant_delta, sl,
 )
 
 RTOL = 1e-4
@@ -94,13 +94,8 @@ def test_parity_with_lycoris(algo, options, transfer):
         assert set(ours.adapters.keys()) == MODULE_NAMES
         x, upstream = inputs()
         y0, _ = run(base, x)
-        y_ref, gx_ref = run(ref_model, x, upstream)
-        y_our, gx_our = run(our_model, x, upstream)
-        significant_delta(y_ref, y0)
+        y_our = assert_step_matches(ref_model, our_model, lyco, ours, x, upstream, y0, RTOL)
         assert y_our.dtype == torch.float32
-        assert_rel(y_our, y_ref, RTOL, "output")
-        assert_rel(gx_our, gx_ref, RTOL, "∂x")
-        assert_grads_match(lyco, ours, RTOL)
     finally:
         _close(ours)
 
