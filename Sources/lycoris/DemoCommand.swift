@@ -14,12 +14,12 @@ struct DemoCommand: ParsableCommand {
 
     @Option(help: "Algorithm: \(Self.algorithmNames.joined(separator: ", ")) (the names of `make demo ALGO=`, the kohya module and the server).")
     var algo: String = "loha"
-    @Option(help: "Training steps.") var steps: Int = 300
-    @Option(help: "Learning rate.") var learningRate: Float = 1e-2
+    @Option(parsing: .unconditional, help: "Training steps.") var steps: Int = 300
+    @Option(parsing: .unconditional, help: "Learning rate.") var learningRate: Float = 1e-2
     @Option(help: "Output file (`make demo` writes demo-adapter.safetensors; this one differs so neither overwrites the other).")
     var out: String = "lycoris-demo-adapter.safetensors"
     @Option(help: "Random seed.") var seed: UInt64 = 0
-    @Option(help: "OpenBLAS threads.") var threads: Int = 2
+    @Option(parsing: .unconditional, help: "OpenBLAS threads.") var threads: Int = 2
 
     /// The algorithm names accepted: the server's and the kohya module's (`lora` is LoCon,
     /// `norm` the norm adapter).
@@ -39,6 +39,10 @@ struct DemoCommand: ParsableCommand {
             throw ValidationError("unknown algorithm '\(algo)'; choose one of \(Self.algorithmNames.joined(separator: ", "))")
         }
         guard steps > 0 else { throw ValidationError("--steps must be positive, got \(steps)") }
+        guard learningRate > 0, learningRate.isFinite else {
+            throw ValidationError("--learning-rate must be a positive number, got \(learningRate)")
+        }
+        guard threads > 0 else { throw ValidationError("--threads must be at least 1, got \(threads)") }
     }
 
     /// The toy model's norm layers, which only the norm algorithm adapts (as LyCORIS's

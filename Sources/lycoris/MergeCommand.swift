@@ -31,7 +31,7 @@ struct MergeCommand: ParsableCommand {
     @Option(help: ArgumentHelp("An adapter file, with its multiplier after a colon (FILE:0.8); repeat for several.",
                                valueName: "file[:multiplier]")) var adapter: [String]
     @Option(help: "Where to write the merged checkpoint (a new folder for a diffusers input).") var out: String
-    @Option(help: "The multiplier of adapters given without one.") var multiplier: Float = 1
+    @Option(parsing: .unconditional, help: "The multiplier of adapters given without one.") var multiplier: Float = 1
     @Option(help: "Store every float tensor as this dtype (f32, f16, bf16); default: as in the input.") var dtype: DType?
     @Option(help: "The model family (sd1, sd2, sdxl) instead of detecting it from the keys.") var modelType: ModelFamily?
     @Flag(help: "Write nothing and fail when an adapter module matches no layer or cannot be merged.") var strict = false

@@ -127,6 +127,10 @@ struct CommandLineTests {
         #expect(ok.status == 0, "\(ok.stderr)")
         #expect(ok.stdout.contains("merged 5 modules"))
         #expect(FileManager.default.fileExists(atPath: out))
+        // A negative multiplier (subtracting an adapter) is a value, not an option name.
+        let negative = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("loha"),
+                                     "--out", out, "--multiplier", "-0.5"])
+        #expect(negative.status == 0 && negative.stdout.contains("merged 5 modules"), "\(negative.stderr)")
         // The norms file's LayerNorm module merges into the norm's weight and bias.
         let norms = try Self.run(["merge", "--base", Self.networkFile("base"), "--adapter", Self.networkFile("norms"),
                                   "--out", out, "--strict"])
@@ -232,6 +236,16 @@ struct CommandLineTests {
         #expect(lines.dropFirst().first?.hasPrefix("Usage: lycoris demo [--algo <algo>]") == true, "\(result.stderr)")
         let steps = try Self.run(["demo", "--steps", "0"])
         #expect(steps.status == 64 && steps.stderr.contains("Error: --steps must be positive, got 0") && steps.stderr.contains("Usage: lycoris demo"))
+    }
+
+    @Test("a negative number is read as the option's value, so the validation names it (not 'Missing value')",
+          arguments: [(["--steps", "-1"], "Error: --steps must be positive, got -1"),
+                      (["--learning-rate", "-0.5"], "Error: --learning-rate must be a positive number, got -0.5"),
+                      (["--threads", "-2"], "Error: --threads must be at least 1, got -2")])
+    func negativeNumbers(_ arguments: [String], _ message: String) throws {
+        let result = try Self.run(["demo"] + arguments)
+        #expect(result.status == 64)
+        #expect(result.stderr.split(separator: "\n").first.map(String.init) == message, "\(result.stderr)")
     }
 
     @Test("demo takes the names of make demo ALGO=, the kohya module and the server: lora, norm", arguments: ["lora", "NORM", "dylora"])
