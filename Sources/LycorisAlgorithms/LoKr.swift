@@ -221,58 +221,67 @@ public struct LoKr: MultiplierInFactors {
         }
     }
 
-    /// The first half of Δ(x), never building kron(W1, W2): Z = op₂(x viewed as
-    /// (n·in_m, in_n, …), W2) → (n, in_m, out_k·P), returned as (in_m, n·out_k·P) with the
-    /// grouped input (both kept for the backward pass).
-    private func kroneckerInner(_ x: Tensor, w2: Tensor) -> (groupedInput: Tensor, z: Tensor) {
-        let inM = w1Shape[1]
-        let rows = x.shape[0]
-        let grouped = x.reshaped([-1, w2Shape[1]] + (layer.isConvolution ? Array(x.shape[2...]) : []))
-        let z = innerOp.apply(grouped, weight: w2)
-        let width = z.count / (rows * inM)
-        return (grouped, z.reshaped([rows, inM, width]).permuted([1, 0, 2]).reshaped([inM, rows * width]))
+    /// W1 across the groups of a convolution's output: per sample, (in_m, out_k·P) →
+    /// (out_l, out_k·P), a pointwise conv1d over the sample's (in_m, out_k·P) view.
+    private var groupMixing: LayerSpec {
+        .convolution(ConvGeometry(inChannels: w1Shape[1], outChannels: w1Shape[0], kernelSize: [1]))
     }
 
-    /// m·Δ(x) = Y[n, a, (b, p)] = Σ_m W1'[a, m]·Z[n, m, (b, p)] with W1' = m·s·σ·W1 (the
-    /// scale rides on the small factor, not on the activation), Z from ``kroneckerInner``.
+    /// What Z = op₂(grouped x, W2) depends on besides x: W2's factors.
+    private var stageKey: [Tensor] {
+        ["lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"].compactMap { parameters[$0] }
+    }
+
+    /// A convolution's input x (N, in_m·in_n, …) as (N·in_m, in_n, …): W2's op per group.
+    private func grouped(_ x: Tensor) -> Tensor { x.reshaped([-1, w2Shape[1]] + Array(x.shape[2...])) }
+
+    /// m·Δ(x) with W1' = m·s·σ·W1 (the scale rides on the small factor, not on the
+    /// activation). Linear: ``KroneckerRows`` (each row viewed as X (in_m, in_n) maps to
+    /// vec(W1'·X·W2ᵀ)). Convolution: Z = op₂(x as (N·in_m, in_n, …), W2), viewed as
+    /// (N, in_m, out_k·P), then Y[n] = W1'·Z[n] (N, out_l·out_k, P) — no transposes; Z stays
+    /// on the step's tape for the backward.
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
         guard hasBypassPath else { return try weightPathForward(x, multiplier: m, context) }
-        let input = x.reshaped(rowsFirst(x))
-        let (rows, outL) = (input.shape[0], w1Shape[0])
-        let zm = kroneckerInner(input, w2: w2).z
-        let width = zm.count / (rows * w1Shape[1])
-        let y = Tensor.matmul(w1 * (m * scale * parameters.scalar), zm).reshaped([outL, rows, width]).permuted([1, 0, 2])
-        return y.reshaped(layer.outputShape(forInput: x.shape))
+        let scaledW1 = w1 * (m * scale * parameters.scalar)
+        guard layer.isConvolution else {
+            return KroneckerRows.forward(x.reshaped([-1, x.shape[x.rank - 1]]), w1: scaledW1, w2: w2.flattenedToMatrix())
+                .reshaped(layer.outputShape(forInput: x.shape))
+        }
+        let z = innerOp.apply(grouped(x), weight: w2)
+        context.stageCache.store([z], for: [x] + stageKey)
+        return groupMixing.apply(z.reshaped([x.shape[0], w1Shape[1], -1]), weight: scaledW1.reshaped(w1Shape + [1]))
+            .reshaped(layer.outputShape(forInput: x.shape))
     }
 
-    /// With W1' = m·s·σ·W1 and ∂Y as (out_l, n·out_k·P): ∂W1' = ∂Y·Zᵀ, ∂W1 = m·s·σ·∂W1',
-    /// ∂Z = W1'ᵀ·∂Y, then W2's op backward; ∂σ = m·s·⟨∂Y, W1·Z⟩ = m·s·⟨∂W1', W1⟩.
+    /// With W1' = m·s·σ·W1: ∂W1 = m·s·σ·∂W1', ∂σ = m·s·⟨∂W1', W1⟩. Linear: ``KroneckerRows``'s
+    /// backward. Convolution, with ∂Y (N, out_l, out_k·P): ∂W1' = Σₙ ∂Y[n]·Z[n]ᵀ (Z from the
+    /// forward's tape, or computed again), ∂Z[n] = W1'ᵀ·∂Y[n], then W2's op backward.
     public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
                                          _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
         guard hasBypassPath else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let (w1, w2) = (w1, w2)
-        let (outL, inM) = (w1Shape[0], w1Shape[1])
-        let input = x.reshaped(rowsFirst(x))
-        let rows = input.shape[0]
-        let (grouped, zm) = kroneckerInner(input, w2: w2)
-        let width = zm.count / (rows * inM)
         let factor = m * scale * parameters.scalar
-        let gy = gradOutput.reshaped([rows, outL, width]).permuted([1, 0, 2]).reshaped([outL, rows * width])
-        let gradScaledW1 = Tensor.matmul(gy, zm, transposeB: true)
-        let gz = Tensor.matmul(w1 * factor, transposeA: true, gy).reshaped([inM, rows, width]).permuted([1, 0, 2])
-        let gradZ = gz.reshaped(innerOp.outputShape(forInput: grouped.shape))
-        let gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ).reshaped(w2.shape)
-        let gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
+        let scaledW1 = w1 * factor
+        let gradInput: Tensor, gradScaledW1: Tensor, gradW2: Tensor
+        if layer.isConvolution {
+            let grouped = grouped(x)
+            let z = context.stageCache.stageInputs(for: [x] + stageKey)?[0] ?? innerOp.apply(grouped, weight: w2)
+            let (zs, gys) = (z.reshaped([x.shape[0], w1Shape[1], -1]), gradOutput.reshaped([x.shape[0], w1Shape[0], -1]))
+            gradScaledW1 = groupMixing.backwardWeight(zs, gradOutput: gys).reshaped(w1Shape)
+            let gradZ = groupMixing.backwardInput(gys, weight: scaledW1.reshaped(w1Shape + [1]), inputShape: zs.shape)
+                .reshaped(z.shape)
+            gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ)
+            gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
+        } else {
+            let rows = x.reshaped([-1, x.shape[x.rank - 1]])
+            let back = KroneckerRows.backward(rows, gradOutput: gradOutput.reshaped([rows.shape[0], -1]),
+                                              w1: scaledW1, w2: w2.flattenedToMatrix())
+            (gradInput, gradScaledW1, gradW2) = (back.input.reshaped(x.shape), back.w1, back.w2)
+        }
         var grads = ParameterSet(factorGradients(TensorAlgebra(), Factors(parameters), gradW1: gradScaledW1 * factor,
-                                                 gradW2: gradW2))
+                                                 gradW2: gradW2.reshaped(w2.shape)))
         if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledW1.dot(w1)) }
         return (gradInput, grads)
-    }
-
-    /// x with its leading axes merged into one row axis for linear inputs (…, in);
-    /// conv inputs (N, C, spatial…) are kept.
-    private func rowsFirst(_ x: Tensor) -> [Int] {
-        layer.isConvolution ? x.shape : [-1, x.shape[x.rank - 1]]
     }
 
     public func savedTensors() -> [SavedTensor] {
