@@ -271,7 +271,7 @@ public struct LoKr: MultiplierInFactors {
             let gradZ = groupMixing.backwardInput(gys, weight: scaledW1.reshaped(w1Shape + [1]), inputShape: zs.shape)
                 .reshaped(z.shape)
             gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ)
-            gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
+            gradInput = innerBackwardInput(gradZ, w2: w2, inputShape: grouped.shape).reshaped(x.shape)
         } else {
             let rows = x.reshaped([-1, x.shape[x.rank - 1]])
             let back = KroneckerRows.backward(rows, gradOutput: gradOutput.reshaped([rows.shape[0], -1]),
@@ -282,6 +282,16 @@ public struct LoKr: MultiplierInFactors {
                                                  gradW2: gradW2.reshaped(w2.shape)))
         if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledW1.dot(w1)) }
         return (gradInput, grads)
+    }
+
+    /// ∂(grouped x) of W2's op: a forward convolution with W2's kernel flipped where the
+    /// convolution has stride 1 (no col2im), else the op's backward.
+    private func innerBackwardInput(_ gradZ: Tensor, w2: Tensor, inputShape: [Int]) -> Tensor {
+        if case let .convolution(geometry) = innerOp,
+           let gradInput = Convolution.backwardInputByFlippedKernel(gradZ, weight: w2, geometry: geometry, inputShape: inputShape) {
+            return gradInput
+        }
+        return innerOp.backwardInput(gradZ, weight: w2, inputShape: inputShape)
     }
 
     public func savedTensors() -> [SavedTensor] {
