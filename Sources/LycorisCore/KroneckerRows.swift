@@ -18,7 +18,7 @@ public enum KroneckerRows {
     struct Problem {
         let rows: Int, a: Int, m: Int, b: Int, c: Int
         /// Rows per block: the largest B whose GEMMs stay under OpenBLAS's single-thread
-        /// limit (m·n·k ≤ 2¹⁸, its `GEMM_MULTITHREAD_THRESHOLD` default), at least 1.
+        /// limit (m·n·k ≤ 2¹⁸, from its `GEMM_MULTITHREAD_THRESHOLD` default), at least 1.
         let blockRows: Int
 
         init(_ x: Tensor, _ w1: Tensor, _ w2: Tensor) {
@@ -26,14 +26,22 @@ public enum KroneckerRows {
             (a, m, b, c) = (w1.shape[0], w1.shape[1], w2.shape[0], w2.shape[1])
             precondition(x.shape[1] == m * c, "KroneckerRows: row width \(x.shape[1]) is not \(m)·\(c)")
             rows = x.shape[0]
-            // Per block row, the largest GEMM's m·n·k: Z (m·b·c) or W1·Zᵗ (a·m·b).
-            let perRow = Swift.max(m * b * c, a * m * b, 1)
-            blockRows = Swift.max(1, Swift.min(rows, (1 << 18) / perRow))
+            perRow = Swift.max(m * b * c, a * m * b, 1)
+            blockRows = Swift.max(1, Swift.min(rows, Self.singleThreadLimit / perRow))
         }
+
+        /// The largest GEMM's m·n·k per block row: Z (m·b·c) or W1·Zᵗ (a·m·b).
+        private let perRow: Int
+        /// OpenBLAS runs a GEMM on the calling thread up to this m·n·k.
+        static let singleThreadLimit = 1 << 18
 
         var blocks: Int { (rows + blockRows - 1) / blockRows }
         func rowRange(_ block: Int) -> Range<Int> { block * blockRows..<Swift.min(rows, (block + 1) * blockRows) }
-        var workers: Int { ParallelRanges.workers(count: blocks, workPerItem: blockRows * (m * c + a * b)) }
+        /// One worker when even a one-row block's GEMMs exceed the single-thread limit:
+        /// OpenBLAS threads those itself.
+        var workers: Int {
+            perRow > Self.singleThreadLimit ? 1 : ParallelRanges.workers(count: blocks, workPerItem: blockRows * (m * c + a * b))
+        }
         /// Floats of one block's scratch matrix: the larger of (B, m·b) and (B, a·b).
         var scratchCount: Int { blockRows * b * Swift.max(m, a) }
     }

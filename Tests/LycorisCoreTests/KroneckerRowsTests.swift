@@ -3,8 +3,9 @@ import Testing
 
 /// `KroneckerRows` against the definition y[r, i·b + j] = Σ_{l,k} W1[i, l]·W2[j, k]·x[r, l·c + k]
 /// (Y = X·kron(W1, W2)ᵀ) and its gradients, summed in Double: shapes with one row, one
-/// element per factor, rows that leave a partial last block, and enough rows for several
-/// blocks split over the engine's threads.
+/// element per factor, rows that leave a partial last block, enough rows for several
+/// blocks split over the engine's threads, and one-row GEMMs past OpenBLAS's single-thread
+/// limit (one worker).
 @Suite struct KroneckerRowsTests {
     static let tolerance = 1e-5
 
@@ -16,6 +17,7 @@ import Testing
         [3, 1, 7, 2, 5],
         [4000, 3, 5, 7, 4],
         [700, 16, 16, 20, 20],
+        [3, 2, 70, 70, 60],
     ]
 
     /// Y, ∂X, ∂W1 and ∂W2 from the definition, in Double.
