@@ -22,7 +22,8 @@ public enum KroneckerRows {
         let blockRows: Int
 
         init(_ x: Tensor, _ w1: Tensor, _ w2: Tensor) {
-            precondition(w1.rank == 2 && w2.rank == 2 && x.rank == 2, "KroneckerRows needs X, W1, W2 matrices: \(x.shape) \(w1.shape) \(w2.shape)")
+            precondition(w1.rank == 2 && w2.rank == 2 && x.rank == 2,
+                         "KroneckerRows needs X, W1, W2 matrices: \(x.shape) \(w1.shape) \(w2.shape)")
             (a, m, b, c) = (w1.shape[0], w1.shape[1], w2.shape[0], w2.shape[1])
             precondition(x.shape[1] == m * c, "KroneckerRows: row width \(x.shape[1]) is not \(m)·\(c)")
             rows = x.shape[0]
@@ -57,17 +58,19 @@ public enum KroneckerRows {
                     y.scalars.withUnsafeMutableBufferPointer { py in
                         let (x, w1, w2, y) = (px.baseAddress!, pw1.baseAddress!, pw2.baseAddress!, py.baseAddress!)
                         ParallelRanges.run(count: p.blocks, workers: p.workers) { blocks, _ in
-                            Scratch.with(p) { scratch in for block in blocks {
-                                let range = p.rowRange(block)
-                                let n = range.count
-                                scratch.regroupedZ(x + range.lowerBound * p.m * p.c, rows: n, w2: w2, p)
-                                // V (a, n·b) = W1·Zᵗ into the first scratch, then regrouped into Y's rows.
-                                BLAS.sgemm(transposeA: false, transposeB: false, m: p.a, n: n * p.b, k: p.m, alpha: 1,
-                                           a: w1, lda: p.m, b: scratch.second, ldb: n * p.b,
-                                           beta: 0, c: scratch.first, ldc: n * p.b)
-                                swapLeadingAxes(scratch.first, into: y + range.lowerBound * p.a * p.b,
-                                                outer: p.a, inner: n, block: p.b)
-                            } }
+                            Scratch.with(p) { scratch in
+                                for block in blocks {
+                                    let range = p.rowRange(block)
+                                    let n = range.count
+                                    scratch.regroupedZ(x + range.lowerBound * p.m * p.c, rows: n, w2: w2, p)
+                                    // V (a, n·b) = W1·Zᵗ into the first scratch, then regrouped into Y's rows.
+                                    BLAS.sgemm(transposeA: false, transposeB: false, m: p.a, n: n * p.b, k: p.m, alpha: 1,
+                                               a: w1, lda: p.m, b: scratch.second, ldb: n * p.b,
+                                               beta: 0, c: scratch.first, ldc: n * p.b)
+                                    swapLeadingAxes(scratch.first, into: y + range.lowerBound * p.a * p.b,
+                                                    outer: p.a, inner: n, block: p.b)
+                                }
+                            }
                         }
                     }
                 }
@@ -97,29 +100,31 @@ public enum KroneckerRows {
                                 ParallelRanges.run(count: p.blocks, workers: workers) { blocks, worker in
                                     let gw1 = part + worker * partialCount
                                     let gw2 = gw1 + p.a * p.m
-                                    Scratch.with(p) { scratch in for block in blocks {
-                                        let range = p.rowRange(block)
-                                        let n = range.count
-                                        let xBlock = x + range.lowerBound * p.m * p.c
-                                        // ∂Vᵗ (a, n·b) from ∂Y's rows, in the third scratch.
-                                        swapLeadingAxes(gy + range.lowerBound * p.a * p.b, into: scratch.third,
-                                                        outer: n, inner: p.a, block: p.b)
-                                        scratch.regroupedZ(xBlock, rows: n, w2: w2, p)
-                                        BLAS.sgemm(transposeA: false, transposeB: true, m: p.a, n: p.m, k: n * p.b, alpha: 1,
-                                                   a: scratch.third, lda: n * p.b, b: scratch.second, ldb: n * p.b,
-                                                   beta: 1, c: gw1, ldc: p.m)
-                                        // ∂Zᵗ (m, n·b) = W1ᵀ·∂Vᵗ, regrouped into ∂Z (n·m, b).
-                                        BLAS.sgemm(transposeA: true, transposeB: false, m: p.m, n: n * p.b, k: p.a, alpha: 1,
-                                                   a: w1, lda: p.m, b: scratch.third, ldb: n * p.b,
-                                                   beta: 0, c: scratch.second, ldc: n * p.b)
-                                        swapLeadingAxes(scratch.second, into: scratch.first, outer: p.m, inner: n, block: p.b)
-                                        BLAS.sgemm(transposeA: true, transposeB: false, m: p.b, n: p.c, k: n * p.m, alpha: 1,
-                                                   a: scratch.first, lda: p.b, b: xBlock, ldb: p.c,
-                                                   beta: 1, c: gw2, ldc: p.c)
-                                        BLAS.sgemm(transposeA: false, transposeB: false, m: n * p.m, n: p.c, k: p.b, alpha: 1,
-                                                   a: scratch.first, lda: p.b, b: w2, ldb: p.c,
-                                                   beta: 0, c: gx + range.lowerBound * p.m * p.c, ldc: p.c)
-                                    } }
+                                    Scratch.with(p) { scratch in
+                                        for block in blocks {
+                                            let range = p.rowRange(block)
+                                            let n = range.count
+                                            let xBlock = x + range.lowerBound * p.m * p.c
+                                            // ∂Vᵗ (a, n·b) from ∂Y's rows, in the third scratch.
+                                            swapLeadingAxes(gy + range.lowerBound * p.a * p.b, into: scratch.third,
+                                                            outer: n, inner: p.a, block: p.b)
+                                            scratch.regroupedZ(xBlock, rows: n, w2: w2, p)
+                                            BLAS.sgemm(transposeA: false, transposeB: true, m: p.a, n: p.m, k: n * p.b, alpha: 1,
+                                                       a: scratch.third, lda: n * p.b, b: scratch.second, ldb: n * p.b,
+                                                       beta: 1, c: gw1, ldc: p.m)
+                                            // ∂Zᵗ (m, n·b) = W1ᵀ·∂Vᵗ, regrouped into ∂Z (n·m, b).
+                                            BLAS.sgemm(transposeA: true, transposeB: false, m: p.m, n: n * p.b, k: p.a, alpha: 1,
+                                                       a: w1, lda: p.m, b: scratch.third, ldb: n * p.b,
+                                                       beta: 0, c: scratch.second, ldc: n * p.b)
+                                            swapLeadingAxes(scratch.second, into: scratch.first, outer: p.m, inner: n, block: p.b)
+                                            BLAS.sgemm(transposeA: true, transposeB: false, m: p.b, n: p.c, k: n * p.m, alpha: 1,
+                                                       a: scratch.first, lda: p.b, b: xBlock, ldb: p.c,
+                                                       beta: 1, c: gw2, ldc: p.c)
+                                            BLAS.sgemm(transposeA: false, transposeB: false, m: n * p.m, n: p.c, k: p.b, alpha: 1,
+                                                       a: scratch.first, lda: p.b, b: w2, ldb: p.c,
+                                                       beta: 0, c: gx + range.lowerBound * p.m * p.c, ldc: p.c)
+                                        }
+                                    }
                                 }
                             }
                         }
