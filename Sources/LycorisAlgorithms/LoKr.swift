@@ -171,28 +171,26 @@ public struct LoKr: MultiplierInFactors {
     /// Chains ∂W1 and ∂W2 (kernel-shaped) to the stored factors.
     private func factorGradients<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradW1: A.Value,
                                                    gradW2: A.Value) -> [(String, A.Value)] {
-        var grads: [(String, A.Value)] = []
-        if p["lokr_w1"] != nil {
-            grads.append(("lokr_w1", gradW1))
-        } else {
-            let a = p.required("lokr_w1_a"), b = p.required("lokr_w1_b")
-            grads += [("lokr_w1_a", algebra.matmul(gradW1, b, transposeB: true)),
-                      ("lokr_w1_b", algebra.matmul(a, transposeA: true, gradW1))]
+        w1Gradients(algebra, p, gradW1: gradW1) + w2Gradients(algebra, p, gradW2: gradW2)
+    }
+
+    /// ∂W1 (out_l, in_m) chained to `lokr_w1`, or to `lokr_w1_a` and `lokr_w1_b`.
+    private func w1Gradients<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradW1: A.Value) -> [(String, A.Value)] {
+        if p["lokr_w1"] != nil { return [("lokr_w1", gradW1)] }
+        let a = p.required("lokr_w1_a"), b = p.required("lokr_w1_b")
+        return [("lokr_w1_a", algebra.matmul(gradW1, b, transposeB: true)), ("lokr_w1_b", algebra.matmul(a, transposeA: true, gradW1))]
+    }
+
+    /// ∂W2 (kernel-shaped) chained to `lokr_w2`, the Tucker factors, or `lokr_w2_a` and `lokr_w2_b`.
+    private func w2Gradients<A: WeightAlgebra>(_ algebra: A, _ p: Factors<A.Value>, gradW2: A.Value) -> [(String, A.Value)] {
+        if p["lokr_w2"] != nil { return [("lokr_w2", gradW2)] }
+        let a = p.required("lokr_w2_a"), b = p.required("lokr_w2_b")
+        if let core = p["lokr_t2"] {
+            let g = TuckerProduct.backward(algebra, gradW2, core: core, a: a, b: b)
+            return [("lokr_t2", g.core), ("lokr_w2_a", g.a), ("lokr_w2_b", g.b)]
         }
-        if p["lokr_w2"] != nil {
-            grads.append(("lokr_w2", gradW2))
-        } else {
-            let a = p.required("lokr_w2_a"), b = p.required("lokr_w2_b")
-            if let core = p["lokr_t2"] {
-                let g = TuckerProduct.backward(algebra, gradW2, core: core, a: a, b: b)
-                grads += [("lokr_t2", g.core), ("lokr_w2_a", g.a), ("lokr_w2_b", g.b)]
-            } else {
-                let gm = algebra.matrix(gradW2)
-                grads += [("lokr_w2_a", algebra.matmul(gm, b, transposeB: true)),
-                          ("lokr_w2_b", algebra.matmul(a, transposeA: true, gm))]
-            }
-        }
-        return grads
+        let gm = algebra.matrix(gradW2)
+        return [("lokr_w2_a", algebra.matmul(gm, b, transposeB: true)), ("lokr_w2_b", algebra.matmul(a, transposeA: true, gm))]
     }
 
     // MARK: Bypass
@@ -205,11 +203,30 @@ public struct LoKr: MultiplierInFactors {
         return true
     }
 
-    /// W2 on each of the in_m channel groups (in_m·out_k·in_n·K), then W1 across groups
-    /// (out_l·in_m·out_k).
+    /// W2 on each of the in_m channel groups (in_m·out_k·in_n·K, or in_m·r·(in_n·K + out_k)
+    /// through ``w2Split``), then W1 across groups (out_l·in_m·out_k).
     public var bypassCost: Int? {
         guard hasBypassPath else { return nil }
-        return w1Shape[1] * w2Shape[0] * w2Shape[1] * layer.kernelElements + w1Shape[0] * w1Shape[1] * w2Shape[0]
+        return w1Shape[1] * w2OpCost + w1Shape[0] * w1Shape[1] * w2Shape[0]
+    }
+
+    /// Multiply-adds per position of W2's op on one channel group.
+    private var w2OpCost: Int {
+        let full = w2Shape[0] * w2Shape[1] * layer.kernelElements
+        guard layer.isConvolution, parameters["lokr_t2"] == nil, let r = parameters["lokr_w2_b"]?.shape[0] else { return full }
+        return Swift.min(full, r * (w2Shape[1] * layer.kernelElements + w2Shape[0]))
+    }
+
+    /// A convolution's W2 = `lokr_w2_a`·`lokr_w2_b` (no Tucker) applied as its two factors
+    /// when that costs fewer multiply-adds: `lokr_w2_b` as the op with r outputs, then
+    /// `lokr_w2_a` pointwise (a LoCon-shaped chain); nil: W2 applies whole.
+    private var w2Split: OperatorChain? {
+        guard layer.isConvolution, parameters["lokr_t2"] == nil, let a = parameters["lokr_w2_a"], let b = parameters["lokr_w2_b"],
+              w2OpCost < w2Shape[0] * w2Shape[1] * layer.kernelElements else { return nil }
+        let r = b.shape[0]
+        let ones = [Int](repeating: 1, count: layer.kernelSize.count)
+        return OperatorChain.lowRank(innerOp, down: b.reshaped([r, w2Shape[1]] + layer.kernelSize), up: a.reshaped([w2Shape[0], r] + ones),
+                                     rankMask: nil)
     }
 
     /// The op W2 applies to one channel group: in_n → out_k with the layer's geometry.
@@ -221,58 +238,97 @@ public struct LoKr: MultiplierInFactors {
         }
     }
 
-    /// The first half of Δ(x), never building kron(W1, W2): Z = op₂(x viewed as
-    /// (n·in_m, in_n, …), W2) → (n, in_m, out_k·P), returned as (in_m, n·out_k·P) with the
-    /// grouped input (both kept for the backward pass).
-    private func kroneckerInner(_ x: Tensor, w2: Tensor) -> (groupedInput: Tensor, z: Tensor) {
-        let inM = w1Shape[1]
-        let rows = x.shape[0]
-        let grouped = x.reshaped([-1, w2Shape[1]] + (layer.isConvolution ? Array(x.shape[2...]) : []))
-        let z = innerOp.apply(grouped, weight: w2)
-        let width = z.count / (rows * inM)
-        return (grouped, z.reshaped([rows, inM, width]).permuted([1, 0, 2]).reshaped([inM, rows * width]))
+    /// W1 across the groups of a convolution's output: per sample, (in_m, out_k·P) →
+    /// (out_l, out_k·P), a pointwise conv1d over the sample's (in_m, out_k·P) view.
+    private var groupMixing: LayerSpec {
+        .convolution(.pointwise(inChannels: w1Shape[1], outChannels: w1Shape[0], spatialRank: 1))
     }
 
-    /// m·Δ(x) = Y[n, a, (b, p)] = Σ_m W1'[a, m]·Z[n, m, (b, p)] with W1' = m·s·σ·W1 (the
-    /// scale rides on the small factor, not on the activation), Z from ``kroneckerInner``.
+    /// What Z = op₂(grouped x, W2) depends on besides x: W2's factors.
+    private var stageKey: [Tensor] {
+        ["lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"].compactMap { parameters[$0] }
+    }
+
+    /// A convolution's input x (N, in_m·in_n, …) as (N·in_m, in_n, …): W2's op per group.
+    private func grouped(_ x: Tensor) -> Tensor { x.reshaped([-1, w2Shape[1]] + Array(x.shape[2...])) }
+
+    /// m·Δ(x) with W1' = m·s·σ·W1 (the scale rides on the small factor, not on the
+    /// activation). Linear: ``KroneckerRows`` (each row viewed as X (in_m, in_n) maps to
+    /// vec(W1'·X·W2ᵀ)). Convolution: Z = op₂(x as (N·in_m, in_n, …), W2) (through
+    /// ``w2Split`` where cheaper), viewed as (N, in_m, out_k·P), then Y[n] = W1'·Z[n]
+    /// (N, out_l·out_k, P) — no transposes; Z (and the split's stage inputs) stay on the
+    /// step's tape for the backward.
     public func multipliedBypassForward(_ x: Tensor, multiplier m: Float, _ context: DeltaContext) throws -> Tensor {
         guard hasBypassPath else { return try weightPathForward(x, multiplier: m, context) }
-        let input = x.reshaped(rowsFirst(x))
-        let (rows, outL) = (input.shape[0], w1Shape[0])
-        let zm = kroneckerInner(input, w2: w2).z
-        let width = zm.count / (rows * w1Shape[1])
-        let y = Tensor.matmul(w1 * (m * scale * parameters.scalar), zm).reshaped([outL, rows, width]).permuted([1, 0, 2])
-        return y.reshaped(layer.outputShape(forInput: x.shape))
+        let scaledW1 = w1 * (m * scale * parameters.scalar)
+        guard layer.isConvolution else {
+            return KroneckerRows.forward(x.reshaped([-1, x.shape[x.rank - 1]]), w1: scaledW1, w2: w2.flattenedToMatrix())
+                .reshaped(layer.outputShape(forInput: x.shape))
+        }
+        let (z, stageInputs) = w2Split?.forward(grouped(x)) ?? (innerOp.apply(grouped(x), weight: w2), [])
+        context.stageCache.store(stageInputs + [z], for: [x] + stageKey)
+        return groupMixing.apply(z.reshaped([x.shape[0], w1Shape[1], -1]), weight: scaledW1.reshaped(w1Shape + [1]))
+            .reshaped(layer.outputShape(forInput: x.shape))
     }
 
-    /// With W1' = m·s·σ·W1 and ∂Y as (out_l, n·out_k·P): ∂W1' = ∂Y·Zᵀ, ∂W1 = m·s·σ·∂W1',
-    /// ∂Z = W1'ᵀ·∂Y, then W2's op backward; ∂σ = m·s·⟨∂Y, W1·Z⟩ = m·s·⟨∂W1', W1⟩.
+    /// With W1' = m·s·σ·W1: ∂W1 = m·s·σ·∂W1', ∂σ = m·s·⟨∂W1', W1⟩. Linear: ``KroneckerRows``'s
+    /// backward. Convolution, with ∂Y (N, out_l, out_k·P): ∂W1' = Σₙ ∂Y[n]·Z[n]ᵀ (Z from the
+    /// forward's tape, or computed again), ∂Z[n] = W1'ᵀ·∂Y[n], then W2's op backward (the
+    /// split chain's, giving ∂`lokr_w2_a` and ∂`lokr_w2_b` directly).
     public func multipliedBypassBackward(_ x: Tensor, gradOutput: Tensor, multiplier m: Float,
                                          _ context: DeltaContext) throws -> (input: Tensor, parameters: ParameterSet) {
         guard hasBypassPath else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let (w1, w2) = (w1, w2)
-        let (outL, inM) = (w1Shape[0], w1Shape[1])
-        let input = x.reshaped(rowsFirst(x))
-        let rows = input.shape[0]
-        let (grouped, zm) = kroneckerInner(input, w2: w2)
-        let width = zm.count / (rows * inM)
         let factor = m * scale * parameters.scalar
-        let gy = gradOutput.reshaped([rows, outL, width]).permuted([1, 0, 2]).reshaped([outL, rows * width])
-        let gradScaledW1 = Tensor.matmul(gy, zm, transposeB: true)
-        let gz = Tensor.matmul(w1 * factor, transposeA: true, gy).reshaped([inM, rows, width]).permuted([1, 0, 2])
-        let gradZ = gz.reshaped(innerOp.outputShape(forInput: grouped.shape))
-        let gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ).reshaped(w2.shape)
-        let gradInput = innerOp.backwardInput(gradZ, weight: w2, inputShape: grouped.shape).reshaped(x.shape)
-        var grads = ParameterSet(factorGradients(TensorAlgebra(), Factors(parameters), gradW1: gradScaledW1 * factor,
-                                                 gradW2: gradW2))
+        let scaledW1 = w1 * factor
+        let algebra = TensorAlgebra(), p = Factors(parameters)
+        let gradInput: Tensor, gradScaledW1: Tensor, w2Grads: [(String, Tensor)]
+        if layer.isConvolution {
+            let grouped = grouped(x)
+            let cached = context.stageCache.stageInputs(for: [x] + stageKey)
+            let split = w2Split
+            // Z, and the split chain's stage inputs (grouped x, h) when W2 applies as two factors.
+            let (z, stageInputs): (Tensor, [Tensor]) = if let cached {
+                (cached[cached.count - 1], Array(cached.dropLast()))
+            } else if let split {
+                split.forward(grouped)
+            } else {
+                (innerOp.apply(grouped, weight: w2), [])
+            }
+            let (zs, gys) = (z.reshaped([x.shape[0], w1Shape[1], -1]), gradOutput.reshaped([x.shape[0], w1Shape[0], -1]))
+            gradScaledW1 = groupMixing.backwardWeight(zs, gradOutput: gys).reshaped(w1Shape)
+            let gradZ = groupMixing.backwardInput(gys, weight: scaledW1.reshaped(w1Shape + [1]), inputShape: zs.shape)
+                .reshaped(z.shape)
+            if let split {
+                let back = split.backward(stageInputs: stageInputs, gradOutput: gradZ)
+                gradInput = back.input.reshaped(x.shape)
+                w2Grads = [("lokr_w2_a", back.weights[1].reshaped(parameters.required("lokr_w2_a").shape)),
+                           ("lokr_w2_b", back.weights[0].reshaped(parameters.required("lokr_w2_b").shape))]
+            } else {
+                let gradW2 = innerOp.backwardWeight(grouped, gradOutput: gradZ)
+                gradInput = innerBackwardInput(gradZ, w2: w2, inputShape: grouped.shape).reshaped(x.shape)
+                w2Grads = w2Gradients(algebra, p, gradW2: gradW2)
+            }
+        } else {
+            let rows = x.reshaped([-1, x.shape[x.rank - 1]])
+            let back = KroneckerRows.backward(rows, gradOutput: gradOutput.reshaped([rows.shape[0], -1]),
+                                              w1: scaledW1, w2: w2.flattenedToMatrix())
+            (gradInput, gradScaledW1) = (back.input.reshaped(x.shape), back.w1)
+            w2Grads = w2Gradients(algebra, p, gradW2: back.w2.reshaped(w2.shape))
+        }
+        var grads = ParameterSet(w1Gradients(algebra, p, gradW1: gradScaledW1 * factor) + w2Grads)
         if parameters["scalar"] != nil { grads["scalar"] = Tensor(scalar: m * scale * gradScaledW1.dot(w1)) }
         return (gradInput, grads)
     }
 
-    /// x with its leading axes merged into one row axis for linear inputs (…, in);
-    /// conv inputs (N, C, spatial…) are kept.
-    private func rowsFirst(_ x: Tensor) -> [Int] {
-        layer.isConvolution ? x.shape : [-1, x.shape[x.rank - 1]]
+    /// ∂(grouped x) of W2's op: a forward convolution with W2's kernel flipped where the
+    /// convolution has stride 1 (no col2im), else the op's backward.
+    private func innerBackwardInput(_ gradZ: Tensor, w2: Tensor, inputShape: [Int]) -> Tensor {
+        if case let .convolution(geometry) = innerOp,
+           let gradInput = Convolution.backwardInputByFlippedKernel(gradZ, weight: w2, geometry: geometry, inputShape: inputShape) {
+            return gradInput
+        }
+        return innerOp.backwardInput(gradZ, weight: w2, inputShape: inputShape)
     }
 
     public func savedTensors() -> [SavedTensor] {

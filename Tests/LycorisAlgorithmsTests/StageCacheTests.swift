@@ -22,6 +22,11 @@ struct StageCacheTests {
             ("locon conv tucker", .locon, conv, options { $0.useTucker = true }),
             ("loha linear", .loha, linear, options { $0.rank = 2 }),
             ("dylora linear", .dylora, linear, options { $0.blockSize = 2 }),
+            ("lokr conv", .lokr, LayerSpec.convolution(ConvGeometry(inChannels: 6, outChannels: 4, kernelSize: [3, 3], padding: [1, 1])),
+             options { $0.factor = 2 }),
+            ("lokr conv low-rank w2 decompose_both", .lokr,
+             LayerSpec.convolution(ConvGeometry(inChannels: 8, outChannels: 12, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1])),
+             options { $0.rank = 1; $0.decomposeBoth = true }),
         ]
     }()
 
