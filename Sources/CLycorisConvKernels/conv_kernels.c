@@ -61,7 +61,7 @@ typedef float v4 __attribute__((vector_size(16), aligned(4), may_alias));
         _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                                    \
             _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) {                              \
                 float sum = 0;                                                                               \
-                for (int l = 0; l < (LANES); l++) sum += acc[b][k][l];                                       \
+                _Pragma("clang loop unroll(full)") for (int l = 0; l < (LANES); l++) sum += acc[b][k][l];    \
                 float *target = gw + (o + b) * ldgw + j + k;                                                 \
                 *target = accumulate ? *target + sum : sum;                                                  \
             }                                                                                                \
@@ -70,11 +70,12 @@ typedef float v4 __attribute__((vector_size(16), aligned(4), may_alias));
 #define DEFINE_WEIGHT(NAME, ATTR, VEC, LANES, OB, JB)                                                        \
     ATTR static void NAME(float *gw, long ldgw, const float *g, long ldg, long rows, const float *in,        \
                           const long *columns, long j0, long j1, long count, int accumulate) {               \
-        for (long o = 0; o < rows; o += (OB)) {                                                              \
-            long j = j0;                                                                                     \
-            for (; j + (JB) <= j1; j += (JB)) WEIGHT_BLOCK(VEC, LANES, OB, JB)                               \
-            for (; j < j1; j++) WEIGHT_BLOCK(VEC, LANES, OB, 1)                                              \
-        }                                                                                                    \
+        /* Weight columns outer: their input rows stay in cache across the row blocks. */                  \
+        long j = j0;                                                                                         \
+        for (; j + (JB) <= j1; j += (JB))                                                                    \
+            for (long o = 0; o < rows; o += (OB)) WEIGHT_BLOCK(VEC, LANES, OB, JB)                           \
+        for (; j < j1; j++)                                                                                  \
+            for (long o = 0; o < rows; o += (OB)) WEIGHT_BLOCK(VEC, LANES, OB, 1)                            \
     }
 
 #ifdef LYCORIS_X86

@@ -46,7 +46,7 @@ public enum DirectConvolution {
         let rows = roundUp(frame.outChannels, Int(LYCORIS_CONV_ROW_BLOCK))
         let wT = transposedWeight(weight, outer: frame.outChannels, inner: frame.channels, taps: frame.taps, rows: rows)
         var padded = frame.paddedInputBuffer()
-        var extended = [Float](repeating: 0, count: rows * frame.blockedColumns)
+        var extended = uninitialized(rows * frame.blockedColumns)
         var output = Tensor(uninitializedShape: frame.plan.outputShape(batch: input.shape[0]))
         for n in 0..<input.shape[0] {
             frame.pad(input, sample: n, into: &padded)
@@ -83,7 +83,7 @@ public enum DirectConvolution {
         let columns = roundUp(frame.volume, Int(LYCORIS_CONV_COLUMN_BLOCK))
         let ldg = columns + lead
         var spread = [Float](repeating: 0, count: frame.outChannels * ldg)
-        var gradPadded = [Float](repeating: 0, count: rows * columns)
+        var gradPadded = uninitialized(rows * columns)
         var gradInput = Tensor(uninitializedShape: inputShape)
         for n in 0..<inputShape[0] {
             frame.spreadGradient(gradOutput, sample: n, into: &spread, ld: ldg, lead: lead)
@@ -104,7 +104,7 @@ public enum DirectConvolution {
         let starts = (0..<weightColumns).map { j in (j / frame.taps) * frame.volume + frame.offsets[j % frame.taps] }
         var padded = frame.paddedInputBuffer()
         var spread = [Float](repeating: 0, count: rows * frame.blockedColumns)
-        var gradients = [Float](repeating: 0, count: rows * weightColumns)
+        var gradients = uninitialized(rows * weightColumns)
         for n in 0..<input.shape[0] {
             frame.pad(input, sample: n, into: &padded)
             frame.spreadGradient(gradOutput, sample: n, into: &spread, ld: frame.blockedColumns, lead: 0)
@@ -162,6 +162,11 @@ public enum DirectConvolution {
                 }
             }
         }
+    }
+
+    /// Scratch the kernels write in full before it is read.
+    private static func uninitialized(_ count: Int) -> [Float] {
+        [Float](unsafeUninitializedCapacity: count) { _, initialized in initialized = count }
     }
 
     private static func roundUp(_ value: Int, _ multiple: Int) -> Int { (value + multiple - 1) / multiple * multiple }
