@@ -28,6 +28,12 @@ import Testing
         return shared + extras.enumerated().map { Case(geometry: $0.element.0, inputShape: $0.element.1, seed: 9000 + UInt64($0.offset)) }
     }()
 
+    /// x, W and ∂y of a case from `make(shape, seed)` with seeds `seed`, `seed + 1`, `seed + 2`.
+    static func data(_ c: Case, seed: UInt64, _ make: ([Int], UInt64) -> Tensor) -> (x: Tensor, w: Tensor, g: Tensor) {
+        let layout = NaiveConv.Layout(c.geometry, inputShape: c.inputShape)
+        return (make(c.inputShape, seed), make(layout.weightShape, seed + 1), make(layout.outputShape, seed + 2))
+    }
+
     @Test func sharedCasesAreIncluded() {
         #expect(Self.cases.count > 25)
         #expect(Level.supported.first == .portable && Level.supported.contains(Level.best))
@@ -37,10 +43,7 @@ import Testing
     /// order gives the Double loops' value exactly.
     @Test(arguments: cases)
     func exactOnIntegers(_ c: Case) {
-        let layout = NaiveConv.Layout(c.geometry, inputShape: c.inputShape)
-        let x = integerTensor(c.inputShape, seed: c.seed * 5)
-        let w = integerTensor(layout.weightShape, seed: c.seed * 5 + 1)
-        let g = integerTensor(layout.outputShape, seed: c.seed * 5 + 2)
+        let (x, w, g) = Self.data(c, seed: c.seed * 5, integerTensor)
         let expected = NaiveConv.forward(x, weight: w, geometry: c.geometry)
         let expectedInput = NaiveConv.backwardInput(g, weight: w, geometry: c.geometry, inputShape: c.inputShape)
         let expectedWeight = NaiveConv.backwardWeight(x, gradOutput: g, geometry: c.geometry)
@@ -60,10 +63,7 @@ import Testing
     /// Uniform data: within Float rounding of the Double loops, and of im2col + GEMM.
     @Test(arguments: cases)
     func matchesReferenceOnUniform(_ c: Case) {
-        let layout = NaiveConv.Layout(c.geometry, inputShape: c.inputShape)
-        let x = uniformTensor(c.inputShape, seed: c.seed * 7)
-        let w = uniformTensor(layout.weightShape, seed: c.seed * 7 + 1)
-        let g = uniformTensor(layout.outputShape, seed: c.seed * 7 + 2)
+        let (x, w, g) = Self.data(c, seed: c.seed * 7, uniformTensor)
         let naive = [NaiveConv.forward(x, weight: w, geometry: c.geometry).values,
                      NaiveConv.backwardInput(g, weight: w, geometry: c.geometry, inputShape: c.inputShape),
                      NaiveConv.backwardWeight(x, gradOutput: g, geometry: c.geometry).values]
@@ -81,7 +81,7 @@ import Testing
 
     /// ∂L/∂x and ∂L/∂W of L = ½‖conv(x, W)‖² (so ∂y = y) against central differences at
     /// a spread of coordinates (L is quadratic: the difference is exact but for rounding).
-    @Test(arguments: Array(cases.suffix(5)), Level.supported)
+    @Test(arguments: Array(cases.suffix(9)), Level.supported)
     func gradientsMatchFiniteDifferences(_ c: Case, _ level: Level) {
         let layout = NaiveConv.Layout(c.geometry, inputShape: c.inputShape)
         let x = uniformTensor(c.inputShape, seed: c.seed * 11)
