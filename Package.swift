@@ -45,9 +45,12 @@ let package = Package(
         openBLAS,
         jansson,
         malloc,
+        // Vectorised direct-convolution kernels (AVX-512 / AVX2 / SSE, chosen at run time);
+        // optimised in debug builds too (unoptimised, the register-blocked loops are ~30× slower).
+        .target(name: "CLycorisConvKernels", cSettings: [.unsafeFlags(["-O2"])]),
         .target(
             name: "LycorisCore",
-            dependencies: ["COpenBLAS"],
+            dependencies: ["COpenBLAS", "CLycorisConvKernels"],
             swiftSettings: strictSwift
         ),
         .target(

@@ -2,7 +2,10 @@ import LycorisCore
 
 /// A sequence of bias-free layer ops `x → op₁(x, W₁) → … → opₙ(·, Wₙ)`, with an optional
 /// per-channel mask on the input of the last op (LoCon's rank dropout in bypass mode).
-/// Used by bypass paths that apply low-rank factors one after another.
+/// Used by bypass paths that apply low-rank factors one after another. A stage that is a
+/// factor convolution — stride 1, one group, a kernel, at most ``directOutputLimit`` outputs
+/// (LoCon's down and Tucker core, the LoHa and DyLoRA down stages) — runs on
+/// ``DirectConvolution`` (no im2col); the other stages on the layer op.
 struct OperatorChain {
     var stages: [(op: LayerSpec, weight: Tensor)]
     var maskBeforeLast: Tensor?
@@ -28,7 +31,7 @@ struct OperatorChain {
     func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
         let inputs = stageInputs(x)
         let last = stages[stages.count - 1]
-        return (last.op.apply(inputs[inputs.count - 1], weight: last.weight), inputs)
+        return (Self.apply(last.op, inputs[inputs.count - 1], weight: last.weight), inputs)
     }
 
     /// ``forward(_:)``, its stage inputs kept in `cache` under `key` (x and the factors).
@@ -52,7 +55,7 @@ struct OperatorChain {
                 h = Self.scaleChannels(h, by: mask, op: stage.op)
             }
             inputs.append(h)
-            if index < stages.count - 1 { h = stage.op.apply(h, weight: stage.weight) }
+            if index < stages.count - 1 { h = Self.apply(stage.op, h, weight: stage.weight) }
         }
         return inputs
     }
@@ -63,13 +66,37 @@ struct OperatorChain {
         var weightGrads = [Tensor](repeating: Tensor.zeros([]), count: stages.count)
         for index in stages.indices.reversed() {
             let stage = stages[index]
-            weightGrads[index] = stage.op.backwardWeight(stageInputs[index], gradOutput: grad)
-            grad = stage.op.backwardInput(grad, weight: stage.weight, inputShape: stageInputs[index].shape)
+            let input = stageInputs[index]
+            if let geometry = Self.directGeometry(stage.op) {
+                weightGrads[index] = DirectConvolution.backwardWeight(input, gradOutput: grad, geometry: geometry)
+                grad = DirectConvolution.backwardInput(grad, weight: stage.weight, geometry: geometry, inputShape: input.shape)
+            } else {
+                weightGrads[index] = stage.op.backwardWeight(input, gradOutput: grad)
+                grad = stage.op.backwardInput(grad, weight: stage.weight, inputShape: input.shape)
+            }
             if index == stages.count - 1, let mask = maskBeforeLast {
                 grad = Self.scaleChannels(grad, by: mask, op: stage.op)
             }
         }
         return (grad, weightGrads)
+    }
+
+    /// The most output channels a stage convolution has for ``DirectConvolution``: its
+    /// correlation kernels keep a block of outputs in registers per input read, and with
+    /// few outputs im2col's patch matrix (C·K per position) is what costs.
+    static let directOutputLimit = 64
+
+    /// The geometry of a stage that runs on ``DirectConvolution``, or nil.
+    private static func directGeometry(_ op: LayerSpec) -> ConvGeometry? {
+        guard case let .convolution(geometry) = op, DirectConvolution.supports(geometry),
+              geometry.outChannels <= directOutputLimit else { return nil }
+        return geometry
+    }
+
+    /// op(h, W) of one stage.
+    private static func apply(_ op: LayerSpec, _ h: Tensor, weight: Tensor) -> Tensor {
+        guard let geometry = directGeometry(op) else { return op.apply(h, weight: weight) }
+        return DirectConvolution.forward(h, weight: weight, geometry: geometry)
     }
 
     /// Multiplies channel c of `h` (the input of `op`) by `mask[c]`.

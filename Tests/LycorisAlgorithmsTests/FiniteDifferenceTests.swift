@@ -30,6 +30,9 @@ struct FiniteDifferenceTests {
 
     static let conv = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 3], stride: [2, 1], padding: [1, 1]))
     static let linear = LayerSpec.linear(inFeatures: 8, outFeatures: 6)
+    /// Stride 1: the factor convolutions run on DirectConvolution.
+    static let convStride1 = LayerSpec.convolution(ConvGeometry(inChannels: 5, outChannels: 6, kernelSize: [3, 3], padding: [1, 2],
+                                                                dilation: [1, 2]))
     static let conv1d = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3], stride: [2], padding: [1]))
     static let conv3d = LayerSpec.convolution(ConvGeometry(inChannels: 4, outChannels: 6, kernelSize: [3, 2, 3], stride: [1, 2, 1],
                                                            padding: [1, 0, 1]))
@@ -48,6 +51,12 @@ struct FiniteDifferenceTests {
         Case(label: "locon linear bypass scalar", algorithm: .locon, layer: linear, options: options { $0.bypassMode = true; $0.useScalar = true }),
         Case(label: "locon conv", algorithm: .locon, layer: conv, options: options { _ in }),
         Case(label: "locon conv bypass tucker", algorithm: .locon, layer: conv, options: options { $0.bypassMode = true; $0.useTucker = true }),
+        Case(label: "locon conv stride-1 bypass", algorithm: .locon, layer: convStride1, options: options { $0.bypassMode = true }),
+        Case(label: "locon conv stride-1 bypass tucker scalar", algorithm: .locon, layer: convStride1,
+             options: options { $0.bypassMode = true; $0.useTucker = true; $0.useScalar = true }),
+        Case(label: "loha conv stride-1 bypass", algorithm: .loha, layer: convStride1, options: options { $0.bypassMode = true }),
+        Case(label: "dylora conv stride-1 bypass", algorithm: .dylora, layer: convStride1,
+             options: options { $0.rank = 4; $0.blockSize = 2; $0.bypassMode = true }),
         Case(label: "loha linear scalar", algorithm: .loha, layer: linear, options: options { $0.useScalar = true }),
         Case(label: "loha linear bypass scalar", algorithm: .loha, layer: linear, options: options { $0.bypassMode = true; $0.useScalar = true }),
         Case(label: "loha conv bypass", algorithm: .loha, layer: conv, options: options { $0.bypassMode = true }),
