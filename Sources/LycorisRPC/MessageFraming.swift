@@ -10,6 +10,9 @@ public enum Framing: String, Sendable {
     case newlineDelimited = "ndjson"
     /// LSP style: `Content-Length: N\r\n` (other headers ignored), `\r\n`, then N bytes.
     case contentLength = "content-length"
+    /// A binary call record (``CallRecord``): a first byte 0xFF, its length in the header;
+    /// the body is the whole record, and a reply is written as it is.
+    case record
 }
 
 /// One framed message read from a stream, or a framing problem to answer.
@@ -22,7 +25,8 @@ public enum FramedMessage: Sendable {
 
 /// Reads framed messages from a file descriptor with blocking reads into one buffer; the
 /// framing is detected per message (a message starting with `Content-Length:` is LSP
-/// framed, anything else is one line).
+/// framed, one starting with the byte 0xFF is a binary call record, anything else is one
+/// line).
 public final class MessageReader {
     private let fd: Int32
     private var buffer: [UInt8] = []
@@ -44,6 +48,7 @@ public final class MessageReader {
             if start < buffer.count { break }
             if !fill() { return nil }
         }
+        if buffer[start] == CallRecord.magic { return readRecord() }
         // Read only while the bytes so far could still be the start of "Content-Length"
         // (so a short line such as `[]` is answered at once). Compared in place: no
         // allocation per message.
@@ -137,6 +142,44 @@ public final class MessageReader {
         return .message(body: body, framing: .contentLength)
     }
 
+    /// A binary call record: its header's length field says how many bytes it has. A
+    /// length shorter than the header or over the limit is skipped (as far as it says) and
+    /// answered as malformed; so is a record cut short by the end of input.
+    private func readRecord() -> FramedMessage {
+        let lengthEnd = CallRecord.lengthOffset + 4
+        while buffer.count - start < lengthEnd {
+            if !fill() {
+                let count = buffer.count - start
+                start = buffer.count
+                compact()
+                return .malformed(reason: "input ended inside a call record header (\(count) of \(CallRecord.headerSize) bytes)", framing: .record)
+            }
+        }
+        var length = 0
+        for i in (0..<4).reversed() { length = length << 8 | Int(buffer[start + CallRecord.lengthOffset + i]) }
+        guard length >= CallRecord.headerSize else {
+            start += lengthEnd
+            compact()
+            return .malformed(reason: "call record length \(length) is shorter than its \(CallRecord.headerSize)-byte header", framing: .record)
+        }
+        guard length <= maximumMessageSize else {
+            skip(length)
+            return .malformed(reason: "call record length \(length) exceeds the limit of \(maximumMessageSize) bytes", framing: .record)
+        }
+        while buffer.count - start < length {
+            if !fill() {
+                let count = buffer.count - start
+                start = buffer.count
+                compact()
+                return .malformed(reason: "input ended after \(count) of the call record's \(length) bytes", framing: .record)
+            }
+        }
+        let body = Array(buffer[start..<(start + length)])
+        start += length
+        compact()
+        return .message(body: body, framing: .record)
+    }
+
     private func findHeaderEnd() -> (end: Int, next: Int)? {
         var i = start
         while i < buffer.count {
@@ -204,6 +247,8 @@ public final class MessageWriter {
             bytes.append(0x0A)
         case .contentLength:
             bytes = Array("Content-Length: \(body.count)\r\n\r\n".utf8) + body
+        case .record:
+            bytes = body
         }
         var offset = 0
         while offset < bytes.count {
