@@ -68,7 +68,7 @@ struct CallRecordTests {
         func read(_ shape: [Int], at offset: Int) throws -> Tensor {
             try arena.seek(toOffset: UInt64(offset))
             let data = try #require(try arena.read(upToCount: shape.reduce(1, *) * 4))
-            return Tensor(shape: shape, scalars: try decodeFloats([UInt8](data), as: .f32))
+            return Tensor(shape: shape, scalars: [UInt8](data).withUnsafeBytes { decodeFloats($0, as: .f32) })
         }
 
         mutating func send(_ record: [UInt8]) -> (status: UInt16, id: UInt64, body: [UInt8]) {
@@ -151,7 +151,8 @@ struct CallRecordTests {
         expectClose(try session.read([2, 3, 16], at: 5120), expected.input, "backward record ∂x")
         for (parameter, offset) in zip(parameters, offsets) {
             let key = try #require(parameter["key"]?.stringValue)
-            let shape = try #require(parameter["shape"]?.arrayValue?.compactMap(\.intValue))
+            let extents = parameter["shape"]?.arrayValue?.compactMap { $0.intValue }
+            let shape = try #require(extents)
             expectClose(try session.read(shape, at: Int(offset)), try #require(expected.parameters[key]), "∂\(key)")
         }
         // Without keep the tape is consumed; accumulate was off: no gradients kept.
@@ -211,22 +212,23 @@ struct CallRecordTests {
         let short: [UInt8] = [0xFF, 1, 1, 0, 8, 0, 0, 0]
         let stream = Array("{\"a\":1}\n".utf8) + record + Array("\n[]\n".utf8) + short
             + [0xFF, 1, 1, 0, 0, 0, 1, 0] + Array(repeating: 0, count: 65536 - 8) + Array("{}\n".utf8) + Array(record.prefix(30))
-        var pipe: [Int32] = [0, 0]
-        #expect(Glibc.pipe(&pipe) == 0)
+        var ends: [Int32] = [0, 0]
+        #expect(Glibc.pipe(&ends) == 0)
+        let (readEnd, writeEnd) = (ends[0], ends[1])
         let writer = Thread {
             stream.withUnsafeBytes { bytes in
                 var offset = 0
                 while offset < bytes.count {
-                    let n = Glibc.write(pipe[1], bytes.baseAddress! + offset, bytes.count - offset)
+                    let n = Glibc.write(writeEnd, bytes.baseAddress! + offset, bytes.count - offset)
                     if n <= 0 { break }
                     offset += n
                 }
             }
-            close(pipe[1])
+            close(writeEnd)
         }
         writer.start()
-        defer { close(pipe[0]) }
-        let reader = MessageReader(fileDescriptor: pipe[0], maximumMessageSize: 4096)
+        defer { close(readEnd) }
+        let reader = MessageReader(fileDescriptor: readEnd, maximumMessageSize: 4096)
         var messages: [FramedMessage] = []
         while let message = reader.next() { messages.append(message) }
         try #require(messages.count == 7, "\(messages)")
