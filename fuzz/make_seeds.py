@@ -135,6 +135,7 @@ def call_record_seeds():
         "bad_dtype_and_past_arena": record(1, 7, forward_body(dtype=5)) + record(1, 8, forward_body(offset=65536 - 8)),
         "wrong_shape_rank": record(1, 9, forward_body(shape=(2, 17))) + record(1, 10, forward_body(shape=(1,) * 9)),
         "short_length": b"\xff\x01\x01\x00\x08\x00\x00\x00" + forward,
+        "release_between": forward + record(3, 0, struct.pack("<I2Q", 2, 1, 7)) + record(3, 0, struct.pack("<I", 5)) + forward,
         "backward_unknown_tape_count": record(2, 11, backward_body(tape=99)) + forward + record(2, 12, backward_body(outputs=(8192,))),
     }
     for name, data in seeds.items():

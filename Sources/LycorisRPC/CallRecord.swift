@@ -26,11 +26,14 @@ public enum CallRecord {
     public enum Method: UInt16, CaseIterable, Sendable {
         case forward = 1
         case backward = 2
+        /// Never answered, like a JSON-RPC notification.
+        case tapesRelease = 3
 
         public var name: String {
             switch self {
             case .forward: "forward"
             case .backward: "backward"
+            case .tapesRelease: "tapes.release"
             }
         }
     }
@@ -58,7 +61,7 @@ public enum CallRecord {
     }
 
     /// Every fixed part of a record, in wire order. A tensor descriptor is `tensor` followed by
-    /// `rank` u64 extents; the error body is followed by its JSON text.
+    /// `rank` u64 extents; `tapes.release` by `count` u64 tapes; the error body by its JSON text.
     public static let layouts: [(part: String, fields: [Field])] = [
         ("header", [Field("magic", "u8"), Field("version", "u8"), Field("code", "u16"), Field("length", "u32"), Field("id", "u64")]),
         ("tensor", [Field("offset", "u64"), Field("dtype", "u8"), Field("rank", "u8"), Field("reserved", "u16")]),
@@ -66,6 +69,7 @@ public enum CallRecord {
         ("forward", [Field("module", "u32"), Field("flags", "u32")]),
         ("forward result", [Field("tape", "u64")]),
         ("backward", [Field("tape", "u64"), Field("flags", "u32"), Field("parameter_grads", "u32")]),
+        ("tapes.release", [Field("count", "u32")]),
         ("error", [Field("code", "i32"), Field("json_length", "u32")]),
     ]
 }

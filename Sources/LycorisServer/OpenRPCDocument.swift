@@ -2861,7 +2861,8 @@ enum OpenRPCDocument {
                     "type": "object",
                     "required": [
                       "forward",
-                      "backward"
+                      "backward",
+                      "tapes.release"
                     ],
                     "properties": {
                       "forward": {
@@ -2869,6 +2870,9 @@ enum OpenRPCDocument {
                       },
                       "backward": {
                         "const": 2
+                      },
+                      "tapes.release": {
+                        "const": 3
                       }
                     },
                     "additionalProperties": false

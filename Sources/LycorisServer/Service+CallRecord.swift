@@ -15,8 +15,9 @@ extension LycorisService {
     /// checked by the reader) with a response record; any problem — a truncated or
     /// malformed record, an unknown method code, module handle or tape, a descriptor outside
     /// the arena — gets an error record carrying the JSON-RPC error object, as the JSON path
-    /// would answer it. The same checks run before anything is computed.
-    public func handleRecord(_ record: [UInt8]) -> [UInt8] {
+    /// would answer it. The same checks run before anything is computed. A `tapes.release`
+    /// record is never answered (nil), like a JSON-RPC notification; its problems are logged.
+    public func handleRecord(_ record: [UInt8]) -> [UInt8]? {
         var reader = CallRecordReader(record)
         var id: UInt64 = 0
         do {
@@ -31,11 +32,23 @@ extension LycorisService {
                 throw RPCError(code: RPCError.methodNotFoundCode, message: "Method not found: call record method code \(code)",
                                data: ["method_code": .integer(Int64(code))])
             }
+            if method == .tapesRelease {
+                do {
+                    guard initialized else { throw RPCError.notInitialized(method.name) }
+                    try recordTapesRelease(&reader)
+                } catch let error as RPCError {
+                    logger.warning("tapes.release record (not answered): \(error.message)")
+                } catch {
+                    logger.warning("tapes.release record (not answered): \(error)")
+                }
+                return nil
+            }
             guard initialized else { throw RPCError.notInitialized(method.name) }
             do {
                 switch method {
                 case .forward: return try recordForward(&reader, id: id)
                 case .backward: return try recordBackward(&reader, id: id)
+                case .tapesRelease: return nil
                 }
             } catch let error as AdapterError {
                 throw RPCError.adapter(error.description)
@@ -106,6 +119,19 @@ extension LycorisService {
                                              parameterOutputs: outputs, keep: flags & CallRecord.backwardKeep != 0),
                             accumulate: flags & CallRecord.backwardAccumulate != 0)
         return CallRecordWriter(code: CallRecord.Status.ok.rawValue, id: id).finish()
+    }
+
+    /// `tapes.release` (code 3): drops the tapes listed (unknown ids are ignored, as in JSON).
+    private func recordTapesRelease(_ reader: inout CallRecordReader) throws {
+        let count = Int(try reader.u32("count"))
+        guard count <= (reader.bytes.count - reader.position) / 8 else {
+            throw RPCError.invalidParams("count \(count) needs \(count * 8) bytes of tapes, the record has \(reader.bytes.count - reader.position)", path: "count")
+        }
+        var tapes: [Int64] = []
+        tapes.reserveCapacity(count)
+        for index in 0..<count { tapes.append(Int64(bitPattern: try reader.u64("tapes[\(index)]"))) }
+        try reader.expectEnd()
+        for tape in tapes { pending[tape] = nil }
     }
 
     /// A tensor descriptor (offset, dtype, rank, extents) read from the arena.

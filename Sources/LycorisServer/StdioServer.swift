@@ -36,7 +36,8 @@ public enum StdioServer {
         while let framed = reader.next() {
             switch framed {
             case let .message(body, .record):
-                guard writer.write(service.handleRecord(body), framing: .record) else {
+                guard let response = service.handleRecord(body) else { break }
+                guard writer.write(response, framing: .record) else {
                     service.logger.warning("the client stopped reading; exiting")
                     return 0
                 }

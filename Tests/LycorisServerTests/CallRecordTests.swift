@@ -72,7 +72,7 @@ struct CallRecordTests {
         }
 
         mutating func send(_ record: [UInt8]) -> (status: UInt16, id: UInt64, body: [UInt8]) {
-            let response = serviceLock.withLock { harness.service.handleRecord(record) }
+            let response = serviceLock.withLock { harness.service.handleRecord(record) } ?? []
             var reader = CallRecordReader(response)
             let magic = try? reader.u8("magic"), version = try? reader.u8("version")
             let status = (try? reader.u16("status")) ?? 99
@@ -197,10 +197,34 @@ struct CallRecordTests {
         try session.harness.expectServes(session.oracle)
     }
 
+    @Test("a tapes.release record drops the tapes listed and is never answered, even when malformed")
+    func tapesRelease() throws {
+        var session = try Session()
+        try session.put(randomTensor([2, 3, 16], seed: 5), at: 0)
+        var tapes: [UInt64] = []
+        for id in 1...3 {
+            var reader = CallRecordReader(session.send(Self.forward(id: UInt64(id))).body)
+            tapes.append(try reader.u64("tape"))
+        }
+        #expect(try session.harness.result("network.info")["pending_tapes"]?.intValue == 3)
+        func release(_ tapes: [UInt64], count: UInt32? = nil) -> [UInt8] {
+            var writer = CallRecordWriter(code: CallRecord.Method.tapesRelease.rawValue, id: 0)
+            writer.u32(count ?? UInt32(tapes.count))
+            for tape in tapes { writer.u64(tape) }
+            return writer.finish()
+        }
+        let answer = serviceLock.withLock { session.harness.service.handleRecord(release([tapes[0], tapes[2], 999])) }
+        #expect(answer == nil)
+        #expect(try session.harness.result("network.info")["pending_tapes"]?.intValue == 1)
+        let malformed = serviceLock.withLock { session.harness.service.handleRecord(release([tapes[1]], count: 1 << 30)) }
+        #expect(malformed == nil)
+        #expect(try session.harness.result("network.info")["pending_tapes"]?.intValue == 1, "a malformed release drops nothing")
+    }
+
     @Test("a record before initialize: -32000")
     func beforeInitialize() throws {
         let harness = try ServerHarness(initialize: false)
-        let response = serviceLock.withLock { harness.service.handleRecord(Self.forward(id: 3)) }
+        let response = try #require(serviceLock.withLock { harness.service.handleRecord(Self.forward(id: 3)) })
         #expect(response[2] == 1 && response[8] == 3)
         let json = try JanssonCodec.decode(Array(response.dropFirst(24)))
         #expect(json["code"]?.intValue == -32000)

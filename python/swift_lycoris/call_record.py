@@ -19,7 +19,7 @@ class Slot(int):
 
 
 MAGIC, VERSION = 0xFF, 1
-FORWARD, BACKWARD = 1, 2
+FORWARD, BACKWARD, TAPES_RELEASE = 1, 2, 3
 OK, ERROR = 0, 1
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2}
 
@@ -34,9 +34,11 @@ LAYOUTS = {
     "forward": "<II",            # module handle, flags
     "forward result": "<Q",      # tape (0: none)
     "backward": "<QII",          # tape, flags, parameter_grads (count of outputs that follow)
+    "tapes.release": "<I",       # count; then count × u64 tapes (never answered)
     "error": "<iI",              # JSON-RPC code, length of the error object's JSON that follows
 }
 HEADER = struct.Struct(LAYOUTS["header"])
+RELEASE_HEAD = struct.Struct(LAYOUTS["header"] + LAYOUTS["tapes.release"][1:])
 FORWARD_RESULT = struct.Struct(LAYOUTS["forward result"])
 ERROR_BODY = struct.Struct(LAYOUTS["error"])
 
@@ -87,3 +89,10 @@ def backward_template(flags: int, dtype: str, shape, input_dtype: str, parameter
     outputs = [_output(Slot(3 + i), "F32") for i in range(parameter_grads)]
     return RecordTemplate(BACKWARD, [(LAYOUTS["backward"][1:], (Slot(0), flags, parameter_grads)),
                                      *_tensor(Slot(1), dtype, shape), _output(Slot(2), input_dtype), *outputs])
+
+
+def tapes_release(tapes: list[int]) -> bytes:
+    """A ``tapes.release`` record (never answered: queue it with the next call, as a
+    notification)."""
+    head = RELEASE_HEAD.pack(MAGIC, VERSION, TAPES_RELEASE, RELEASE_HEAD.size + 8 * len(tapes), 0, len(tapes))
+    return head + struct.pack(f"<{len(tapes)}Q", *tapes)

@@ -457,6 +457,9 @@ class LycorisNetwork(nn.Module):
         sent in the same write as the next request (no round trip, no write of its own)."""
         if self._orphaned_tapes:
             tapes, self._orphaned_tapes[:] = list(self._orphaned_tapes), []
+            if self.server.call_records:
+                self.server.queue_encoded(call_record.tapes_release(tapes))
+                return
             # (Encoded by hand: a list of integers, once per call of the per-call path.)
             self.server.queue_encoded(b'{"jsonrpc":"2.0","method":"tapes.release","params":{"tapes":[%s]}}\n'
                                       % ",".join(map(str, tapes)).encode())

@@ -249,7 +249,8 @@ class Server:
             self._send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
     def queue_encoded(self, notification: bytes) -> None:
-        """A notification (one JSON text and its newline, encoded) sent with the next
+        """A notification (one JSON text and its newline, encoded, or a call record that is
+        never answered) sent with the next
         request, in the same write: one system call and one wake-up of the server fewer than
         :meth:`notify`; the server handles it first."""
         with self._lock:

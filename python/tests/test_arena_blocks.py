@@ -171,11 +171,14 @@ def test_orphaned_tapes_travel_in_the_next_requests_write(monkeypatch):
         model(x).backward(g)  # step 2: forward + backward, two writes, the release in the first
         monkeypatch.undo()
         assert len(writes) == 2, [w[:60] for w in writes]
-        release, request = writes[0].split(b"\n", 1)
-        assert json.loads(release) == {"jsonrpc": "2.0", "method": "tapes.release", "params": {"tapes": [tape]}}
         if network.server.call_records:
+            release = call_record.tapes_release([tape])
+            assert writes[0].startswith(release), writes[0][:40]
+            request = writes[0][len(release):]
             assert request[0] == call_record.MAGIC and request[2] == call_record.FORWARD, request[:16]
         else:
+            release, request = writes[0].split(b"\n", 1)
+            assert json.loads(release) == {"jsonrpc": "2.0", "method": "tapes.release", "params": {"tapes": [tape]}}
             assert json.loads(request)["method"] == "forward"
         gc.collect()
         # Step 1's tape is gone on the server; step 2's is pending until the next request.

@@ -26,11 +26,11 @@ def spec_layouts() -> dict[str, tuple[str, list[str]]]:
     its rows in order); the rows' offsets must follow from the sizes."""
     text = SPEC.read_text().split("### 2.1 Binary call record", 1)[1].split("\n## 3.", 1)[0]
     layouts = {}
-    for match in re.finditer(r"\*\*([a-z ]+)\*\* \(([^\n]*)\)\n\n((?:\|[^\n]*\n)+)", text):
+    for match in re.finditer(r"\*\*([a-z .]+)\*\* \(([^\n]*)\)\n\n((?:\|[^\n]*\n)+)", text):
         name, caption, table = match.groups()
         stated = re.search(r"struct `([^`]+)`", caption).group(1)
         rows = [row.split("|")[1:-1] for row in table.strip().splitlines()[2:]]
-        start = 16 if name in ("forward", "forward result", "backward", "error") else 0
+        start = 16 if name in ("forward", "forward result", "backward", "tapes.release", "error") else 0
         position, formats = start, []
         for offset, _field, kind, _meaning in rows:
             assert int(offset) == position, f"{name}: field at {offset}, expected {position}"
