@@ -124,22 +124,33 @@ public final class MessageReader {
             compact()
             return .malformed(reason: "the header block has no valid Content-Length: \(headerText)", framing: .contentLength)
         }
+        return readBody(length: length, framing: .contentLength,
+                        tooLong: "Content-Length \(length) exceeds the limit of \(maximumMessageSize) bytes") {
+            "input ended after \($0) of \(length) bytes"
+        }
+    }
+
+    /// The next `length` bytes as one message; over the size limit they are skipped and the
+    /// message is malformed (`tooLong`), and so it is when the input ends before them (`cut`
+    /// of the bytes that came).
+    private func readBody(length: Int, framing: Framing, tooLong: @autoclosure () -> String,
+                          cut: (Int) -> String) -> FramedMessage {
         guard length <= maximumMessageSize else {
             skip(length)
-            return .malformed(reason: "Content-Length \(length) exceeds the limit of \(maximumMessageSize) bytes", framing: .contentLength)
+            return .malformed(reason: tooLong(), framing: framing)
         }
         while buffer.count - start < length {
             if !fill() {
-                let body = Array(buffer[start...])
+                let count = buffer.count - start
                 start = buffer.count
                 compact()
-                return .malformed(reason: "input ended after \(body.count) of \(length) bytes", framing: .contentLength)
+                return .malformed(reason: cut(count), framing: framing)
             }
         }
         let body = Array(buffer[start..<(start + length)])
         start += length
         compact()
-        return .message(body: body, framing: .contentLength)
+        return .message(body: body, framing: framing)
     }
 
     /// A binary call record: its header's length field says how many bytes it has. A
@@ -162,22 +173,10 @@ public final class MessageReader {
             compact()
             return .malformed(reason: "call record length \(length) is shorter than its \(CallRecord.headerSize)-byte header", framing: .record)
         }
-        guard length <= maximumMessageSize else {
-            skip(length)
-            return .malformed(reason: "call record length \(length) exceeds the limit of \(maximumMessageSize) bytes", framing: .record)
+        return readBody(length: length, framing: .record,
+                        tooLong: "call record length \(length) exceeds the limit of \(maximumMessageSize) bytes") {
+            "input ended after \($0) of the call record's \(length) bytes"
         }
-        while buffer.count - start < length {
-            if !fill() {
-                let count = buffer.count - start
-                start = buffer.count
-                compact()
-                return .malformed(reason: "input ended after \(count) of the call record's \(length) bytes", framing: .record)
-            }
-        }
-        let body = Array(buffer[start..<(start + length)])
-        start += length
-        compact()
-        return .message(body: body, framing: .record)
     }
 
     private func findHeaderEnd() -> (end: Int, next: Int)? {
