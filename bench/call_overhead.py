@@ -6,7 +6,7 @@ machine slows each alike:
 
   json      this server, the calls as JSON-RPC texts (SWIFT_LYCORIS_JSON_CALLS=1)
   record    this server, the calls as binary call records (the default)
-  spin      records, and the client polls the pipe for up to --spin µs before select
+  spin N    records, and the client polls the pipe for up to N µs (each of --spin) before select
   base      another server binary (--base-server, e.g. main's), whatever it offers
 
 Per configuration: the step (median of the round medians, µs), the adapter share (step minus
@@ -15,7 +15,7 @@ median of the round medians), and the server's CPU per call (utime + stime from 
 all rounds).
 
     python bench/call_overhead.py [--server PATH] [--base-server PATH] [--rounds 6]
-                                  [--steps 2000] [--threads 1] [--spin 30]
+                                  [--steps 2000] [--threads 1] [--spin 30 100]
 """
 
 import argparse
@@ -80,15 +80,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--spin", type=int, default=30, help="µs the spin column polls before select")
+    parser.add_argument("--spin", type=int, nargs="*", default=[30], help="µs each spin column polls before select")
     args = parser.parse_args()
     import torch
     import swift_lycoris as sl
 
     torch.set_num_threads(args.threads)
     cases = [make_case(torch, sl, "json", args.server, True, 0, args.threads),
-             make_case(torch, sl, "record", args.server, False, 0, args.threads),
-             make_case(torch, sl, f"spin {args.spin}", args.server, False, args.spin, args.threads)]
+             make_case(torch, sl, "record", args.server, False, 0, args.threads)]
+    cases += [make_case(torch, sl, f"spin {spin}", args.server, False, spin, args.threads) for spin in args.spin]
     if args.base_server:
         cases.append(make_case(torch, sl, "base", args.base_server, False, 0, args.threads))
     torch.manual_seed(1)
