@@ -6,7 +6,6 @@ machine slows each alike:
 
   json      this server, the calls as JSON-RPC texts (SWIFT_LYCORIS_JSON_CALLS=1)
   record    this server, the calls as binary call records (the default)
-  spin N    records, and the client polls the pipe for up to N µs (each of --spin) before select
   base      another server binary (--base-server, e.g. main's), whatever it offers
 
 Per configuration: the step (median of the round medians, µs), the adapter share (step minus
@@ -15,7 +14,7 @@ median of the round medians), and the server's CPU per call (utime + stime from 
 all rounds).
 
     python bench/call_overhead.py [--server PATH] [--base-server PATH] [--rounds 6]
-                                  [--steps 2000] [--threads 1] [--spin 30 100]
+                                  [--steps 2000] [--threads 1]
 """
 
 import argparse
@@ -31,7 +30,7 @@ def server_cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def make_case(torch, sl, name, server, json_calls, spin_us, threads):
+def make_case(torch, sl, name, server, json_calls, threads):
     os.environ["LYCORIS_SERVER"] = server
     os.environ["SWIFT_LYCORIS_JSON_CALLS"] = "1" if json_calls else "0"
     torch.manual_seed(0)
@@ -39,7 +38,6 @@ def make_case(torch, sl, name, server, json_calls, spin_us, threads):
     network = sl.create_lycoris(model, 1.0, 1, 1.0, threads=threads, transfer="activations")
     network.apply_to()
     network.train()
-    network.server.SPIN_NS = spin_us * 1000
     inside = [0]
     for method in ("call_record", "call_encoded"):
         wrapped = getattr(network.server, method)
@@ -80,17 +78,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--spin", type=int, nargs="*", default=[30], help="µs each spin column polls before select")
     args = parser.parse_args()
     import torch
     import swift_lycoris as sl
 
     torch.set_num_threads(args.threads)
-    cases = [make_case(torch, sl, "json", args.server, True, 0, args.threads),
-             make_case(torch, sl, "record", args.server, False, 0, args.threads)]
-    cases += [make_case(torch, sl, f"spin {spin}", args.server, False, spin, args.threads) for spin in args.spin]
+    cases = [make_case(torch, sl, "json", args.server, True, args.threads),
+             make_case(torch, sl, "record", args.server, False, args.threads)]
     if args.base_server:
-        cases.append(make_case(torch, sl, "base", args.base_server, False, 0, args.threads))
+        cases.append(make_case(torch, sl, "base", args.base_server, False, args.threads))
     torch.manual_seed(1)
     base = torch.nn.Linear(16, 16)
     plain = {"name": "base linear", "model": base, "network": None, "steps": [], "in_calls": []}

@@ -19,7 +19,6 @@ import select
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from . import call_record
@@ -297,31 +296,20 @@ class Server:
                     return record
             self._fill()
 
-    # How long a read waits for the answer by polling the non-blocking pipe before it sleeps
-    # in select (bounded: the CPU is shared with torch).
-    SPIN_NS = 0
-
     def _fill(self) -> None:
         """Reads what the server wrote into our buffer. The pipe is non-blocking: the answer
         is usually there when the write returns (the server ran meanwhile); else select with
-        a 1 s timeout between reads, so a dead server is noticed promptly."""
+        a 1 s timeout between reads, so a dead server is noticed promptly. (Polling the pipe
+        for up to 30 or 100 µs before select did not pay: bench/README.md §6, "Binary call
+        record".)"""
         fd = self._stdout
         try:
             chunk = os.read(fd, 1 << 20)
         except BlockingIOError:
-            chunk = None
-            if self.SPIN_NS:
-                deadline = time.perf_counter_ns() + self.SPIN_NS
-                while chunk is None and time.perf_counter_ns() < deadline:
-                    try:
-                        chunk = os.read(fd, 1 << 20)
-                    except BlockingIOError:
-                        pass
-            if chunk is None:
-                ready, _, _ = select.select([fd], [], [], 1.0)
-                if not ready and self._process.poll() is not None:
-                    raise self._died() from None
-                return
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready and self._process.poll() is not None:
+                raise self._died() from None
+            return
         if not chunk:
             raise self._died()
         self._buffer += chunk
