@@ -18,16 +18,18 @@ private let network = try! JanssonCodec.decode(Array("""
 private func checkResponse(_ response: [UInt8]) {
     var reader = CallRecordReader(response)
     do {
-        precondition(try reader.u8("magic") == CallRecord.magic && reader.u8("version") == CallRecord.version, "bad response header")
+        let magic = try reader.u8("magic"), version = try reader.u8("version")
+        precondition(magic == CallRecord.magic && version == CallRecord.version, "bad response header")
         let status = try reader.u16("status")
-        precondition(Int(try reader.u32("length")) == response.count, "the response's length field is not its size")
+        let length = try reader.u32("length")
+        precondition(Int(length) == response.count, "the response's length field is not its size")
         _ = try reader.u64("id")
         switch status {
         case CallRecord.Status.ok.rawValue: break
         case CallRecord.Status.error.rawValue:
             let code = Int32(bitPattern: try reader.u32("code"))
-            let length = Int(try reader.u32("json_length"))
-            precondition(length == response.count - reader.position, "the error's JSON length is not what follows")
+            let jsonLength = Int(try reader.u32("json_length"))
+            precondition(jsonLength == response.count - reader.position, "the error's JSON length is not what follows")
             let error = try JanssonCodec.decode(Array(response[reader.position...]))
             precondition(error["code"]?.intValue == Int(code), "the error record's code differs from its JSON")
         default: preconditionFailure("response status \(status)")
