@@ -15,7 +15,7 @@ import torch
 from swift_lycoris import call_record
 from swift_lycoris.server import Server, ServerError
 
-from _sl_oracle import assert_step_matches, inputs, make_pair, run
+from _sl_oracle import assert_step_matches, inputs, make_pair, run, sl
 
 SPEC = Path(__file__).resolve().parents[2] / "protocol" / "README.md"
 _TYPES = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i32": "i", "pad3": "3x"}
@@ -194,3 +194,32 @@ def test_json_calls_can_be_forced(monkeypatch):
     server = Server(threads=1)
     assert server.call_records is False
     server.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_records_match_the_json_path(monkeypatch, dtype):
+    """F16/BF16 inputs travel with their dtype code (1, 2): the record path's output, ∂x and
+    parameter gradients equal the JSON path's bit for bit (the two encode the same call
+    independently; the arithmetic is the server's either way)."""
+    results = {}
+    for json_calls in (False, True):
+        monkeypatch.setenv("SWIFT_LYCORIS_JSON_CALLS", "1" if json_calls else "0")
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 6)).to(dtype)
+        network = sl.create_lycoris(model, 1.0, 2, 1.0, threads=1, transfer="activations")
+        network.apply_to()
+        try:
+            assert network.server.call_records is (not json_calls)
+            with torch.no_grad():
+                for p in network.parameters():
+                    p.copy_(torch.randn(p.shape))
+            x = torch.randn(3, 8).to(dtype).requires_grad_(True)
+            y = model(x)
+            y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape).to(dtype))
+            results[json_calls] = [y.detach(), x.grad] + [p.grad for p in network.parameters()]
+        finally:
+            network.close()
+    for record, json_value in zip(results[False], results[True]):
+        assert record.dtype == json_value.dtype
+        torch.testing.assert_close(record, json_value, rtol=0, atol=0)
+
