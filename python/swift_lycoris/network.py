@@ -699,8 +699,8 @@ class LycorisNetwork(nn.Module):
     # MARK: non-finite values
 
     def _checked_call(self, method: str, params, *values: int):
-        """A compute call (`params` a dict, or a :class:`RequestTemplate` that `values`
-        fill) whose -32004 (a non-finite input or gradient) becomes :class:`NonFiniteError`
+        """A compute call (`params` a dict, or a :class:`RequestTemplate` or binary
+        :class:`call_record.RecordTemplate` that `values` fill) whose -32004 (a non-finite input or gradient) becomes :class:`NonFiniteError`
         or, under skip_step, :class:`SkipCall`."""
         try:
             if isinstance(params, call_record.RecordTemplate):
