@@ -30,9 +30,9 @@ allocated during its timed steps per side and the server process's resident memo
 what scripts/gpu-check.sh runs on a GPU host (``--model sd15 --latent 64``, LoRA, LoHa,
 LoKr, batch 1 and 4).
 
-For ours, ``swift_lycoris.server.Server.call`` / ``call_encoded`` / ``notify`` and ``swift_lycoris.arena.Arena.put``
-/ ``take`` are wrapped *in this process only* (monkeypatching; the package is not edited) to
-count round trips and time the client-observed wait inside server calls (JSON encode, pipe
+For ours, ``swift_lycoris.server.Server.call`` / ``call_encoded`` / ``call_record`` / ``notify``
+and ``swift_lycoris.arena.Arena.put`` / ``take`` are wrapped *in this process only*
+(monkeypatching; the package is not edited) to count round trips and time the client-observed wait inside server calls (JSON encode, pipe
 write, server work, pipe read, JSON decode) against everything else (torch base layers,
 autograd, arena copies, optimizer).
 
@@ -70,7 +70,7 @@ def progress(text):
 
 
 class Meter:
-    """Counts and times Server.call / call_encoded / notify / queue_encoded (a notification
+    """Counts and times Server.call / call_encoded / call_record / notify / queue_encoded (a notification
     sent with the next request) / Arena.put / Arena.take (wrapped on the classes, in this
     process only)."""
 
@@ -116,6 +116,7 @@ class Meter:
 
         server_cls.call = timed(server_cls.call, record_call)
         server_cls.call_encoded = timed(server_cls.call_encoded, record_call)
+        server_cls.call_record = timed(server_cls.call_record, record_call)
         server_cls.notify = timed(server_cls.notify, record_notify)
         server_cls.queue_encoded = timed(server_cls.queue_encoded, record_notify)
         for name in ("put", "take", "put_many", "take_many", "output"):

@@ -38,6 +38,11 @@ let package = Package(
             swiftSettings: fuzzTarget
         ),
         .executableTarget(
+            name: "fuzz-call-record",
+            dependencies: ["FuzzSupport", lycoris("LycorisServer"), lycoris("LycorisRPC")],
+            swiftSettings: fuzzTarget
+        ),
+        .executableTarget(
             name: "fuzz-adapter-file",
             dependencies: ["FuzzSupport", lycoris("LycorisAlgorithms"), lycoris("LycorisServer"), lycoris("LycorisRPC")],
             swiftSettings: fuzzTarget

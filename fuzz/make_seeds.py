@@ -7,6 +7,9 @@ deterministic, so re-running leaves the committed seeds unchanged).
 - framing: byte streams of NDJSON and Content-Length messages, batches and broken frames.
 - network-params: {"create": params, "load": params} objects for network.create/network.load
   (sizes at most 16, the fuzz target's size budget; see Sources/FuzzSupport/SizeBudget.swift).
+- call-record: binary call records (protocol/README.md §2.1) for the fuzz target's module
+  (linear 16→24, handle 0): a forward and its backward, and the bad records of the spec's
+  error table.
 """
 import base64
 import json
@@ -58,6 +61,7 @@ def framing_seeds():
         "content_length_lf_only": "Content-Length: 2\n\n{}" + "content-length:   7 \r\nX-Other: y\r\n\r\n[1,2,3]",
         "content_length_bad": "Content-Length: -3\r\n\r\nContent-Length: 99999999999999999999\r\n\r\n",
         "content_length_over_limit": "Content-Length: 300\r\n\r\n" + "[" + "1," * 149 + "]",
+        "call_record_between_lines": b"[]\n" + struct.pack("<BBHIQQ", 0xFF, 1, 1, 24, 1, 0) + b"{}\n",
         "long_line": "[" + ",".join(["\"x\""] * 100) + "]\n",
         "mixed": request("echo") + "\n" + framed('{"jsonrpc":"2.0","id":null,"method":"m","params":{}}') + "\n  \n" + "garbage\n",
         "truncated_content_length": "Content-Length: 50\r\n\r\n{\"jsonrpc\"",
@@ -105,9 +109,43 @@ def network_params_seeds():
         write("network-params", name, json.dumps(value, separators=(",", ":")))
 
 
+def record(code, id, body):
+    """A call record: the 16-byte header (struct <BBHIQ) and `body`."""
+    return struct.pack("<BBHIQ", 0xFF, 1, code, 16 + len(body), id) + body
+
+
+def forward_body(handle=0, flags=1, offset=0, dtype=0, shape=(2, 16), output=4096):
+    return (struct.pack("<II", handle, flags) + struct.pack("<QBBH", offset, dtype, len(shape), 0)
+            + struct.pack(f"<{len(shape)}Q", *shape) + struct.pack("<QB3x", output, 0))
+
+
+def backward_body(tape=1, flags=7, shape=(2, 24), outputs=(8192, 12288, 16384)):
+    return (struct.pack("<QII", tape, flags, len(outputs) - 1) + struct.pack("<QBBH", 0, 0, len(shape), 0)
+            + struct.pack(f"<{len(shape)}Q", *shape) + b"".join(struct.pack("<QB3x", o, 0) for o in outputs))
+
+
+def call_record_seeds():
+    forward = record(1, 1, forward_body())
+    seeds = {
+        "forward_backward": forward + record(2, 2, backward_body()),
+        "forward_elementwise_full_json": record(1, 3, forward_body(flags=7)) + b'{"jsonrpc":"2.0","id":1,"method":"x"}\n' + forward,
+        "truncated": record(1, 4, forward_body())[:-20],
+        "unknown_method": record(9, 5, forward_body()),
+        "unknown_handle": record(1, 6, forward_body(handle=3)),
+        "bad_dtype_and_past_arena": record(1, 7, forward_body(dtype=5)) + record(1, 8, forward_body(offset=65536 - 8)),
+        "wrong_shape_rank": record(1, 9, forward_body(shape=(2, 17))) + record(1, 10, forward_body(shape=(1,) * 9)),
+        "short_length": b"\xff\x01\x01\x00\x08\x00\x00\x00" + forward,
+        "release_between": forward + record(3, 0, struct.pack("<I2Q", 2, 1, 7)) + record(3, 0, struct.pack("<I", 5)) + forward,
+        "backward_unknown_tape_count": record(2, 11, backward_body(tape=99)) + forward + record(2, 12, backward_body(outputs=(8192,))),
+    }
+    for name, data in seeds.items():
+        write("call-record", name, data)
+
+
 if __name__ == "__main__":
-    for target in ["safetensors", "adapter-file", "framing", "network-params"]:
+    for target in ["safetensors", "adapter-file", "framing", "network-params", "call-record"]:
         (CORPUS / target).mkdir(parents=True, exist_ok=True)
     copy_fixtures()
     framing_seeds()
     network_params_seeds()
+    call_record_seeds()

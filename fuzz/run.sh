@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-[ ${#targets[@]} -gt 0 ] || targets=(safetensors framing network-params adapter-file)
+[ ${#targets[@]} -gt 0 ] || targets=(safetensors framing network-params adapter-file call-record)
 
 SWIFT=${SWIFT:-swift}
 scratch=.build-fuzz

@@ -10,6 +10,9 @@ public enum Framing: String, Sendable {
     case newlineDelimited = "ndjson"
     /// LSP style: `Content-Length: N\r\n` (other headers ignored), `\r\n`, then N bytes.
     case contentLength = "content-length"
+    /// A binary call record (``CallRecord``): a first byte 0xFF, its length in the header;
+    /// the body is the whole record, and a reply is written as it is.
+    case record
 }
 
 /// One framed message read from a stream, or a framing problem to answer.
@@ -22,7 +25,8 @@ public enum FramedMessage: Sendable {
 
 /// Reads framed messages from a file descriptor with blocking reads into one buffer; the
 /// framing is detected per message (a message starting with `Content-Length:` is LSP
-/// framed, anything else is one line).
+/// framed, one starting with the byte 0xFF is a binary call record, anything else is one
+/// line).
 public final class MessageReader {
     private let fd: Int32
     private var buffer: [UInt8] = []
@@ -44,6 +48,7 @@ public final class MessageReader {
             if start < buffer.count { break }
             if !fill() { return nil }
         }
+        if buffer[start] == CallRecord.magic { return readRecord() }
         // Read only while the bytes so far could still be the start of "Content-Length"
         // (so a short line such as `[]` is answered at once). Compared in place: no
         // allocation per message.
@@ -119,22 +124,59 @@ public final class MessageReader {
             compact()
             return .malformed(reason: "the header block has no valid Content-Length: \(headerText)", framing: .contentLength)
         }
+        return readBody(length: length, framing: .contentLength,
+                        tooLong: "Content-Length \(length) exceeds the limit of \(maximumMessageSize) bytes") {
+            "input ended after \($0) of \(length) bytes"
+        }
+    }
+
+    /// The next `length` bytes as one message; over the size limit they are skipped and the
+    /// message is malformed (`tooLong`), and so it is when the input ends before them (`cut`
+    /// of the bytes that came).
+    private func readBody(length: Int, framing: Framing, tooLong: @autoclosure () -> String,
+                          cut: (Int) -> String) -> FramedMessage {
         guard length <= maximumMessageSize else {
             skip(length)
-            return .malformed(reason: "Content-Length \(length) exceeds the limit of \(maximumMessageSize) bytes", framing: .contentLength)
+            return .malformed(reason: tooLong(), framing: framing)
         }
         while buffer.count - start < length {
             if !fill() {
-                let body = Array(buffer[start...])
+                let count = buffer.count - start
                 start = buffer.count
                 compact()
-                return .malformed(reason: "input ended after \(body.count) of \(length) bytes", framing: .contentLength)
+                return .malformed(reason: cut(count), framing: framing)
             }
         }
         let body = Array(buffer[start..<(start + length)])
         start += length
         compact()
-        return .message(body: body, framing: .contentLength)
+        return .message(body: body, framing: framing)
+    }
+
+    /// A binary call record: its header's length field says how many bytes it has. A
+    /// length shorter than the header or over the limit is skipped (as far as it says) and
+    /// answered as malformed; so is a record cut short by the end of input.
+    private func readRecord() -> FramedMessage {
+        let lengthEnd = CallRecord.lengthOffset + 4
+        while buffer.count - start < lengthEnd {
+            if !fill() {
+                let count = buffer.count - start
+                start = buffer.count
+                compact()
+                return .malformed(reason: "input ended inside a call record header (\(count) of \(CallRecord.headerSize) bytes)", framing: .record)
+            }
+        }
+        var length = 0
+        for i in (0..<4).reversed() { length = length << 8 | Int(buffer[start + CallRecord.lengthOffset + i]) }
+        guard length >= CallRecord.headerSize else {
+            start += lengthEnd
+            compact()
+            return .malformed(reason: "call record length \(length) is shorter than its \(CallRecord.headerSize)-byte header", framing: .record)
+        }
+        return readBody(length: length, framing: .record,
+                        tooLong: "call record length \(length) exceeds the limit of \(maximumMessageSize) bytes") {
+            "input ended after \($0) of the call record's \(length) bytes"
+        }
     }
 
     private func findHeaderEnd() -> (end: Int, next: Int)? {
@@ -204,6 +246,8 @@ public final class MessageWriter {
             bytes.append(0x0A)
         case .contentLength:
             bytes = Array("Content-Length: \(body.count)\r\n\r\n".utf8) + body
+        case .record:
+            bytes = body
         }
         var offset = 0
         while offset < bytes.count {

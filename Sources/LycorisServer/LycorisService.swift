@@ -139,6 +139,7 @@ public final class LycorisService {
             "base64": true,
             "optimizers": .array(Optimizer.Kind.allCases.map { .string($0.rawValue) }),
             "blas_threads": .integer(Int64(BLASThreads.current)),
+            "call_record": Self.callRecordCapability,
         ]
         if p.has("cuda") { capabilities["cuda"] = try probeCUDA(p) }
         if emulatedDeviceEnabled { capabilities["emulated_device"] = true }

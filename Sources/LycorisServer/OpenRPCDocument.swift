@@ -2578,6 +2578,7 @@ enum OpenRPCDocument {
         "type": "object",
         "required": [
           "name",
+          "handle",
           "algorithm",
           "layer",
           "rank",
@@ -2590,6 +2591,11 @@ enum OpenRPCDocument {
         "properties": {
           "name": {
             "$ref": "#/components/schemas/ModuleName"
+          },
+          "handle": {
+            "description": "The module's handle: its position in this list, which names it in binary call records (protocol/README.md, section 2.1). Valid until network.create or network.load replaces the network (read the handles again from their network.info).",
+            "type": "integer",
+            "minimum": 0
           },
           "algorithm": {
             "$ref": "#/components/schemas/Algorithm"
@@ -2763,7 +2769,8 @@ enum OpenRPCDocument {
               "arena",
               "base64",
               "optimizers",
-              "blas_threads"
+              "blas_threads",
+              "call_record"
             ],
             "properties": {
               "algorithms": {
@@ -2838,6 +2845,40 @@ enum OpenRPCDocument {
               "blas_threads": {
                 "type": "integer",
                 "minimum": 0
+              },
+              "call_record": {
+                "description": "The binary call record (protocol/README.md, section 2.1): forward and backward of one layer as fixed-layout little-endian records on the same stream, decoded without JSON. version: the record layout's version; methods: each method a record carries, by name, with its method code. A client that does not know the version keeps to JSON-RPC.",
+                "type": "object",
+                "required": [
+                  "version",
+                  "methods"
+                ],
+                "properties": {
+                  "version": {
+                    "const": 1
+                  },
+                  "methods": {
+                    "type": "object",
+                    "required": [
+                      "forward",
+                      "backward",
+                      "tapes.release"
+                    ],
+                    "properties": {
+                      "forward": {
+                        "const": 1
+                      },
+                      "backward": {
+                        "const": 2
+                      },
+                      "tapes.release": {
+                        "const": 3
+                      }
+                    },
+                    "additionalProperties": false
+                  }
+                },
+                "additionalProperties": false
               },
               "cuda": {
                 "$ref": "#/components/schemas/CUDAReport"

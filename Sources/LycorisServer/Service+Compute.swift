@@ -11,51 +11,75 @@ extension LycorisService {
         let network = try requireNetwork()
         let calls = try p.objects("calls")
         // Validate every call before computing any, so a bad call changes nothing.
-        var prepared: [(call: Params, module: AdapterModule, x: Tensor, kind: PendingCall.Kind, destination: TensorTransport.Destination)] = []
+        var prepared: [(call: PreparedForward, outputPath: String)] = []
         for call in calls {
             let name = try call.string("module")
             guard let module = network[name] else { throw RPCError.unknownModule(name) }
             let (x, dtype) = try RPCError.naming(module: name, pass: "forward") {
                 try transport.read(try call.value("input"), path: call.at("input"))
             }
-            let full = try call.bool("full", default: false)
-            let elementwise = try call.bool("elementwise", default: false)
-            if full && elementwise {
-                throw RPCError.invalidParams("\(call.at("full")) and \(call.at("elementwise")) exclude each other", path: call.at("elementwise"))
-            }
-            if elementwise {
-                if module.elementwiseSide == nil {
-                    throw RPCError.state("\(name) has no elementwise transfer (only ia3 without dropout and rank_dropout has one)")
-                }
-                if let problem = module.elementwiseProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: call.at("input")) }
-            } else if let problem = module.layer.inputProblem(x.shape) {
-                throw RPCError.shapeMismatch(problem, path: call.at("input"))
-            }
-            if full && module.baseWeight == nil {
-                throw RPCError.state("\(name) has no base weight, so \"full\" output is not available (send layers[].weight at network.create)")
-            }
             let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
-            let count = elementwise ? x.count : module.layer.outputShape(forInput: x.shape).product
-            try transport.validate(destination, count: count, path: call.at("output"))
-            prepared.append((call, module, x, elementwise ? .elementwise : full ? .full : .delta, destination))
+            prepared.append((try prepareForward(module: module, x: x, full: try call.bool("full", default: false),
+                                                elementwise: try call.bool("elementwise", default: false),
+                                                destination: destination, at: call.at), call.at("output")))
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         if keepTapes { try reserveTapes(prepared.count) }
         var results: [JSONValue] = []
-        for (call, module, x, kind, destination) in prepared {
-            let tape = module.makeTape(inputShape: x.shape, random: &random)
-            let y = switch kind {
-            case .full: try module.forward(x, tape: tape)
-            case .elementwise: try module.forwardElementwise(x, tape: tape)
-            case .delta, .deltaWeight: try module.forwardDelta(x, tape: tape)
-            }
-            var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
-            if keepTapes {
-                result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: kind)))
-            }
+        for (call, outputPath) in prepared {
+            let (output, tape) = try runForward(call, keepTape: keepTapes, outputPath: outputPath)
+            var result: JSONObject = ["module": .string(call.module.name), "output": output]
+            if let tape { result["tape"] = .integer(tape) }
             results.append(.object(result))
         }
         return ["results": .array(results)]
+    }
+
+    /// One forward call, checked and ready to compute.
+    struct PreparedForward {
+        let module: AdapterModule
+        let x: Tensor
+        let kind: PendingCall.Kind
+        let destination: TensorTransport.Destination
+    }
+
+    /// Checks one forward call of `module` on input `x` (the flags, the input's shape, the
+    /// base weight for `full`, and that the output fits `destination`); `at` names a
+    /// parameter in errors.
+    func prepareForward(module: AdapterModule, x: Tensor, full: Bool, elementwise: Bool,
+                        destination: TensorTransport.Destination, at: (String) -> String) throws -> PreparedForward {
+        if full && elementwise {
+            throw RPCError.invalidParams("\(at("full")) and \(at("elementwise")) exclude each other", path: at("elementwise"))
+        }
+        if elementwise {
+            if module.elementwiseSide == nil {
+                throw RPCError.state("\(module.name) has no elementwise transfer (only ia3 without dropout and rank_dropout has one)")
+            }
+            if let problem = module.elementwiseProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: at("input")) }
+        } else if let problem = module.layer.inputProblem(x.shape) {
+            throw RPCError.shapeMismatch(problem, path: at("input"))
+        }
+        if full && module.baseWeight == nil {
+            throw RPCError.state("\(module.name) has no base weight, so \"full\" output is not available (send layers[].weight at network.create)")
+        }
+        let count = elementwise ? x.count : module.layer.outputShape(forInput: x.shape).product
+        try transport.validate(destination, count: count, path: at("output"))
+        return PreparedForward(module: module, x: x, kind: elementwise ? .elementwise : full ? .full : .delta, destination: destination)
+    }
+
+    /// Computes a prepared forward call and writes its output; the output's descriptor, and
+    /// the tape id when `keepTape` (the caller reserved it).
+    func runForward(_ call: PreparedForward, keepTape: Bool, outputPath: String) throws -> (output: JSONValue, tape: Int64?) {
+        let module = call.module
+        let tape = module.makeTape(inputShape: call.x.shape, random: &random)
+        let y = switch call.kind {
+        case .full: try module.forward(call.x, tape: tape)
+        case .elementwise: try module.forwardElementwise(call.x, tape: tape)
+        case .delta, .deltaWeight: try module.forwardDelta(call.x, tape: tape)
+        }
+        let output = try transport.write(y, to: call.destination, path: outputPath)
+        guard keepTape else { return (output, nil) }
+        return (output, store(PendingCall(module: module.name, input: call.x, tape: tape, kind: call.kind)))
     }
 
     /// Checks, before a call computes anything, that `count` more tapes fit the limit.
@@ -121,33 +145,19 @@ extension LycorisService {
     }
 
     private func backwardCalls(_ p: Params, gradientKey: String) throws -> JSONValue {
-        let network = try requireNetwork()
+        _ = try requireNetwork()
         let expectDeltaWeight = gradientKey == "grad"
         let returnGrads = try p.bool("return_parameter_grads", default: false)
         let accumulate = try p.bool("accumulate", default: true)
-        typealias Prepared = (id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor, biasGradient: Tensor?,
-                              inputDestination: TensorTransport.Destination, gradDestinations: [String: TensorTransport.Destination],
-                              gradPaths: [String: String], inputPath: String, keep: Bool)
-        var prepared: [Prepared] = []
+        var prepared: [PreparedBackward] = []
         var seen = Set<Int64>()
         for call in try p.objects("calls") {
             let id = Int64(try call.int("tape"))
-            guard let record = pending[id], !seen.contains(id) else { throw RPCError.unknownModule(String(id), kind: "tape") }
-            guard (record.kind == .deltaWeight) == expectDeltaWeight else {
-                throw RPCError.state("tape \(id) belongs to \(record.kind == .deltaWeight ? "delta_weight" : "forward"); use \(record.kind == .deltaWeight ? "delta_weight_backward" : "backward")")
-            }
-            guard let module = network[record.module] else { throw RPCError.unknownModule(record.module) }
+            let (record, module) = try backwardTarget(id, seen: seen, expectDeltaWeight: expectDeltaWeight)
             let (gradient, dtype) = try RPCError.naming(module: module.name, pass: "backward") {
                 try transport.read(try call.value(gradientKey), path: call.at(gradientKey))
             }
-            let expected = switch record.kind {
-            case .deltaWeight: module.layer.weightShape
-            case .elementwise: record.input.shape
-            case .delta, .full: module.layer.outputShape(forInput: record.input.shape)
-            }
-            guard gradient.shape == expected else {
-                throw RPCError.shapeMismatch("\(call.at(gradientKey)) has shape \(gradient.shape), expected \(expected)", path: call.at(gradientKey))
-            }
+            try checkBackwardGradient(gradient, record: record, module: module, path: call.at(gradientKey))
             let biasGradient = expectDeltaWeight ? try deltaBiasGradient(call, module: module) : nil
             // Every output destination is checked now, so no call fails after another has
             // consumed its tape or accumulated its gradients.
@@ -155,53 +165,110 @@ extension LycorisService {
             if record.kind != .deltaWeight {
                 try transport.validate(inputDestination, count: record.input.count, path: call.at("grad_input"))
             }
-            var gradDestinations: [String: TensorTransport.Destination] = [:]
-            var gradPaths: [String: String] = [:]
+            var parameterOutputs: [ParameterOutput] = []
             if returnGrads {
                 let outputs = call.has("parameter_grads") ? try call.object("parameter_grads") : try Params(nil, path: call.at("parameter_grads"))
-                for (name, tensor) in module.algorithm.parameters.entries {
-                    let key = "\(module.name).\(name)"
-                    let destination = try TensorTransport.destination(outputs.object[key], path: outputs.at(key), defaultDType: .f32)
-                    try transport.validate(destination, count: tensor.count, path: outputs.at(key))
-                    gradDestinations[key] = destination
-                    gradPaths[key] = outputs.at(key)
+                parameterOutputs = try self.parameterOutputs(module) { key, _ in
+                    (try TensorTransport.destination(outputs.object[key], path: outputs.at(key), defaultDType: .f32), outputs.at(key))
                 }
             }
             seen.insert(id)
-            prepared.append((id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input"),
-                             try call.bool("keep", default: false)))
+            prepared.append(PreparedBackward(id: id, record: record, module: module, gradient: gradient, biasGradient: biasGradient,
+                                             inputDestination: inputDestination, inputPath: call.at("grad_input"),
+                                             parameterOutputs: returnGrads ? parameterOutputs : nil,
+                                             keep: try call.bool("keep", default: false)))
         }
         var results: [JSONValue] = []
-        for (id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
-            var result: JSONObject = [:]
-            let parameterGrads: ParameterSet
-            switch record.kind {
-            case .deltaWeight:
-                parameterGrads = try module.effectiveDeltaWeightBackward(gradient, biasGradient: biasGradient, record.tape)
-            case .delta, .full, .elementwise:
-                let grads = switch record.kind {
-                case .full: try module.backward(record.input, gradOutput: gradient, tape: record.tape)
-                case .elementwise: try module.backwardElementwise(record.input, gradOutput: gradient, tape: record.tape)
-                case .delta, .deltaWeight: try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
-                }
-                parameterGrads = grads.parameters
-                result["grad_input"] = try transport.write(grads.input, to: inputDestination, path: inputPath)
-            }
-            if returnGrads {
-                var grads = JSONObject()
-                for (name, tensor) in parameterGrads.entries {
-                    let key = "\(module.name).\(name)"
-                    grads[key] = try transport.write(tensor, to: gradDestinations[key] ?? .inline(.f32), path: gradPaths[key] ?? key)
-                }
-                result["parameter_grads"] = .object(grads)
-            }
-            if accumulate { accumulateGradients(parameterGrads, module: module.name) }
-            // `keep`: the tape stays for another backward (autograd's retain_graph) until
-            // `tapes.release`.
-            if !keep { pending[id] = nil }
-            results.append(.object(result))
+        for call in prepared {
+            results.append(.object(try runBackward(call, accumulate: accumulate)))
         }
         return ["results": .array(results)]
+    }
+
+    /// One backward call, checked and ready to compute.
+    struct PreparedBackward {
+        let id: Int64
+        let record: PendingCall
+        let module: AdapterModule
+        let gradient: Tensor
+        let biasGradient: Tensor?
+        let inputDestination: TensorTransport.Destination
+        let inputPath: String
+        /// Where each parameter gradient goes, in the module's parameter order; nil: not returned.
+        let parameterOutputs: [ParameterOutput]?
+        let keep: Bool
+    }
+
+    /// A parameter gradient's key (`module.parameter`), destination and parameter path.
+    typealias ParameterOutput = (key: String, destination: TensorTransport.Destination, path: String)
+
+    /// The forward call kept under tape `id` and its module, for a backward of the matching
+    /// kind (`delta_weight_backward` for ΔW tapes); a tape in `seen` counts as unknown.
+    func backwardTarget(_ id: Int64, seen: Set<Int64>, expectDeltaWeight: Bool) throws -> (PendingCall, AdapterModule) {
+        guard let record = pending[id], !seen.contains(id) else { throw RPCError.unknownModule(String(id), kind: "tape") }
+        guard (record.kind == .deltaWeight) == expectDeltaWeight else {
+            throw RPCError.state("tape \(id) belongs to \(record.kind == .deltaWeight ? "delta_weight" : "forward"); use \(record.kind == .deltaWeight ? "delta_weight_backward" : "backward")")
+        }
+        guard let module = try requireNetwork()[record.module] else { throw RPCError.unknownModule(record.module) }
+        return (record, module)
+    }
+
+    /// Checks that a backward's incoming gradient has the shape of what its forward returned.
+    func checkBackwardGradient(_ gradient: Tensor, record: PendingCall, module: AdapterModule, path: String) throws {
+        let expected = switch record.kind {
+        case .deltaWeight: module.layer.weightShape
+        case .elementwise: record.input.shape
+        case .delta, .full: module.layer.outputShape(forInput: record.input.shape)
+        }
+        guard gradient.shape == expected else {
+            throw RPCError.shapeMismatch("\(path) has shape \(gradient.shape), expected \(expected)", path: path)
+        }
+    }
+
+    /// Each of `module`'s parameters with the destination `output(key, index)` gives it,
+    /// checked to fit that parameter's gradient.
+    func parameterOutputs(_ module: AdapterModule,
+                          _ output: (_ key: String, _ index: Int) throws -> (TensorTransport.Destination, String)) throws -> [ParameterOutput] {
+        try module.algorithm.parameters.entries.enumerated().map { index, entry in
+            let key = "\(module.name).\(entry.name)"
+            let (destination, path) = try output(key, index)
+            try transport.validate(destination, count: entry.tensor.count, path: path)
+            return (key, destination, path)
+        }
+    }
+
+    /// Computes a prepared backward call: writes ∂x and the parameter gradients, accumulates
+    /// those (with `accumulate`), consumes the tape unless `keep`; the result object.
+    func runBackward(_ call: PreparedBackward, accumulate: Bool) throws -> JSONObject {
+        let (record, module) = (call.record, call.module)
+        var result: JSONObject = [:]
+        let parameterGrads: ParameterSet
+        switch record.kind {
+        case .deltaWeight:
+            parameterGrads = try module.effectiveDeltaWeightBackward(call.gradient, biasGradient: call.biasGradient, record.tape)
+        case .delta, .full, .elementwise:
+            let grads = switch record.kind {
+            case .full: try module.backward(record.input, gradOutput: call.gradient, tape: record.tape)
+            case .elementwise: try module.backwardElementwise(record.input, gradOutput: call.gradient, tape: record.tape)
+            case .delta, .deltaWeight: try module.backwardDelta(record.input, gradOutput: call.gradient, tape: record.tape)
+            }
+            parameterGrads = grads.parameters
+            result["grad_input"] = try transport.write(grads.input, to: call.inputDestination, path: call.inputPath)
+        }
+        if let outputs = call.parameterOutputs {
+            var grads = JSONObject()
+            for (name, tensor) in parameterGrads.entries {
+                let key = "\(module.name).\(name)"
+                let output = outputs.first { $0.key == key }
+                grads[key] = try transport.write(tensor, to: output?.destination ?? .inline(.f32), path: output?.path ?? key)
+            }
+            result["parameter_grads"] = .object(grads)
+        }
+        if accumulate { accumulateGradients(parameterGrads, module: module.name) }
+        // `keep`: the tape stays for another backward (autograd's retain_graph) until
+        // `tapes.release`.
+        if !call.keep { pending[call.id] = nil }
+        return result
     }
 
     /// A delta_weight_backward call's `grad_bias`, ∂L/∂(m·Δb): only for modules that adapt the

@@ -178,10 +178,11 @@ extension LycorisService {
 
     func networkInfo(_ p: Params) throws -> JSONValue {
         let network = try requireNetwork()
-        let modules: [JSONValue] = network.modules.map { module in
+        let modules: [JSONValue] = network.modules.enumerated().map { handle, module in
             let algorithm = module.algorithm
             return [
                 "name": .string(module.name),
+                "handle": JSONValue(handle),
                 "algorithm": .string(type(of: algorithm).algorithm.rawValue),
                 "layer": Self.layerJSON(module.layer),
                 "rank": algorithm.rank.map { JSONValue($0) } ?? .null,

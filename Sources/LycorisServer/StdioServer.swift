@@ -35,6 +35,12 @@ public enum StdioServer {
         defer { service.releaseAll() }
         while let framed = reader.next() {
             switch framed {
+            case let .message(body, .record):
+                guard let response = service.handleRecord(body) else { break }
+                guard writer.write(response, framing: .record) else {
+                    service.logger.warning("the client stopped reading; exiting")
+                    return 0
+                }
             case let .message(body, framing):
                 if let response = JSONRPCDispatcher.process(body, handler: service.handle) {
                     guard writer.write(response, framing: framing) else {
@@ -42,6 +48,8 @@ public enum StdioServer {
                         return 0
                     }
                 }
+            case let .malformed(reason, .record):
+                guard writer.write(CallRecordWriter.error(id: 0, .parseError(reason)), framing: .record) else { return 0 }
             case let .malformed(reason, framing):
                 let response = JSONRPCDispatcher.errorResponse(id: .null, .parseError(reason))
                 guard writer.write(JanssonCodec.encode(response), framing: framing) else { return 0 }

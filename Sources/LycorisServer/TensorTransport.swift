@@ -28,31 +28,12 @@ struct TensorTransport {
         let p = try Params(value, path: path)
         let dtype = try Self.dtype(try p.string("dtype"), path: p.at("dtype"))
         let shape = try p.ints("shape")
-        guard shape.allSatisfy({ $0 >= 0 }) else { throw RPCError.invalidParams("\(p.at("shape")) has a negative extent", path: p.at("shape")) }
-        var count = 1
-        for extent in shape {
-            let (product, overflow) = count.multipliedReportingOverflow(by: extent)
-            guard !overflow else { throw RPCError.invalidParams("\(p.at("shape")) is too large", path: p.at("shape")) }
-            count = product
-        }
-        let scalars: [Float]
-        var nonFinite: Int?
         switch (p.has("offset"), p.has("data")) {
         case (true, false):
-            guard let arena else { throw RPCError.arena("\(path) refers to the arena, but none exists: call arena.create first", path: path) }
-            let bytes = try arena.bytes(offset: try p.int("offset"), count: count, dtype: dtype, path: path)
-            if dtype == .f32 {
-                // One pass over the arena: copy and count non-finite values together.
-                var bad = 0
-                scalars = [Float](unsafeUninitializedCapacity: count) { out, initialized in
-                    bad = Self.copyCountingNonFinite(from: UnsafeRawPointer(bytes.baseAddress!), into: out.baseAddress!, count: count)
-                    initialized = count
-                }
-                nonFinite = bad
-            } else {
-                scalars = decodeFloats(UnsafeRawBufferPointer(bytes), as: dtype)
-            }
+            return (try readArena(offset: try p.int("offset"), dtype: dtype, shape: shape, path: path, shapePath: p.at("shape"),
+                                  allowNonFinite: allowNonFinite), dtype)
         case (false, true):
+            let count = try Self.elementCount(shape, path: p.at("shape"))
             guard let data = Data(base64Encoded: try p.string("data")) else {
                 throw RPCError.invalidParams("\(p.at("data")) is not valid base64", path: p.at("data"))
             }
@@ -60,16 +41,52 @@ struct TensorTransport {
             guard !overflow, data.count == needed else {
                 throw RPCError.shapeMismatch("\(path) holds \(data.count) bytes; shape \(shape) of \(dtype.rawValue) needs \(overflow ? "more than Int.max" : String(needed))", path: path)
             }
-            scalars = data.withUnsafeBytes { decodeFloats($0, as: dtype) }
+            let tensor = Tensor(shape: shape, scalars: data.withUnsafeBytes { decodeFloats($0, as: dtype) })
+            if !allowNonFinite {
+                let bad = Self.nonFiniteCount(tensor.scalars)
+                if bad > 0 { throw RPCError.nonFinite(path, count: bad) }
+            }
+            return (tensor, dtype)
         default:
             throw RPCError.invalidParams("\(path) needs exactly one of \"offset\" (arena) or \"data\" (base64)", path: path)
         }
-        let tensor = Tensor(shape: shape, scalars: scalars)
-        if !allowNonFinite {
-            let bad = nonFinite ?? Self.nonFiniteCount(scalars)
-            if bad > 0 { throw RPCError.nonFinite(path, count: bad) }
+    }
+
+    /// The element count of `shape`, which must have no negative extent and a product that fits an Int.
+    static func elementCount(_ shape: [Int], path: String) throws -> Int {
+        guard shape.allSatisfy({ $0 >= 0 }) else { throw RPCError.invalidParams("\(path) has a negative extent", path: path) }
+        var count = 1
+        for extent in shape {
+            let (product, overflow) = count.multipliedReportingOverflow(by: extent)
+            guard !overflow else { throw RPCError.invalidParams("\(path) is too large", path: path) }
+            count = product
         }
-        return (tensor, dtype)
+        return count
+    }
+
+    /// Reads the tensor of `shape` and `dtype` at arena `offset` (the descriptor at `path`, its
+    /// shape at `shapePath`); rejects NaN and ±∞ unless `allowNonFinite`.
+    func readArena(offset: Int, dtype: DType, shape: [Int], path: String, shapePath: String,
+                   allowNonFinite: Bool = false) throws -> Tensor {
+        let count = try Self.elementCount(shape, path: shapePath)
+        guard let arena else { throw RPCError.arena("\(path) refers to the arena, but none exists: call arena.create first", path: path) }
+        let bytes = try arena.bytes(offset: offset, count: count, dtype: dtype, path: path)
+        let scalars: [Float]
+        let nonFinite: Int
+        if dtype == .f32 {
+            // One pass over the arena: copy and count non-finite values together.
+            var bad = 0
+            scalars = [Float](unsafeUninitializedCapacity: count) { out, initialized in
+                bad = Self.copyCountingNonFinite(from: UnsafeRawPointer(bytes.baseAddress!), into: out.baseAddress!, count: count)
+                initialized = count
+            }
+            nonFinite = bad
+        } else {
+            scalars = decodeFloats(UnsafeRawBufferPointer(bytes), as: dtype)
+            nonFinite = allowNonFinite ? 0 : Self.nonFiniteCount(scalars)
+        }
+        if !allowNonFinite && nonFinite > 0 { throw RPCError.nonFinite(path, count: nonFinite) }
+        return Tensor(shape: shape, scalars: scalars)
     }
 
     /// Elements that are NaN or ±∞ (all exponent bits set). Branch-free over the bit

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from . import calibration, timestep
+from . import calibration, call_record, timestep
 from . import device as devices
 from .arena import Arena, wire_dtype
 from .nonfinite import NonFiniteError, SkipCall, check_nan_policy, count_non_finite, describe_server_error
@@ -281,7 +281,7 @@ class LycorisNetwork(nn.Module):
         self.transfer_costs: calibration.TransferCosts | None = None
         self._orphaned_tapes: list[int] = []
         # Requests of the per-call path, encoded once per module, shape and kind.
-        self._templates: dict[tuple, RequestTemplate] = {}
+        self._templates: dict[tuple, RequestTemplate | call_record.RecordTemplate] = {}
         # Weight-path modules in the order of their first use; the ΔWs fetched with tapes for
         # this step, not used yet; the modules fetched this step (see weight_delta).
         self._weight_order: dict[str, None] = {}
@@ -343,6 +343,7 @@ class LycorisNetwork(nn.Module):
         shape is kept and receives the new value in place (its dtype and device stay), so an
         optimizer that holds it stays valid."""
         self.modules_info = {m["name"]: m for m in info["modules"]}
+        self._templates.clear()  # (binary call records name modules by handle, which this info gives)
         self._mask_version = -1  # (a loaded file may bring T-LoRA modules: send the mask again)
         self._bias_deltas = {m["name"] for m in info["modules"]
                              if (m["algorithm"] == "norms" and m["layer"].get("has_bias", False))
@@ -456,6 +457,9 @@ class LycorisNetwork(nn.Module):
         sent in the same write as the next request (no round trip, no write of its own)."""
         if self._orphaned_tapes:
             tapes, self._orphaned_tapes[:] = list(self._orphaned_tapes), []
+            if self.server.call_records:
+                self.server.queue_encoded(call_record.tapes_release(tapes))
+                return
             # (Encoded by hand: a list of integers, once per call of the per-call path.)
             self.server.queue_encoded(b'{"jsonrpc":"2.0","method":"tapes.release","params":{"tapes":[%s]}}\n'
                                       % ",".join(map(str, tapes)).encode())
@@ -612,22 +616,32 @@ class LycorisNetwork(nn.Module):
         output, delta = self._output(output_shape, dtype, x.device)
         key = ("forward", name, tuple(x.shape), dtype, tuple(output_shape), keep_tape, elementwise)
         template = self._templates.get(key)
-        if template is None:
+        if template is None and self.server.call_records:
+            flags = (call_record.FORWARD_GRAD if keep_tape else 0) | (call_record.FORWARD_ELEMENTWISE if elementwise else 0)
+            template = self._template(key, call_record.forward_template(
+                self.modules_info[name]["handle"], flags, source["dtype"], source["shape"], output["dtype"]))
+        elif template is None:
             call = {"module": name, "input": {**source, "offset": Slot(0)}, "output": {**output, "offset": Slot(1)}}
             if elementwise:
                 call["elementwise"] = True
-            template = self._template(key, "forward", {"calls": [call], "grad": keep_tape})
-        result = self._checked_call("forward", template, source["offset"], output["offset"])["results"][0]
+            template = self._template(key, RequestTemplate("forward", {"calls": [call], "grad": keep_tape}))
+        result = self._checked_call("forward", template, source["offset"], output["offset"])
+        if isinstance(template, call_record.RecordTemplate):
+            tape = call_record.FORWARD_RESULT.unpack_from(result)[0] or None
+            result = {"output": {**output, "shape": list(output_shape)}, "tape": tape}
+        else:
+            result = result["results"][0]
         if delta is None:
             delta = self.arena.take(result["output"], x.device)
         return delta, result.get("tape")
 
-    def _template(self, key: tuple, method: str, params: dict) -> RequestTemplate:
-        """Encodes and keeps a per-call request (at most :data:`_TEMPLATES` of them: inputs
-        of ever new shapes start the cache afresh)."""
+    def _template(self, key: tuple, template):
+        """Keeps a per-call request encoded once (a JSON :class:`RequestTemplate` or a
+        binary :class:`call_record.RecordTemplate`; at most :data:`_TEMPLATES` of them:
+        inputs of ever new shapes start the cache afresh)."""
         if len(self._templates) >= _TEMPLATES:
             self._templates.clear()
-        template = self._templates[key] = RequestTemplate(method, params)
+        self._templates[key] = template
         return template
 
     def _output(self, shape, dtype: torch.dtype, device: torch.device | None) -> tuple[dict, torch.Tensor | None]:
@@ -653,16 +667,27 @@ class LycorisNetwork(nn.Module):
         grad_outputs = [self._output(p.shape, torch.float32, grads_device) for p in params]
         key = ("backward", name, tuple(grad_output.shape), dtype, tuple(shape))
         template = self._templates.get(key)
-        if template is None:
+        if template is None and self.server.call_records:
+            template = self._template(key, call_record.backward_template(
+                call_record.BACKWARD_KEEP | call_record.BACKWARD_PARAMETER_GRADS, source["dtype"], source["shape"],
+                input_spec["dtype"], len(keys)))
+        elif template is None:
             call = {
                 "tape": Slot(0), "keep": True,
                 "grad_output": {**source, "offset": Slot(1)},
                 "grad_input": {**input_spec, "offset": Slot(2)},
                 "parameter_grads": {k: {**spec, "offset": Slot(3 + i)} for i, (k, (spec, _)) in enumerate(zip(keys, grad_outputs))},
             }
-            template = self._template(key, "backward", {"calls": [call], "return_parameter_grads": True, "accumulate": False})
+            template = self._template(key, RequestTemplate("backward", {"calls": [call], "return_parameter_grads": True,
+                                                                        "accumulate": False}))
         result = self._checked_call("backward", template, tape, source["offset"], input_spec["offset"],
-                                    *[spec["offset"] for spec, _ in grad_outputs])["results"][0]
+                                    *[spec["offset"] for spec, _ in grad_outputs])
+        if isinstance(template, call_record.RecordTemplate):
+            # The outputs lie where the record put them.
+            result = {"grad_input": {**input_spec, "shape": list(shape)},
+                      "parameter_grads": {k: {**spec, "shape": list(p.shape)} for k, (spec, _), p in zip(keys, grad_outputs, params)}}
+        else:
+            result = result["results"][0]
         if grad_input is None:
             grad_input = self.arena.take(result["grad_input"], device)
         if any(tensor is None for _, tensor in grad_outputs):
@@ -674,10 +699,12 @@ class LycorisNetwork(nn.Module):
     # MARK: non-finite values
 
     def _checked_call(self, method: str, params, *values: int):
-        """A compute call (`params` a dict, or a :class:`RequestTemplate` that `values`
-        fill) whose -32004 (a non-finite input or gradient) becomes :class:`NonFiniteError`
+        """A compute call (`params` a dict, or a :class:`RequestTemplate` or binary
+        :class:`call_record.RecordTemplate` that `values` fill) whose -32004 (a non-finite input or gradient) becomes :class:`NonFiniteError`
         or, under skip_step, :class:`SkipCall`."""
         try:
+            if isinstance(params, call_record.RecordTemplate):
+                return self.server.call_record(method, params, *values)
             if isinstance(params, RequestTemplate):
                 return self.server.call_encoded(method, params, *values)
             return self.server.call(method, params)

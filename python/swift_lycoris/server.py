@@ -1,5 +1,6 @@
 """The lycoris-server process: finding it, starting it, and calling it (JSON-RPC 2.0 over
-its stdin/stdout, one JSON text per line).
+its stdin/stdout, one JSON text per line; ``forward``/``backward`` of one layer as binary
+call records where the server offers them, see :mod:`.call_record`).
 
 The server's stderr is forwarded to Python logging (logger ``swift_lycoris.server``). If the
 server dies, the pending or next call raises :class:`ServerDied` with the tail of its
@@ -19,6 +20,9 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
+
+from . import call_record
+from .call_record import Slot
 
 log = logging.getLogger("swift_lycoris.server")
 
@@ -107,11 +111,6 @@ def _forward_stderr(stream, tail: collections.deque) -> None:
         log.info("%s", line)
 
 
-class Slot(int):
-    """An integer a :class:`RequestTemplate` fills in at each call (its value: the slot's
-    position among the values)."""
-
-
 class RequestTemplate:
     """A request encoded once: JSON text with the id and every :class:`Slot` left as
     ``%d``, so that a call formats integers into it instead of encoding a dict (the per-call
@@ -151,9 +150,12 @@ class Server:
     """One running lycoris-server, owned by this object (it ends with :meth:`close`)."""
 
     def __init__(self, binary: str | None = None, threads: int | None = None, arena_dir: str | None = None,
-                 cuda_library_dirs: list[str] | None = None):
+                 cuda_library_dirs: list[str] | None = None, call_records: bool | None = None):
         """``cuda_library_dirs``: ask the server to probe CUDA with these folders searched first
-        (``cuda_libraries.torch_library_dirs()``); the report is ``info["capabilities"]["cuda"]``."""
+        (``cuda_libraries.torch_library_dirs()``); the report is ``info["capabilities"]["cuda"]``.
+        ``call_records``: send the per-layer calls as binary call records when the server
+        offers them (default: yes, unless ``$SWIFT_LYCORIS_JSON_CALLS`` is ``1``); False keeps
+        every call JSON-RPC. :attr:`call_records` says what was chosen."""
         self.binary = binary or find_server()
         args = [self.binary]
         if threads:
@@ -183,6 +185,10 @@ class Server:
         if cuda_library_dirs is not None:
             handshake["cuda"] = {"library_dirs": list(cuda_library_dirs)}
         self.info = self.call("initialize", handshake)
+        if call_records is None:
+            call_records = os.environ.get("SWIFT_LYCORIS_JSON_CALLS", "") != "1"
+        offered = self.info.get("capabilities", {}).get("call_record") or {}
+        self.call_records = bool(call_records) and offered.get("version") == call_record.VERSION
 
     def _died(self) -> ServerDied:
         try:
@@ -211,6 +217,23 @@ class Server:
             line = self._exchange(template.fill(next(self._ids), values))
         return self._result(method, line)
 
+    def call_record(self, method: str, template: "call_record.RecordTemplate", *values: int) -> bytes:
+        """One binary call record (:mod:`.call_record`): `values` fill its slots; the body of
+        the response record (after its header). An error record raises :class:`ServerError`
+        with the error object it carries."""
+        with self._lock:
+            request_id = next(self._ids)
+            self._send(template.fill(request_id, values))
+            record = self._read_record()
+        _, _, status, length, answered = call_record.HEADER.unpack_from(record)
+        if status != call_record.OK:
+            code, size = call_record.ERROR_BODY.unpack_from(record, call_record.HEADER.size)
+            start = call_record.HEADER.size + call_record.ERROR_BODY.size
+            raise ServerError(method, json.loads(record[start: start + size]))
+        if answered != request_id:
+            raise ServerError(method, {"code": -32603, "message": f"response record for id {answered}, expected {request_id}"})
+        return record[call_record.HEADER.size:]
+
     @staticmethod
     def _result(method: str, line: bytes):
         response = json.loads(line)
@@ -225,7 +248,8 @@ class Server:
             self._send(json.dumps(message, separators=(",", ":")).encode() + b"\n")
 
     def queue_encoded(self, notification: bytes) -> None:
-        """A notification (one JSON text and its newline, encoded) sent with the next
+        """A notification (one JSON text and its newline, encoded, or a call record that is
+        never answered) sent with the next
         request, in the same write: one system call and one wake-up of the server fewer than
         :meth:`notify`; the server handles it first."""
         with self._lock:
@@ -249,27 +273,46 @@ class Server:
             raise self._died() from None
 
     def _read_line(self) -> bytes:
-        """The next response line, read with os.read into our own buffer. The pipe is
-        non-blocking: the answer is usually there when the write returns (the server ran
-        meanwhile); else select with a 1 s timeout between reads, so a dead server is noticed
-        promptly."""
-        fd = self._stdout
+        """The next response line, read with os.read into our own buffer."""
         while True:
             newline = self._buffer.find(b"\n")
             if newline >= 0:
                 line = bytes(self._buffer[:newline])
                 del self._buffer[: newline + 1]
                 return line
-            try:
-                chunk = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                ready, _, _ = select.select([fd], [], [], 1.0)
-                if not ready and self._process.poll() is not None:
-                    raise self._died() from None
-                continue
-            if not chunk:
-                raise self._died()
-            self._buffer += chunk
+            self._fill()
+
+    def _read_record(self) -> bytes:
+        """The next response record (header included), as its header's length says."""
+        header = call_record.HEADER.size
+        while True:
+            if len(self._buffer) >= header:
+                if self._buffer[0] != call_record.MAGIC:
+                    raise ServerDied(f"lycoris-server answered a call record with {bytes(self._buffer[:40])!r}")
+                length = int.from_bytes(self._buffer[4:8], "little")
+                if len(self._buffer) >= length:
+                    record = bytes(self._buffer[:length])
+                    del self._buffer[:length]
+                    return record
+            self._fill()
+
+    def _fill(self) -> None:
+        """Reads what the server wrote into our buffer. The pipe is non-blocking: the answer
+        is usually there when the write returns (the server ran meanwhile); else select with
+        a 1 s timeout between reads, so a dead server is noticed promptly. (Polling the pipe
+        for up to 30 or 100 µs before select did not pay: bench/README.md §6, "Binary call
+        record".)"""
+        fd = self._stdout
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready and self._process.poll() is not None:
+                raise self._died() from None
+            return
+        if not chunk:
+            raise self._died()
+        self._buffer += chunk
 
     @property
     def pid(self) -> int:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import gc
 import json
+import struct
 
 import torch
 from torch import nn
 
 from _sl_oracle import sl
+from swift_lycoris import call_record
 from swift_lycoris import server as server_module
 from swift_lycoris.server import RequestTemplate, Slot
 
@@ -86,27 +88,30 @@ def test_a_freed_block_is_reused():
 
 def test_an_input_already_in_the_arena_is_sent_in_place(monkeypatch):
     _, network, name = _network()
-    sent = []
-    encoded = network.server.call_encoded
+    sent = []  # the input offset of each call, from the binary record or the JSON request
+    checked = network._checked_call
 
     def spy(method, template, *values):
-        sent.append(json.loads(template.fill(0, values))["params"])
-        return encoded(method, template, *values)
+        encoded = template.fill(0, values)
+        if isinstance(template, call_record.RecordTemplate):
+            sent.append(struct.unpack_from("<Q", encoded, 24)[0])  # forward's input.offset
+        else:
+            sent.append(json.loads(encoded)["params"]["calls"][0]["input"]["offset"])
+        return checked(method, template, *values)
 
-    monkeypatch.setattr(network.server, "call_encoded", spy)
+    monkeypatch.setattr(network, "_checked_call", spy)
     try:
         y = _delta(network, name, torch.randn(4, 16))
         assert _in_arena(network, y)
         sent.clear()
         z = _delta(network, name, y)
-        (call,) = sent[0]["calls"]
-        assert call["input"]["offset"] == y.data_ptr() - network.arena._base, "the arena input was copied"
+        assert sent[0] == y.data_ptr() - network.arena._base, "the arena input was copied"
         torch.testing.assert_close(z, _expected(network, name, y.clone()), rtol=1e-5, atol=1e-6)
         # A non-contiguous view of an arena tensor is copied (its elements are not one span).
         rows = y[::2]
         sent.clear()
         t = _delta(network, name, rows)
-        assert sent[0]["calls"][0]["input"]["offset"] != rows.data_ptr() - network.arena._base
+        assert sent[0] != rows.data_ptr() - network.arena._base
         torch.testing.assert_close(t, _expected(network, name, rows.clone()), rtol=1e-5, atol=1e-6)
     finally:
         network.close()
@@ -166,9 +171,15 @@ def test_orphaned_tapes_travel_in_the_next_requests_write(monkeypatch):
         model(x).backward(g)  # step 2: forward + backward, two writes, the release in the first
         monkeypatch.undo()
         assert len(writes) == 2, [w[:60] for w in writes]
-        first = writes[0].split(b"\n")
-        assert json.loads(first[0]) == {"jsonrpc": "2.0", "method": "tapes.release", "params": {"tapes": [tape]}}
-        assert json.loads(first[1])["method"] == "forward"
+        if network.server.call_records:
+            release = call_record.tapes_release([tape])
+            assert writes[0].startswith(release), writes[0][:40]
+            request = writes[0][len(release):]
+            assert request[0] == call_record.MAGIC and request[2] == call_record.FORWARD, request[:16]
+        else:
+            release, request = writes[0].split(b"\n", 1)
+            assert json.loads(release) == {"jsonrpc": "2.0", "method": "tapes.release", "params": {"tapes": [tape]}}
+            assert json.loads(request)["method"] == "forward"
         gc.collect()
         # Step 1's tape is gone on the server; step 2's is pending until the next request.
         assert network.server.call("tapes.release", {"tapes": []})["pending"] == 1

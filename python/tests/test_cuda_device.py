@@ -47,10 +47,12 @@ def test_two_steps_on_the_gpu_match_lycoris_on_the_cpu(algo, options):
     base, ref_model, lyco, our_model, ours = _on_gpu(algo, **options)
     try:
         methods = []
-        original, encoded = ours.server.call, ours.server.call_encoded
+        original, encoded, record = ours.server.call, ours.server.call_encoded, ours.server.call_record
         ours.server.call = lambda method, params=None: (methods.append(method), original(method, params))[1]
         ours.server.call_encoded = lambda method, template, *values: (methods.append(method),
                                                                       encoded(method, template, *values))[1]
+        ours.server.call_record = lambda method, template, *values: (methods.append(method),
+                                                                    record(method, template, *values))[1]
         x, upstream = inputs()
         for step in range(2):
             methods.clear()

@@ -52,7 +52,8 @@ class CallLog:
 
     def __init__(self, network):
         self.methods: list[str] = []
-        server, original, encoded = network.server, network.server.call, network.server.call_encoded
+        server = network.server
+        original, encoded, record = server.call, server.call_encoded, server.call_record
 
         def call(method, params=None):
             self.methods.append(method)
@@ -62,7 +63,11 @@ class CallLog:
             self.methods.append(method)
             return encoded(method, template, *values)
 
-        server.call, server.call_encoded = call, call_encoded
+        def call_record(method, template, *values):  # the same as binary call records
+            self.methods.append(method)
+            return record(method, template, *values)
+
+        server.call, server.call_encoded, server.call_record = call, call_encoded, call_record
 
     def count(self, method: str) -> int:
         return self.methods.count(method)

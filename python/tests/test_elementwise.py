@@ -9,9 +9,11 @@ adapted layer took the elementwise transfer, no ΔW was fetched).
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 import torch
+from swift_lycoris import call_record
 
 from _sl_oracle import assert_step_matches, inputs, make_pair, run, sgd_step, sl
 
@@ -24,8 +26,14 @@ def _record_calls(network):
     checked = network._checked_call
 
     def recording(method, params, *values):
-        # A per-call request comes as a RequestTemplate and the integers it is filled with.
-        calls.append((method, params if isinstance(params, dict) else json.loads(params.fill(0, values))["params"]))
+        # A per-call request comes as a template (a binary call record's or a JSON
+        # RequestTemplate) and the integers it is filled with; a forward record's flags are
+        # recorded as its JSON form's "elementwise".
+        if isinstance(params, call_record.RecordTemplate):
+            flags = struct.unpack_from("<I", params.fill(0, values), 20)[0]
+            calls.append((method, {"calls": [{"elementwise": bool(flags & call_record.FORWARD_ELEMENTWISE)}]}))
+        else:
+            calls.append((method, params if isinstance(params, dict) else json.loads(params.fill(0, values))["params"]))
         return checked(method, params, *values)
 
     network._checked_call = recording

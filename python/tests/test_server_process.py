@@ -10,12 +10,14 @@ import logging
 import os
 import signal
 import stat
+import struct
 import sys
 import textwrap
 import time
 
 import pytest
 import torch
+from swift_lycoris import call_record
 from torch import nn
 
 from _sl_oracle import base_model, inputs, make_pair, run, sl
@@ -58,14 +60,28 @@ def _process_gone(pid: int) -> bool:
 
 
 class _CallSpy:
-    """Wraps Server.call and call_encoded on one instance and records (method, params,
-    result); an encoded request's params are decoded from its text."""
+    """Wraps Server.call, call_encoded and call_record on one instance and records (method,
+    params, result); an encoded request's params are decoded from its text, a binary call
+    record's as far as these tests read them (forward's grad flag and tape, backward's tape)."""
 
     def __init__(self, server):
         self.calls = []
-        self._call, self._call_encoded = server.call, server.call_encoded
+        self._call, self._call_encoded, self._call_record = server.call, server.call_encoded, server.call_record
         server.call = self
         server.call_encoded = self.encoded
+        server.call_record = self.record
+
+    def record(self, method, template, *values):
+        body = self._call_record(method, template, *values)
+        request = template.fill(0, values)
+        if method == "forward":
+            flags = struct.unpack_from("<I", request, 20)[0]
+            tape = call_record.FORWARD_RESULT.unpack_from(body)[0]
+            self.calls.append((method, {"grad": bool(flags & call_record.FORWARD_GRAD)},
+                               {"results": [{"tape": tape} if tape else {}]}))
+        else:
+            self.calls.append((method, {"calls": [{"tape": struct.unpack_from("<Q", request, 16)[0]}]}, None))
+        return body
 
     def __call__(self, method, params=None):
         result = self._call(method, params)

@@ -26,13 +26,19 @@ LR = 0.05
 
 
 class _MethodCounter:
-    """Counts the server calls of one network by method."""
+    """Counts the server calls of one network by method (JSON, encoded or binary records)."""
 
     def __init__(self, network):
         self.counts: dict[str, int] = {}
-        self._call, self._call_encoded = network.server.call, network.server.call_encoded
+        server = network.server
+        self._call, self._call_encoded, self._call_record = server.call, server.call_encoded, server.call_record
         network.server.call = self
         network.server.call_encoded = self.encoded
+        network.server.call_record = self.record
+
+    def record(self, method, template, *values):
+        self.counts[method] = self.counts.get(method, 0) + 1
+        return self._call_record(method, template, *values)
 
     def __call__(self, method, params=None):
         self.counts[method] = self.counts.get(method, 0) + 1
