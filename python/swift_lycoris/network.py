@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import weakref
 from typing import Iterable, Iterator
 
@@ -47,6 +48,10 @@ _DELTA_GROUP_BYTES = 256 << 20
 
 # Per-call requests kept encoded (RequestTemplate), per module, shape and kind.
 _TEMPLATES = 4096
+
+# Activation-path calls of a module (per input shape) observed before their time replaces the
+# calibrated estimate in the transfer choice (the first pays one-time costs).
+_OBSERVED_CALLS = 2
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -146,7 +151,9 @@ class AdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, network: "LycorisNetwork", name: str, output_shape: torch.Size, elementwise: bool, x: torch.Tensor,
                 *params):
+        start = time.perf_counter()
         delta, tape = network._server_forward(name, x, output_shape, True, elementwise)
+        ctx.forward_seconds = None if elementwise else time.perf_counter() - start
         ctx.network, ctx.name, ctx.tape = network, name, tape
         ctx.parameter_count = len(params)
         ctx.input_meta = (x.shape, x.dtype, x.device)
@@ -156,10 +163,13 @@ class AdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        start = time.perf_counter()
         try:
             grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
         except SkipCall:
             return (None, None, None, None, None) + (None,) * ctx.parameter_count
+        if ctx.forward_seconds is not None:
+            ctx.network._observe_activations(ctx.name, ctx.input_meta[0], ctx.forward_seconds + time.perf_counter() - start)
         param_grads = [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
         return (None, None, None, None, grad_input, *param_grads)
 
@@ -279,6 +289,11 @@ class LycorisNetwork(nn.Module):
         # What each transfer costs here (calibration.TransferCosts), measured at the first
         # choice transfer="auto" makes; assign one to override the measurement.
         self.transfer_costs: calibration.TransferCosts | None = None
+        # Activation-path forward + backward calls observed per (module, input shape):
+        # (count, fastest seconds of the two server calls with their copies; AdapterFunction).
+        # From the second call on (the first pays one-time costs: templates, first-touched
+        # pages) the fastest stands for the calibrated estimate of the activations' cost.
+        self._observed_activations: dict[tuple[str, tuple[int, ...]], tuple[int, float]] = {}
         self._orphaned_tapes: list[int] = []
         # Requests of the per-call path, encoded once per module, shape and kind.
         self._templates: dict[tuple, RequestTemplate] = {}
@@ -554,9 +569,12 @@ class LycorisNetwork(nn.Module):
 
     def _weights_cheaper(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
         """Whether moving ΔW costs less than moving activations, by the costs measured on this
-        machine (:mod:`.calibration`): activations two round trips and 3·(|x| + |y|) element
-        copies, plus — for a module without a cheaper factor path (``factor_path`` false) —
-        the two op(x, ΔW) more that the server computes; weights 3·|W| copies."""
+        machine (:mod:`.calibration`): activations two round trips, 3·(|x| + |y|) element
+        copies and the server's adapter math — 3 passes of the factor path
+        (``factor_multiply_adds`` per position) or, without one, of op(x, ΔW), or, once this
+        module has run the activation path on inputs of this shape, the fastest such call
+        observed; weights 3·|W| copies and the ∂W GEMM torch then computes (|W| per
+        position)."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -573,12 +591,29 @@ class LycorisNetwork(nn.Module):
             inputs = outputs = layer.weight.numel()
         else:
             inputs, outputs = layer.in_channels, layer.out_channels
-        # op(x, W) costs |W| multiply-adds per position (per row of a Linear's input).
-        server_multiply_adds = 0 if self.modules_info[name]["factor_path"] else 2 * x.numel() / inputs * layer.weight.numel()
-        activations = self.transfer_costs.activations(x.numel(), x.numel() * outputs / inputs, server_multiply_adds)
-        weights = self.transfer_costs.weights(layer.weight.numel())
+        # Output positions: rows of a Linear's input (|W| multiply-adds each for op(x, W)),
+        # and as many for a convolution ('same' geometry: |y|/out ≈ |x|/in).
+        positions = x.numel() / inputs
+        count, observed = self._observed_activations.get((name, tuple(x.shape)), (0, None))
+        if count >= _OBSERVED_CALLS:
+            activations = observed
+        else:
+            # The server's math at torch's GEMM rate: a lower bound (the engine's small
+            # factor GEMMs run slower), so an activation path the estimate picks wrongly is
+            # put right by its first observed call, and one it rejects would lose anyway.
+            per_position = self.modules_info[name].get("factor_multiply_adds") or layer.weight.numel()
+            activations = self.transfer_costs.activations(x.numel(), positions * outputs, 3 * positions * per_position)
+        weights = self.transfer_costs.weights(layer.weight.numel(), positions * layer.weight.numel())
         self.modules_info[name]["transfer_costs_ms"] = {"activations": activations * 1e3, "weights": weights * 1e3}
+        self.modules_info[name]["activations_observed"] = count >= _OBSERVED_CALLS
         return weights < activations
+
+    def _observe_activations(self, name: str, shape: torch.Size, seconds: float) -> None:
+        """Keeps the fastest activation-path forward + backward of module `name` on inputs of
+        `shape` (see :meth:`_weights_cheaper`)."""
+        key = (name, tuple(shape))
+        count, fastest = self._observed_activations.get(key, (0, seconds))
+        self._observed_activations[key] = (count + 1, min(seconds, fastest))
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the
