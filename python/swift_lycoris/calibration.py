@@ -12,8 +12,11 @@ output positions (rows of a Linear's input, pixels of a convolution's output):
   multiply-adds), or, without a factor path, op(x, ΔW), its ∂x and ∂ΔW (3·P·|W|);
 - weights: ΔW written in place, ∂ΔW copied in and read, 3·|W| copies; their round trips are
   shared by a whole group of modules, so none is counted; torch computes ∂W of
-  op(x, W0 + m·ΔW) — a GEMM of P·|W| multiply-adds the frozen base layer alone never does
-  (the forward and ∂x replace the base layer's own).
+  op(x, W0 + m·ΔW) — P·|W| multiply-adds, as many as the layer's forward, which the frozen
+  base layer alone never does (the forward and ∂x replace the base layer's own).
+
+The network replaces these estimates by what it observes (``LycorisNetwork._weights_cheaper``):
+the activation path's server calls, and the layer's own forward as the measure of ∂W.
 """
 
 from __future__ import annotations
@@ -46,10 +49,10 @@ class TransferCosts:
         `outputs` of y, and `server_multiply_adds` the server computes (forward + backward)."""
         return 2 * self.round_trip + 3 * (inputs + outputs) * self.copy + server_multiply_adds * self.multiply_add
 
-    def weights(self, weight_elements: int, client_multiply_adds: float) -> float:
+    def weights(self, weight_elements: int, gradient_seconds: float) -> float:
         """Seconds of the weight transfer for a layer whose ΔW has `weight_elements`, with
-        `client_multiply_adds` torch computes for ∂W."""
-        return 3 * weight_elements * self.copy + client_multiply_adds * self.multiply_add
+        `gradient_seconds` torch spends on ∂W."""
+        return 3 * weight_elements * self.copy + gradient_seconds
 
     def describe(self) -> dict:
         return {"round_trip_us": self.round_trip * 1e6, "copy_ns_per_element": self.copy * 1e9,

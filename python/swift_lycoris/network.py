@@ -107,6 +107,12 @@ def _explicit_padding(conv: nn.Module) -> list[int] | None:
     return [t // 2 for t in total] if all(t % 2 == 0 for t in total) else None
 
 
+def _keep_fastest(observed: dict, key, seconds: float) -> None:
+    """observed[key] = (count + 1, the fastest of the seconds seen) (see _weights_cheaper)."""
+    count, fastest = observed.get(key, (0, seconds))
+    observed[key] = (count + 1, min(seconds, fastest))
+
+
 def _forward_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The layer's own operation with another weight and bias."""
     if isinstance(layer, nn.Linear):
@@ -289,11 +295,13 @@ class LycorisNetwork(nn.Module):
         # What each transfer costs here (calibration.TransferCosts), measured at the first
         # choice transfer="auto" makes; assign one to override the measurement.
         self.transfer_costs: calibration.TransferCosts | None = None
-        # Activation-path forward + backward calls observed per (module, input shape):
-        # (count, fastest seconds of the two server calls with their copies; AdapterFunction).
-        # From the second call on (the first pays one-time costs: templates, first-touched
-        # pages) the fastest stands for the calibrated estimate of the activations' cost.
+        # What the transfer choice observes per (module, input shape), as (count, fastest
+        # seconds): the activation path's two server calls with their copies
+        # (AdapterFunction), and the layer's own forward op(x, W) on either path (CPU). From
+        # the second observation on (the first pays one-time costs: templates, first-touched
+        # pages, oneDNN's primitives) the fastest replaces the calibrated estimate.
         self._observed_activations: dict[tuple[str, tuple[int, ...]], tuple[int, float]] = {}
+        self._observed_operations: dict[tuple[str, tuple[int, ...]], tuple[int, float]] = {}
         self._orphaned_tapes: list[int] = []
         # Requests of the per-call path, encoded once per module, shape and kind.
         self._templates: dict[tuple, RequestTemplate] = {}
@@ -521,8 +529,11 @@ class LycorisNetwork(nn.Module):
                 # A Full file's diff_b on a layer without a bias is the bias (as in LyCORIS).
                 delta = delta_bias[0].to(weight.device, weight.dtype)
                 bias = delta if bias is None else bias + delta.to(bias.dtype)
-            return _forward_with(layer, x, weight, bias)
-        base = original(x, *args, **kwargs)
+            return self._timed_operation(name, x, lambda: _forward_with(layer, x, weight, bias))
+        if args or kwargs:
+            base = original(x, *args, **kwargs)
+        else:
+            base = self._timed_operation(name, x, lambda: original(x))
         return base + self.adapter_delta(name, x, base)
 
     def _elementwise_side(self, name: str, layer: nn.Module, original) -> str | None:
@@ -573,8 +584,8 @@ class LycorisNetwork(nn.Module):
         copies and the server's adapter math — 3 passes of the factor path
         (``factor_multiply_adds`` per position) or, without one, of op(x, ΔW), or, once this
         module has run the activation path on inputs of this shape, the fastest such call
-        observed; weights 3·|W| copies and the ∂W GEMM torch then computes (|W| per
-        position)."""
+        observed; weights 3·|W| copies and the ∂W torch then computes (|W| multiply-adds per
+        position at the calibrated GEMM rate, or the layer's fastest observed forward)."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -594,7 +605,8 @@ class LycorisNetwork(nn.Module):
         # Output positions: rows of a Linear's input (|W| multiply-adds each for op(x, W)),
         # and as many for a convolution ('same' geometry: |y|/out ≈ |x|/in).
         positions = x.numel() / inputs
-        count, observed = self._observed_activations.get((name, tuple(x.shape)), (0, None))
+        key = (name, tuple(x.shape))
+        count, observed = self._observed_activations.get(key, (0, None))
         if count >= _OBSERVED_CALLS:
             activations = observed
         else:
@@ -603,17 +615,31 @@ class LycorisNetwork(nn.Module):
             # put right by its first observed call, and one it rejects would lose anyway.
             per_position = self.modules_info[name].get("factor_multiply_adds") or layer.weight.numel()
             activations = self.transfer_costs.activations(x.numel(), positions * outputs, 3 * positions * per_position)
-        weights = self.transfer_costs.weights(layer.weight.numel(), positions * layer.weight.numel())
+        # ∂W costs what the layer's forward costs (P·|W| multiply-adds, torch's kernels for
+        # this layer: a convolution's run faster than the calibration's GEMM).
+        operations, operation = self._observed_operations.get(key, (0, None))
+        if operations < _OBSERVED_CALLS:
+            operation = positions * layer.weight.numel() * self.transfer_costs.multiply_add
+        weights = self.transfer_costs.weights(layer.weight.numel(), operation)
         self.modules_info[name]["transfer_costs_ms"] = {"activations": activations * 1e3, "weights": weights * 1e3}
         self.modules_info[name]["activations_observed"] = count >= _OBSERVED_CALLS
+        self.modules_info[name]["gradient_observed"] = operations >= _OBSERVED_CALLS
         return weights < activations
 
     def _observe_activations(self, name: str, shape: torch.Size, seconds: float) -> None:
         """Keeps the fastest activation-path forward + backward of module `name` on inputs of
         `shape` (see :meth:`_weights_cheaper`)."""
-        key = (name, tuple(shape))
-        count, fastest = self._observed_activations.get(key, (0, seconds))
-        self._observed_activations[key] = (count + 1, min(seconds, fastest))
+        _keep_fastest(self._observed_activations, (name, tuple(shape)), seconds)
+
+    def _timed_operation(self, name: str, x: torch.Tensor, forward):
+        """forward() — the layer's own op(x, W) on either path — timed for the transfer
+        choice when it makes one (``transfer="auto"``, a CPU input)."""
+        if self.transfer != "auto" or x.device.type != "cpu":
+            return forward()
+        start = time.perf_counter()
+        y = forward()
+        _keep_fastest(self._observed_operations, (name, tuple(x.shape)), time.perf_counter() - start)
+        return y
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the

@@ -133,25 +133,54 @@ def test_costs_are_measured_at_the_first_choice():
 
 
 def test_observed_activation_calls_replace_the_estimate():
-    """With every injected cost zero the estimate ties and the activations are taken (the
-    weights only when strictly cheaper). From the second observed activation-path call on
-    (the first pays one-time costs), the fastest observed forward + backward — real time,
-    more than zero — stands for the activations' estimate, and the weights (still estimated
-    at zero) win."""
+    """With every injected cost zero the estimates tie and the activations are taken (the
+    weights only when strictly cheaper). From the second observation on (the first pays
+    one-time costs) the fastest observed activation-path forward + backward (two server
+    calls) stands for the activations' cost and the fastest observed forward of the layer
+    for the weights' ∂W — real times, both above zero — and the choice follows them."""
     model, network = _network()
     (name,) = network.modules_info
+    key = (name, (1, TOKENS, IN))
     try:
         network.transfer_costs = calibration.TransferCosts(round_trip=0.0, copy=0.0, multiply_add=0.0)
         for _ in range(2):
             methods = _step(model, network)
             assert "forward" in methods and "delta_weight" not in methods
             assert network.modules_info[name]["activations_observed"] is False
-        count, fastest = network._observed_activations[(name, (1, TOKENS, IN))]
-        assert count == 2 and fastest > 0
+        count, server_calls = network._observed_activations[key]
+        operations, operation = network._observed_operations[key]
+        assert count == 2 and operations == 2 and server_calls > 0 and operation > 0
         methods = _step(model, network)
-        assert "delta_weight" in methods and "forward" not in methods
-        assert network.modules_info[name]["transfer"] == "weights"
-        assert network.modules_info[name]["activations_observed"] is True
-        assert math.isclose(network.modules_info[name]["transfer_costs_ms"]["activations"], fastest * 1e3)
+        weights = operation < server_calls
+        assert ("delta_weight" in methods) is weights and ("forward" in methods) is not weights
+        info = network.modules_info[name]
+        assert info["transfer"] == ("weights" if weights else "activations")
+        assert info["activations_observed"] and info["gradient_observed"]
+        assert math.isclose(info["transfer_costs_ms"]["activations"], server_calls * 1e3)
+        assert math.isclose(info["transfer_costs_ms"]["weights"], operation * 1e3)
+    finally:
+        network.close()
+
+
+def test_the_weight_paths_forward_is_observed_as_the_cost_of_dw():
+    """On the weight path the layer's op(x, W0 + ΔW) is timed too: from the second step the
+    weights' cost is 3·|W| copies plus its fastest observed forward instead of P·|W|
+    multiply-adds at the calibrated rate (here an absurd 1 ms each, 8 s for the step's ∂W,
+    which the observation must replace)."""
+    model, network = _network()
+    (name,) = network.modules_info
+    try:
+        # A round trip of 10 s keeps the activations out (20 s against 8.2 s).
+        network.transfer_costs = calibration.TransferCosts(round_trip=10.0, copy=1e-9, multiply_add=1e-3)
+        for _ in range(2):
+            assert "delta_weight" in _step(model, network)
+        assert network.modules_info[name]["gradient_observed"] is False
+        assert network.modules_info[name]["transfer_costs_ms"]["weights"] > TOKENS * 4096 * 1e-3 * 1e3
+        operations, operation = network._observed_operations[(name, (1, TOKENS, IN))]
+        assert operations == 2 and 0 < operation < 1.0
+        assert "delta_weight" in _step(model, network)
+        info = network.modules_info[name]
+        assert info["gradient_observed"] is True
+        assert math.isclose(info["transfer_costs_ms"]["weights"], (3 * 4096 * 1e-9 + operation) * 1e3)
     finally:
         network.close()
