@@ -41,19 +41,22 @@ extension LycorisService {
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         if keepTapes { try reserveTapes(prepared.count) }
+        let work = prepared.reduce(0) { $0 + CallThreads.forwardMultiplyAdds($1.module, inputShape: $1.x.shape, elementwise: $1.kind == .elementwise) }
         var results: [JSONValue] = []
-        for (call, module, x, kind, destination) in prepared {
-            let tape = module.makeTape(inputShape: x.shape, random: &random)
-            let y = switch kind {
-            case .full: try module.forward(x, tape: tape)
-            case .elementwise: try module.forwardElementwise(x, tape: tape)
-            case .delta, .deltaWeight: try module.forwardDelta(x, tape: tape)
+        try CallThreads.run(multiplyAdds: work) {
+            for (call, module, x, kind, destination) in prepared {
+                let tape = module.makeTape(inputShape: x.shape, random: &random)
+                let y = switch kind {
+                case .full: try module.forward(x, tape: tape)
+                case .elementwise: try module.forwardElementwise(x, tape: tape)
+                case .delta, .deltaWeight: try module.forwardDelta(x, tape: tape)
+                }
+                var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
+                if keepTapes {
+                    result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: kind)))
+                }
+                results.append(.object(result))
             }
-            var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
-            if keepTapes {
-                result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: kind)))
-            }
-            results.append(.object(result))
         }
         return ["results": .array(results)]
     }
@@ -171,35 +174,40 @@ extension LycorisService {
             prepared.append((id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input"),
                              try call.bool("keep", default: false)))
         }
+        // ΔW tapes (delta_weight_backward) keep the server's threads: their work is not a pass over x.
+        let work = prepared.contains { $0.record.kind == .deltaWeight } ? CallThreads.oneThreadBelow
+            : prepared.reduce(0) { $0 + 2 * CallThreads.forwardMultiplyAdds($1.module, inputShape: $1.record.input.shape, elementwise: $1.record.kind == .elementwise) }
         var results: [JSONValue] = []
-        for (id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
-            var result: JSONObject = [:]
-            let parameterGrads: ParameterSet
-            switch record.kind {
-            case .deltaWeight:
-                parameterGrads = try module.effectiveDeltaWeightBackward(gradient, biasGradient: biasGradient, record.tape)
-            case .delta, .full, .elementwise:
-                let grads = switch record.kind {
-                case .full: try module.backward(record.input, gradOutput: gradient, tape: record.tape)
-                case .elementwise: try module.backwardElementwise(record.input, gradOutput: gradient, tape: record.tape)
-                case .delta, .deltaWeight: try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
+        try CallThreads.run(multiplyAdds: work) {
+            for (id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
+                var result: JSONObject = [:]
+                let parameterGrads: ParameterSet
+                switch record.kind {
+                case .deltaWeight:
+                    parameterGrads = try module.effectiveDeltaWeightBackward(gradient, biasGradient: biasGradient, record.tape)
+                case .delta, .full, .elementwise:
+                    let grads = switch record.kind {
+                    case .full: try module.backward(record.input, gradOutput: gradient, tape: record.tape)
+                    case .elementwise: try module.backwardElementwise(record.input, gradOutput: gradient, tape: record.tape)
+                    case .delta, .deltaWeight: try module.backwardDelta(record.input, gradOutput: gradient, tape: record.tape)
+                    }
+                    parameterGrads = grads.parameters
+                    result["grad_input"] = try transport.write(grads.input, to: inputDestination, path: inputPath)
                 }
-                parameterGrads = grads.parameters
-                result["grad_input"] = try transport.write(grads.input, to: inputDestination, path: inputPath)
-            }
-            if returnGrads {
-                var grads = JSONObject()
-                for (name, tensor) in parameterGrads.entries {
-                    let key = "\(module.name).\(name)"
-                    grads[key] = try transport.write(tensor, to: gradDestinations[key] ?? .inline(.f32), path: gradPaths[key] ?? key)
+                if returnGrads {
+                    var grads = JSONObject()
+                    for (name, tensor) in parameterGrads.entries {
+                        let key = "\(module.name).\(name)"
+                        grads[key] = try transport.write(tensor, to: gradDestinations[key] ?? .inline(.f32), path: gradPaths[key] ?? key)
+                    }
+                    result["parameter_grads"] = .object(grads)
                 }
-                result["parameter_grads"] = .object(grads)
+                if accumulate { accumulateGradients(parameterGrads, module: module.name) }
+                // `keep`: the tape stays for another backward (autograd's retain_graph) until
+                // `tapes.release`.
+                if !keep { pending[id] = nil }
+                results.append(.object(result))
             }
-            if accumulate { accumulateGradients(parameterGrads, module: module.name) }
-            // `keep`: the tape stays for another backward (autograd's retain_graph) until
-            // `tapes.release`.
-            if !keep { pending[id] = nil }
-            results.append(.object(result))
         }
         return ["results": .array(results)]
     }
