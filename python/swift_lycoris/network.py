@@ -52,6 +52,8 @@ _TEMPLATES = 4096
 # Activation-path calls of a module (per input shape) observed before their time replaces the
 # calibrated estimate in the transfer choice (the first pays one-time costs).
 _OBSERVED_CALLS = 2
+# (module, input shape) pairs observed at most (inputs of ever new shapes start afresh).
+_OBSERVED_KEYS = 4096
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -109,6 +111,8 @@ def _explicit_padding(conv: nn.Module) -> list[int] | None:
 
 def _keep_fastest(observed: dict, key, seconds: float) -> None:
     """observed[key] = (count + 1, the fastest of the seconds seen) (see _weights_cheaper)."""
+    if key not in observed and len(observed) >= _OBSERVED_KEYS:
+        observed.clear()
     count, fastest = observed.get(key, (0, seconds))
     observed[key] = (count + 1, min(seconds, fastest))
 
@@ -565,7 +569,12 @@ class LycorisNetwork(nn.Module):
 
     def _moves_weights(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
         """Whether this call takes the weight path; records the choice in
-        ``modules_info[name]["transfer"]`` (see :meth:`_chose`)."""
+        ``modules_info[name]["transfer"]`` (see :meth:`_chose`). A forward inside backward
+        (gradient checkpointing's recomputation) takes the path the module's last forward
+        took: what was observed since must not change the graph being recomputed."""
+        last = self.modules_info[name].get("transfer")
+        if last in ("weights", "activations") and torch._C._current_graph_task_id() != -1:
+            return last == "weights"
         moves = self._weights_cheaper(name, layer, original, x)
         self._chose(name, "weights" if moves else "activations")
         return moves
@@ -585,7 +594,8 @@ class LycorisNetwork(nn.Module):
         (``factor_multiply_adds`` per position) or, without one, of op(x, ΔW), or, once this
         module has run the activation path on inputs of this shape, the fastest such call
         observed; weights 3·|W| copies and the ∂W torch then computes (|W| multiply-adds per
-        position at the calibrated GEMM rate, or the layer's fastest observed forward)."""
+        position at the calibrated GEMM rate, or the layer's fastest observed forward; the
+        observations in training mode only)."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -606,7 +616,10 @@ class LycorisNetwork(nn.Module):
         # and as many for a convolution ('same' geometry: |y|/out ≈ |x|/in).
         positions = x.numel() / inputs
         key = (name, tuple(x.shape))
-        count, observed = self._observed_activations.get(key, (0, None))
+        # Observations steer training steps only: an evaluation forward with a graph keeps
+        # the estimate's path, so evaluation outputs stay bit-identical however many
+        # training steps ran in between.
+        count, observed = self._observed_activations.get(key, (0, None)) if self.training else (0, None)
         if count >= _OBSERVED_CALLS:
             activations = observed
         else:
@@ -617,7 +630,7 @@ class LycorisNetwork(nn.Module):
             activations = self.transfer_costs.activations(x.numel(), positions * outputs, 3 * positions * per_position)
         # ∂W costs what the layer's forward costs (P·|W| multiply-adds, torch's kernels for
         # this layer: a convolution's run faster than the calibration's GEMM).
-        operations, operation = self._observed_operations.get(key, (0, None))
+        operations, operation = self._observed_operations.get(key, (0, None)) if self.training else (0, None)
         if operations < _OBSERVED_CALLS:
             operation = positions * layer.weight.numel() * self.transfer_costs.multiply_add
         weights = self.transfer_costs.weights(layer.weight.numel(), operation)
