@@ -19,6 +19,7 @@ slows every column alike. A last row gives the fixed per-call cost of one delega
 
     python bench/layers.py --layer-bench PATH [--server PATH] [--threads 2] [--rounds 5]
                            [--iters 3] [--only TEXT] [--chart bench/layers.png] [--quick]
+                           [--server-threads N]
 
 Run through bench/run.sh (section 6). Prints the table on stdout, progress on stderr.
 """
@@ -156,7 +157,8 @@ def measure_row(torch, lycoris_modules, sl, engine, args, label, algo, cls, opti
         lyc[mode] = module
     holder = torch.nn.Sequential(base_layer(torch, layer))
     holder[0].load_state_dict(base.state_dict())
-    network = sl.create_lycoris(holder, algo=algo, threads=args.threads, transfer=transfer, **options)
+    network = sl.create_lycoris(holder, algo=algo, threads=args.server_threads or args.threads, transfer=transfer,
+                                **options)
     network.apply_to()
     network.train()
     params = list(network.parameters())
@@ -263,6 +265,8 @@ def add_measure_arguments(parser, rounds, iters):
     """The options layers.py and growth.py share: server, threads, rounds, iterations."""
     parser.add_argument("--server", help="lycoris-server for (b) (default: LYCORIS_SERVER / swift_lycoris's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--server-threads", type=int, default=0,
+                        help="the server's threads for (b) (default: --threads; torch and the engine keep --threads)")
     parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds per row")
     parser.add_argument("--iters", type=int, default=iters, help="timed iterations per column per round")
 

@@ -2585,6 +2585,7 @@ enum OpenRPCDocument {
           "scale",
           "multiplier",
           "factor_path",
+          "factor_multiply_adds",
           "elementwise",
           "parameters"
         ],
@@ -2621,6 +2622,13 @@ enum OpenRPCDocument {
           "factor_path": {
             "description": "Whether forward computes delta(x) through the adapter's factors, with fewer multiply-adds than op(x, delta W) (the default path when bypass_mode is unset and no training dropout is active). false: a forward costs the server a whole op(x, delta W) and its backward two more, so a client that can apply W0 + m*delta W itself may prefer delta_weight.",
             "type": "boolean"
+          },
+          "factor_multiply_adds": {
+            "description": "Multiply-adds per output position of the factor path (forward; backward about twice as many), or null when factor_path is false: what a client weighs against the |W| multiply-adds per position of computing the weight gradient itself on the weight path.",
+            "type": [
+              "integer",
+              "null"
+            ]
           },
           "elementwise": {
             "description": "The module's elementwise transfer (forward calls with elementwise true): output (it scales the base layer's output), input (it scales the layer's input: ia3 with train_on_input), or null where it has none (every algorithm but ia3; ia3 with dropout or rank_dropout).",

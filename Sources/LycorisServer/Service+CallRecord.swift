@@ -80,7 +80,7 @@ extension LycorisService {
                                       elementwise: flags & CallRecord.forwardElementwise != 0, destination: destination) { $0 }
         let keepTape = flags & CallRecord.forwardGrad != 0
         if keepTape { try reserveTapes(1) }
-        let (_, tape) = try runForward(call, keepTape: keepTape, outputPath: "output")
+        let (_, tape) = try CallThreads.run(multiplyAdds: call.multiplyAdds) { try runForward(call, keepTape: keepTape, outputPath: "output") }
         var writer = CallRecordWriter(code: CallRecord.Status.ok.rawValue, id: id, capacity: 24)
         writer.u64(UInt64(tape ?? 0))
         return writer.finish()
@@ -114,10 +114,12 @@ extension LycorisService {
             throw RPCError.invalidParams("parameter_grads is \(gradCount) without the parameter_grads flag (4)", path: "parameter_grads")
         }
         try reader.expectEnd()
-        _ = try runBackward(PreparedBackward(id: Int64(tape), record: record, module: module, gradient: gradient, biasGradient: nil,
-                                             inputDestination: inputDestination, inputPath: "grad_input",
-                                             parameterOutputs: outputs, keep: flags & CallRecord.backwardKeep != 0),
-                            accumulate: flags & CallRecord.backwardAccumulate != 0)
+        let call = PreparedBackward(id: Int64(tape), record: record, module: module, gradient: gradient, biasGradient: nil,
+                                    inputDestination: inputDestination, inputPath: "grad_input",
+                                    parameterOutputs: outputs, keep: flags & CallRecord.backwardKeep != 0)
+        _ = try CallThreads.run(multiplyAdds: call.multiplyAdds) {
+            try runBackward(call, accumulate: flags & CallRecord.backwardAccumulate != 0)
+        }
         return CallRecordWriter(code: CallRecord.Status.ok.rawValue, id: id).finish()
     }
 

@@ -25,12 +25,15 @@ extension LycorisService {
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         if keepTapes { try reserveTapes(prepared.count) }
+        let work = prepared.reduce(0) { $0 + $1.call.multiplyAdds }
         var results: [JSONValue] = []
-        for (call, outputPath) in prepared {
-            let (output, tape) = try runForward(call, keepTape: keepTapes, outputPath: outputPath)
-            var result: JSONObject = ["module": .string(call.module.name), "output": output]
-            if let tape { result["tape"] = .integer(tape) }
-            results.append(.object(result))
+        try CallThreads.run(multiplyAdds: work) {
+            for (call, outputPath) in prepared {
+                let (output, tape) = try runForward(call, keepTape: keepTapes, outputPath: outputPath)
+                var result: JSONObject = ["module": .string(call.module.name), "output": output]
+                if let tape { result["tape"] = .integer(tape) }
+                results.append(.object(result))
+            }
         }
         return ["results": .array(results)]
     }
@@ -41,6 +44,9 @@ extension LycorisService {
         let x: Tensor
         let kind: PendingCall.Kind
         let destination: TensorTransport.Destination
+
+        /// The adapter math of this call, for ``CallThreads/run(multiplyAdds:_:)``.
+        var multiplyAdds: Int { CallThreads.forwardMultiplyAdds(module, inputShape: x.shape, elementwise: kind == .elementwise) }
     }
 
     /// Checks one forward call of `module` on input `x` (the flags, the input's shape, the
@@ -178,9 +184,12 @@ extension LycorisService {
                                              parameterOutputs: returnGrads ? parameterOutputs : nil,
                                              keep: try call.bool("keep", default: false)))
         }
+        let work = prepared.reduce(0) { $0 + $1.multiplyAdds }
         var results: [JSONValue] = []
-        for call in prepared {
-            results.append(.object(try runBackward(call, accumulate: accumulate)))
+        try CallThreads.run(multiplyAdds: work) {
+            for call in prepared {
+                results.append(.object(try runBackward(call, accumulate: accumulate)))
+            }
         }
         return ["results": .array(results)]
     }
@@ -197,6 +206,14 @@ extension LycorisService {
         /// Where each parameter gradient goes, in the module's parameter order; nil: not returned.
         let parameterOutputs: [ParameterOutput]?
         let keep: Bool
+
+        /// The adapter math of this call (about twice its forward's), for
+        /// ``CallThreads/run(multiplyAdds:_:)``; a ΔW tape's (`delta_weight_backward`) keeps the
+        /// server's threads: its work is not a pass over x.
+        var multiplyAdds: Int {
+            guard record.kind != .deltaWeight else { return CallThreads.oneThreadBelow }
+            return 2 * CallThreads.forwardMultiplyAdds(module, inputShape: record.input.shape, elementwise: record.kind == .elementwise)
+        }
     }
 
     /// A parameter gradient's key (`module.parameter`), destination and parameter path.

@@ -189,6 +189,7 @@ extension LycorisService {
                 "scale": JSONValue(algorithm.scale),
                 "multiplier": JSONValue(module.multiplier),
                 "factor_path": .bool(module.hasCheaperFactorPath),
+                "factor_multiply_adds": module.hasCheaperFactorPath ? algorithm.bypassCost.map { JSONValue($0) } ?? .null : .null,
                 "elementwise": module.elementwiseSide.map { .string($0.rawValue) } ?? .null,
                 "parameters": .array(algorithm.parameters.entries.map {
                     ["key": .string("\(module.name).\($0.name)"), "shape": JSONValue($0.tensor.shape)]

@@ -451,7 +451,7 @@ struct ComputeBehaviourTests {
         #expect(modules.map { $0["scale"]?.doubleValue } == [1, 0.5, 0.5, 1, 0.5, 1])
     }
 
-    @Test("factor_path: true where Δ(x) has a cheaper factor path (LoRA on a wide layer, LoHa at low rank, LoKr), false for norm, grouped and rank-heavy LoRA and LoHa")
+    @Test("factor_path and factor_multiply_adds: true (and the count) where Δ(x) has a cheaper factor path (LoRA on a wide layer, LoHa at low rank, LoKr), false for norm, grouped and rank-heavy LoRA and LoHa")
     func factorPath() throws {
         let harness = try ServerHarness()
         let linear: JSONValue = ["kind": "linear", "in_features": 64, "out_features": 64]
@@ -477,6 +477,11 @@ struct ComputeBehaviourTests {
         ])
         let modules = try #require(info["modules"]?.arrayValue)
         #expect(modules.map { $0["factor_path"]?.boolValue } == [true, false, false, true, false, true, false])
+        // factor_multiply_adds per position: LoRA r·in + out·r = 512; LoHa r²·(in + out) =
+        // 2048; LoKr 8×8 ⊗ 8×8: in_m·out_k·in_n + out_l·in_m·out_k = 512 + 512; null where
+        // factor_path is false.
+        #expect(modules.map { $0["factor_multiply_adds"]?.intValue } == [512, nil, nil, 2048, nil, 1024, nil])
+        #expect(modules.allSatisfy { $0.objectValue?.keys.contains("factor_multiply_adds") == true })
     }
 
     @Test("network.create's seed reproduces LyCORIS's initialisation from the library, layer by layer")

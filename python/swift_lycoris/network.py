@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import weakref
 from typing import Iterable, Iterator
 
@@ -47,6 +48,12 @@ _DELTA_GROUP_BYTES = 256 << 20
 
 # Per-call requests kept encoded (RequestTemplate), per module, shape and kind.
 _TEMPLATES = 4096
+
+# Activation-path calls of a module (per input shape) observed before their time replaces the
+# calibrated estimate in the transfer choice (the first pays one-time costs).
+_OBSERVED_CALLS = 2
+# (module, input shape) pairs observed at most (inputs of ever new shapes start afresh).
+_OBSERVED_KEYS = 4096
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -102,6 +109,14 @@ def _explicit_padding(conv: nn.Module) -> list[int] | None:
     return [t // 2 for t in total] if all(t % 2 == 0 for t in total) else None
 
 
+def _keep_fastest(observed: dict, key, seconds: float) -> None:
+    """observed[key] = (count + 1, the fastest of the seconds seen) (see _weights_cheaper)."""
+    if key not in observed and len(observed) >= _OBSERVED_KEYS:
+        observed.clear()
+    count, fastest = observed.get(key, (0, seconds))
+    observed[key] = (count + 1, min(seconds, fastest))
+
+
 def _forward_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The layer's own operation with another weight and bias."""
     if isinstance(layer, nn.Linear):
@@ -146,7 +161,9 @@ class AdapterFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, network: "LycorisNetwork", name: str, output_shape: torch.Size, elementwise: bool, x: torch.Tensor,
                 *params):
+        start = time.perf_counter()
         delta, tape = network._server_forward(name, x, output_shape, True, elementwise)
+        ctx.forward_seconds = None if elementwise else time.perf_counter() - start
         ctx.network, ctx.name, ctx.tape = network, name, tape
         ctx.parameter_count = len(params)
         ctx.input_meta = (x.shape, x.dtype, x.device)
@@ -156,10 +173,13 @@ class AdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        start = time.perf_counter()
         try:
             grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
         except SkipCall:
             return (None, None, None, None, None) + (None,) * ctx.parameter_count
+        if ctx.forward_seconds is not None:
+            ctx.network._observe_activations(ctx.name, ctx.input_meta[0], ctx.forward_seconds + time.perf_counter() - start)
         param_grads = [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
         return (None, None, None, None, grad_input, *param_grads)
 
@@ -279,6 +299,13 @@ class LycorisNetwork(nn.Module):
         # What each transfer costs here (calibration.TransferCosts), measured at the first
         # choice transfer="auto" makes; assign one to override the measurement.
         self.transfer_costs: calibration.TransferCosts | None = None
+        # What the transfer choice observes per (module, input shape), as (count, fastest
+        # seconds): the activation path's two server calls with their copies
+        # (AdapterFunction), and the layer's own forward op(x, W) on either path (CPU). From
+        # the second observation on (the first pays one-time costs: templates, first-touched
+        # pages, oneDNN's primitives) the fastest replaces the calibrated estimate.
+        self._observed_activations: dict[tuple[str, tuple[int, ...]], tuple[int, float]] = {}
+        self._observed_operations: dict[tuple[str, tuple[int, ...]], tuple[int, float]] = {}
         self._orphaned_tapes: list[int] = []
         # Requests of the per-call path, encoded once per module, shape and kind.
         self._templates: dict[tuple, RequestTemplate | call_record.RecordTemplate] = {}
@@ -510,8 +537,11 @@ class LycorisNetwork(nn.Module):
                 # A Full file's diff_b on a layer without a bias is the bias (as in LyCORIS).
                 delta = delta_bias[0].to(weight.device, weight.dtype)
                 bias = delta if bias is None else bias + delta.to(bias.dtype)
-            return _forward_with(layer, x, weight, bias)
-        base = original(x, *args, **kwargs)
+            return self._timed_operation(name, x, lambda: _forward_with(layer, x, weight, bias))
+        if args or kwargs:
+            base = original(x, *args, **kwargs)
+        else:
+            base = self._timed_operation(name, x, lambda: original(x))
         return base + self.adapter_delta(name, x, base)
 
     def _elementwise_side(self, name: str, layer: nn.Module, original) -> str | None:
@@ -543,7 +573,12 @@ class LycorisNetwork(nn.Module):
 
     def _moves_weights(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
         """Whether this call takes the weight path; records the choice in
-        ``modules_info[name]["transfer"]`` (see :meth:`_chose`)."""
+        ``modules_info[name]["transfer"]`` (see :meth:`_chose`). A forward inside backward
+        (gradient checkpointing's recomputation) takes the path the module's last forward
+        took: what was observed since must not change the graph being recomputed."""
+        last = self.modules_info[name].get("transfer")
+        if last in ("weights", "activations") and torch._C._current_graph_task_id() != -1:
+            return last == "weights"
         moves = self._weights_cheaper(name, layer, original, x)
         self._chose(name, "weights" if moves else "activations")
         return moves
@@ -558,9 +593,13 @@ class LycorisNetwork(nn.Module):
 
     def _weights_cheaper(self, name: str, layer: nn.Module, original, x: torch.Tensor) -> bool:
         """Whether moving ΔW costs less than moving activations, by the costs measured on this
-        machine (:mod:`.calibration`): activations two round trips and 3·(|x| + |y|) element
-        copies, plus — for a module without a cheaper factor path (``factor_path`` false) —
-        the two op(x, ΔW) more that the server computes; weights 3·|W| copies."""
+        machine (:mod:`.calibration`): activations two round trips, 3·(|x| + |y|) element
+        copies and the server's adapter math — 3 passes of the factor path
+        (``factor_multiply_adds`` per position) or, without one, of op(x, ΔW), or, once this
+        module has run the activation path on inputs of this shape, the fastest such call
+        observed; weights 3·|W| copies and the ∂W torch then computes (|W| multiply-adds per
+        position at the calibrated GEMM rate, or the layer's fastest observed forward; the
+        observations in training mode only)."""
         if (self.transfer == "activations" or name in self._bypass_layers
                 or getattr(original, "__func__", None) is not type(layer).forward):
             return False
@@ -577,12 +616,47 @@ class LycorisNetwork(nn.Module):
             inputs = outputs = layer.weight.numel()
         else:
             inputs, outputs = layer.in_channels, layer.out_channels
-        # op(x, W) costs |W| multiply-adds per position (per row of a Linear's input).
-        server_multiply_adds = 0 if self.modules_info[name]["factor_path"] else 2 * x.numel() / inputs * layer.weight.numel()
-        activations = self.transfer_costs.activations(x.numel(), x.numel() * outputs / inputs, server_multiply_adds)
-        weights = self.transfer_costs.weights(layer.weight.numel())
+        # Output positions: rows of a Linear's input (|W| multiply-adds each for op(x, W)),
+        # and as many for a convolution ('same' geometry: |y|/out ≈ |x|/in).
+        positions = x.numel() / inputs
+        key = (name, tuple(x.shape))
+        # Observations steer training steps only: an evaluation forward with a graph keeps
+        # the estimate's path, so evaluation outputs stay bit-identical however many
+        # training steps ran in between.
+        count, observed = self._observed_activations.get(key, (0, None)) if self.training else (0, None)
+        if count >= _OBSERVED_CALLS:
+            activations = observed
+        else:
+            # The server's math at torch's GEMM rate: a lower bound (the engine's small
+            # factor GEMMs run slower), so an activation path the estimate picks wrongly is
+            # put right by its first observed call, and one it rejects would lose anyway.
+            per_position = self.modules_info[name].get("factor_multiply_adds") or layer.weight.numel()
+            activations = self.transfer_costs.activations(x.numel(), positions * outputs, 3 * positions * per_position)
+        # ∂W costs what the layer's forward costs (P·|W| multiply-adds, torch's kernels for
+        # this layer: a convolution's run faster than the calibration's GEMM).
+        operations, operation = self._observed_operations.get(key, (0, None)) if self.training else (0, None)
+        if operations < _OBSERVED_CALLS:
+            operation = positions * layer.weight.numel() * self.transfer_costs.multiply_add
+        weights = self.transfer_costs.weights(layer.weight.numel(), operation)
         self.modules_info[name]["transfer_costs_ms"] = {"activations": activations * 1e3, "weights": weights * 1e3}
+        self.modules_info[name]["activations_observed"] = count >= _OBSERVED_CALLS
+        self.modules_info[name]["gradient_observed"] = operations >= _OBSERVED_CALLS
         return weights < activations
+
+    def _observe_activations(self, name: str, shape: torch.Size, seconds: float) -> None:
+        """Keeps the fastest activation-path forward + backward of module `name` on inputs of
+        `shape` (see :meth:`_weights_cheaper`)."""
+        _keep_fastest(self._observed_activations, (name, tuple(shape)), seconds)
+
+    def _timed_operation(self, name: str, x: torch.Tensor, forward):
+        """forward() — the layer's own op(x, W) on either path — timed for the transfer
+        choice when it makes one (``transfer="auto"``, a CPU input)."""
+        if self.transfer != "auto" or x.device.type != "cpu":
+            return forward()
+        start = time.perf_counter()
+        y = forward()
+        _keep_fastest(self._observed_operations, (name, tuple(x.shape)), time.perf_counter() - start)
+        return y
 
     def adapter_delta(self, name: str, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """m·Δ(x) of module `name` for input `x` whose base output is `base`: through the

@@ -40,8 +40,9 @@ def create_lycoris(model: nn.Module, multiplier: float = 1.0, linear_dim: int = 
     LyCORIS's module options (use_tucker, use_scalar, factor, decompose_both, block_size,
     dropout, rank_dropout, module_dropout, bypass_mode, …); DoRA is ``weight_decompose=True``
     (or LyCORIS's wrapper names ``dora_wd=True``, with ``wd_on_output`` for ``wd_on_out``).
-    `transfer`: "auto" (per call, whichever of activations and ΔW costs less to move, by costs
-    measured on this machine at the first choice — see :mod:`swift_lycoris.calibration`; IA3
+    `transfer`: "auto" (per call, whichever of activations and ΔW costs less, by costs
+    measured on this machine at the first choice — see :mod:`swift_lycoris.calibration` — and
+    then by what each layer's calls observed; IA3
     in training scales the base output on the server in one elementwise pass), "activations"
     or "weights". The choice is in ``network.modules_info[name]["transfer"]`` and logged
     (debug, logger ``swift_lycoris``) when it changes. `nan_policy`: "error" (a NaN or ±∞ in a layer's

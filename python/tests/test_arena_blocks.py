@@ -248,3 +248,35 @@ def test_a_training_steps_delta_weight_is_written_in_place_and_an_evaluation_one
         torch.testing.assert_close(kept, expected, rtol=1e-5, atol=1e-6)
     finally:
         network.close()
+
+
+def test_inputs_of_any_size_and_layout_arrive_whole(monkeypatch):
+    """A contiguous CPU input is copied in with one memmove whatever its size (here 1 MiB,
+    past the old 64 KiB limit); a non-contiguous one (a transposed view) and a bfloat16 one
+    still arrive element for element: m·Δ(x) matches LoRA computed in torch on each, and
+    outputs copied out (take) equal the server's."""
+    from swift_lycoris import arena as arena_module
+
+    _, network, name = _network()
+    moved = []
+    memmove = arena_module.ctypes.memmove
+    monkeypatch.setattr(arena_module.ctypes, "memmove", lambda dst, src, n: (moved.append(n), memmove(dst, src, n))[1])
+    try:
+        x = torch.randn(16384, 16)
+        torch.testing.assert_close(_delta(network, name, x), _expected(network, name, x), rtol=1e-5, atol=1e-6)
+        assert 16384 * 16 * 4 in moved, moved
+        columns = torch.randn(16, 16384).T  # (16384, 16), not contiguous
+        assert not columns.is_contiguous()
+        torch.testing.assert_close(_delta(network, name, columns), _expected(network, name, columns.contiguous()),
+                                   rtol=1e-5, atol=1e-6)
+        half = torch.randn(4096, 16).to(torch.bfloat16)
+        torch.testing.assert_close(_delta(network, name, half).float(), _expected(network, name, half.float()),
+                                   rtol=2e-2, atol=2e-2)
+        arena = network.arena
+        arena.begin()
+        placed = arena.put(x)
+        taken = arena.take(placed)
+        assert taken.data_ptr() != x.data_ptr() and not _in_arena(network, taken)
+        assert torch.equal(taken, x)
+    finally:
+        network.close()
