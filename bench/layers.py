@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 GOAL_A, GOAL_B = 0.8, 1.0
@@ -201,16 +202,39 @@ def summarize(columns):
     a = med.get("a", float("nan"))
     # A share under 2% of the base layer (or under 0.05 ms) is within the noise: "≈0".
     noise = max(0.02 * med["base"], 0.05)
-    return {"base": med["base"], "lyc": lyc, "mode": mode, "a": a, "b": b,
+    return {"base": med["base"], "lyc": lyc, "mode": mode, "a": a, "b": b, "noise": noise,
             "lyc_zero": lyc < noise,
             "ratio_a": a / lyc if lyc >= noise else None,
             "ratio_b": b / lyc if lyc >= noise else None}
 
 
-def verdict(ratio, goal, lyc_zero, value):
-    if lyc_zero:
-        return "miss" if value > 0.05 else "ok"
-    return "ok" if ratio <= goal else "miss"
+def verdict(row, column, goal):
+    """'ok' or 'miss' for column 'a' or 'b' of a summarized row. Where LyCORIS's share is
+    within the noise of zero, ours is held to the same bound (within the noise too)."""
+    if row["lyc_zero"]:
+        return "ok" if row[column] < row["noise"] else "miss"
+    return "ok" if row[f"ratio_{column}"] <= goal else "miss"
+
+
+# Why a kind of row misses and what would close it, by cause (bench/README.md section 6 has
+# the measurements behind each); a missed row prints the first cause that applies to it.
+def miss_cause(row, column):
+    if column == "a":
+        if row["algo"].startswith("LoKr") and "conv3 320" in row["layer"]:
+            return ("GEMM-bound: three grouped 20->20 convolutions through im2col + OpenBLAS; "
+                    "a direct kernel for few channels (no im2col) would close it")
+        if row["algo"].startswith("DoRA"):
+            return "DoRA's factor path only covers plain LoCon on the output axis; others rebuild W' per call"
+        return "the engine's kernel for this shape (bench/README.md section 6)"
+    if row["via"] == "elem":
+        return ("the elementwise transfer crosses y and dy' (two round trips, copies) where LyCORIS does one "
+                "torch pass; a scale transfer (server returns the channel scale, torch multiplies, as for "
+                "the weight transfer) would close it")
+    if row["lyc"] < 0.5:
+        return ("per-call bound: two round trips per step (pipe wake-ups, the autograd Function, "
+                "~0.15-0.2 ms); batching a step's calls of all layers into one would close it")
+    return (f"the transfer: (b)-(a) = {row['b'] - row['a']:.2f} ms of copies, round trips and torch's "
+            "OpenMP workers holding the cores the server computes on (section 6 'Transfer-bound rows')")
 
 
 def fmt_ratio(r):
@@ -221,19 +245,27 @@ def print_table(rows, threads, loaded):
     print(f"section 6 layers — adapter share of one layer's forward+backward, ms (best of each), "
           f"{threads} threads{'; loaded machine' if loaded else ''}")
     print("goals: (a) engine in-process <= 0.8x LyC, (b) delegated <= 1.0x LyC; LyC = LyCORIS 4.1.3 better mode")
-    print("'-': LyC share ~0 (ok when ours is too); via: (b)'s transfer (acti/weig/elem)")
+    print("'-': LyC share within the noise (<2% of base or 0.05 ms): ok when ours is within the same bound")
+    print("via: (b)'s transfer (acti/weig/elem)")
     header = f"{'layer':<20} {'algo':<10} {'base':>6} {'LyC':>7} {'mode':<7} {'(a)':>7} {'a/LyC':>5} {'':<4} " \
              f"{'(b)':>7} {'b/LyC':>5} {'':<4} {'via':<4}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['layer']:<20} {r['algo']:<10} {r['base']:6.2f} {r['lyc']:7.2f} {r['mode']:<7} {r['a']:7.2f} "
-              f"{fmt_ratio(r['ratio_a'])} {verdict(r['ratio_a'], GOAL_A, r['lyc_zero'], r['a']):<4} "
-              f"{r['b']:7.2f} {fmt_ratio(r['ratio_b'])} {verdict(r['ratio_b'], GOAL_B, r['lyc_zero'], r['b']):<4} "
+              f"{fmt_ratio(r['ratio_a'])} {verdict(r, 'a', GOAL_A):<4} "
+              f"{r['b']:7.2f} {fmt_ratio(r['ratio_b'])} {verdict(r, 'b', GOAL_B):<4} "
               f"{r['via']:<4}")
-    held_a = sum(verdict(r["ratio_a"], GOAL_A, r["lyc_zero"], r["a"]) == "ok" for r in rows)
-    held_b = sum(verdict(r["ratio_b"], GOAL_B, r["lyc_zero"], r["b"]) == "ok" for r in rows)
+    held_a = sum(verdict(r, "a", GOAL_A) == "ok" for r in rows)
+    held_b = sum(verdict(r, "b", GOAL_B) == "ok" for r in rows)
     print(f"goal (a) holds on {held_a} of {len(rows)} rows, goal (b) on {held_b} of {len(rows)}")
+    misses = [(r, column) for r in rows for column, goal in (("a", GOAL_A), ("b", GOAL_B))
+              if verdict(r, column, goal) == "miss"]
+    if misses:
+        print("why the misses miss:")
+        for r, column in misses:
+            print(textwrap.fill(f"({column}) {r['layer']} {r['algo']}: {miss_cause(r, column)}", width=100,
+                                subsequent_indent="    "))
 
 
 def chart(rows, path):
