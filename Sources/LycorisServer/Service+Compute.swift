@@ -11,7 +11,8 @@ extension LycorisService {
         let network = try requireNetwork()
         let calls = try p.objects("calls")
         // Validate every call before computing any, so a bad call changes nothing.
-        var prepared: [(call: Params, module: AdapterModule, x: Tensor, kind: PendingCall.Kind, destination: TensorTransport.Destination)] = []
+        var prepared: [(call: Params, module: AdapterModule, x: Tensor, layerInput: Tensor?, kind: PendingCall.Kind,
+                        destination: TensorTransport.Destination)] = []
         for call in calls {
             let name = try call.string("module")
             guard let module = network[name] else { throw RPCError.unknownModule(name) }
@@ -20,6 +21,7 @@ extension LycorisService {
             }
             let full = try call.bool("full", default: false)
             let elementwise = try call.bool("elementwise", default: false)
+            var layerInput: Tensor?
             if full && elementwise {
                 throw RPCError.invalidParams("\(call.at("full")) and \(call.at("elementwise")) exclude each other", path: call.at("elementwise"))
             }
@@ -28,6 +30,7 @@ extension LycorisService {
                     throw RPCError.state("\(name) has no elementwise transfer (only ia3 without dropout and rank_dropout has one)")
                 }
                 if let problem = module.elementwiseProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: call.at("input")) }
+                layerInput = try elementwiseLayerInput(call, module: module, baseOutput: x.shape)
             } else if let problem = module.layer.inputProblem(x.shape) {
                 throw RPCError.shapeMismatch(problem, path: call.at("input"))
             }
@@ -37,25 +40,54 @@ extension LycorisService {
             let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
             let count = elementwise ? x.count : module.layer.outputShape(forInput: x.shape).product
             try transport.validate(destination, count: count, path: call.at("output"))
-            prepared.append((call, module, x, elementwise ? .elementwise : full ? .full : .delta, destination))
+            prepared.append((call, module, x, layerInput, elementwise ? .elementwise : full ? .full : .delta, destination))
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
         if keepTapes { try reserveTapes(prepared.count) }
         var results: [JSONValue] = []
-        for (call, module, x, kind, destination) in prepared {
-            let tape = module.makeTape(inputShape: x.shape, random: &random)
-            let y = switch kind {
-            case .full: try module.forward(x, tape: tape)
-            case .elementwise: try module.forwardElementwise(x, tape: tape)
-            case .delta, .deltaWeight: try module.forwardDelta(x, tape: tape)
+        for (call, module, x, layerInput, kind, destination) in prepared {
+            let tape = module.makeTape(inputShape: layerInput?.shape ?? x.shape, random: &random)
+            // What the backward reads: the tensor sent, or what DoRA's factor path saved.
+            var saved = x
+            let y: Tensor
+            switch kind {
+            case .full: y = try module.forward(x, tape: tape)
+            case .elementwise:
+                if let layerInput {
+                    (y, saved) = try module.forwardElementwise(x, layerInput: layerInput, tape: tape)
+                } else {
+                    y = try module.forwardElementwise(x, tape: tape)
+                }
+            case .delta, .deltaWeight: y = try module.forwardDelta(x, tape: tape)
             }
             var result: JSONObject = ["module": .string(module.name), "output": try transport.write(y, to: destination, path: call.at("output"))]
             if keepTapes {
-                result["tape"] = .integer(store(PendingCall(module: module.name, input: x, tape: tape, kind: kind)))
+                result["tape"] = .integer(store(PendingCall(module: module.name, input: saved, layerInput: layerInput, tape: tape, kind: kind)))
             }
             results.append(.object(result))
         }
         return ["results": .array(results)]
+    }
+
+    /// The `layer_input` of an elementwise call: required (and shaped for `baseOutput`) for
+    /// modules with side output_with_input (DoRA), refused for the others.
+    private func elementwiseLayerInput(_ call: Params, module: AdapterModule, baseOutput: [Int]) throws -> Tensor? {
+        let path = call.at("layer_input")
+        guard module.elementwiseSide == .outputWithInput else {
+            if call.has("layer_input") {
+                throw RPCError.invalidParams("\(path) is only for modules whose elementwise side is output_with_input", path: path)
+            }
+            return nil
+        }
+        guard call.has("layer_input") else {
+            throw RPCError.invalidParams("\(module.name) takes its elementwise transfer with the layer input: \(path) is required", path: path)
+        }
+        let x = try RPCError.naming(module: module.name, pass: "forward") { try transport.read(try call.value("layer_input"), path: path).tensor }
+        if let problem = module.layer.inputProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: path) }
+        guard module.layer.outputShape(forInput: x.shape) == baseOutput else {
+            throw RPCError.shapeMismatch("\(call.at("input")) has shape \(baseOutput), expected the output shape \(module.layer.outputShape(forInput: x.shape)) of \(path)", path: call.at("input"))
+        }
+        return x
     }
 
     /// Checks, before a call computes anything, that `count` more tapes fit the limit.
@@ -127,7 +159,7 @@ extension LycorisService {
         let accumulate = try p.bool("accumulate", default: true)
         typealias Prepared = (id: Int64, record: PendingCall, module: AdapterModule, gradient: Tensor, biasGradient: Tensor?,
                               inputDestination: TensorTransport.Destination, gradDestinations: [String: TensorTransport.Destination],
-                              gradPaths: [String: String], inputPath: String, keep: Bool)
+                              gradPaths: [String: String], inputPath: String, layerInputOutput: (destination: TensorTransport.Destination, path: String)?, keep: Bool)
         var prepared: [Prepared] = []
         var seen = Set<Int64>()
         for call in try p.objects("calls") {
@@ -155,6 +187,14 @@ extension LycorisService {
             if record.kind != .deltaWeight {
                 try transport.validate(inputDestination, count: record.input.count, path: call.at("grad_input"))
             }
+            // DoRA's factor path returns ∂x of the layer input too.
+            var layerInputOutput: (destination: TensorTransport.Destination, path: String)?
+            if let layerInput = record.layerInput {
+                let path = call.at("grad_layer_input")
+                let destination = try TensorTransport.destination(call.object["grad_layer_input"], path: path, defaultDType: dtype)
+                try transport.validate(destination, count: layerInput.count, path: path)
+                layerInputOutput = (destination, path)
+            }
             var gradDestinations: [String: TensorTransport.Destination] = [:]
             var gradPaths: [String: String] = [:]
             if returnGrads {
@@ -169,15 +209,20 @@ extension LycorisService {
             }
             seen.insert(id)
             prepared.append((id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, call.at("grad_input"),
-                             try call.bool("keep", default: false)))
+                             layerInputOutput, try call.bool("keep", default: false)))
         }
         var results: [JSONValue] = []
-        for (id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, inputPath, keep) in prepared {
+        for (id, record, module, gradient, biasGradient, inputDestination, gradDestinations, gradPaths, inputPath, layerInputOutput, keep) in prepared {
             var result: JSONObject = [:]
             let parameterGrads: ParameterSet
             switch record.kind {
             case .deltaWeight:
                 parameterGrads = try module.effectiveDeltaWeightBackward(gradient, biasGradient: biasGradient, record.tape)
+            case .elementwise where record.layerInput != nil && layerInputOutput != nil:
+                let grads = try module.backwardElementwise(saved: record.input, layerInput: record.layerInput!, gradOutput: gradient, tape: record.tape)
+                parameterGrads = grads.parameters
+                result["grad_input"] = try transport.write(grads.input, to: inputDestination, path: inputPath)
+                result["grad_layer_input"] = try transport.write(grads.layerInput, to: layerInputOutput!.destination, path: layerInputOutput!.path)
             case .delta, .full, .elementwise:
                 let grads = switch record.kind {
                 case .full: try module.backward(record.input, gradOutput: gradient, tape: record.tape)
