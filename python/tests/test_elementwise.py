@@ -137,3 +137,35 @@ def test_dora_on_the_input_axis_keeps_the_weight_path():
         assert error.value.code == -32007 and "no elementwise transfer" in str(error.value)
     finally:
         ours.close()
+
+
+def test_dora_layer_input_is_checked():
+    """On the output axis the elementwise call needs layer_input (-32602 without it), shaped
+    so that input is its output (-32002 otherwise); IA3 refuses one (-32602); the server
+    keeps serving and a good call then works."""
+    ours = sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo="lora", threads=1, dora_wd=True)
+    try:
+        (info,) = ours.modules_info.values()
+        assert info["elementwise"] == "output_with_input"
+        y, x = ours._inline(torch.ones(2, 5)), ours._inline(torch.ones(2, 6))
+        call = {"module": info["name"], "input": y, "elementwise": True}
+        with pytest.raises(sl.ServerError) as error:
+            ours.server.call("forward", {"calls": [call]})
+        assert error.value.code == -32602 and "layer_input" in str(error.value)
+        with pytest.raises(sl.ServerError) as error:
+            ours.server.call("forward", {"calls": [{**call, "layer_input": ours._inline(torch.ones(3, 6))}]})
+        assert error.value.code == -32002
+        (result,) = ours.server.call("forward", {"calls": [{**call, "layer_input": x}]})["results"]
+        assert result["output"]["shape"] == [2, 5]
+    finally:
+        ours.close()
+    ia3 = sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo="ia3", threads=1)
+    try:
+        (info,) = ia3.modules_info.values()
+        call = {"module": info["name"], "input": ia3._inline(torch.ones(2, 5)), "elementwise": True,
+                "layer_input": ia3._inline(torch.ones(2, 6))}
+        with pytest.raises(sl.ServerError) as error:
+            ia3.server.call("forward", {"calls": [call]})
+        assert error.value.code == -32602 and "output_with_input" in str(error.value)
+    finally:
+        ia3.close()
