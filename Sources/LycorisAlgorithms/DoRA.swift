@@ -104,8 +104,12 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm, FactorPathDecompos
         var v = try rowMask == nil ? base.deltaWeight(context) : base.multipliedDeltaWeight(1, rowMask: rowMask, context)
         v.add(try baseWeight(context))
         let norms = Self.groupNorms(v, onOutput: onOutput)
-        let factors = norms.indices.map { g in m * (magnitude.scalars[g] / (norms[g] + Float.ulpOfOne) - 1) + 1 }
-        return (v, norms, factors)
+        return (v, norms, factors(m, norms: norms))
+    }
+
+    /// c_g = m·(mag_g/(n_g + ε) − 1) + 1.
+    private func factors(_ m: Float, norms: [Float]) -> [Float] {
+        norms.indices.map { g in m * (magnitude.scalars[g] / (norms[g] + Float.ulpOfOne) - 1) + 1 }
     }
 
     /// The base algorithm's parameter gradients from ∂(mask ⊙ ΔW) (without a mask, ΔW's own
@@ -162,11 +166,13 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm, FactorPathDecompos
     ///     y' = c ⊙ (s − b) + b = c ⊙ s + (1 − c) ⊙ b        (c, b per output channel)
     ///
     /// x (N, …, in) or (N, in, spatial…); y0, s and y' the layer's output shape. Returns y' and
-    /// s (what ``factorBackward(_:directed:bias:gradOutput:multiplier:_:)`` reads). Cost: ΔW and
-    /// V's row norms (out·in·r + out·in), the chain, two passes over the output.
+    /// s (what ``factorBackward(_:directed:bias:gradOutput:multiplier:_:)`` reads). Cost: V's row
+    /// norms (around a plain LoCon from W0·downᵀ without forming V, ``LowRankRowNorms``; else
+    /// ΔW, V and a pass: out·in·r + out·in), the chain, two passes over the output.
     public func factorForward(_ x: Tensor, baseOutput y0: Tensor, bias: Tensor?, multiplier m: Float,
                               _ context: DeltaContext) throws -> (output: Tensor, directed: Tensor) {
-        let (_, _, factors) = try decomposition(m, rowMask: nil, context)
+        let factors = try LowRankRowNorms(base, baseWeight: baseWeight(context)).map { self.factors(m, norms: $0.norms) }
+            ?? decomposition(m, rowMask: nil, context).factors
         var s = try base.multipliedBypassForward(x, multiplier: 1, context)
         s.add(y0)
         let shifts = bias.map { b in factors.indices.map { (1 - factors[$0]) * b.scalars[$0] } }
@@ -183,12 +189,17 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm, FactorPathDecompos
     /// (∂mag and k as in the weight path: W' = c ⊙ V gives the same s_g = Σ_e G_e·V_e.)
     public func factorBackward(_ x: Tensor, directed s: Tensor, bias: Tensor?, gradOutput g: Tensor, multiplier m: Float,
                                _ context: DeltaContext) throws -> (input: Tensor, baseOutput: Tensor, parameters: ParameterSet) {
-        let (v, norms, factors) = try decomposition(m, rowMask: nil, context)
+        let lowRank = LowRankRowNorms(base, baseWeight: try baseWeight(context))
+        let explicit = lowRank == nil ? try decomposition(m, rowMask: nil, context) : nil
+        let norms = lowRank?.norms ?? explicit!.norms
+        let factors = factors(m, norms: norms)
         let layout = layer.channelLayout(of: g.shape)
         let gradBase = g.channelAffine(layout, scales: factors)
         let chain = try base.multipliedBypassBackward(x, gradOutput: gradBase, multiplier: 1, context)
         let (gradMagnitude, normTerm) = normGradients(g.channelSums(layout, times: s, minus: bias?.scalars), norms: norms, multiplier: m)
-        var grads = try baseBackward(v.scalingRows(by: Tensor(shape: [normTerm.count], scalars: normTerm)), rowMask: nil, context)
+        var grads = try lowRank.map { try $0.normTermGradients(normTerm, upShape: base.parameters.required("lora_up.weight").shape,
+                                                                downShape: base.parameters.required("lora_down.weight").shape) }
+            ?? baseBackward(explicit!.v.scalingRows(by: Tensor(shape: [normTerm.count], scalars: normTerm)), rowMask: nil, context)
         for (name, tensor) in chain.parameters.entries {
             if var sum = grads[name] { sum.add(tensor); grads[name] = sum } else { grads[name] = tensor }
         }

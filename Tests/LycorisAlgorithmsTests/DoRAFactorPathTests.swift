@@ -34,8 +34,8 @@ struct DoRAFactorPathTests {
     }
 
     /// A module on `layer`, an input x, an upstream gradient g (y's shape) and a training tape.
-    static func sample(_ layer: LayerSpec, seed: UInt64) throws -> (AdapterModule, Tensor, Tensor, AdapterModule.Tape) {
-        let m = try module(layer)
+    static func sample(_ layer: LayerSpec, seed: UInt64, scalar: Bool = false) throws -> (AdapterModule, Tensor, Tensor, AdapterModule.Tape) {
+        let m = try module(layer) { $0.useScalar = scalar }
         var random = RandomSource(seed: seed)
         let x = Tensor.normal(layer.isConvolution ? [2, 4, 5, 4] : [3, 8], std: 1, using: &random)
         let g = Tensor.normal(layer.outputShape(forInput: x.shape), std: 1, using: &random)
@@ -61,9 +61,11 @@ struct DoRAFactorPathTests {
         #expect(throws: AdapterError.self) { try m.forwardElementwise(Tensor.zeros([4, 6]), layerInput: Tensor.zeros([3, 8]), tape: tape) }
     }
 
-    @Test("y', ∂x and every ∂parameter equal the rebuilt weight's (W' = c ⊙ V), multiplier 0.7", arguments: layers)
-    func matchesRebuild(_ layer: LayerSpec) throws {
-        let (m, x, g, tape) = try Self.sample(layer, seed: 5)
+    /// Without a scalar the norms come from W0·downᵀ (``LowRankRowNorms``); with one, from V.
+    @Test("y', ∂x and every ∂parameter equal the rebuilt weight's (W' = c ⊙ V), multiplier 0.7, V formed or not",
+          arguments: layers, [false, true])
+    func matchesRebuild(_ layer: LayerSpec, scalar: Bool) throws {
+        let (m, x, g, tape) = try Self.sample(layer, seed: 5, scalar: scalar)
         #expect(!tape.bypass && !tape.skipped)
         let y0 = Self.baseOutput(m, x)
         let (y, saved) = try m.forwardElementwise(y0, layerInput: x, tape: tape)
@@ -78,9 +80,9 @@ struct DoRAFactorPathTests {
         }
     }
 
-    @Test("∂y0, ∂x and every ∂parameter against central finite differences", arguments: layers)
-    func finiteDifferences(_ layer: LayerSpec) throws {
-        let (m, x, g, tape) = try Self.sample(layer, seed: 6)
+    @Test("∂y0, ∂x and every ∂parameter against central finite differences, V formed or not", arguments: layers, [false, true])
+    func finiteDifferences(_ layer: LayerSpec, scalar: Bool) throws {
+        let (m, x, g, tape) = try Self.sample(layer, seed: 6, scalar: scalar)
         var random = RandomSource(seed: 7)
         let y0 = Tensor.normal(g.shape, std: 1, using: &random)
         let loss = { (module: AdapterModule, y0: Tensor, x: Tensor) throws -> Double in
