@@ -122,19 +122,30 @@ def test_dora_output_with_input_transfer_matches_lycoris(algo, options):
         ours.close()
 
 
+def _refusal(network, layer_input_rows: int | None = 2):
+    """The ServerError of an elementwise forward of the network's only module on a (2, 5)
+    base output, with a (layer_input_rows, 6) layer input (None: none)."""
+    (info,) = network.modules_info.values()
+    call = {"module": info["name"], "input": network._inline(torch.ones(2, 5)), "elementwise": True}
+    if layer_input_rows is not None:
+        call["layer_input"] = network._inline(torch.ones(layer_input_rows, 6))
+    with pytest.raises(sl.ServerError) as error:
+        network.server.call("forward", {"calls": [call]})
+    return error.value
+
+
+def _linear_network(algo: str, **options):
+    return sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo=algo, threads=1, **options)
+
+
 def test_dora_on_the_input_axis_keeps_the_weight_path():
     """wd_on_out false: the scales act on x before W0, so the module has no elementwise
-    transfer (info null) and a forward with layer_input is refused (-32602)."""
-    ours = sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo="lora", threads=1,
-                             dora_wd=True, wd_on_output=False)
+    transfer (info null; an elementwise forward is -32007)."""
+    ours = _linear_network("lora", dora_wd=True, wd_on_output=False)
     try:
-        (info,) = ours.modules_info.values()
-        assert info["elementwise"] is None
-        call = {"module": info["name"], "input": ours._inline(torch.ones(2, 5)), "elementwise": True,
-                "layer_input": ours._inline(torch.ones(2, 6))}
-        with pytest.raises(sl.ServerError) as error:
-            ours.server.call("forward", {"calls": [call]})
-        assert error.value.code == -32007 and "no elementwise transfer" in str(error.value)
+        assert [info["elementwise"] for info in ours.modules_info.values()] == [None]
+        error = _refusal(ours)
+        assert error.code == -32007 and "no elementwise transfer" in str(error)
     finally:
         ours.close()
 
@@ -143,29 +154,22 @@ def test_dora_layer_input_is_checked():
     """On the output axis the elementwise call needs layer_input (-32602 without it), shaped
     so that input is its output (-32002 otherwise); IA3 refuses one (-32602); the server
     keeps serving and a good call then works."""
-    ours = sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo="lora", threads=1, dora_wd=True)
+    ours = _linear_network("lora", dora_wd=True)
     try:
         (info,) = ours.modules_info.values()
         assert info["elementwise"] == "output_with_input"
-        y, x = ours._inline(torch.ones(2, 5)), ours._inline(torch.ones(2, 6))
-        call = {"module": info["name"], "input": y, "elementwise": True}
-        with pytest.raises(sl.ServerError) as error:
-            ours.server.call("forward", {"calls": [call]})
-        assert error.value.code == -32602 and "layer_input" in str(error.value)
-        with pytest.raises(sl.ServerError) as error:
-            ours.server.call("forward", {"calls": [{**call, "layer_input": ours._inline(torch.ones(3, 6))}]})
-        assert error.value.code == -32002
-        (result,) = ours.server.call("forward", {"calls": [{**call, "layer_input": x}]})["results"]
+        error = _refusal(ours, None)
+        assert error.code == -32602 and "layer_input" in str(error)
+        assert _refusal(ours, 3).code == -32002
+        call = {"module": info["name"], "input": ours._inline(torch.ones(2, 5)), "elementwise": True,
+                "layer_input": ours._inline(torch.ones(2, 6))}
+        (result,) = ours.server.call("forward", {"calls": [call]})["results"]
         assert result["output"]["shape"] == [2, 5]
     finally:
         ours.close()
-    ia3 = sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo="ia3", threads=1)
+    ia3 = _linear_network("ia3")
     try:
-        (info,) = ia3.modules_info.values()
-        call = {"module": info["name"], "input": ia3._inline(torch.ones(2, 5)), "elementwise": True,
-                "layer_input": ia3._inline(torch.ones(2, 6))}
-        with pytest.raises(sl.ServerError) as error:
-            ia3.server.call("forward", {"calls": [call]})
-        assert error.value.code == -32602 and "output_with_input" in str(error.value)
+        error = _refusal(ia3)
+        assert error.code == -32602 and "output_with_input" in str(error)
     finally:
         ia3.close()
