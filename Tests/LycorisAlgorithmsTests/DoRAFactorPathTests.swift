@@ -16,13 +16,14 @@ struct DoRAFactorPathTests {
 
     /// A DoRA LoCon module on `layer` with random factors, magnitude, W0 and bias, and a
     /// multiplier that is not 1 (so c = m·(mag/n − 1) + 1 is exercised).
-    static func module(_ layer: LayerSpec, options edit: (inout AdapterOptions) -> Void = { _ in }) throws -> AdapterModule {
+    static func module(_ layer: LayerSpec, algorithm: Algorithm = .locon,
+                       options edit: (inout AdapterOptions) -> Void = { _ in }) throws -> AdapterModule {
         var options = AdapterOptions(rank: 2, alpha: 3)
         options.weightDecompose = true
         edit(&options)
         var random = RandomSource(seed: 11)
         let w0 = Tensor.normal(layer.weightShape, std: 0.5, using: &random)
-        var adapter = try Algorithm.locon.makeAdapter(layer: layer, options: options, random: &random, baseWeight: w0, hasBias: true)
+        var adapter = try algorithm.makeAdapter(layer: layer, options: options, random: &random, baseWeight: w0, hasBias: true)
         for (name, tensor) in adapter.parameters.entries {
             adapter.parameters[name] = .normal(tensor.shape, std: 0.5, using: &random) + (name == "dora_scale" ? 1 : 0) * tensor
         }
@@ -34,8 +35,9 @@ struct DoRAFactorPathTests {
     }
 
     /// A module on `layer`, an input x, an upstream gradient g (y's shape) and a training tape.
-    static func sample(_ layer: LayerSpec, seed: UInt64, scalar: Bool = false) throws -> (AdapterModule, Tensor, Tensor, AdapterModule.Tape) {
-        let m = try module(layer) { $0.useScalar = scalar }
+    static func sample(_ layer: LayerSpec, seed: UInt64, algorithm: Algorithm = .locon,
+                       scalar: Bool = false) throws -> (AdapterModule, Tensor, Tensor, AdapterModule.Tape) {
+        let m = try module(layer, algorithm: algorithm) { $0.useScalar = scalar; if algorithm == .lokr { $0.rank = 1 } }
         var random = RandomSource(seed: seed)
         let x = Tensor.normal(layer.isConvolution ? [2, 4, 5, 4] : [3, 8], std: 1, using: &random)
         let g = Tensor.normal(layer.outputShape(forInput: x.shape), std: 1, using: &random)
@@ -66,6 +68,10 @@ struct DoRAFactorPathTests {
           arguments: layers, [false, true])
     func matchesRebuild(_ layer: LayerSpec, scalar: Bool) throws {
         let (m, x, g, tape) = try Self.sample(layer, seed: 5, scalar: scalar)
+        try expectMatchesRebuild(m, x, g, tape)
+    }
+
+    func expectMatchesRebuild(_ m: AdapterModule, _ x: Tensor, _ g: Tensor, _ tape: AdapterModule.Tape) throws {
         #expect(!tape.bypass && !tape.skipped)
         let y0 = Self.baseOutput(m, x)
         let (y, saved) = try m.forwardElementwise(y0, layerInput: x, tape: tape)
@@ -124,6 +130,14 @@ struct DoRAFactorPathTests {
             }
             #expect(error < 2e-3, "∂\(name): \(error)")
         }
+    }
+
+    @Test("LoHa and LoKr bases (V formed): y', ∂x and every ∂parameter equal the rebuilt weight's",
+          arguments: [Algorithm.loha, .lokr], layers)
+    func otherBases(_ algorithm: Algorithm, _ layer: LayerSpec) throws {
+        let (m, x, g, tape) = try Self.sample(layer, seed: 8, algorithm: algorithm)
+        #expect(m.elementwiseSide == .outputWithInput)
+        try expectMatchesRebuild(m, x, g, tape)
     }
 
     @Test("module_dropout's skipped step passes y0 through: ∂y0 = ∂y', ∂x and ∂parameters zero")
