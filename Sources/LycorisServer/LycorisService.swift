@@ -47,8 +47,11 @@ public final class LycorisService {
     struct PendingCall {
         enum Kind { case delta, full, deltaWeight, elementwise }
         let module: String
-        /// The forward's input (empty for ΔW calls; the scaled tensor for elementwise calls).
+        /// The forward's input (empty for ΔW calls; the scaled tensor for elementwise calls, or
+        /// what DoRA's factor path saved for its backward).
         let input: Tensor
+        /// The layer input of an elementwise call with side output_with_input (DoRA).
+        var layerInput: Tensor? = nil
         let tape: AdapterModule.Tape
         /// What the call returned: Δ(x), the whole output, ΔW, or the elementwise transfer's
         /// adapted tensor — which backward applies.

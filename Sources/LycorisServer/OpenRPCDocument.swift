@@ -2631,10 +2631,11 @@ enum OpenRPCDocument {
             ]
           },
           "elementwise": {
-            "description": "The module's elementwise transfer (forward calls with elementwise true): output (it scales the base layer's output), input (it scales the layer's input: ia3 with train_on_input), or null where it has none (every algorithm but ia3; ia3 with dropout or rank_dropout).",
+            "description": "The module's elementwise transfer (forward calls with elementwise true): output (it scales the base layer's output), input (it scales the layer's input: ia3 with train_on_input), output_with_input (it maps the base layer's output to the adapted one with the layer's input as well, sent as layer_input: dora with wd_on_out on locon, loha or lokr with a factor path, without rank_dropout), or null where it has none (ia3 with dropout or rank_dropout, dora on the input axis, every other algorithm).",
             "enum": [
               "output",
               "input",
+              "output_with_input",
               null
             ]
           },
@@ -2928,8 +2929,12 @@ enum OpenRPCDocument {
             "type": "boolean"
           },
           "elementwise": {
-            "description": "The elementwise transfer (modules whose network.info elementwise is not null: ia3 without dropout and rank_dropout): input is the tensor the module scales, the base layer's output y = op(x, W0) + b (side output) or the layer's input x (side input), and output receives the adapted tensor in one elementwise pass: y * (1 + m*w) - m*w*b (b: the layer's bias in rebuild mode, 0 in bypass mode) or x * (1 + m*w). Its backward takes the gradient of that tensor and returns the gradient of the one sent. Excludes full. Default false.",
+            "description": "The elementwise transfer (modules whose network.info elementwise is not null: ia3 without dropout and rank_dropout; dora with wd_on_out): input is the tensor the module scales, the base layer's output y = op(x, W0) + b (sides output and output_with_input) or the layer's input x (side input), and output receives the adapted tensor in one elementwise pass: y * (1 + m*w) - m*w*b (b: the layer's bias in rebuild mode, 0 in bypass mode) or x * (1 + m*w); for output_with_input (dora) c * (y + delta(layer_input)) + (1 - c) * b with c = m*(dora_scale/(n + eps) - 1) + 1 per output channel, n the norm of that row of W0 + delta W. Its backward takes the gradient of that tensor and returns the gradient of the one sent (and, for output_with_input, the adapter's part of dL/d(layer_input) in grad_layer_input). Excludes full. Default false.",
             "type": "boolean"
+          },
+          "layer_input": {
+            "$ref": "#/components/schemas/TensorInput",
+            "description": "With elementwise true, for modules whose elementwise side is output_with_input (dora), and only for them: the layer's input x, of which input is the base output."
           }
         }
       },
@@ -2988,6 +2993,10 @@ enum OpenRPCDocument {
             "$ref": "#/components/schemas/OutputMap",
             "description": "Where each parameter gradient goes (by parameter key) when return_parameter_grads is true; default inline F32."
           },
+          "grad_layer_input": {
+            "$ref": "#/components/schemas/OutputSpec",
+            "description": "For a forward with layer_input (dora's output_with_input transfer): where the adapter's part of dL/d(layer_input) goes (the base layer's part follows from grad_input); default: inline in grad_output's dtype."
+          },
           "keep": {
             "description": "Keep the tape after this backward (for a second backward, as autograd's retain_graph); release it later with tapes.release. Default false: the tape is consumed.",
             "type": "boolean"
@@ -3011,6 +3020,10 @@ enum OpenRPCDocument {
               "properties": {
                 "grad_input": {
                   "$ref": "#/components/schemas/TensorDescriptor"
+                },
+                "grad_layer_input": {
+                  "$ref": "#/components/schemas/TensorDescriptor",
+                  "description": "Only for a forward with layer_input: the adapter's part of dL/d(layer_input)."
                 },
                 "parameter_grads": {
                   "$ref": "#/components/schemas/TensorMap",

@@ -115,7 +115,7 @@ extension LycorisService {
         }
         try reader.expectEnd()
         let call = PreparedBackward(id: Int64(tape), record: record, module: module, gradient: gradient, biasGradient: nil,
-                                    inputDestination: inputDestination, inputPath: "grad_input",
+                                    inputDestination: inputDestination, inputPath: "grad_input", layerInputOutput: nil,
                                     parameterOutputs: outputs, keep: flags & CallRecord.backwardKeep != 0)
         _ = try CallThreads.run(multiplyAdds: call.multiplyAdds) {
             try runBackward(call, accumulate: flags & CallRecord.backwardAccumulate != 0)

@@ -19,8 +19,10 @@ extension LycorisService {
                 try transport.read(try call.value("input"), path: call.at("input"))
             }
             let destination = try TensorTransport.destination(call.object["output"], path: call.at("output"), defaultDType: dtype)
+            let elementwise = try call.bool("elementwise", default: false)
+            let layerInput = elementwise ? try elementwiseLayerInput(call, module: module, baseOutput: x.shape) : nil
             prepared.append((try prepareForward(module: module, x: x, full: try call.bool("full", default: false),
-                                                elementwise: try call.bool("elementwise", default: false),
+                                                elementwise: elementwise, layerInput: layerInput,
                                                 destination: destination, at: call.at), call.at("output")))
         }
         let keepTapes = try p.bool("grad", default: network.modules.first?.isTraining ?? false)
@@ -42,17 +44,23 @@ extension LycorisService {
     struct PreparedForward {
         let module: AdapterModule
         let x: Tensor
+        /// DoRA's elementwise transfer (side output_with_input): the layer's input, beside the
+        /// base output `x`.
+        let layerInput: Tensor?
         let kind: PendingCall.Kind
         let destination: TensorTransport.Destination
 
-        /// The adapter math of this call, for ``CallThreads/run(multiplyAdds:_:)``.
-        var multiplyAdds: Int { CallThreads.forwardMultiplyAdds(module, inputShape: x.shape, elementwise: kind == .elementwise) }
+        /// The adapter math of this call, for ``CallThreads/run(multiplyAdds:_:)``: with a layer
+        /// input, the factor chain over it.
+        var multiplyAdds: Int {
+            CallThreads.forwardMultiplyAdds(module, inputShape: layerInput?.shape ?? x.shape, elementwise: kind == .elementwise && layerInput == nil)
+        }
     }
 
     /// Checks one forward call of `module` on input `x` (the flags, the input's shape, the
-    /// base weight for `full`, and that the output fits `destination`); `at` names a
-    /// parameter in errors.
-    func prepareForward(module: AdapterModule, x: Tensor, full: Bool, elementwise: Bool,
+    /// layer input an output_with_input module needs, the base weight for `full`, and that the
+    /// output fits `destination`); `at` names a parameter in errors.
+    func prepareForward(module: AdapterModule, x: Tensor, full: Bool, elementwise: Bool, layerInput: Tensor? = nil,
                         destination: TensorTransport.Destination, at: (String) -> String) throws -> PreparedForward {
         if full && elementwise {
             throw RPCError.invalidParams("\(at("full")) and \(at("elementwise")) exclude each other", path: at("elementwise"))
@@ -62,6 +70,9 @@ extension LycorisService {
                 throw RPCError.state("\(module.name) has no elementwise transfer (only ia3 without dropout and rank_dropout has one)")
             }
             if let problem = module.elementwiseProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: at("input")) }
+            if module.elementwiseSide == .outputWithInput && layerInput == nil {
+                throw RPCError.invalidParams("\(module.name) takes its elementwise transfer with the layer input: \(at("layer_input")) is required (a JSON forward call; call records have no such field)", path: at("layer_input"))
+            }
         } else if let problem = module.layer.inputProblem(x.shape) {
             throw RPCError.shapeMismatch(problem, path: at("input"))
         }
@@ -70,22 +81,48 @@ extension LycorisService {
         }
         let count = elementwise ? x.count : module.layer.outputShape(forInput: x.shape).product
         try transport.validate(destination, count: count, path: at("output"))
-        return PreparedForward(module: module, x: x, kind: elementwise ? .elementwise : full ? .full : .delta, destination: destination)
+        return PreparedForward(module: module, x: x, layerInput: layerInput, kind: elementwise ? .elementwise : full ? .full : .delta,
+                               destination: destination)
     }
 
     /// Computes a prepared forward call and writes its output; the output's descriptor, and
     /// the tape id when `keepTape` (the caller reserved it).
     func runForward(_ call: PreparedForward, keepTape: Bool, outputPath: String) throws -> (output: JSONValue, tape: Int64?) {
         let module = call.module
-        let tape = module.makeTape(inputShape: call.x.shape, random: &random)
-        let y = switch call.kind {
-        case .full: try module.forward(call.x, tape: tape)
-        case .elementwise: try module.forwardElementwise(call.x, tape: tape)
-        case .delta, .deltaWeight: try module.forwardDelta(call.x, tape: tape)
+        let tape = module.makeTape(inputShape: call.layerInput?.shape ?? call.x.shape, random: &random)
+        // What the backward reads: the tensor sent, or what DoRA's factor path saved.
+        var saved = call.x
+        let y: Tensor
+        switch call.kind {
+        case .full: y = try module.forward(call.x, tape: tape)
+        case .elementwise:
+            if let layerInput = call.layerInput {
+                (y, saved) = try module.forwardElementwise(call.x, layerInput: layerInput, tape: tape)
+            } else {
+                y = try module.forwardElementwise(call.x, tape: tape)
+            }
+        case .delta, .deltaWeight: y = try module.forwardDelta(call.x, tape: tape)
         }
         let output = try transport.write(y, to: call.destination, path: outputPath)
         guard keepTape else { return (output, nil) }
-        return (output, store(PendingCall(module: module.name, input: call.x, tape: tape, kind: call.kind)))
+        return (output, store(PendingCall(module: module.name, input: saved, layerInput: call.layerInput, tape: tape, kind: call.kind)))
+    }
+
+    /// The `layer_input` of an elementwise JSON call, read and checked against the base output's
+    /// shape `baseOutput`; nil when absent (``prepareForward(module:x:full:elementwise:layerInput:destination:at:)``
+    /// requires it of output_with_input modules, DoRA); refused for other modules.
+    private func elementwiseLayerInput(_ call: Params, module: AdapterModule, baseOutput: [Int]) throws -> Tensor? {
+        let path = call.at("layer_input")
+        guard call.has("layer_input") else { return nil }
+        guard module.elementwiseSide == .outputWithInput else {
+            throw RPCError.invalidParams("\(path) is only for modules whose elementwise side is output_with_input", path: path)
+        }
+        let x = try RPCError.naming(module: module.name, pass: "forward") { try transport.read(try call.value("layer_input"), path: path).tensor }
+        if let problem = module.layer.inputProblem(x.shape) { throw RPCError.shapeMismatch(problem, path: path) }
+        guard module.layer.outputShape(forInput: x.shape) == baseOutput else {
+            throw RPCError.shapeMismatch("\(call.at("input")) has shape \(baseOutput), expected the output shape \(module.layer.outputShape(forInput: x.shape)) of \(path)", path: call.at("input"))
+        }
+        return x
     }
 
     /// Checks, before a call computes anything, that `count` more tapes fit the limit.
@@ -171,6 +208,14 @@ extension LycorisService {
             if record.kind != .deltaWeight {
                 try transport.validate(inputDestination, count: record.input.count, path: call.at("grad_input"))
             }
+            // DoRA's factor path returns ∂x of the layer input too.
+            var layerInputOutput: LayerInputOutput?
+            if let layerInput = record.layerInput {
+                let path = call.at("grad_layer_input")
+                let destination = try TensorTransport.destination(call.object["grad_layer_input"], path: path, defaultDType: dtype)
+                try transport.validate(destination, count: layerInput.count, path: path)
+                layerInputOutput = LayerInputOutput(destination: destination, path: path)
+            }
             var parameterOutputs: [ParameterOutput] = []
             if returnGrads {
                 let outputs = call.has("parameter_grads") ? try call.object("parameter_grads") : try Params(nil, path: call.at("parameter_grads"))
@@ -181,7 +226,7 @@ extension LycorisService {
             seen.insert(id)
             prepared.append(PreparedBackward(id: id, record: record, module: module, gradient: gradient, biasGradient: biasGradient,
                                              inputDestination: inputDestination, inputPath: call.at("grad_input"),
-                                             parameterOutputs: returnGrads ? parameterOutputs : nil,
+                                             layerInputOutput: layerInputOutput, parameterOutputs: returnGrads ? parameterOutputs : nil,
                                              keep: try call.bool("keep", default: false)))
         }
         let work = prepared.reduce(0) { $0 + $1.multiplyAdds }
@@ -203,6 +248,8 @@ extension LycorisService {
         let biasGradient: Tensor?
         let inputDestination: TensorTransport.Destination
         let inputPath: String
+        /// Where ∂(layer input) goes, for a tape of DoRA's elementwise transfer; nil otherwise.
+        let layerInputOutput: LayerInputOutput?
         /// Where each parameter gradient goes, in the module's parameter order; nil: not returned.
         let parameterOutputs: [ParameterOutput]?
         let keep: Bool
@@ -214,6 +261,12 @@ extension LycorisService {
             guard record.kind != .deltaWeight else { return CallThreads.oneThreadBelow }
             return 2 * CallThreads.forwardMultiplyAdds(module, inputShape: record.input.shape, elementwise: record.kind == .elementwise)
         }
+    }
+
+    /// Where a backward writes ∂(layer input) (`grad_layer_input`), and its parameter path.
+    struct LayerInputOutput {
+        let destination: TensorTransport.Destination
+        let path: String
     }
 
     /// A parameter gradient's key (`module.parameter`), destination and parameter path.
@@ -263,6 +316,14 @@ extension LycorisService {
         switch record.kind {
         case .deltaWeight:
             parameterGrads = try module.effectiveDeltaWeightBackward(call.gradient, biasGradient: call.biasGradient, record.tape)
+        case .elementwise where record.layerInput != nil:
+            guard let layerInput = record.layerInput, let layerInputOutput = call.layerInputOutput else {
+                throw RPCError.invalidParams("tape \(call.id) is a forward with layer_input: its backward returns grad_layer_input, which only a JSON backward call names", path: call.inputPath)
+            }
+            let grads = try module.backwardElementwise(saved: record.input, layerInput: layerInput, gradOutput: call.gradient, tape: record.tape)
+            parameterGrads = grads.parameters
+            result["grad_input"] = try transport.write(grads.input, to: call.inputDestination, path: call.inputPath)
+            result["grad_layer_input"] = try transport.write(grads.layerInput, to: layerInputOutput.destination, path: layerInputOutput.path)
         case .delta, .full, .elementwise:
             let grads = switch record.kind {
             case .full: try module.backward(record.input, gradOutput: call.gradient, tape: record.tape)

@@ -12,7 +12,7 @@
 // server computes for an adapted layer on the activation transfer: m·Δ(x) = forwardDelta(x)
 // (training mode, tape drawn) and backwardDelta(x, ∂y) → (∂x, ∂parameters) — or, for a module
 // with an elementwise transfer (IA3), forwardElementwise/backwardElementwise of the tensor it
-// scales; x, y and ∂y are made once, outside the timed region. A bad case answers
+// scales (DoRA on the output axis: of the base output y with x); x, y and ∂y are made once, outside the timed region. A bad case answers
 // {"key", "error"} and the loop goes on.
 import CMalloc
 import Foundation
@@ -61,8 +61,8 @@ func measure(_ bench: BenchCase) throws -> [Double] {
     module.isTraining = true
     let x = Tensor.normal(bench.input, std: 1, using: &random)
     let gradOutput = Tensor.normal(spec.outputShape(forInput: bench.input), std: 1, using: &random)
-    // The elementwise transfer (IA3) scales the base output y (or x); y is made once here.
-    let base = module.elementwiseSide == .output ? Tensor.normal(gradOutput.shape, std: 1, using: &random) : gradOutput
+    // The elementwise transfer (IA3, DoRA) scales the base output y (or x); y is made once here.
+    let base = module.elementwiseSide == .output || module.elementwiseSide == .outputWithInput ? Tensor.normal(gradOutput.shape, std: 1, using: &random) : gradOutput
     var timings: [Double] = []
     for iteration in 0..<(bench.warmup ?? 1) + bench.iters {
         let start = DispatchTime.now().uptimeNanoseconds
@@ -73,6 +73,11 @@ func measure(_ bench: BenchCase) throws -> [Double] {
         case .output?:
             y = try module.forwardElementwise(base, tape: tape)
             (gradInput, gradients) = try module.backwardElementwise(base, gradOutput: gradOutput, tape: tape)
+        case .outputWithInput?:
+            let saved: Tensor
+            (y, saved) = try module.forwardElementwise(base, layerInput: x, tape: tape)
+            let grads = try module.backwardElementwise(saved: saved, layerInput: x, gradOutput: gradOutput, tape: tape)
+            (gradInput, gradients) = (grads.layerInput, grads.parameters)
         case .input?:
             y = try module.forwardElementwise(x, tape: tape)
             (gradInput, gradients) = try module.backwardElementwise(x, gradOutput: x, tape: tape)

@@ -13,7 +13,9 @@ adapted layer's forward takes, per call, the cheaper of two transfers:
   group of weight-path modules (one call each way per group, see ``weight_delta``);
 - elementwise (IA3 in training, with ``transfer="auto"``): the server scales the base output
   y = org_forward(x) (or, for ``train_on_input``, x before org_forward) in one elementwise
-  pass and returns the adapted tensor, through the same autograd Function.
+  pass and returns the adapted tensor, through the same autograd Function; DoRA with the
+  norm per output row (side ``output_with_input``) sends x along with y and gets
+  op(x, W') + b back from y and the low-rank chain (:class:`LayerInputFunction`).
 
 Parameter values reach the server only when their version counter changed. NaN and ±∞
 are named by module and pass, and handled by ``nan_policy`` (see :mod:`.nonfinite`).
@@ -148,6 +150,19 @@ class _ParameterHolder(nn.Module):
         return owner
 
 
+def _keep_tape(ctx, network: "LycorisNetwork", name: str, tape: int, params) -> None:
+    """Keeps a forward's tape on the autograd context, released when the graph is freed."""
+    ctx.network, ctx.name, ctx.tape = network, name, tape
+    ctx.parameter_count = len(params)
+    ctx.param_meta = [(p.dtype, p.device) for p in params]
+    weakref.finalize(ctx, network._orphaned_tapes.append, tape)
+
+
+def _parameter_grads(ctx, grads) -> list[torch.Tensor]:
+    """The server's parameter gradients in each parameter's dtype and device."""
+    return [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
+
+
 class AdapterFunction(torch.autograd.Function):
     """m·Δ(x) of one adapter (with `elementwise`, the elementwise transfer's adapted tensor),
     computed by the server; backward returns ∂x (∂ of the tensor sent) and ∂params.
@@ -164,24 +179,42 @@ class AdapterFunction(torch.autograd.Function):
         start = time.perf_counter()
         delta, tape = network._server_forward(name, x, output_shape, True, elementwise)
         ctx.forward_seconds = None if elementwise else time.perf_counter() - start
-        ctx.network, ctx.name, ctx.tape = network, name, tape
-        ctx.parameter_count = len(params)
+        _keep_tape(ctx, network, name, tape, params)
         ctx.input_meta = (x.shape, x.dtype, x.device)
-        ctx.param_meta = [(p.dtype, p.device) for p in params]
-        weakref.finalize(ctx, network._orphaned_tapes.append, tape)
         return delta
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         start = time.perf_counter()
         try:
-            grad_input, grads = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
+            grad_input, grads, _ = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, ctx.input_meta)
         except SkipCall:
             return (None, None, None, None, None) + (None,) * ctx.parameter_count
         if ctx.forward_seconds is not None:
             ctx.network._observe_activations(ctx.name, ctx.input_meta[0], ctx.forward_seconds + time.perf_counter() - start)
-        param_grads = [g.to(dtype=dtype, device=device) for g, (dtype, device) in zip(grads, ctx.param_meta)]
-        return (None, None, None, None, grad_input, *param_grads)
+        return (None, None, None, None, grad_input, *_parameter_grads(ctx, grads))
+
+
+class LayerInputFunction(torch.autograd.Function):
+    """The elementwise transfer of a module that also reads the layer input x (side
+    ``output_with_input``: DoRA): y' from the base output y and x; backward returns ∂y (torch
+    carries it through the base layer), the adapter's part of ∂x, and ∂params. Tapes as in
+    :class:`AdapterFunction`."""
+
+    @staticmethod
+    def forward(ctx, network: "LycorisNetwork", name: str, y: torch.Tensor, x: torch.Tensor, *params):
+        adapted, tape = network._server_forward(name, y, y.shape, True, True, layer_input=x)
+        _keep_tape(ctx, network, name, tape, params)
+        ctx.metas = (y.shape, y.dtype, y.device), (x.shape, x.dtype, x.device)
+        return adapted
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        try:
+            grad_y, grads, grad_x = ctx.network._server_backward(ctx.name, ctx.tape, grad_output, *ctx.metas)
+        except SkipCall:
+            return (None, None, None, None) + (None,) * ctx.parameter_count
+        return (None, None, grad_y, grad_x, *_parameter_grads(ctx, grads))
 
 
 class DeltaWeightFunction(torch.autograd.Function):
@@ -524,6 +557,8 @@ class LycorisNetwork(nn.Module):
             return original(self._server_elementwise(name, x))
         if side == "output":
             return self._server_elementwise(name, original(x))
+        if side == "output_with_input":
+            return self._server_elementwise(name, original(x), x)
         if not args and not kwargs and self._moves_weights(name, layer, original, x):
             # The server never sees x on this path: check it here, as the server does.
             count = count_non_finite(x)
@@ -554,19 +589,23 @@ class LycorisNetwork(nn.Module):
             return None
         return side if self.training or torch.is_grad_enabled() else None
 
-    def _server_elementwise(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def _server_elementwise(self, name: str, t: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """The elementwise transfer's adapted tensor for `t` (the base output, or the input
-        on the input side); unbatched conv tensors (C, …) are accepted."""
+        on the input side; with `x`, the layer input, for side ``output_with_input``);
+        unbatched conv tensors (C, …) are accepted."""
         self.release_orphaned_tapes()
         params = self._module_parameters(name)
         layer = self.modules_info[name]["layer"]
         unbatched = layer["kind"].startswith("conv") and t.dim() == len(layer["kernel_size"]) + 1
         if unbatched:
-            t = t.unsqueeze(0)
-        if torch.is_grad_enabled() and (t.requires_grad or any(p.requires_grad for p in params)):
+            t, x = t.unsqueeze(0), None if x is None else x.unsqueeze(0)
+        graph = torch.is_grad_enabled() and any(v.requires_grad for v in (t, x, *params) if v is not None)
+        if x is not None and graph:
+            adapted = LayerInputFunction.apply(self, name, t, x.to(t.dtype), *params)
+        elif graph:
             adapted = AdapterFunction.apply(self, name, t.shape, True, t, *params)
         else:
-            adapted, _ = self._server_forward(name, t, t.shape, False, True)
+            adapted, _ = self._server_forward(name, t, t.shape, False, True, layer_input=None if x is None else x.to(t.dtype))
         if unbatched:
             adapted = adapted.squeeze(0)
         return adapted if adapted.dtype == t.dtype else adapted.to(t.dtype)
@@ -679,18 +718,24 @@ class LycorisNetwork(nn.Module):
             delta = delta.squeeze(0)
         return delta if delta.dtype == base.dtype else delta.to(base.dtype)
 
-    def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool, elementwise: bool = False):
-        """(output, tape) of one ``forward`` call; on the CPU the server writes the output
+    def _server_forward(self, name: str, x: torch.Tensor, output_shape, keep_tape: bool, elementwise: bool = False,
+                        layer_input: torch.Tensor | None = None):
+        """(output, tape) of one ``forward`` call (`layer_input`: the layer input of an
+        ``output_with_input`` elementwise call); on the CPU the server writes the output
         straight into the tensor returned (an arena block, no copy out)."""
         self.sync(module=name)
         dtype = x.dtype if x.dtype in _ITEMSIZE else torch.float32
+        extra = [] if layer_input is None else [layer_input.numel() * _ITEMSIZE[dtype]]
         self.arena.begin()
-        self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]])
+        self.arena.plan([x.numel() * _ITEMSIZE[dtype], _numel(output_shape) * _ITEMSIZE[dtype]] + extra)
         source = self.arena.put(x.to(dtype))
+        sources = [] if layer_input is None else [self.arena.put(layer_input.to(dtype).contiguous())]
         output, delta = self._output(output_shape, dtype, x.device)
-        key = ("forward", name, tuple(x.shape), dtype, tuple(output_shape), keep_tape, elementwise)
+        key = ("forward", name, tuple(x.shape), dtype, tuple(output_shape), keep_tape, elementwise,
+               None if layer_input is None else tuple(layer_input.shape))
         template = self._templates.get(key)
-        if template is None and self.server.call_records:
+        # A call with a layer input (DoRA) goes as JSON: call records have no such field.
+        if template is None and self.server.call_records and layer_input is None:
             flags = (call_record.FORWARD_GRAD if keep_tape else 0) | (call_record.FORWARD_ELEMENTWISE if elementwise else 0)
             template = self._template(key, call_record.forward_template(
                 self.modules_info[name]["handle"], flags, source["dtype"], source["shape"], output["dtype"]))
@@ -698,8 +743,11 @@ class LycorisNetwork(nn.Module):
             call = {"module": name, "input": {**source, "offset": Slot(0)}, "output": {**output, "offset": Slot(1)}}
             if elementwise:
                 call["elementwise"] = True
+            if sources:
+                call["layer_input"] = {**sources[0], "offset": Slot(2)}
             template = self._template(key, RequestTemplate("forward", {"calls": [call], "grad": keep_tape}))
-        result = self._checked_call("forward", template, source["offset"], output["offset"])
+        result = self._checked_call("forward", template, source["offset"], output["offset"],
+                                    *[spec["offset"] for spec in sources])
         if isinstance(template, call_record.RecordTemplate):
             tape = call_record.FORWARD_RESULT.unpack_from(result)[0] or None
             result = {"output": {**output, "shape": list(output_shape)}, "tape": tape}
@@ -725,23 +773,27 @@ class LycorisNetwork(nn.Module):
             return self.arena.output(shape, dtype)
         return self.arena.reserve(shape, dtype), None
 
-    def _server_backward(self, name: str, tape: int, grad_output: torch.Tensor, input_meta):
-        """(∂x, ∂parameters) of one ``backward`` call, written by the server into the tensors
-        returned (CPU) or copied to the device."""
+    def _server_backward(self, name: str, tape: int, grad_output: torch.Tensor, input_meta, layer_input_meta=None):
+        """(∂x, ∂parameters, ∂layer input or None) of one ``backward`` call, written by the
+        server into the tensors returned (CPU) or copied to the device; `layer_input_meta`
+        for a tape of an ``output_with_input`` elementwise call."""
         shape, dtype, device = input_meta
         dtype = dtype if dtype in _ITEMSIZE else torch.float32
         grad_output = grad_output.to(dtype)
         keys = self._keys_of[name]
         params = self._module_parameters(name)
+        extra = [] if layer_input_meta is None else [_numel(layer_input_meta[0]) * _ITEMSIZE[dtype]]
         self.arena.begin()
-        self.arena.plan([grad_output.numel() * _ITEMSIZE[dtype], _numel(shape) * _ITEMSIZE[dtype]] + [p.numel() * 4 for p in params])
+        self.arena.plan([grad_output.numel() * _ITEMSIZE[dtype], _numel(shape) * _ITEMSIZE[dtype]] + [p.numel() * 4 for p in params] + extra)
         source = self.arena.put(grad_output.contiguous())
         input_spec, grad_input = self._output(shape, dtype, device)
         grads_device = _common_device(params)
         grad_outputs = [self._output(p.shape, torch.float32, grads_device) for p in params]
-        key = ("backward", name, tuple(grad_output.shape), dtype, tuple(shape))
+        layer_outputs = [] if layer_input_meta is None else [self._output(layer_input_meta[0], dtype, layer_input_meta[2])]
+        key = ("backward", name, tuple(grad_output.shape), dtype, tuple(shape),
+               None if layer_input_meta is None else tuple(layer_input_meta[0]))
         template = self._templates.get(key)
-        if template is None and self.server.call_records:
+        if template is None and self.server.call_records and not layer_outputs:
             template = self._template(key, call_record.backward_template(
                 call_record.BACKWARD_KEEP | call_record.BACKWARD_PARAMETER_GRADS, source["dtype"], source["shape"],
                 input_spec["dtype"], len(keys)))
@@ -752,10 +804,12 @@ class LycorisNetwork(nn.Module):
                 "grad_input": {**input_spec, "offset": Slot(2)},
                 "parameter_grads": {k: {**spec, "offset": Slot(3 + i)} for i, (k, (spec, _)) in enumerate(zip(keys, grad_outputs))},
             }
+            if layer_outputs:
+                call["grad_layer_input"] = {**layer_outputs[0][0], "offset": Slot(3 + len(keys))}
             template = self._template(key, RequestTemplate("backward", {"calls": [call], "return_parameter_grads": True,
                                                                         "accumulate": False}))
         result = self._checked_call("backward", template, tape, source["offset"], input_spec["offset"],
-                                    *[spec["offset"] for spec, _ in grad_outputs])
+                                    *[spec["offset"] for spec, _ in grad_outputs + layer_outputs])
         if isinstance(template, call_record.RecordTemplate):
             # The outputs lie where the record put them.
             result = {"grad_input": {**input_spec, "shape": list(shape)},
@@ -768,7 +822,12 @@ class LycorisNetwork(nn.Module):
             grads = self.arena.take_many([result["parameter_grads"][key] for key in keys], grads_device)
         else:
             grads = [tensor for _, tensor in grad_outputs]
-        return grad_input, grads
+        grad_layer_input = None
+        if layer_outputs:
+            grad_layer_input = layer_outputs[0][1]
+            if grad_layer_input is None:
+                grad_layer_input = self.arena.take(result["grad_layer_input"], layer_input_meta[2])
+        return grad_input, grads, grad_layer_input
 
     # MARK: non-finite values
 

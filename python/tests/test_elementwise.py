@@ -53,19 +53,26 @@ def test_ia3_elementwise_transfer_matches_lycoris(options, side):
             # bypass semantics of the elementwise transfer (the bias is scaled too).
             ours.transfer = "auto"
         assert {info["elementwise"] for info in ours.modules_info.values()} == {side}
-        calls = _record_calls(ours)
-        x, upstream = inputs()
-        y0, _ = run(base, x)
-        for step in range(2):
-            calls.clear()
-            assert_step_matches(ref_model, our_model, lyco, ours, x, upstream, y0, RTOL, f"step {step} ")
-            forwards = [params for method, params in calls if method == "forward"]
-            assert len(forwards) == len(ours.modules_info), [m for m, _ in calls]
-            assert all(call.get("elementwise") for params in forwards for call in params["calls"])
-            assert not [m for m, _ in calls if m.startswith("delta_weight")]
-            sgd_step(lyco, ours)
+        _assert_elementwise_steps(base, ref_model, lyco, our_model, ours, layer_input=False)
     finally:
         ours.close()
+
+
+def _assert_elementwise_steps(base, ref_model, lyco, our_model, ours, layer_input: bool) -> None:
+    """Two SGD steps in which our model's output, ∂x and every parameter gradient match
+    LyCORIS's, every adapted layer took the elementwise transfer (one forward call each,
+    with `layer_input` exactly when asked) and no ΔW was fetched."""
+    calls = _record_calls(ours)
+    x, upstream = inputs()
+    y0, _ = run(base, x)
+    for step in range(2):
+        calls.clear()
+        assert_step_matches(ref_model, our_model, lyco, ours, x, upstream, y0, RTOL, f"step {step} ")
+        forwards = [call for method, params in calls if method == "forward" for call in params["calls"]]
+        assert len(forwards) == len(ours.modules_info), [m for m, _ in calls]
+        assert all(call.get("elementwise") and ("layer_input" in call) == layer_input for call in forwards)
+        assert not [m for m, _ in calls if m.startswith("delta_weight")]
+        sgd_step(lyco, ours)
 
 
 def test_elementwise_only_where_the_module_has_one():
@@ -99,5 +106,78 @@ def test_elementwise_only_where_the_module_has_one():
         result = ia3.server.call("forward", {"calls": [{"module": name, "input": ia3._inline(torch.ones(2, 5)),
                                                         "elementwise": True}], "grad": False})
         assert result["results"][0]["output"]["shape"] == [2, 5]
+    finally:
+        ia3.close()
+
+
+@pytest.mark.parametrize("algo,options", [
+    ("lora", {"conv_dim": 4, "conv_alpha": 2.0}),
+    ("lora", {"conv_dim": 4, "conv_alpha": 2.0, "use_scalar": True, "multiplier": 1.0}),
+    ("loha", {}),
+], ids=["lora-conv", "lora-scalar-mult1", "loha"])
+def test_dora_output_with_input_transfer_matches_lycoris(algo, options):
+    """DoRA with the norm per output row (LyCORIS's default) takes the elementwise transfer
+    with the layer input (side output_with_input): the client sends y = org_forward(x) and x,
+    the server returns op(x, W') + b from y and the factor chain. Output, ∂x and every
+    parameter gradient (dora_scale included) equal LyCORIS 4.1.3's rebuild over two SGD
+    steps, every forward carried x as layer_input, and no ΔW was fetched."""
+    options = {"multiplier": 0.7, **options}
+    base, ref_model, lyco, our_model, ours = make_pair(algo, transfer="auto", dora_wd=True, **options)
+    try:
+        assert {info["elementwise"] for info in ours.modules_info.values()} == {"output_with_input"}
+        _assert_elementwise_steps(base, ref_model, lyco, our_model, ours, layer_input=True)
+    finally:
+        ours.close()
+
+
+def _refusal(network, layer_input_rows: int | None = 2):
+    """The ServerError of an elementwise forward of the network's only module on a (2, 5)
+    base output, with a (layer_input_rows, 6) layer input (None: none)."""
+    (info,) = network.modules_info.values()
+    call = {"module": info["name"], "input": network._inline(torch.ones(2, 5)), "elementwise": True}
+    if layer_input_rows is not None:
+        call["layer_input"] = network._inline(torch.ones(layer_input_rows, 6))
+    with pytest.raises(sl.ServerError) as error:
+        network.server.call("forward", {"calls": [call]})
+    return error.value
+
+
+def _linear_network(algo: str, **options):
+    return sl.create_lycoris(torch.nn.Sequential(torch.nn.Linear(6, 5)), 1.0, 2, 1.0, algo=algo, threads=1, **options)
+
+
+def test_dora_on_the_input_axis_keeps_the_weight_path():
+    """wd_on_out false: the scales act on x before W0, so the module has no elementwise
+    transfer (info null; an elementwise forward is -32007)."""
+    ours = _linear_network("lora", dora_wd=True, wd_on_output=False)
+    try:
+        assert [info["elementwise"] for info in ours.modules_info.values()] == [None]
+        error = _refusal(ours)
+        assert error.code == -32007 and "no elementwise transfer" in str(error)
+    finally:
+        ours.close()
+
+
+def test_dora_layer_input_is_checked():
+    """On the output axis the elementwise call needs layer_input (-32602 without it), shaped
+    so that input is its output (-32002 otherwise); IA3 refuses one (-32602); the server
+    keeps serving and a good call then works."""
+    ours = _linear_network("lora", dora_wd=True)
+    try:
+        (info,) = ours.modules_info.values()
+        assert info["elementwise"] == "output_with_input"
+        error = _refusal(ours, None)
+        assert error.code == -32602 and "layer_input" in str(error)
+        assert _refusal(ours, 3).code == -32002
+        call = {"module": info["name"], "input": ours._inline(torch.ones(2, 5)), "elementwise": True,
+                "layer_input": ours._inline(torch.ones(2, 6))}
+        (result,) = ours.server.call("forward", {"calls": [call]})["results"]
+        assert result["output"]["shape"] == [2, 5]
+    finally:
+        ours.close()
+    ia3 = _linear_network("ia3")
+    try:
+        error = _refusal(ia3)
+        assert error.code == -32602 and "output_with_input" in str(error)
     finally:
         ia3.close()
