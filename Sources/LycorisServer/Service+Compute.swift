@@ -110,10 +110,12 @@ extension LycorisService {
 
     /// The `layer_input` of an elementwise JSON call, read and checked against the base output's
     /// shape `baseOutput`; nil when absent (``prepareForward(module:x:full:elementwise:layerInput:destination:at:)``
-    /// requires it of output_with_input modules, DoRA); refused for other modules.
+    /// requires it of output_with_input modules, DoRA, and refuses modules without an elementwise
+    /// transfer); refused for modules whose transfer has another side.
     private func elementwiseLayerInput(_ call: Params, module: AdapterModule, baseOutput: [Int]) throws -> Tensor? {
         let path = call.at("layer_input")
-        guard call.has("layer_input") else { return nil }
+        // Absent, or a module without an elementwise transfer: prepareForward says what is wrong.
+        guard call.has("layer_input"), module.elementwiseSide != nil else { return nil }
         guard module.elementwiseSide == .outputWithInput else {
             throw RPCError.invalidParams("\(path) is only for modules whose elementwise side is output_with_input", path: path)
         }
