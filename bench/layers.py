@@ -220,11 +220,16 @@ def verdict(row, column, goal):
 # the measurements behind each); a missed row prints the first cause that applies to it.
 def miss_cause(row, column):
     if column == "a":
+        if row["algo"].startswith("LoRA") and row["layer"].startswith("conv"):
+            return ("the direct convolution kernels (~55 %), OpenBLAS's 1x1 up stage (~20 %) and x padded twice; "
+                    "the padded x kept on the tape, the 1x1 stages on the same kernels and a column-blocked "
+                    "dW kernel would close it")
         if row["algo"].startswith("LoKr") and "conv3 320" in row["layer"]:
             return ("GEMM-bound: three grouped 20->20 convolutions through im2col + OpenBLAS; "
                     "a direct kernel for few channels (no im2col) would close it")
         if row["algo"].startswith("DoRA"):
-            return "DoRA's factor path only covers plain LoCon on the output axis; others rebuild W' per call"
+            return ("DoRA's factor path covers the output axis (LyCORIS's default); the input axis and "
+                    "rank dropout rebuild W' per call")
         return "the engine's kernel for this shape (bench/README.md section 6)"
     if row["via"] == "elem":
         return ("the elementwise transfer crosses y and dy' (two round trips, copies) where LyCORIS does one "
