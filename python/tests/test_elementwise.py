@@ -181,3 +181,35 @@ def test_dora_layer_input_is_checked():
         assert error.code == -32602 and "output_with_input" in str(error)
     finally:
         ia3.close()
+
+
+def test_dora_layer_input_needs_json_calls():
+    """Binary call records have no layer_input field: an elementwise forward record of a DoRA
+    module is -32602 naming layer_input, and the tape of a JSON forward with a layer input
+    refuses a backward record (-32602 naming grad_layer_input) without consuming it — a JSON
+    backward then returns ∂x and ∂(layer input)."""
+    ours = _linear_network("lora", dora_wd=True)
+    try:
+        assert ours.server.call_records
+        (info,) = ours.modules_info.values()
+        ours.arena.begin()
+        ours.arena.plan([40, 40, 48, 48, 40])
+        y, x = ours.arena.put(torch.ones(2, 5)), ours.arena.put(torch.ones(2, 6))
+        out = ours._output((2, 5), torch.float32, None)[0]
+        flags = call_record.FORWARD_GRAD | call_record.FORWARD_ELEMENTWISE
+        record = call_record.forward_template(info["handle"], flags, "F32", [2, 5], "F32")
+        with pytest.raises(sl.ServerError) as error:
+            ours.server.call_record("forward", record, y["offset"], out["offset"])
+        assert error.value.code == -32602 and "layer_input" in str(error.value)
+        call = {"module": info["name"], "input": y, "elementwise": True, "layer_input": x, "output": out}
+        (result,) = ours.server.call("forward", {"calls": [call], "grad": True})["results"]
+        tape = result["tape"]
+        grad = ours.arena.put(torch.ones(2, 5))
+        backward = call_record.backward_template(0, "F32", [2, 5], "F32", 0)
+        with pytest.raises(sl.ServerError) as error:
+            ours.server.call_record("backward", backward, tape, grad["offset"], out["offset"])
+        assert error.value.code == -32602 and "grad_layer_input" in str(error.value)
+        (answer,) = ours.server.call("backward", {"calls": [{"tape": tape, "grad_output": grad}]})["results"]
+        assert answer["grad_input"]["shape"] == [2, 5] and answer["grad_layer_input"]["shape"] == [2, 6]
+    finally:
+        ours.close()
