@@ -197,7 +197,7 @@ public struct DoRA<Base: AdapterAlgorithm>: AdapterAlgorithm, FactorPathDecompos
         let gradBase = g.channelAffine(layout, scales: factors)
         let chain = try base.multipliedBypassBackward(x, gradOutput: gradBase, multiplier: 1, context)
         let (gradMagnitude, normTerm) = normGradients(g.channelSums(layout, times: s, minus: bias?.scalars), norms: norms, multiplier: m)
-        var grads = try lowRank.map { try $0.normTermGradients(normTerm, upShape: base.parameters.required("lora_up.weight").shape,
+        var grads = try lowRank.map { $0.normTermGradients(normTerm, upShape: base.parameters.required("lora_up.weight").shape,
                                                                 downShape: base.parameters.required("lora_down.weight").shape) }
             ?? baseBackward(explicit!.v.scalingRows(by: Tensor(shape: [normTerm.count], scalars: normTerm)), rowMask: nil, context)
         for (name, tensor) in chain.parameters.entries {

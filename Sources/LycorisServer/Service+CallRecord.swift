@@ -73,7 +73,7 @@ extension LycorisService {
         guard flags & ~(CallRecord.forwardGrad | CallRecord.forwardElementwise | CallRecord.forwardFull) == 0 else {
             throw RPCError.invalidParams("forward flags \(flags) set bits other than grad (1), elementwise (2) and full (4)", path: "flags")
         }
-        let (x, dtype) = try RPCError.naming(module: module.name, pass: "forward") { try readTensor(&reader, "input") }
+        let (x, _) = try RPCError.naming(module: module.name, pass: "forward") { try readTensor(&reader, "input") }
         let destination = try readOutput(&reader, "output")
         try reader.expectEnd()
         let call = try prepareForward(module: module, x: x, full: flags & CallRecord.forwardFull != 0,
@@ -96,7 +96,7 @@ extension LycorisService {
         }
         let gradCount = Int(try reader.u32("parameter_grads"))
         let (record, module) = try backwardTarget(Int64(tape), seen: [], expectDeltaWeight: false)
-        let (gradient, dtype) = try RPCError.naming(module: module.name, pass: "backward") { try readTensor(&reader, "grad_output") }
+        let (gradient, _) = try RPCError.naming(module: module.name, pass: "backward") { try readTensor(&reader, "grad_output") }
         try checkBackwardGradient(gradient, record: record, module: module, path: "grad_output")
         let inputDestination = try readOutput(&reader, "grad_input")
         try transport.validate(inputDestination, count: record.input.count, path: "grad_input")
