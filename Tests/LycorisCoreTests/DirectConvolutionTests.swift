@@ -39,6 +39,21 @@ import Testing
         #expect(Level.supported.first == .portable && Level.supported.contains(Level.best))
     }
 
+    /// One ``DirectConvolution/PaddedInput`` (what a chain's tape keeps) serves the forward
+    /// and then ∂W with the bits of padding x for each, on batches of several samples
+    /// (each sample's slot at its own offset), and the kernels leave it unchanged.
+    @Test(arguments: cases.filter { $0.inputShape[0] > 1 })
+    func paddedInputServesForwardAndWeightGradient(_ c: Case) {
+        let (x, w, g) = Self.data(c, seed: c.seed * 7, uniformTensor)
+        let padded = DirectConvolution.PaddedInput(x, geometry: c.geometry)
+        #expect(padded.inputShape == c.inputShape)
+        let y = DirectConvolution.forward(padded, weight: w, geometry: c.geometry)
+        let gw = DirectConvolution.backwardWeight(padded, gradOutput: g, geometry: c.geometry)
+        #expect(y.scalars == DirectConvolution.forward(x, weight: w, geometry: c.geometry).scalars)
+        #expect(gw.scalars == DirectConvolution.backwardWeight(x, gradOutput: g, geometry: c.geometry).scalars)
+        #expect(DirectConvolution.forward(padded, weight: w, geometry: c.geometry).scalars == y.scalars)
+    }
+
     /// Small integers: every product and partial sum is exact in Float, so any summation
     /// order gives the Double loops' value exactly.
     @Test(arguments: cases)
