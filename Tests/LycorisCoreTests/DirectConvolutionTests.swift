@@ -24,6 +24,8 @@ import Testing
             // Conv1d longer than a block, a Tucker-core-like r→r conv3d.
             (ConvGeometry(inChannels: 3, outChannels: 9, kernelSize: [5], padding: [2], dilation: [3]), [2, 3, 131]),
             (ConvGeometry(inChannels: 6, outChannels: 6, kernelSize: [3, 3, 3], padding: [1, 1, 1]), [1, 6, 5, 7, 9]),
+            // ∂W past one pass of its kernel: more than 512 columns and more than 64 output rows.
+            (ConvGeometry(inChannels: 3, outChannels: 70, kernelSize: [3, 3], padding: [1, 1]), [2, 3, 12, 60]),
         ]
         return shared + extras.enumerated().map { Case(geometry: $0.element.0, inputShape: $0.element.1, seed: 9000 + UInt64($0.offset)) }
     }()
