@@ -43,28 +43,52 @@ typedef float v4 __attribute__((vector_size(16), aligned(4), may_alias));
         }                                                                                                    \
     }
 
-/* Sums of the lanes of every accumulator of a (OB, JB) block, stored or added. */
+/* ∂W works on passes of WEIGHT_CHUNK columns over at most WEIGHT_ROWS rows of ∂Y: a pass reads
+ * the JB input rows' chunk once for every row block (it stays in L1 across them) instead of
+ * streaming each whole row from L2 once per row block. The (OB, JB) accumulators of every row
+ * block carry over between passes in `part`, each lane adding its columns in the same order as
+ * one long loop would, so the result is the same to the bit. */
+#define WEIGHT_CHUNK 512
+#define WEIGHT_ROWS 64
+
+/* Rows o0.. (at most WEIGHT_ROWS) against weight columns j..j+JB: the sums of the lanes of
+ * every accumulator, stored or added. */
 #define WEIGHT_BLOCK(VEC, LANES, OB, JB)                                                                     \
     {                                                                                                        \
-        VEC acc[OB][JB];                                                                                     \
-        _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                                    \
-            _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) acc[b][k] = (VEC){0};          \
-        for (long n = 0; n < count; n += (LANES)) {                                                          \
-            VEC gv[OB];                                                                                      \
-            _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                                \
-                gv[b] = *(const VEC *)(g + (o + b) * ldg + n);                                               \
-            _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) {                              \
-                VEC xv = *(const VEC *)(in + columns[j + k] + n);                                            \
-                _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++) acc[b][k] += gv[b] * xv;   \
+        long oe = o0 + WEIGHT_ROWS < rows ? o0 + WEIGHT_ROWS : rows;                                         \
+        VEC part[WEIGHT_ROWS / (OB)][OB][JB];                                                                \
+        for (long c0 = 0; c0 < count; c0 += WEIGHT_CHUNK) {                                                  \
+            long c1 = c0 + WEIGHT_CHUNK < count ? c0 + WEIGHT_CHUNK : count;                                 \
+            for (long o = o0; o < oe; o += (OB)) {                                                           \
+                VEC(*p)[JB] = part[(o - o0) / (OB)];                                                         \
+                VEC acc[OB][JB];                                                                             \
+                _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                            \
+                    _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++)                        \
+                        acc[b][k] = c0 == 0 ? (VEC){0} : p[b][k];                                            \
+                for (long n = c0; n < c1; n += (LANES)) {                                                    \
+                    VEC gv[OB];                                                                              \
+                    _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                        \
+                        gv[b] = *(const VEC *)(g + (o + b) * ldg + n);                                       \
+                    _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) {                      \
+                        VEC xv = *(const VEC *)(in + columns[j + k] + n);                                    \
+                        _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                    \
+                            acc[b][k] += gv[b] * xv;                                                         \
+                    }                                                                                        \
+                }                                                                                            \
+                _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                            \
+                    _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) p[b][k] = acc[b][k];   \
             }                                                                                                \
         }                                                                                                    \
-        _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                                    \
-            _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) {                              \
-                float sum = 0;                                                                               \
-                _Pragma("clang loop unroll(full)") for (int l = 0; l < (LANES); l++) sum += acc[b][k][l];    \
-                float *target = gw + (o + b) * ldgw + j + k;                                                 \
-                *target = accumulate ? *target + sum : sum;                                                  \
-            }                                                                                                \
+        for (long o = o0; o < oe; o += (OB)) {                                                               \
+            VEC(*p)[JB] = part[(o - o0) / (OB)];                                                             \
+            _Pragma("clang loop unroll(full)") for (int b = 0; b < (OB); b++)                                \
+                _Pragma("clang loop unroll(full)") for (int k = 0; k < (JB); k++) {                          \
+                    float sum = 0;                                                                           \
+                    _Pragma("clang loop unroll(full)") for (int l = 0; l < (LANES); l++) sum += p[b][k][l];  \
+                    float *target = gw + (o + b) * ldgw + j + k;                                             \
+                    *target = accumulate ? *target + sum : sum;                                              \
+                }                                                                                            \
+        }                                                                                                    \
     }
 
 #define DEFINE_WEIGHT(NAME, ATTR, VEC, LANES, OB, JB)                                                        \
@@ -73,9 +97,9 @@ typedef float v4 __attribute__((vector_size(16), aligned(4), may_alias));
         /* Weight columns outer: their input rows stay in cache across the row blocks. */                  \
         long j = j0;                                                                                         \
         for (; j + (JB) <= j1; j += (JB))                                                                    \
-            for (long o = 0; o < rows; o += (OB)) WEIGHT_BLOCK(VEC, LANES, OB, JB)                           \
+            for (long o0 = 0; o0 < rows; o0 += WEIGHT_ROWS) WEIGHT_BLOCK(VEC, LANES, OB, JB)                 \
         for (; j < j1; j++)                                                                                  \
-            for (long o = 0; o < rows; o += (OB)) WEIGHT_BLOCK(VEC, LANES, OB, 1)                            \
+            for (long o0 = 0; o0 < rows; o0 += WEIGHT_ROWS) WEIGHT_BLOCK(VEC, LANES, OB, 1)                  \
     }
 
 #ifdef LYCORIS_X86

@@ -137,7 +137,7 @@ public struct DyLoRA: MultiplierInFactors {
         let b = try block(context.block)
         let factor = m * scale(block: b)
         let chain = chain(block: b, factor: factor)
-        let back = chain.backward(stageInputs: chain.stageInputs(x, cache: context.stageCache, key: stageKey(block: b)),
+        let back = chain.backward(chain.tape(x, cache: context.stageCache, key: stageKey(block: b)),
                                   gradOutput: gradOutput)
         let trained = (b * blockSize)..<((b + 1) * blockSize)
         let down = parameters.required("lora_down.weight")

@@ -167,8 +167,8 @@ public struct LoCon: MultiplierInFactors {
         guard bypassApplies else { return try weightPathBackward(x, gradOutput: gradOutput, multiplier: m, context) }
         let factor = m * scale * parameters.scalar
         let chain = chain(context, factor: factor)
-        let inputs = chain.stageInputs(x, cache: context.stageCache, key: stageKey(context))
-        let back = chain.backward(stageInputs: inputs, gradOutput: gradOutput)
+        let tape = chain.tape(x, cache: context.stageCache, key: stageKey(context))
+        let back = chain.backward(tape, gradOutput: gradOutput)
         let gradScaledUp = back.weights[back.weights.count - 1]
         var grads = ParameterSet()
         grads["lora_down.weight"] = back.weights[0]

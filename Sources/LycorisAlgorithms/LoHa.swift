@@ -174,7 +174,7 @@ public struct LoHa: MultiplierInFactors {
         let r = rank ?? 0
         let factor = m * scale * parameters.scalar
         let (chain, u) = chain(factor: factor)
-        let back = chain.backward(stageInputs: chain.stageInputs(x, cache: context.stageCache, key: stageKey), gradOutput: gradOutput)
+        let back = chain.backward(chain.tape(x, cache: context.stageCache, key: stageKey), gradOutput: gradOutput)
         let gradScaledU = back.weights[1].reshaped(u.shape)
         let a = Self.pairProductsBackward(gradScaledU * factor, parameters.required("hada_w1_a"), parameters.required("hada_w2_a"),
                                           n: layer.outFeatures, r: r, m: 1)

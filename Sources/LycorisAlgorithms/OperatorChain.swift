@@ -27,48 +27,71 @@ struct OperatorChain {
         }
     }
 
-    /// The output and the input of every stage (kept for the backward pass).
-    func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
-        let inputs = stageInputs(x)
-        let last = stages[stages.count - 1]
-        return (Self.apply(last.op, inputs[inputs.count - 1], weight: last.weight), inputs)
+    /// What the backward pass needs of a forward: the input of every stage, and for a stage
+    /// on ``DirectConvolution`` that input zero-padded as its forward read it (nil for the
+    /// others), so that its ∂W does not pad it again.
+    struct Tape {
+        var inputs: [Tensor]
+        var padded: [DirectConvolution.PaddedInput?]
     }
 
-    /// ``forward(_:)``, its stage inputs kept in `cache` under `key` (x and the factors).
+    /// The output and the input of every stage (kept for the backward pass).
+    func forward(_ x: Tensor) -> (output: Tensor, stageInputs: [Tensor]) {
+        let (output, tape) = taped(x)
+        return (output, tape.inputs)
+    }
+
+    /// ``forward(_:)``, its tape kept in `cache` under `key` (x and the factors).
     func forward(_ x: Tensor, caching cache: StageCache, key: [Tensor]) -> Tensor {
-        let (output, inputs) = forward(x)
-        cache.store(inputs, for: [x] + key)
+        let (output, tape) = taped(x)
+        cache.store(tape.inputs, padded: tape.padded, for: [x] + key)
         return output
     }
 
-    /// The stage inputs the forward kept for x and `key`, or computed again.
-    func stageInputs(_ x: Tensor, cache: StageCache, key: [Tensor]) -> [Tensor] {
-        cache.stageInputs(for: [x] + key) ?? stageInputs(x)
+    /// The tape the forward kept for x and `key`, or computed again.
+    func tape(_ x: Tensor, cache: StageCache, key: [Tensor]) -> Tape {
+        if let (inputs, padded) = cache.tape(for: [x] + key) { return Tape(inputs: inputs, padded: padded) }
+        return tape(x)
     }
 
-    /// The input of every stage, the last op not applied: what the backward pass needs.
-    func stageInputs(_ x: Tensor) -> [Tensor] {
-        var inputs: [Tensor] = []
+    /// The tape of x, the last op not applied: what the backward pass needs.
+    func tape(_ x: Tensor) -> Tape {
+        var tape = Tape(inputs: [], padded: [])
         var h = x
         for (index, stage) in stages.enumerated() {
             if index == stages.count - 1, let mask = maskBeforeLast {
                 h = Self.scaleChannels(h, by: mask, op: stage.op)
             }
-            inputs.append(h)
-            if index < stages.count - 1 { h = Self.apply(stage.op, h, weight: stage.weight) }
+            let padded = Self.directGeometry(stage.op).map { DirectConvolution.PaddedInput(h, geometry: $0) }
+            tape.inputs.append(h)
+            tape.padded.append(padded)
+            if index < stages.count - 1 { h = Self.apply(stage.op, h, padded: padded, weight: stage.weight) }
         }
-        return inputs
+        return tape
+    }
+
+    /// The output and the tape of x.
+    private func taped(_ x: Tensor) -> (output: Tensor, tape: Tape) {
+        let tape = tape(x)
+        let last = stages.count - 1
+        return (Self.apply(stages[last].op, tape.inputs[last], padded: tape.padded[last], weight: stages[last].weight), tape)
+    }
+
+    /// (∂x, ∂Wᵢ for every stage) given ∂output, from the stage inputs alone.
+    func backward(stageInputs: [Tensor], gradOutput: Tensor) -> (input: Tensor, weights: [Tensor]) {
+        backward(Tape(inputs: stageInputs, padded: Array(repeating: nil, count: stageInputs.count)), gradOutput: gradOutput)
     }
 
     /// (∂x, ∂Wᵢ for every stage) given ∂output.
-    func backward(stageInputs: [Tensor], gradOutput: Tensor) -> (input: Tensor, weights: [Tensor]) {
+    func backward(_ tape: Tape, gradOutput: Tensor) -> (input: Tensor, weights: [Tensor]) {
         var grad = gradOutput
         var weightGrads = [Tensor](repeating: Tensor.zeros([]), count: stages.count)
         for index in stages.indices.reversed() {
             let stage = stages[index]
-            let input = stageInputs[index]
+            let input = tape.inputs[index]
             if let geometry = Self.directGeometry(stage.op) {
-                weightGrads[index] = DirectConvolution.backwardWeight(input, gradOutput: grad, geometry: geometry)
+                let padded = tape.padded[index] ?? DirectConvolution.PaddedInput(input, geometry: geometry)
+                weightGrads[index] = DirectConvolution.backwardWeight(padded, gradOutput: grad, geometry: geometry)
                 grad = DirectConvolution.backwardInput(grad, weight: stage.weight, geometry: geometry, inputShape: input.shape)
             } else {
                 weightGrads[index] = stage.op.backwardWeight(input, gradOutput: grad)
@@ -93,10 +116,10 @@ struct OperatorChain {
         return geometry
     }
 
-    /// op(h, W) of one stage.
-    private static func apply(_ op: LayerSpec, _ h: Tensor, weight: Tensor) -> Tensor {
-        guard let geometry = directGeometry(op) else { return op.apply(h, weight: weight) }
-        return DirectConvolution.forward(h, weight: weight, geometry: geometry)
+    /// op(h, W) of one stage (`padded`: h padded, for a stage on ``DirectConvolution``).
+    private static func apply(_ op: LayerSpec, _ h: Tensor, padded: DirectConvolution.PaddedInput?, weight: Tensor) -> Tensor {
+        guard let geometry = directGeometry(op), let padded else { return op.apply(h, weight: weight) }
+        return DirectConvolution.forward(padded, weight: weight, geometry: geometry)
     }
 
     /// Multiplies channel c of `h` (the input of `op`) by `mask[c]`.

@@ -11,16 +11,25 @@ import LycorisCore
 public final class StageCache: @unchecked Sendable {
     private var key: [Tensor] = []
     private var stageInputs: [Tensor]?
+    /// For each stage input, its zero-padded copy where a ``DirectConvolution`` stage read one.
+    private var padded: [DirectConvolution.PaddedInput?] = []
 
     public init() {}
 
-    public func store(_ stageInputs: [Tensor], for key: [Tensor]) {
-        (self.key, self.stageInputs) = (key, stageInputs)
+    public func store(_ stageInputs: [Tensor], padded: [DirectConvolution.PaddedInput?] = [], for key: [Tensor]) {
+        (self.key, self.stageInputs, self.padded) = (key, stageInputs, padded)
     }
 
     /// The stored stage inputs when `key` equals the stored key, else nil.
     public func stageInputs(for key: [Tensor]) -> [Tensor]? {
         guard let stageInputs, key == self.key else { return nil }
         return stageInputs
+    }
+
+    /// The stored stage inputs and their padded copies (nil where none was stored) when
+    /// `key` equals the stored key, else nil.
+    public func tape(for key: [Tensor]) -> (inputs: [Tensor], padded: [DirectConvolution.PaddedInput?])? {
+        guard let stageInputs = stageInputs(for: key) else { return nil }
+        return (stageInputs, padded.isEmpty ? Array(repeating: nil, count: stageInputs.count) : padded)
     }
 }

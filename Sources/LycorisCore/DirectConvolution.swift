@@ -37,21 +37,49 @@ public enum DirectConvolution {
         geometry.groups == 1 && geometry.stride.allSatisfy { $0 == 1 } && geometry.kernelSize.reduce(1, *) > 1
     }
 
+    /// The input x (N, C, in…) of one geometry as the kernels read it: each sample's
+    /// zero-padded volume Xp, so that a backward's ∂W reads the forward's copy instead of
+    /// padding x again (``OperatorChain`` keeps it on the step's tape).
+    public struct PaddedInput: Sendable {
+        /// The shape of x.
+        public let inputShape: [Int]
+        let frame: Frame
+        /// N slots of `sampleLength` floats, slot n holding sample n's Xp and its zero tail.
+        let scalars: [Float]
+        var sampleLength: Int { frame.paddedLength }
+
+        /// Pads every sample of `input` for `geometry`.
+        public init(_ input: Tensor, geometry: ConvGeometry) {
+            precondition(input.rank == 2 + geometry.spatialRank && input.shape[1] == geometry.inChannels,
+                         "\(geometry.kind) input \(input.shape) does not have \(geometry.inChannels) channels and \(geometry.spatialRank) spatial axes")
+            let frame = Frame(geometry: geometry, inputShape: input.shape)
+            var scalars = [Float](repeating: 0, count: input.shape[0] * frame.paddedLength)
+            for n in 0..<input.shape[0] { frame.pad(input, sample: n, into: &scalars, at: n * frame.paddedLength) }
+            (self.inputShape, self.frame, self.scalars) = (input.shape, frame, scalars)
+        }
+
+        /// Whether this was padded for `geometry` (the one a kernel call names).
+        func matches(_ geometry: ConvGeometry) -> Bool { frame.geometry == geometry }
+    }
+
     /// y (N, O, out…) = conv(x (N, C, in…), weight (O, C, k…)).
     public static func forward(_ input: Tensor, weight: Tensor, geometry: ConvGeometry, level: Level = .best) -> Tensor {
-        precondition(input.rank == 2 + geometry.spatialRank && input.shape[1] == geometry.inChannels,
-                     "\(geometry.kind) input \(input.shape) does not have \(geometry.inChannels) channels and \(geometry.spatialRank) spatial axes")
+        forward(PaddedInput(input, geometry: geometry), weight: weight, geometry: geometry, level: level)
+    }
+
+    /// y (N, O, out…) = conv(x, weight) from x already padded.
+    public static func forward(_ padded: PaddedInput, weight: Tensor, geometry: ConvGeometry, level: Level = .best) -> Tensor {
+        precondition(padded.matches(geometry), "\(geometry.kind) input was padded for another geometry")
         precondition(weight.shape == geometry.weightShape, "\(geometry.kind) weight \(weight.shape) is not \(geometry.weightShape)")
-        let frame = Frame(geometry: geometry, inputShape: input.shape)
+        let frame = padded.frame
         let rows = roundUp(frame.outChannels, Int(LYCORIS_CONV_ROW_BLOCK))
         let wT = transposedWeight(weight, outer: frame.outChannels, inner: frame.channels, taps: frame.taps, rows: rows)
-        var padded = frame.paddedInputBuffer()
         var extended = uninitialized(rows * frame.blockedColumns)
-        var output = Tensor(uninitializedShape: frame.plan.outputShape(batch: input.shape[0]))
-        for n in 0..<input.shape[0] {
-            frame.pad(input, sample: n, into: &padded)
-            correlate(level, out: &extended, ldo: frame.blockedColumns, in: padded, ldi: frame.volume, weights: wT, rows: rows,
-                      channels: frame.channels, offsets: frame.offsets, columns: frame.blockedColumns)
+        var output = Tensor(uninitializedShape: frame.plan.outputShape(batch: padded.inputShape[0]))
+        for n in 0..<padded.inputShape[0] {
+            correlate(level, out: &extended, ldo: frame.blockedColumns, in: padded.scalars, start: n * padded.sampleLength,
+                      ldi: frame.volume, weights: wT, rows: rows, channels: frame.channels, offsets: frame.offsets,
+                      columns: frame.blockedColumns)
             frame.extractOutput(extended, ld: frame.blockedColumns, into: &output, sample: n)
         }
         return output
@@ -87,7 +115,7 @@ public enum DirectConvolution {
         var gradInput = Tensor(uninitializedShape: inputShape)
         for n in 0..<inputShape[0] {
             frame.spreadGradient(gradOutput, sample: n, into: &spread, ld: ldg, lead: lead)
-            correlate(level, out: &gradPadded, ldo: columns, in: spread, ldi: ldg, weights: wT, rows: rows,
+            correlate(level, out: &gradPadded, ldo: columns, in: spread, start: 0, ldi: ldg, weights: wT, rows: rows,
                       channels: frame.outChannels, offsets: reflected, columns: columns)
             frame.extractInterior(gradPadded, ld: columns, into: &gradInput, sample: n)
         }
@@ -96,27 +124,33 @@ public enum DirectConvolution {
 
     /// ∂W (O, C, k…) from the input and ∂y.
     public static func backwardWeight(_ input: Tensor, gradOutput: Tensor, geometry: ConvGeometry, level: Level = .best) -> Tensor {
-        let frame = Frame(geometry: geometry, inputShape: input.shape)
-        precondition(gradOutput.shape == frame.plan.outputShape(batch: input.shape[0]),
-                     "\(geometry.kind) output gradient \(gradOutput.shape) does not match input \(input.shape)")
+        backwardWeight(PaddedInput(input, geometry: geometry), gradOutput: gradOutput, geometry: geometry, level: level)
+    }
+
+    /// ∂W (O, C, k…) from the input already padded (the forward's) and ∂y.
+    public static func backwardWeight(_ padded: PaddedInput, gradOutput: Tensor, geometry: ConvGeometry,
+                                      level: Level = .best) -> Tensor {
+        precondition(padded.matches(geometry), "\(geometry.kind) input was padded for another geometry")
+        let frame = padded.frame
+        precondition(gradOutput.shape == frame.plan.outputShape(batch: padded.inputShape[0]),
+                     "\(geometry.kind) output gradient \(gradOutput.shape) does not match input \(padded.inputShape)")
         let rows = roundUp(frame.outChannels, Int(LYCORIS_CONV_ROW_BLOCK))
         let weightColumns = frame.channels * frame.taps
         let starts = (0..<weightColumns).map { j in (j / frame.taps) * frame.volume + frame.offsets[j % frame.taps] }
-        var padded = frame.paddedInputBuffer()
         var spread = [Float](repeating: 0, count: rows * frame.blockedColumns)
         var gradients = uninitialized(rows * weightColumns)
-        for n in 0..<input.shape[0] {
-            frame.pad(input, sample: n, into: &padded)
+        for n in 0..<padded.inputShape[0] {
             frame.spreadGradient(gradOutput, sample: n, into: &spread, ld: frame.blockedColumns, lead: 0)
             let workers = ParallelRanges.workers(count: weightColumns, workPerItem: rows * frame.blockedColumns / 16)
-            padded.withUnsafeBufferPointer { xp in
+            padded.scalars.withUnsafeBufferPointer { xp in
                 spread.withUnsafeBufferPointer { g in
                     starts.withUnsafeBufferPointer { starts in
                         gradients.withUnsafeMutableBufferPointer { gw in
                             ParallelRanges.run(count: weightColumns, workers: workers) { range, _ in
                                 lycoris_conv_weight_gradient(level.rawValue, gw.baseAddress!, weightColumns, g.baseAddress!,
-                                                             frame.blockedColumns, rows, xp.baseAddress!, starts.baseAddress!,
-                                                             range.lowerBound, range.upperBound, frame.blockedColumns, n > 0 ? 1 : 0)
+                                                             frame.blockedColumns, rows, xp.baseAddress! + n * padded.sampleLength,
+                                                             starts.baseAddress!, range.lowerBound, range.upperBound,
+                                                             frame.blockedColumns, n > 0 ? 1 : 0)
                             }
                         }
                     }
@@ -142,9 +176,10 @@ public enum DirectConvolution {
         }
     }
 
-    /// `out[o, n] = Σ_c Σ_t weights[c·K + t, o] · in[c·ldi + n + offsets[t]]` for n < columns
-    /// (a multiple of the column block), column blocks split over the threads.
-    private static func correlate(_ level: Level, out: inout [Float], ldo: Int, in input: [Float], ldi: Int, weights: [Float],
+    /// `out[o, n] = Σ_c Σ_t weights[c·K + t, o] · in[start + c·ldi + n + offsets[t]]` for
+    /// n < columns (a multiple of the column block), column blocks split over the threads.
+    private static func correlate(_ level: Level, out: inout [Float], ldo: Int, in input: [Float], start: Int, ldi: Int,
+                                  weights: [Float],
                                   rows: Int, channels: Int, offsets: [Int], columns: Int) {
         let block = Int(LYCORIS_CONV_COLUMN_BLOCK)
         let blocks = columns / block
@@ -154,7 +189,7 @@ public enum DirectConvolution {
                 offsets.withUnsafeBufferPointer { offsets in
                     out.withUnsafeMutableBufferPointer { y in
                         ParallelRanges.run(count: blocks, workers: workers) { range, _ in
-                            lycoris_conv_correlate(level.rawValue, y.baseAddress!, ldo, x.baseAddress!, ldi, w.baseAddress!, rows,
+                            lycoris_conv_correlate(level.rawValue, y.baseAddress!, ldo, x.baseAddress! + start, ldi, w.baseAddress!, rows,
                                                    channels, offsets.baseAddress!, offsets.count,
                                                    range.lowerBound * block, range.upperBound * block)
                         }
@@ -172,7 +207,8 @@ public enum DirectConvolution {
     private static func roundUp(_ value: Int, _ multiple: Int) -> Int { (value + multiple - 1) / multiple * multiple }
 
     /// The padded layout of one geometry and input shape.
-    struct Frame {
+    struct Frame: Sendable {
+        let geometry: ConvGeometry
         let plan: Convolution.Plan
         let channels: Int, outChannels: Int, taps: Int
         /// Padded extents (depth, height, width) and their product.
@@ -185,6 +221,7 @@ public enum DirectConvolution {
 
         init(geometry: ConvGeometry, inputShape: [Int]) {
             precondition(DirectConvolution.supports(geometry), "direct convolution needs stride 1, one group and a kernel: \(geometry)")
+            self.geometry = geometry
             plan = Convolution.Plan(geometry: geometry, inputShape: inputShape)
             channels = geometry.inChannels
             outChannels = geometry.outChannels
@@ -204,14 +241,14 @@ public enum DirectConvolution {
             blockedColumns = DirectConvolution.roundUp(columns, Int(LYCORIS_CONV_COLUMN_BLOCK))
         }
 
-        /// Zeros for C padded volumes, long enough for every read of the kernels (the
-        /// columns past Q read up to `blockedColumns + largest offset` into the last channel).
-        func paddedInputBuffer() -> [Float] {
-            [Float](repeating: 0, count: (channels - 1) * volume + Swift.max(volume, blockedColumns + offsets[taps - 1]))
-        }
+        /// The length of one sample's padded input: C volumes, long enough for every read of
+        /// the kernels (the columns past Q read up to `blockedColumns + largest offset` into
+        /// the last channel).
+        var paddedLength: Int { (channels - 1) * volume + Swift.max(volume, blockedColumns + offsets[taps - 1]) }
 
-        /// Copies sample n of x into the interior of `padded` (its border stays zero).
-        func pad(_ x: Tensor, sample n: Int, into padded: inout [Float]) {
+        /// Copies sample n of x into the interior of the padded sample at `start` of `padded`
+        /// (its border stays zero).
+        func pad(_ x: Tensor, sample n: Int, into padded: inout [Float], at start: Int) {
             let (depth, height, width) = (plan.depth, plan.height, plan.width)
             let (p0, p1, p2) = (plan.padding[0], plan.padding[1], plan.padding[2])
             x.scalars.withUnsafeBufferPointer { x in
@@ -221,7 +258,7 @@ public enum DirectConvolution {
                         for z in 0..<depth {
                             for y in 0..<height {
                                 let from = source + ((c * depth + z) * height + y) * width
-                                let to = xp.baseAddress! + c * volume + ((z + p0) * paddedHeight + y + p1) * paddedWidth + p2
+                                let to = xp.baseAddress! + start + c * volume + ((z + p0) * paddedHeight + y + p1) * paddedWidth + p2
                                 to.update(from: from, count: width)
                             }
                         }

@@ -95,6 +95,10 @@ struct StageCacheTests {
         _ = try module.forwardDelta(x, tape: tape)
         let inputs = try #require(tape.context.stageCache.stageInputs(for: [x, down]))
         #expect(inputs.count == 2 && inputs[0] == x)
+        // The down stage (a 3×3 conv on DirectConvolution) keeps x padded for its ∂W; the
+        // pointwise up stage keeps none.
+        let stored = try #require(tape.context.stageCache.tape(for: [x, down]))
+        #expect(stored.padded.count == 2 && stored.padded[0]?.inputShape == x.shape && stored.padded[1] == nil)
         #expect(tape.context.stageCache.stageInputs(for: [x, down * 2]) == nil)
     }
 }

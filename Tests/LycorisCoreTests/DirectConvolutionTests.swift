@@ -24,6 +24,8 @@ import Testing
             // Conv1d longer than a block, a Tucker-core-like r→r conv3d.
             (ConvGeometry(inChannels: 3, outChannels: 9, kernelSize: [5], padding: [2], dilation: [3]), [2, 3, 131]),
             (ConvGeometry(inChannels: 6, outChannels: 6, kernelSize: [3, 3, 3], padding: [1, 1, 1]), [1, 6, 5, 7, 9]),
+            // ∂W past one pass of its kernel: more than 512 columns and more than 64 output rows.
+            (ConvGeometry(inChannels: 3, outChannels: 70, kernelSize: [3, 3], padding: [1, 1]), [2, 3, 12, 60]),
         ]
         return shared + extras.enumerated().map { Case(geometry: $0.element.0, inputShape: $0.element.1, seed: 9000 + UInt64($0.offset)) }
     }()
@@ -37,6 +39,21 @@ import Testing
     @Test func sharedCasesAreIncluded() {
         #expect(Self.cases.count > 25)
         #expect(Level.supported.first == .portable && Level.supported.contains(Level.best))
+    }
+
+    /// One ``DirectConvolution/PaddedInput`` (what a chain's tape keeps) serves the forward
+    /// and then ∂W with the bits of padding x for each, on batches of several samples
+    /// (each sample's slot at its own offset), and the kernels leave it unchanged.
+    @Test(arguments: cases.filter { $0.inputShape[0] > 1 })
+    func paddedInputServesForwardAndWeightGradient(_ c: Case) {
+        let (x, w, g) = Self.data(c, seed: c.seed * 7, uniformTensor)
+        let padded = DirectConvolution.PaddedInput(x, geometry: c.geometry)
+        #expect(padded.inputShape == c.inputShape)
+        let y = DirectConvolution.forward(padded, weight: w, geometry: c.geometry)
+        let gw = DirectConvolution.backwardWeight(padded, gradOutput: g, geometry: c.geometry)
+        #expect(y.scalars == DirectConvolution.forward(x, weight: w, geometry: c.geometry).scalars)
+        #expect(gw.scalars == DirectConvolution.backwardWeight(x, gradOutput: g, geometry: c.geometry).scalars)
+        #expect(DirectConvolution.forward(padded, weight: w, geometry: c.geometry).scalars == y.scalars)
     }
 
     /// Small integers: every product and partial sum is exact in Float, so any summation
