@@ -28,8 +28,12 @@ enum CallThreads {
 
     /// Multiply-adds of one forward pass of `module` on an input of `shape`: per output
     /// position the factor path's (``AdapterAlgorithm/bypassCost``) or op(x, ΔW)'s (|W|);
-    /// an elementwise call's element count. A backward costs about twice as much.
-    static func forwardMultiplyAdds(_ module: AdapterModule, inputShape shape: [Int], elementwise: Bool) -> Int {
+    /// an elementwise call's element count — unless it carries the layer's input
+    /// (`layerInputShape`: DoRA's output_with_input side), whose factor chain over that input
+    /// is the call's work. A backward costs about twice as much.
+    static func forwardMultiplyAdds(_ module: AdapterModule, inputShape shape: [Int], elementwise: Bool,
+                                    layerInputShape: [Int]? = nil) -> Int {
+        if let layerInputShape { return forwardMultiplyAdds(module, inputShape: layerInputShape, elementwise: false) }
         if elementwise { return shape.product }
         let layer = module.layer
         let positions = layer.outputShape(forInput: shape).product / Swift.max(layer.outFeatures, 1)

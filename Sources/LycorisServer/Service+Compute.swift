@@ -50,10 +50,9 @@ extension LycorisService {
         let kind: PendingCall.Kind
         let destination: TensorTransport.Destination
 
-        /// The adapter math of this call, for ``CallThreads/run(multiplyAdds:_:)``: with a layer
-        /// input, the factor chain over it.
+        /// The adapter math of this call, for ``CallThreads/run(multiplyAdds:_:)``.
         var multiplyAdds: Int {
-            CallThreads.forwardMultiplyAdds(module, inputShape: layerInput?.shape ?? x.shape, elementwise: kind == .elementwise && layerInput == nil)
+            CallThreads.forwardMultiplyAdds(module, inputShape: x.shape, elementwise: kind == .elementwise, layerInputShape: layerInput?.shape)
         }
     }
 
@@ -261,7 +260,8 @@ extension LycorisService {
         /// server's threads: its work is not a pass over x.
         var multiplyAdds: Int {
             guard record.kind != .deltaWeight else { return CallThreads.oneThreadBelow }
-            return 2 * CallThreads.forwardMultiplyAdds(module, inputShape: record.input.shape, elementwise: record.kind == .elementwise)
+            return 2 * CallThreads.forwardMultiplyAdds(module, inputShape: record.input.shape, elementwise: record.kind == .elementwise,
+                                                       layerInputShape: record.layerInput?.shape)
         }
     }
 

@@ -35,5 +35,8 @@ struct CallThreadsTests {
         #expect(!heavy.hasCheaperFactorPath)
         #expect(CallThreads.forwardMultiplyAdds(heavy, inputShape: [7, 8], elementwise: false) == 7 * 64)
         #expect(CallThreads.forwardMultiplyAdds(heavy, inputShape: [7, 8], elementwise: true) == 56)
+        // An elementwise call with the layer's input (DoRA's side) computes the chain over that input.
+        #expect(CallThreads.forwardMultiplyAdds(lora, inputShape: [5, 3, 32], elementwise: true, layerInputShape: [5, 3, 64])
+                == 15 * (4 * 64 + 32 * 4))
     }
 }
